@@ -1,0 +1,2 @@
+//! netfence command line (in progress).
+fn main() {}
