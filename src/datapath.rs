@@ -321,10 +321,16 @@ impl Datapath {
             }
         }
         let proto = protocol_name(protocol);
-        if allowed {
-            info!("decision action=allow proto={proto} src={src} dst={dst} reason=\"{reason}\"");
-        } else {
-            info!("decision action=deny proto={proto} src={src} dst={dst} reason=\"{reason}\"");
+        let action = if allowed { "allow" } else { "deny" };
+        info!(
+            action = %action,
+            proto = %proto,
+            src = %src,
+            dst = %dst,
+            reason = ?reason,
+            "decision"
+        );
+        if !allowed {
             if self.denied.len() > 4096 {
                 self.denied
                     .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);

@@ -40,6 +40,12 @@ netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once")]
     Run(RunArgs),
+    /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny).
+    Check(netfence::explain::CheckArgs),
+    /// Find rules that can never match, contradict a preset, or have empty port ranges (exit 1 if any).
+    Lint(netfence::explain::LintArgs),
+    /// Print the effective policy (presets expanded, command line merged) as TOML.
+    Config(netfence::explain::ConfigArgs),
 }
 
 #[derive(Args)]
@@ -100,7 +106,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
+        Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
+        Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
     }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn run(args: RunArgs) -> ExitCode {
