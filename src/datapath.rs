@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use crate::config::DenyAction;
 use crate::device::virtqueue::{self, RxError};
 use crate::device::{GuestMemory, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
 use crate::flow::addrmap::AddressMap;
+use crate::flow::icmp as icmpflow;
 use crate::flow::tcp::{self as tcpflow, PumpResult, TcpPhase};
 use crate::flow::udp::{self as udpflow};
 use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
@@ -249,7 +250,13 @@ impl Datapath {
             }
             Classified::Dhcp { payload } => self.dhcp(payload),
             Classified::IcmpEcho { dst, .. } if dst == gateway => self.stack.receive(frame),
-            Classified::IcmpEcho { .. } => self.counters.drop("icmp-echo-unsupported"),
+            Classified::IcmpEcho {
+                src,
+                dst,
+                ident,
+                seq,
+                data,
+            } => self.echo_request(src, dst, ident, seq, data, frame),
             Classified::IcmpOther { dst } if dst == gateway => self.stack.receive(frame),
             Classified::IcmpOther { .. } => self.counters.drop("icmp-other"),
             Classified::Tcp(head) => self.tcp_segment(head, frame),
@@ -451,14 +458,7 @@ impl Datapath {
             }
             if !self.decide(Protocol::Udp, src, dst) {
                 if self.reject_mode() {
-                    if let Some(f) = frames::icmp_unreachable(
-                        &self.link,
-                        self.settings.addrs.gateway,
-                        Icmpv4DstUnreachable::PortUnreachable,
-                        &frame[14..],
-                    ) {
-                        self.stack.link.queue_frame(f);
-                    }
+                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
                 }
                 return;
             }
@@ -498,6 +498,105 @@ impl Datapath {
         }
     }
 
+    /// A ping from the guest to anywhere but the gateway: an ICMP socket on the host.
+    fn echo_request(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+        frame: &[u8],
+    ) {
+        let key = (src, dst, ident);
+        if !self.flows.echo.contains_key(&key) {
+            if dst.is_unspecified() {
+                self.counters.drop("icmp-bad-destination");
+                return;
+            }
+            let (from, to) = (SocketAddrV4::new(src, ident), SocketAddrV4::new(dst, 0));
+            if !self.decide(Protocol::Icmpv4, from, to) {
+                if self.reject_mode() {
+                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::CommProhibited);
+                }
+                return;
+            }
+            let target = match self.settings.addrmap.host_target(SocketAddr::V4(to)) {
+                SocketAddr::V4(t) => *t.ip(),
+                SocketAddr::V6(_) => dst,
+            };
+            let host = match icmpflow::open_host(target) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(dst = %dst, error = %e, "cannot open an ICMP socket (is net.ipv4.ping_group_range set?)");
+                    self.counters.drop("icmp-host-socket");
+                    return;
+                }
+            };
+            let Ok(token) = self.flows.register(host.as_raw_fd(), FlowRef::Echo(key)) else {
+                return;
+            };
+            self.flows.echo.insert(
+                key,
+                icmpflow::EchoFlow {
+                    token,
+                    guest: src,
+                    dst,
+                    ident,
+                    host,
+                    last_active: Instant::now(),
+                },
+            );
+        }
+        let Some(flow) = self.flows.echo.get_mut(&key) else {
+            return;
+        };
+        flow.last_active = Instant::now();
+        if flow.host.send(&icmpflow::echo_request(seq, data)).is_err() {
+            self.counters.drop("icmp-send-failed");
+        }
+    }
+
+    fn echo_host_readable(&mut self, key: icmpflow::EchoKey) {
+        let Some(flow) = self.flows.echo.get_mut(&key) else {
+            return;
+        };
+        loop {
+            // SAFETY of the cast: recv only writes initialised bytes into the buffer it is given.
+            let buf = unsafe {
+                &mut *(self.udp_buf.as_mut_slice() as *mut [u8]
+                    as *mut [std::mem::MaybeUninit<u8>])
+            };
+            let n = match flow.host.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.counters.drop("icmp-host-error");
+                    continue;
+                }
+            };
+            let Some((seq, data)) = icmpflow::parse_echo_reply(&self.udp_buf[..n]) else {
+                continue;
+            };
+            flow.last_active = Instant::now();
+            let frame =
+                frames::icmp_echo_reply(&self.link, flow.dst, flow.guest, flow.ident, seq, data);
+            if !self.stack.link.queue_frame(frame) {
+                self.counters.drop("icmp-guest-queue-full");
+            }
+        }
+    }
+
+    /// Answers a denied packet with an ICMP destination-unreachable from the gateway.
+    fn reject_with_icmp(&mut self, frame: &[u8], reason: Icmpv4DstUnreachable) {
+        if let Some(f) = frame.get(14..).and_then(|ip| {
+            frames::icmp_unreachable(&self.link, self.settings.addrs.gateway, reason, ip)
+        }) {
+            self.stack.link.queue_frame(f);
+        }
+    }
+
     /// Host sockets that became ready.
     fn host_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
@@ -507,6 +606,7 @@ impl Datapath {
             match flow {
                 FlowRef::Tcp(key) => self.tcp_host_event(key, set),
                 FlowRef::Udp(key) => self.udp_host_readable(key),
+                FlowRef::Echo(key) => self.echo_host_readable(key),
             }
         }
         self.events = events;
@@ -631,6 +731,16 @@ impl Datapath {
             if let Some(f) = self.flows.remove_udp(&key) {
                 debug!(src = %f.guest, dst = %f.dst, "UDP session idle, closed");
             }
+        }
+        let idle_echo: Vec<icmpflow::EchoKey> = self
+            .flows
+            .echo
+            .iter()
+            .filter(|(_, f)| f.idle(now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle_echo {
+            self.flows.remove_echo(&key);
         }
         let stale: Vec<(FlowKey, Vec<u8>)> = self
             .flows
