@@ -17,3 +17,4 @@ pub mod explain;
 pub mod flow;
 pub mod policy;
 pub mod stack;
+pub mod tls;
