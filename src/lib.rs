@@ -19,3 +19,4 @@ pub mod policy;
 pub mod server;
 pub mod stack;
 pub mod timer;
+pub mod tls;
