@@ -28,12 +28,14 @@ use vmm_sys_util::epoll::EventSet;
 use crate::classify::{classify, Classified, DropReason, TcpHead};
 use crate::config::DenyAction;
 use crate::device::virtqueue::{self, RxError};
-use crate::device::{GuestMemory, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
+use crate::device::{GuestMemory, DNS_EVENT, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
+use crate::dns::{DnsService, DnsSettings};
 use crate::flow::addrmap::AddressMap;
 use crate::flow::icmp as icmpflow;
 use crate::flow::tcp::{self as tcpflow, PumpResult, TcpPhase};
 use crate::flow::udp::{self as udpflow};
 use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
+use crate::gateway_dns::GatewayDns;
 use crate::policy::{Direction, FlowQuery, Policy, Protocol};
 use crate::stack::dhcp::{DhcpServer, LinkAddrs};
 use crate::stack::frames::{self, Link};
@@ -57,6 +59,8 @@ pub struct LinkSettings {
     pub lease_secs: u32,
     pub policy: Arc<Policy>,
     pub addrmap: Arc<AddressMap>,
+    pub dns: DnsSettings,
+    pub dns_intercept_all: bool,
 }
 
 /// Counters of what the datapath dropped or refused, by reason.
@@ -85,6 +89,9 @@ pub struct Datapath {
     flows: FlowTable,
     dhcp: DhcpServer,
     timer: Timer,
+    dns: GatewayDns,
+    /// (src, dst) pairs whose DNS traffic was allowed, so the decision is logged once.
+    dns_allowed: HashMap<(u8, FlowKey), Instant>,
     denied: HashMap<(u8, FlowKey), Instant>,
     counters: Counters,
     scratch: Vec<u8>,
@@ -105,7 +112,13 @@ impl Datapath {
             mtu: settings.mtu,
             lease_secs: settings.lease_secs,
         };
+        let dns = GatewayDns::new(
+            DnsService::new(settings.dns.clone())?,
+            settings.dns_intercept_all,
+        );
         Ok(Datapath {
+            dns,
+            dns_allowed: HashMap::new(),
             link: Link {
                 gateway_mac: EthernetAddress(settings.gateway_mac),
                 guest_mac: EthernetAddress(settings.guest_mac),
@@ -132,6 +145,11 @@ impl Datapath {
 
     pub fn timer_fd(&self) -> RawFd {
         self.timer.as_raw_fd()
+    }
+
+    /// The DNS service's fd (its upstream sockets); fixed for the life of the datapath.
+    pub fn dns_fd(&self) -> RawFd {
+        self.dns.service.event_fd()
     }
 
     pub fn counters(&self) -> &Counters {
@@ -175,8 +193,10 @@ impl Datapath {
             RX_QUEUE => {}
             TIMER_EVENT => {
                 self.timer.consume();
+                self.dns_poll();
                 self.housekeeping();
             }
+            DNS_EVENT => self.dns_poll(),
             _ => self.host_events(),
         }
         self.service(rx, &mem);
@@ -186,6 +206,7 @@ impl Datapath {
     fn service(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) {
         for _ in 0..64 {
             self.pump_tcp();
+            self.dns.pump_tcp(&self.settings.policy, &mut self.stack);
             self.stack.poll();
             let before = self.stack.link.to_guest.len();
             let delivered = self.flush_rx(rx, mem);
@@ -196,11 +217,14 @@ impl Datapath {
                 break;
             }
         }
-        let delay = self
+        let mut delay = self
             .stack
             .poll_delay()
             .unwrap_or(HOUSEKEEPING)
             .min(HOUSEKEEPING);
+        if let Some(deadline) = self.dns.service.next_deadline() {
+            delay = delay.min(deadline.saturating_duration_since(Instant::now()));
+        }
         self.timer.arm(delay);
     }
 
@@ -240,6 +264,16 @@ impl Datapath {
     /// A frame from the guest.
     fn guest_frame(&mut self, frame: &[u8]) {
         let gateway = self.settings.addrs.gateway;
+        // The VMM may give the guest another MAC than our config space says (QEMU uses its
+        // own -device mac=): frames we build go to whatever address the guest sends from.
+        if let Some(src) = frame.get(6..12) {
+            if src[0] & 1 == 0 && src != self.link.guest_mac.0 {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(src);
+                debug!(mac = %EthernetAddress(mac), "guest MAC learned");
+                self.link.guest_mac = EthernetAddress(mac);
+            }
+        }
         match classify(frame) {
             Classified::Arp { target, .. } => {
                 if target == gateway {
@@ -308,7 +342,11 @@ impl Datapath {
                 return false;
             }
         }
-        let domains: Vec<String> = Vec::new();
+        let domains = self
+            .dns
+            .service
+            .cache()
+            .names_for(IpAddr::V4(*dst.ip()), now);
         let query = FlowQuery {
             direction: Direction::Egress,
             protocol,
@@ -329,14 +367,15 @@ impl Datapath {
         }
         let proto = protocol_name(protocol);
         let action = if allowed { "allow" } else { "deny" };
-        info!(
-            action = %action,
-            proto = %proto,
-            src = %src,
-            dst = %dst,
-            reason = ?reason,
-            "decision"
-        );
+        if domains.is_empty() {
+            info!(action = %action, proto = %proto, src = %src, dst = %dst, reason = ?reason, "decision");
+        } else {
+            let names = domains.join(",");
+            info!(
+                action = %action, proto = %proto, src = %src, dst = %dst, reason = ?reason,
+                domains = %names, domain_source = "dns-cache", "decision"
+            );
+        }
         if !allowed {
             if self.denied.len() > 4096 {
                 self.denied
@@ -347,12 +386,46 @@ impl Datapath {
         allowed
     }
 
+    /// Policy for traffic to the DNS service, decided (and logged) once per (src, dst) pair.
+    fn dns_pair_allowed(
+        &mut self,
+        protocol: Protocol,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) -> bool {
+        let memo = (protocol_id(protocol), (src, dst));
+        let now = Instant::now();
+        if let Some(at) = self.dns_allowed.get(&memo) {
+            if now.duration_since(*at) < DENIED_MEMORY {
+                return true;
+            }
+        }
+        let allowed = self.decide(protocol, src, dst);
+        if allowed {
+            if self.dns_allowed.len() > 4096 {
+                self.dns_allowed
+                    .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+            }
+            self.dns_allowed.insert(memo, now);
+        }
+        allowed
+    }
+
+    fn dns_poll(&mut self) {
+        self.dns
+            .poll(&self.settings.policy, &mut self.stack, &self.link);
+    }
+
     fn reject_mode(&self) -> bool {
         self.settings.policy.deny_action() == DenyAction::Reject
     }
 
     fn tcp_segment(&mut self, head: TcpHead, frame: &[u8]) {
         let key = (head.src, head.dst);
+        if self.dns.has_tcp(&key) {
+            self.stack.receive(frame);
+            return;
+        }
         if let Some(flow) = self.flows.tcp.get_mut(&key) {
             match &mut flow.phase {
                 TcpPhase::Connecting { syn_frame } => {
@@ -379,6 +452,15 @@ impl Datapath {
         }
         if head.dst.port() == 0 || head.dst.ip().is_unspecified() {
             self.counters.drop("tcp-bad-destination");
+            return;
+        }
+        if self.dns.serves(head.dst, self.settings.addrs.gateway) {
+            if self.dns_pair_allowed(Protocol::Tcp, head.src, head.dst) {
+                self.dns.accept_tcp(key, frame, &mut self.stack);
+            } else if self.reject_mode() {
+                let rst = frames::tcp_reset(&self.link, &head);
+                self.stack.link.queue_frame(rst);
+            }
             return;
         }
         if !self.decide(Protocol::Tcp, head.src, head.dst) {
@@ -451,6 +533,21 @@ impl Datapath {
 
     fn udp_datagram(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], frame: &[u8]) {
         let key = (src, dst);
+        if self.dns.serves(dst, self.settings.addrs.gateway) {
+            if self.dns_pair_allowed(Protocol::Udp, src, dst) {
+                self.dns.udp_query(
+                    src,
+                    dst,
+                    payload,
+                    &self.settings.policy,
+                    &mut self.stack,
+                    &self.link,
+                );
+            } else if self.reject_mode() {
+                self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
+            }
+            return;
+        }
         if !self.flows.udp.contains_key(&key) {
             if dst.port() == 0 || dst.ip().is_unspecified() {
                 self.counters.drop("udp-bad-destination");
@@ -767,6 +864,8 @@ impl Datapath {
         // Sockets smoltcp has finished with (e.g. TIME-WAIT expired) are pumped to removal.
         let _ = tcp::State::Closed;
         self.denied
+            .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+        self.dns_allowed
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
     }
 }

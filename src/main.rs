@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::error;
+use tracing::{error, warn};
 
 use netfence::config::cli::NetworkArgs;
+use netfence::config::NetworkConfig;
 use netfence::datapath::LinkSettings;
+use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
 use netfence::policy::{HostAddrs, Policy};
 use netfence::stack::dhcp::LinkAddrs;
@@ -112,6 +114,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// The gateway DNS service's settings from the `dns` table (nameservers resolved now).
+fn dns_settings(config: &NetworkConfig, host: &HostAddrs) -> Result<DnsSettings, String> {
+    let upstreams = match DnsSettings::resolve_upstreams(&config.dns.nameservers) {
+        Ok(u) => u,
+        // No nameserver configured anywhere: names can still be blocked and host aliases
+        // answered; everything else gets SERVFAIL.
+        Err(e) if config.dns.nameservers.is_empty() => {
+            warn!("{e}; DNS queries that need an upstream will fail");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let mut dns = DnsSettings {
+        upstreams,
+        rebind_protection: config.rebind_protection(),
+        gateway_v4: host.ipv4.clone(),
+        gateway_v6: host.ipv6.clone(),
+        ..DnsSettings::default()
+    };
+    if let Some(ms) = config.dns.query_timeout_ms {
+        dns.query_timeout = std::time::Duration::from_millis(ms);
+    }
+    if !config.dns.host_aliases.is_empty() {
+        dns.host_aliases = config.dns.host_aliases.clone();
+    }
+    if let Some(n) = config.dns.max_queries_in_flight {
+        dns.max_in_flight = n;
+    }
+    Ok(dns)
+}
+
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
@@ -149,7 +182,16 @@ fn run(args: RunArgs) -> ExitCode {
         config.map.clone(),
         vec![IpAddr::V4(addrs.gateway)],
     ));
+    let dns = match dns_settings(&config, &host) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("netfence: dns.nameservers: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let settings = LinkSettings {
+        dns,
+        dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
         addrs,
         gateway_mac: GATEWAY_MAC,
         guest_mac: args.guest_mac,
