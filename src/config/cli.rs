@@ -167,12 +167,15 @@ impl NetworkArgs {
         if let Some(n) = self.max_connections {
             cfg.max_connections = Some(n);
         }
-        for p in &self.publish {
-            cfg.ports.retain(|q| {
-                !(q.host_port == p.host_port && q.protocol == p.protocol && q.bind == p.bind)
-            });
-            cfg.ports.push(*p);
-        }
+        // A command-line binding replaces the file's binding of the same host port; two
+        // command-line bindings of one port stay, and validation reports them.
+        cfg.ports.retain(|q| {
+            !self
+                .publish
+                .iter()
+                .any(|p| q.host_port == p.host_port && q.protocol == p.protocol && q.bind == p.bind)
+        });
+        cfg.ports.extend(self.publish.iter().copied());
         for m in &self.map {
             cfg.map.retain(|o| {
                 !(crate::policy::canonical(o.guest) == crate::policy::canonical(m.guest)

@@ -845,3 +845,204 @@ fn effective_policy_resolution() {
     .effective_policy();
     assert_eq!(c.preset, None);
 }
+
+mod cli_args {
+    use super::*;
+    use crate::config::cli::NetworkArgs;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(flatten)]
+        net: NetworkArgs,
+    }
+
+    fn args(v: &[&str]) -> Result<NetworkArgs, clap::Error> {
+        let mut all = vec!["t"];
+        all.extend_from_slice(v);
+        T::try_parse_from(all).map(|t| t.net)
+    }
+
+    fn resolve(v: &[&str]) -> NetworkConfig {
+        args(v).unwrap().resolve().unwrap()
+    }
+
+    #[test]
+    fn defaults_and_presets() {
+        let c = resolve(&[]);
+        assert_eq!(c, NetworkConfig::default());
+        assert_eq!(c.effective_policy().preset, Some(Preset::PublicOnly));
+        let c = resolve(&["--policy", "allow_all"]);
+        assert_eq!(c.policy, Some(PolicySpec::Preset(Preset::AllowAll)));
+        let c = resolve(&["--no-net"]);
+        assert_eq!(c.policy, Some(PolicySpec::Preset(Preset::None)));
+        let e = args(&["--no-net", "--policy", "allow-all"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = args(&["--policy", "open"]).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown policy preset `open`"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn rules_and_defaults() {
+        // The reference's deny-by-default example.
+        let c = resolve(&[
+            "--net-default-egress",
+            "deny",
+            "--net-rule",
+            "allow@public:tcp:443,allow@host:udp:53",
+        ]);
+        let e = c.effective_policy();
+        assert_eq!(e.preset, None);
+        assert_eq!(e.default_egress, Action::Deny);
+        let texts: Vec<String> = e.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(texts, ["allow@public:tcp:443", "allow@host:udp:53"]);
+        // Repeatable.
+        let c = resolve(&["--net-rule", "allow@public", "--net-rule", "allow@host"]);
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.effective_policy().preset, None);
+        // A default alone keeps the default preset.
+        let c = resolve(&["--net-default-ingress", "deny"]);
+        let e = c.effective_policy();
+        assert_eq!(e.preset, Some(Preset::PublicOnly));
+        assert_eq!(e.default_ingress, Action::Deny);
+        assert_eq!(e.default_egress, Action::Deny);
+        // A preset plus rules: preset rules first.
+        let c = resolve(&["--policy", "non-local", "--net-rule", "deny@10.0.0.5"]);
+        let e = c.effective_policy();
+        assert_eq!(e.preset, Some(Preset::NonLocal));
+        assert_eq!(e.rules.len(), 1);
+        // Bad values are clap errors with exit code 2 and the grammar in the message.
+        for (v, msg) in [
+            (vec!["--net-rule", "allow@publc"], "unknown group `publc`"),
+            (
+                vec!["--net-rule", "allow:ingress@*:icmpv4"],
+                "no inbound ICMP path",
+            ),
+            (vec!["--net-rule", ","], "empty rule list"),
+            (
+                vec!["--net-default-egress", "maybe"],
+                "expected allow or deny",
+            ),
+            (vec!["--max-connections", "-3"], "-3"),
+            (vec!["-p", "80"], "HOST_PORT:GUEST_PORT"),
+            (vec!["--map", "1.2.3.4"], "GUEST_IP[:PORT]=HOST_IP[:PORT]"),
+        ] {
+            let e = args(&v).unwrap_err();
+            assert!(e.to_string().contains(msg), "{v:?}: {e}");
+            assert_eq!(e.exit_code(), 2, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn other_options() {
+        let c = resolve(&[
+            "-p",
+            "8080:80",
+            "--publish",
+            "0.0.0.0:5353:53/udp",
+            "--map",
+            "203.0.113.7:80=127.0.0.1:8080",
+            "--map",
+            "[2001:db8::1]:443=[::1]:8443",
+            "--reject",
+            "--max-connections",
+            "5",
+        ]);
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.map.len(), 2);
+        assert_eq!(c.deny_action, DenyAction::Reject);
+        assert_eq!(c.max_connections, Some(5));
+        let e = args(&["-p", "8080:80", "-p", "8080:81"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert_eq!(e.field, "ports[1]");
+        assert_eq!(e.exit_code(), 2);
+        let e = args(&["--max-connections", "0"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert_eq!(e.field, "max_connections");
+    }
+
+    #[test]
+    fn merge_over_file() {
+        let dir = std::env::temp_dir().join(format!("netfence-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("net.toml");
+        std::fs::write(
+            &f,
+            r#"
+map = ["203.0.113.7:80=127.0.0.1:1", "203.0.113.8=127.0.0.1"]
+ports = ["8080:80"]
+max_connections = 10
+[policy]
+default_egress = "deny"
+rules = [{ action = "allow", destination = "public", protocol = "tcp", port = 443 }]
+[[rules]]
+action = "allow"
+destination = "host"
+"#,
+        )
+        .unwrap();
+        let fs = f.to_str().unwrap();
+        let c = resolve(&["--config", fs]);
+        assert_eq!(c.effective_policy().rules.len(), 2);
+        let c = resolve(&[
+            "--config",
+            fs,
+            "--net-rule",
+            "deny@10.0.0.0/8",
+            "--net-default-egress",
+            "allow",
+            "--max-connections",
+            "3",
+            "-p",
+            "8080:81",
+            "--map",
+            "203.0.113.7:80=127.0.0.1:2",
+        ]);
+        let e = c.effective_policy();
+        let texts: Vec<String> = e.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            texts,
+            ["allow@public:tcp:443", "allow@host", "deny@10.0.0.0/8"]
+        );
+        assert_eq!(e.default_egress, Action::Allow);
+        assert_eq!(e.preset, None);
+        assert_eq!(c.max_connections, Some(3));
+        assert_eq!(
+            c.ports.len(),
+            1,
+            "the command line replaces the same host port"
+        );
+        assert_eq!(c.ports[0].guest_port, 81);
+        assert_eq!(c.map.len(), 2);
+        assert_eq!(c.map[0].to_string(), "203.0.113.7:80=127.0.0.1:2");
+        // --policy over a table keeps the table's rules after the preset.
+        let c = resolve(&["--config", fs, "--policy", "public-only"]);
+        let e = c.effective_policy();
+        assert_eq!(e.preset, Some(Preset::PublicOnly));
+        assert_eq!(e.rules.len(), 2);
+        assert_eq!(e.default_egress, Action::Deny);
+        // Errors in the file name the file.
+        let bad = dir.join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"rules": [{"action": "allow", "port": "9000-8000"}]}"#,
+        )
+        .unwrap();
+        let e = args(&["--config", bad.to_str().unwrap()])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert_eq!(e.file.as_deref(), Some(bad.as_path()));
+        assert_eq!(e.field, "rules[0].port");
+        assert!(e.to_string().contains("reversed"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
