@@ -659,10 +659,17 @@ mod tests {
             .collect()
     }
 
+    /// (preset, rules, expected findings as (rule index, substring))
+    type LintCase = (
+        Option<&'static str>,
+        &'static [&'static str],
+        &'static [(usize, &'static str)],
+    );
+
     #[test]
     fn lint_findings() {
         // (preset, rules, expected findings as "rule N: substring")
-        let cases: &[(Option<&str>, &[&str], &[(usize, &str)])] = &[
+        let cases: &[LintCase] = &[
             (None, &[], &[]),
             (Some("public-only"), &[], &[]),
             (None, &["allow@public:tcp:443", "allow@host:udp:53"], &[]),
@@ -796,7 +803,16 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    const QUERIES: &[(Direction, Protocol, &str, Option<u16>, &[&str])] = &[
+    /// (direction, protocol, destination, port, names)
+    type Query = (
+        Direction,
+        Protocol,
+        &'static str,
+        Option<u16>,
+        &'static [&'static str],
+    );
+
+    const QUERIES: &[Query] = &[
         (
             Direction::Egress,
             Protocol::Tcp,
