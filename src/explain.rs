@@ -497,10 +497,16 @@ pub fn effective_toml(cfg: &NetworkConfig) -> String {
         }
         None => head.push_str("# custom policy (no preset)\n"),
     }
-    head.push_str(
-        "# rules are numbered from 1 in this order, as `netfence check` reports them\n\n",
-    );
-    head + &config::to_toml(&effective_config(cfg))
+    head.push_str("# rules are numbered from 1 in this order, as `netfence check` reports them\n");
+    let mut shown = effective_config(cfg);
+    if !shown.secrets.is_empty() {
+        head.push_str("# secret values are redacted\n");
+        for s in &mut shown.secrets {
+            s.value = "<redacted>".into();
+        }
+    }
+    head.push('\n');
+    head + &config::to_toml(&shown)
 }
 
 #[cfg(test)]
@@ -950,6 +956,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn config_output_redacts_secrets() {
+        let cfg = parse_str(
+            "[[secrets]]\nenv_var = \"K\"\nvalue = \"hunter2\"\nallowed_hosts = [\"api.example.com\"]",
+            Format::Toml,
+        )
+        .unwrap();
+        let text = effective_toml(&cfg);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("value = \"<redacted>\""), "{text}");
+        assert!(text.contains("env_var = \"K\""), "{text}");
     }
 
     #[test]

@@ -454,6 +454,36 @@ fn full_toml_parses() {
 }
 
 #[test]
+fn full_toml_round_trips() {
+    let cfg = parse_and_validate(FULL_TOML, Format::Toml).unwrap();
+    let text = to_toml(&cfg);
+    let again = parse_and_validate(&text, Format::Toml).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(again, cfg, "{text}");
+    let json = serde_json::to_string(&cfg).unwrap();
+    assert_eq!(
+        parse_and_validate(&json, Format::Json).unwrap(),
+        cfg,
+        "{json}"
+    );
+}
+
+#[test]
+fn ports_mapping_form() {
+    let c = parse_and_validate("[ports]\n8080 = 80\n9090 = 90", Format::Toml).unwrap();
+    let shown: Vec<String> = c.ports.iter().map(|p| p.to_string()).collect();
+    assert_eq!(shown, ["127.0.0.1:8080:80", "127.0.0.1:9090:90"]);
+    let c = parse_and_validate(r#"{"ports": {"8080": 80}}"#, Format::Json).unwrap();
+    assert_eq!(c.ports.len(), 1);
+    let e = parse_and_validate("[ports]\nhttp = 80", Format::Toml).unwrap_err();
+    assert!(
+        e.to_string().contains("host port `http` is not a port"),
+        "{e}"
+    );
+    let e = parse_and_validate("[ports]\n8080 = 0", Format::Toml).unwrap_err();
+    assert!(e.to_string().contains("guest_port 0"), "{e}");
+}
+
+#[test]
 fn legacy_rebind_and_tls_presence() {
     let c = parse_and_validate("dns_rebind_protection = false", Format::Toml).unwrap();
     assert!(!c.rebind_protection());
