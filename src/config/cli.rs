@@ -39,7 +39,11 @@ fn parse_map(s: &str) -> Result<AddressMapEntry, String> {
     s.parse()
 }
 
-const NET_HELP: &str = "\
+/// The policy grammar and examples shown by `--help` of every command that takes
+/// [`NetworkArgs`].
+macro_rules! net_help_text {
+    () => {
+        "\
 Policy model (first match wins, per direction; `any` rules count in both):
   presets   none        nothing in or out
             public-only DNS to the gateway, then public egress; private, loopback,
@@ -57,7 +61,13 @@ Policy model (first match wins, per direction; `any` rules count in both):
             --net-rule deny@10.0.0.5 --net-rule allow@10.0.0.0/8
             --net-rule 'allow@[2001:db8::/32]:tcp:443' --net-rule allow@.example.com
             --net-default-egress deny --net-rule allow@api.example.com:tcp:443
-            -p 8080:80 -p 0.0.0.0:5353:53/udp --map 203.0.113.7:80=127.0.0.1:8080";
+            -p 8080:80 -p 0.0.0.0:5353:53/udp --map 203.0.113.7:80=127.0.0.1:8080"
+    };
+}
+pub(crate) use net_help_text;
+
+/// The text of [`net_help_text!`].
+pub const NET_HELP: &str = net_help_text!();
 
 /// Network options. Flatten into a subcommand with `#[command(flatten)]`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -167,12 +177,15 @@ impl NetworkArgs {
         if let Some(n) = self.max_connections {
             cfg.max_connections = Some(n);
         }
-        for p in &self.publish {
-            cfg.ports.retain(|q| {
-                !(q.host_port == p.host_port && q.protocol == p.protocol && q.bind == p.bind)
-            });
-            cfg.ports.push(*p);
-        }
+        // A command-line binding replaces the file's binding of the same host port; two
+        // command-line bindings of one port stay, and validation reports them.
+        cfg.ports.retain(|q| {
+            !self
+                .publish
+                .iter()
+                .any(|p| q.host_port == p.host_port && q.protocol == p.protocol && q.bind == p.bind)
+        });
+        cfg.ports.extend(self.publish.iter().copied());
         for m in &self.map {
             cfg.map.retain(|o| {
                 !(crate::policy::canonical(o.guest) == crate::policy::canonical(m.guest)

@@ -355,6 +355,26 @@ fn tls_present<'de, D: Deserializer<'de>>(d: D) -> Result<TlsConfig, D::Error> {
     Ok(t)
 }
 
+fn pool4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.parse::<Ipv4Net>() {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(de::Error::custom(format!(
+            "`{s}` is not an IPv4 CIDR; expected e.g. 172.16.0.0/12"
+        ))),
+    }
+}
+
+fn pool6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Net>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.parse::<Ipv6Net>() {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(de::Error::custom(format!(
+            "`{s}` is not an IPv6 CIDR; expected e.g. fd42:6d73:62::/48"
+        ))),
+    }
+}
+
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
 }
@@ -396,10 +416,18 @@ pub struct NetworkConfig {
     )]
     pub tls: TlsConfig,
     /// Pool for per-guest /30 subnets; default 172.16.0.0/12.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "pool4",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_pool: Option<Ipv4Net>,
     /// Pool for per-guest /64 prefixes; default fd42:6d73:62::/48.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "pool6",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv6_pool: Option<Ipv6Net>,
     /// Cap on concurrent flows from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -875,7 +903,7 @@ pub fn parse_str(text: &str, format: Format) -> Result<NetworkConfig, ConfigErro
                     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                     msg = format!("{msg} (line {line})");
                 }
-                ConfigError::new(if path == "." { String::new() } else { path }, None, msg)
+                ConfigError::new(clean_path(path), None, msg)
             })
         }
         Format::Json => {
@@ -884,16 +912,20 @@ pub fn parse_str(text: &str, format: Format) -> Result<NetworkConfig, ConfigErro
             let cfg = r.map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                ConfigError::new(
-                    if path == "." { String::new() } else { path },
-                    None,
-                    inner.to_string(),
-                )
+                ConfigError::new(clean_path(path), None, inner.to_string())
             })?;
             de.end()
                 .map_err(|e| ConfigError::new("", None, e.to_string()))?;
             Ok(cfg)
         }
+    }
+}
+
+fn clean_path(p: String) -> String {
+    if p == "." || p == "?" {
+        String::new()
+    } else {
+        p
     }
 }
 

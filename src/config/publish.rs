@@ -92,9 +92,47 @@ pub(crate) mod entries {
         s.collect_seq(v.iter().map(|p| PublishEntry(*p)))
     }
 
+    /// A list of bindings (strings or tables), or the reference's mapping form
+    /// `{ "8080" = 80 }` (host port -> guest port, TCP on 127.0.0.1).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PublishSpec>, D::Error> {
-        let v = Vec::<PublishEntry>::deserialize(d)?;
-        Ok(v.into_iter().map(|e| e.0).collect())
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<PublishSpec>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(
+                    f,
+                    "a list of \"[BIND:]HOST_PORT:GUEST_PORT[/udp]\" strings or tables, \
+                     or a table of HOST_PORT = GUEST_PORT"
+                )
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = seq.next_element::<PublishEntry>()? {
+                    v.push(e.0);
+                }
+                Ok(v)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(host) = map.next_key::<String>()? {
+                    let guest: u16 = map.next_value()?;
+                    let spec = PublishSpec {
+                        bind: default_bind(),
+                        host_port: host.parse().map_err(|_| {
+                            de::Error::custom(format!("host port `{host}` is not a port 1-65535"))
+                        })?,
+                        guest_port: guest,
+                        protocol: PortProtocol::Tcp,
+                    };
+                    if let Some(e) = spec.problem() {
+                        return Err(de::Error::custom(e));
+                    }
+                    v.push(spec);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -371,9 +371,14 @@ impl FromStr for PortRange {
     }
 }
 
+/// A single port serializes as a number, a range as `"8000-9000"`.
 impl Serialize for PortRange {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        if self.start == self.end {
+            s.serialize_u16(self.start)
+        } else {
+            s.collect_str(self)
+        }
     }
 }
 
