@@ -113,7 +113,7 @@ if [ "$ONLY" != passt ]; then
         echo "bench-guest.sh: $NETFENCE missing (cargo build --release)" >&2
     else
         SOCK="$WORK/netfence.sock"
-        RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" \
+        NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" \
             --map "203.0.113.9:$PORT=127.0.0.1:$PORT" >"$WORK/netfence.log" 2>&1 &
         NF_PID=$!
         PIDS+=("$NF_PID")
@@ -125,7 +125,7 @@ if [ "$ONLY" != passt ]; then
         done
         if grep -q "listening on" "$WORK/netfence.log"; then
             guest_script 203.0.113.9 >"$WORK/netfence.sh"
-            run_leg netfence "$WORK/netfence.pid" -- --vhost-user "$SOCK" --script "$WORK/netfence.sh" &&
+            run_leg netfence "$WORK/netfence.pid" -- --vhost-user "$SOCK" --mac 52:54:00:4e:46:02 --script "$WORK/netfence.sh" &&
                 LEGS+=(netfence) || echo "bench-guest.sh: netfence leg failed (guest exit $?)" >&2
         else
             echo "bench-guest.sh: netfence did not start listening:" >&2
@@ -170,7 +170,7 @@ figures() {
 echo
 echo "== bench-guest: guest iperf3 -c (TCP, ${SECS}s each way) to iperf3 -s on host 127.0.0.1:$PORT"
 echo "   QEMU TCG, 1 vCPU, 512 MiB, virtio-net-pci vectors=0; host: $(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
-printf '%-9s %-12s %9s %9s %11s %12s %10s\n' backend direction Mbit/s GB backend-cpu-s backend-s/GB qemu-s/GB
+printf '%-9s %-12s %8s %8s %14s %13s %10s\n' backend direction Mbit/s GB backend-cpu-s backend-s/GB qemu-s/GB
 declare -A MB SG
 for name in netfence passt; do
     [ "$ONLY" = "" ] || [ "$ONLY" = "$name" ] || continue
@@ -183,7 +183,7 @@ for name in netfence passt; do
         qsg="$(per "$qs" "$gb")"
         MB[$name.$dir]="$mbits"
         SG[$name.$dir]="$bsg"
-        printf '%-9s %-12s %9s %9s %11s %12s %10s\n' "$name" "$label" "$mbits" \
+        printf '%-9s %-12s %8s %8s %14s %13s %10s\n' "$name" "$label" "$mbits" \
             "$(awk -v g="$gb" 'BEGIN { if (g == "n/a") print g; else printf "%.3f", g }')" \
             "$(awk -v s="$bs" 'BEGIN { if (s == "n/a") print s; else printf "%.2f", s }')" "$bsg" "$qsg"
     done

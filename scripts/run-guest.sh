@@ -14,7 +14,8 @@
 #   --none              no network device (boot test only)
 # Options:
 #   --timeout SECS      kill QEMU after SECS (default 120): a hung guest cannot hang CI
-#   --mac MAC           guest MAC (default 52:54:00:12:34:56)
+#   --mac MAC           guest MAC (default: none given, so QEMU's own default 52:54:00:12:34:56;
+#                       netfence's --guest-mac default is 52:54:00:4e:46:02)
 #   --append ARGS       extra kernel command-line arguments
 #   --passt-pidfile F   write passt's pid to F (bench-guest.sh reads its CPU time)
 #   --qemu-pidfile F    write QEMU's pid to F
@@ -40,7 +41,7 @@ SOCK=""
 SCRIPT_TEXT=""
 HAVE_SCRIPT=0
 TIMEOUT=120
-MAC="52:54:00:12:34:56"
+MAC=""
 APPEND=""
 PASST_PIDFILE=""
 QEMU_PIDFILE=""
@@ -102,7 +103,7 @@ case "$MODE" in
         [ -S "$SOCK" ] || { echo "run-guest.sh: $SOCK is not a socket (is netfence running?)" >&2; exit 125; }
         NET=(-chardev "socket,id=c0,path=$SOCK"
              -netdev vhost-user,id=n0,chardev=c0
-             -device "virtio-net-pci,netdev=n0,mac=$MAC,vectors=0")
+             -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0")
         ;;
     passt)
         command -v passt >/dev/null || { echo "run-guest.sh: passt not found; run scripts/install-deps.sh" >&2; exit 125; }
@@ -131,7 +132,7 @@ case "$MODE" in
             exit 125
         fi
         NET=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$PSOCK"
-             -device "virtio-net-pci,netdev=n0,mac=$MAC,vectors=0")
+             -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0")
         ;;
     none) NET=() ;;
 esac
