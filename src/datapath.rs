@@ -1,1 +1,674 @@
-//! (in progress)
+//! The datapath of one guest link: everything one queue-pair thread owns.
+//!
+//! Events come from [`crate::device::NetBackend::handle_event`]: a TX kick (guest frames to
+//! drain), an RX kick (the guest gave us receive buffers), host sockets ready (the flows' epoll)
+//! or the timer. Each event is handled, then [`Datapath::service`] moves bytes until nothing more
+//! can move: flows pump between host sockets and smoltcp, smoltcp emits frames, frames are copied
+//! into the RX queue. Nothing blocks; a side that cannot take more simply stops being read.
+//!
+//! New flows are decided here, once, at their first frame (TCP SYN, first UDP datagram of a
+//! pair), and each decision is logged with its reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
+use tracing::{debug, info, warn};
+use vhost_user_backend::VringRwLock;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::classify::{classify, Classified, DropReason, TcpHead};
+use crate::config::DenyAction;
+use crate::device::virtqueue::{self, RxError};
+use crate::device::{GuestMemory, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
+use crate::flow::addrmap::AddressMap;
+use crate::flow::tcp::{self as tcpflow, PumpResult, TcpPhase};
+use crate::flow::udp::{self as udpflow};
+use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
+use crate::policy::{Direction, FlowQuery, Policy, Protocol};
+use crate::stack::dhcp::{DhcpServer, LinkAddrs};
+use crate::stack::frames::{self, Link};
+use crate::stack::GuestStack;
+use crate::timer::Timer;
+
+/// How long a denied flow is remembered so that retransmissions are not logged again.
+const DENIED_MEMORY: Duration = Duration::from_secs(30);
+/// A host connect that has not completed by then fails the guest's connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Housekeeping (idle UDP sessions, connect timeouts) runs at least this often.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// Everything a link needs to know, shared by all connections of one netfence process.
+#[derive(Clone)]
+pub struct LinkSettings {
+    pub addrs: LinkAddrs,
+    pub gateway_mac: [u8; 6],
+    pub guest_mac: [u8; 6],
+    pub mtu: u16,
+    pub lease_secs: u32,
+    pub policy: Arc<Policy>,
+    pub addrmap: Arc<AddressMap>,
+}
+
+/// Counters of what the datapath dropped or refused, by reason.
+#[derive(Default, Debug, Clone)]
+pub struct Counters {
+    pub bad_chains: u64,
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub dropped: HashMap<&'static str, u64>,
+}
+
+impl Counters {
+    fn drop(&mut self, reason: &'static str) {
+        *self.dropped.entry(reason).or_default() += 1;
+    }
+}
+
+pub struct Datapath {
+    settings: LinkSettings,
+    link: Link,
+    mem: Option<GuestMemory>,
+    hdr_len: usize,
+    mergeable: bool,
+    stack: GuestStack,
+    flows: FlowTable,
+    dhcp: DhcpServer,
+    timer: Timer,
+    denied: HashMap<(u8, FlowKey), Instant>,
+    counters: Counters,
+    scratch: Vec<u8>,
+    udp_buf: Vec<u8>,
+    events: Vec<(FlowRef, EventSet)>,
+}
+
+impl Datapath {
+    pub fn new(settings: LinkSettings) -> io::Result<Self> {
+        let stack = GuestStack::new(
+            settings.gateway_mac,
+            settings.addrs.gateway,
+            settings.addrs.prefix_len,
+            settings.mtu,
+        );
+        let dhcp = DhcpServer {
+            addrs: settings.addrs,
+            mtu: settings.mtu,
+            lease_secs: settings.lease_secs,
+        };
+        Ok(Datapath {
+            link: Link {
+                gateway_mac: EthernetAddress(settings.gateway_mac),
+                guest_mac: EthernetAddress(settings.guest_mac),
+            },
+            settings,
+            mem: None,
+            hdr_len: 12,
+            mergeable: false,
+            stack,
+            flows: FlowTable::new()?,
+            dhcp,
+            timer: Timer::new()?,
+            denied: HashMap::new(),
+            counters: Counters::default(),
+            scratch: Vec::with_capacity(virtqueue::MAX_FRAME),
+            udp_buf: vec![0u8; 65_536],
+            events: Vec::new(),
+        })
+    }
+
+    pub fn flows_fd(&self) -> RawFd {
+        self.flows.epoll_fd()
+    }
+
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn set_acked_features(&mut self, features: u64) {
+        let v1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
+        self.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        self.hdr_len = virtqueue::header_len(v1 || self.mergeable);
+    }
+
+    pub fn set_memory(&mut self, mem: GuestMemory) {
+        self.mem = Some(mem);
+    }
+
+    /// One event from the vring worker, then as much work as can be done.
+    pub fn handle_event(&mut self, event: u16, rx: &VringRwLock, tx: &VringRwLock) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let mem = mem.memory();
+        match event {
+            TX_QUEUE => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let hdr_len = self.hdr_len;
+                let stats = virtqueue::drain_tx(tx, &mem, hdr_len, &mut scratch, |frame| {
+                    self.guest_frame(frame)
+                });
+                self.scratch = scratch;
+                self.counters.tx_frames += stats.frames;
+                if stats.bad_chains > 0 {
+                    self.counters.bad_chains += stats.bad_chains;
+                    warn!(
+                        count = stats.bad_chains,
+                        total = self.counters.bad_chains,
+                        "dropped bad TX descriptor chains"
+                    );
+                }
+            }
+            RX_QUEUE => {}
+            TIMER_EVENT => {
+                self.timer.consume();
+                self.housekeeping();
+            }
+            _ => self.host_events(),
+        }
+        self.service(rx, &mem);
+    }
+
+    /// Moves data until nothing more can move, then arms the timer for smoltcp's next deadline.
+    fn service(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) {
+        for _ in 0..64 {
+            self.pump_tcp();
+            self.stack.poll();
+            let before = self.stack.link.to_guest.len();
+            let delivered = self.flush_rx(rx, mem);
+            if delivered == 0 && before == self.stack.link.to_guest.len() {
+                break;
+            }
+            if !self.stack.link.to_guest.is_empty() && delivered == 0 {
+                break;
+            }
+        }
+        let delay = self
+            .stack
+            .poll_delay()
+            .unwrap_or(HOUSEKEEPING)
+            .min(HOUSEKEEPING);
+        self.timer.arm(delay);
+    }
+
+    /// Copies queued frames into the guest's RX buffers; returns how many were delivered.
+    fn flush_rx(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) -> usize {
+        let mut delivered = 0;
+        while let Some(frame) = self.stack.link.to_guest.pop_front() {
+            match virtqueue::push_rx(rx, mem, self.hdr_len, self.mergeable, &frame) {
+                Ok(()) => {
+                    delivered += 1;
+                    self.stack.link.recycle(frame);
+                }
+                Err(RxError::NoBuffers) => {
+                    self.stack.link.to_guest.push_front(frame);
+                    // Ask for a kick when buffers arrive; if some arrived meanwhile, go on.
+                    if matches!(
+                        vhost_user_backend::VringT::enable_notification(rx),
+                        Ok(true)
+                    ) {
+                        continue;
+                    }
+                    break;
+                }
+                Err(RxError::BadChain) => {
+                    self.counters.bad_chains += 1;
+                    self.counters.rx_dropped += 1;
+                }
+            }
+        }
+        if delivered > 0 {
+            self.counters.rx_frames += delivered as u64;
+            virtqueue::signal_if_needed(rx);
+        }
+        delivered
+    }
+
+    /// A frame from the guest.
+    fn guest_frame(&mut self, frame: &[u8]) {
+        let gateway = self.settings.addrs.gateway;
+        match classify(frame) {
+            Classified::Arp { target, .. } => {
+                if target == gateway {
+                    self.stack.receive(frame);
+                } else {
+                    self.counters.drop("arp-not-gateway");
+                }
+            }
+            Classified::Dhcp { payload } => self.dhcp(payload),
+            Classified::IcmpEcho { dst, .. } if dst == gateway => self.stack.receive(frame),
+            Classified::IcmpEcho { .. } => self.counters.drop("icmp-echo-unsupported"),
+            Classified::IcmpOther { dst } if dst == gateway => self.stack.receive(frame),
+            Classified::IcmpOther { .. } => self.counters.drop("icmp-other"),
+            Classified::Tcp(head) => self.tcp_segment(head, frame),
+            Classified::Udp { src, dst, payload } => self.udp_datagram(src, dst, payload, frame),
+            Classified::Ipv6 => self.counters.drop("ipv6"),
+            Classified::Drop(reason) => self.count_drop(reason),
+        }
+    }
+
+    fn count_drop(&mut self, reason: DropReason) {
+        self.counters.drop(reason.as_str());
+        debug!(reason = reason.as_str(), "dropped guest frame");
+    }
+
+    fn dhcp(&mut self, payload: &[u8]) {
+        let Some(reply) = self.dhcp.handle(payload) else {
+            self.counters.drop("dhcp-ignored");
+            return;
+        };
+        let gateway = self.settings.addrs.gateway;
+        let to = if reply.broadcast {
+            std::net::Ipv4Addr::BROADCAST
+        } else {
+            self.settings.addrs.guest
+        };
+        let mut link = self.link;
+        if let Some(mac) = DhcpServer::client_mac(payload) {
+            link.guest_mac = mac;
+        }
+        let frame = frames::udp_to_guest(
+            &link,
+            SocketAddrV4::new(gateway, 67),
+            SocketAddrV4::new(to, 68),
+            reply.payload.len(),
+            reply.broadcast,
+            |b| b.copy_from_slice(&reply.payload),
+        );
+        debug!(guest = %self.settings.addrs.guest, "DHCP reply");
+        self.stack.link.queue_frame(frame);
+    }
+
+    /// Decides a new flow and logs the decision. `None` = allowed.
+    fn decide(&mut self, protocol: Protocol, src: SocketAddrV4, dst: SocketAddrV4) -> bool {
+        let proto_id = protocol_id(protocol);
+        let key = (src, dst);
+        let now = Instant::now();
+        if let Some(at) = self.denied.get(&(proto_id, key)) {
+            if now.duration_since(*at) < DENIED_MEMORY {
+                return false;
+            }
+        }
+        let domains: Vec<String> = Vec::new();
+        let query = FlowQuery {
+            direction: Direction::Egress,
+            protocol,
+            dst: IpAddr::V4(*dst.ip()),
+            dst_port: Some(dst.port()),
+            domains: &domains,
+        };
+        let decision = self.settings.policy.decide(&query);
+        let mut allowed = decision.allowed();
+        let mut reason = decision.reason.to_string();
+        if allowed {
+            if let Some(max) = self.settings.policy.max_connections() {
+                if self.flows.len() >= max {
+                    allowed = false;
+                    reason = format!("max_connections ({max}) reached");
+                }
+            }
+        }
+        let proto = protocol_name(protocol);
+        if allowed {
+            info!("decision action=allow proto={proto} src={src} dst={dst} reason=\"{reason}\"");
+        } else {
+            info!("decision action=deny proto={proto} src={src} dst={dst} reason=\"{reason}\"");
+            if self.denied.len() > 4096 {
+                self.denied
+                    .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+            }
+            self.denied.insert((proto_id, key), now);
+        }
+        allowed
+    }
+
+    fn reject_mode(&self) -> bool {
+        self.settings.policy.deny_action() == DenyAction::Reject
+    }
+
+    fn tcp_segment(&mut self, head: TcpHead, frame: &[u8]) {
+        let key = (head.src, head.dst);
+        if let Some(flow) = self.flows.tcp.get_mut(&key) {
+            match &mut flow.phase {
+                TcpPhase::Connecting { syn_frame } => {
+                    if head.rst {
+                        self.close_tcp(&key, "guest reset while connecting");
+                    } else if head.syn && !head.ack {
+                        syn_frame.clear();
+                        syn_frame.extend_from_slice(frame);
+                    }
+                }
+                TcpPhase::Open { .. } => self.stack.receive(frame),
+            }
+            return;
+        }
+        if head.rst {
+            return;
+        }
+        if !head.syn || head.ack {
+            // A segment of no known connection: reset it, as a closed port would.
+            self.counters.drop("tcp-unknown-flow");
+            let rst = frames::tcp_reset(&self.link, &head);
+            self.stack.link.queue_frame(rst);
+            return;
+        }
+        if head.dst.port() == 0 || head.dst.ip().is_unspecified() {
+            self.counters.drop("tcp-bad-destination");
+            return;
+        }
+        if !self.decide(Protocol::Tcp, head.src, head.dst) {
+            if self.reject_mode() {
+                let rst = frames::tcp_reset(&self.link, &head);
+                self.stack.link.queue_frame(rst);
+            }
+            return;
+        }
+        let target = self.settings.addrmap.host_target(SocketAddr::V4(head.dst));
+        let host = match tcpflow::connect_host(target) {
+            Ok(s) => s,
+            Err(e) => {
+                info!(src = %head.src, dst = %head.dst, host = %target, error = %e, "host connect failed");
+                self.refuse_tcp(&head, frame, &e);
+                return;
+            }
+        };
+        let token = match self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key)) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot watch host socket");
+                self.refuse_tcp(&head, frame, &e);
+                return;
+            }
+        };
+        debug!(src = %head.src, dst = %head.dst, host = %target, "connecting host side");
+        self.flows.tcp.insert(
+            key,
+            TcpFlow {
+                token,
+                guest: head.src,
+                dst: head.dst,
+                host_target: target,
+                host,
+                phase: TcpPhase::Connecting {
+                    syn_frame: frame.to_vec(),
+                },
+                started: Instant::now(),
+                readable: false,
+                writable: false,
+                host_eof: false,
+                host_write_shut: false,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+            },
+        );
+    }
+
+    /// The host side could not be reached: fail the guest's connect at once.
+    fn refuse_tcp(&mut self, head: &TcpHead, syn_frame: &[u8], error: &io::Error) {
+        let unreachable = matches!(
+            error.raw_os_error(),
+            Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::EAFNOSUPPORT)
+        );
+        let frame = if unreachable {
+            let ip = &syn_frame[14..];
+            frames::icmp_unreachable(
+                &self.link,
+                self.settings.addrs.gateway,
+                Icmpv4DstUnreachable::HostUnreachable,
+                ip,
+            )
+        } else {
+            None
+        };
+        let frame = frame.unwrap_or_else(|| frames::tcp_reset(&self.link, head));
+        self.stack.link.queue_frame(frame);
+    }
+
+    fn udp_datagram(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], frame: &[u8]) {
+        let key = (src, dst);
+        if !self.flows.udp.contains_key(&key) {
+            if dst.port() == 0 || dst.ip().is_unspecified() {
+                self.counters.drop("udp-bad-destination");
+                return;
+            }
+            if !self.decide(Protocol::Udp, src, dst) {
+                if self.reject_mode() {
+                    if let Some(f) = frames::icmp_unreachable(
+                        &self.link,
+                        self.settings.addrs.gateway,
+                        Icmpv4DstUnreachable::PortUnreachable,
+                        &frame[14..],
+                    ) {
+                        self.stack.link.queue_frame(f);
+                    }
+                }
+                return;
+            }
+            let target = self.settings.addrmap.host_target(SocketAddr::V4(dst));
+            let host = match udpflow::open_host(target) {
+                Ok(s) => s,
+                Err(e) => {
+                    info!(src = %src, dst = %dst, host = %target, error = %e, "host UDP socket failed");
+                    self.counters.drop("udp-host-socket");
+                    return;
+                }
+            };
+            let token = match self.flows.register(host.as_raw_fd(), FlowRef::Udp(key)) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            self.flows.udp.insert(
+                key,
+                UdpFlow {
+                    token,
+                    guest: src,
+                    dst,
+                    host,
+                    last_active: Instant::now(),
+                    datagrams_to_host: 0,
+                    datagrams_to_guest: 0,
+                },
+            );
+        }
+        let Some(flow) = self.flows.udp.get_mut(&key) else {
+            return;
+        };
+        flow.last_active = Instant::now();
+        match flow.host.send(payload) {
+            Ok(_) => flow.datagrams_to_host += 1,
+            Err(_) => self.counters.drop("udp-send-failed"),
+        }
+    }
+
+    /// Host sockets that became ready.
+    fn host_events(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        self.flows.ready_events(&mut events);
+        for (flow, set) in events.drain(..) {
+            match flow {
+                FlowRef::Tcp(key) => self.tcp_host_event(key, set),
+                FlowRef::Udp(key) => self.udp_host_readable(key),
+            }
+        }
+        self.events = events;
+    }
+
+    fn tcp_host_event(&mut self, key: FlowKey, set: EventSet) {
+        let Some(flow) = self.flows.tcp.get_mut(&key) else {
+            return;
+        };
+        if set
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            flow.readable = true;
+        }
+        if set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+            flow.writable = true;
+        }
+        let TcpPhase::Connecting { syn_frame } = &mut flow.phase else {
+            return;
+        };
+        if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+            return;
+        }
+        let syn = std::mem::take(syn_frame);
+        match tcpflow::connect_result(&flow.host) {
+            Ok(()) => {
+                let handle = self.stack.sockets.add(tcpflow::listening_socket(flow.dst));
+                flow.phase = TcpPhase::Open { handle };
+                debug!(src = %flow.guest, dst = %flow.dst, "host connected; completing guest handshake");
+                self.stack.receive(&syn);
+            }
+            Err(e) => {
+                let head = match classify(&syn) {
+                    Classified::Tcp(h) => h,
+                    _ => {
+                        self.flows.remove_tcp(&key);
+                        return;
+                    }
+                };
+                info!(src = %flow.guest, dst = %flow.dst, host = %flow.host_target, error = %e, "host connect failed");
+                self.flows.remove_tcp(&key);
+                self.refuse_tcp(&head, &syn, &e);
+            }
+        }
+    }
+
+    fn udp_host_readable(&mut self, key: FlowKey) {
+        let Some(flow) = self.flows.udp.get_mut(&key) else {
+            return;
+        };
+        let max_payload = usize::from(self.settings.mtu).saturating_sub(28);
+        loop {
+            let n = match flow.host.recv(&mut self.udp_buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // ICMP errors surface here (e.g. connection refused): nothing to deliver.
+                    self.counters.drop("udp-host-error");
+                    continue;
+                }
+            };
+            if n > max_payload {
+                self.counters.drop("udp-reply-too-large");
+                continue;
+            }
+            flow.last_active = Instant::now();
+            let data = &self.udp_buf[..n];
+            let frame = frames::udp_to_guest(&self.link, flow.dst, flow.guest, n, false, |b| {
+                b.copy_from_slice(data)
+            });
+            if self.stack.link.queue_frame(frame) {
+                flow.datagrams_to_guest += 1;
+            } else {
+                self.counters.drop("udp-guest-queue-full");
+            }
+        }
+    }
+
+    /// Pumps every open TCP flow and removes the finished ones.
+    fn pump_tcp(&mut self) {
+        let mut done: Vec<(FlowKey, &'static str)> = Vec::new();
+        for (key, flow) in self.flows.tcp.iter_mut() {
+            match flow.pump(&mut self.stack.sockets) {
+                PumpResult::Alive => {}
+                PumpResult::Finished => done.push((*key, "closed")),
+                PumpResult::Aborted(why) => done.push((*key, why)),
+            }
+        }
+        if !done.is_empty() {
+            // Let smoltcp send the RSTs/FINs of aborted sockets before they go away.
+            self.stack.poll();
+        }
+        for (key, why) in done {
+            self.close_tcp(&key, why);
+        }
+    }
+
+    fn close_tcp(&mut self, key: &FlowKey, why: &str) {
+        if let Some(flow) = self.flows.remove_tcp(key) {
+            if let TcpPhase::Open { handle } = flow.phase {
+                self.stack.sockets.remove(handle);
+            }
+            debug!(
+                src = %flow.guest, dst = %flow.dst, why,
+                to_host = flow.bytes_to_host, to_guest = flow.bytes_to_guest,
+                "TCP flow closed"
+            );
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<FlowKey> = self
+            .flows
+            .udp
+            .iter()
+            .filter(|(_, f)| f.idle(now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            if let Some(f) = self.flows.remove_udp(&key) {
+                debug!(src = %f.guest, dst = %f.dst, "UDP session idle, closed");
+            }
+        }
+        let stale: Vec<(FlowKey, Vec<u8>)> = self
+            .flows
+            .tcp
+            .iter()
+            .filter_map(|(k, f)| match &f.phase {
+                TcpPhase::Connecting { syn_frame }
+                    if now.duration_since(f.started) > CONNECT_TIMEOUT =>
+                {
+                    Some((*k, syn_frame.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (key, syn) in stale {
+            self.flows.remove_tcp(&key);
+            if let Classified::Tcp(head) = classify(&syn) {
+                info!(src = %head.src, dst = %head.dst, "host connect timed out");
+                self.stack
+                    .link
+                    .queue_frame(frames::tcp_reset(&self.link, &head));
+            }
+        }
+        // Sockets smoltcp has finished with (e.g. TIME-WAIT expired) are pumped to removal.
+        let _ = tcp::State::Closed;
+        self.denied
+            .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+    }
+}
+
+fn protocol_id(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Icmpv4 => 1,
+        Protocol::Icmpv6 => 58,
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Icmpv4 => "icmpv4",
+        Protocol::Icmpv6 => "icmpv6",
+    }
+}

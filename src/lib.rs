@@ -16,4 +16,6 @@ pub mod dns;
 pub mod explain;
 pub mod flow;
 pub mod policy;
+pub mod server;
 pub mod stack;
+pub mod timer;

@@ -1,2 +1,155 @@
-//! netfence command line (in progress).
-fn main() {}
+//! netfence command line: `run` serves a VMM on a vhost-user socket.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::error;
+
+use netfence::config::cli::NetworkArgs;
+use netfence::datapath::LinkSettings;
+use netfence::flow::addrmap::AddressMap;
+use netfence::policy::{HostAddrs, Policy};
+use netfence::stack::dhcp::LinkAddrs;
+
+#[derive(Parser)]
+#[command(
+    name = "netfence",
+    version,
+    about = "vhost-user-net backend that applies a network policy to every flow of a VM guest",
+    long_about = "netfence is a vhost-user-net backend. QEMU (-netdev vhost-user) or \
+cloud-hypervisor (--net vhost_user=true) attach to its unix socket; netfence answers the \
+guest as its gateway (ARP, DHCP, ping), decides every new flow with a first-match-wins policy \
+and carries the allowed ones over ordinary host sockets. No root, TAP or firewall rules.\n\n\
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve VMM connections on a vhost-user socket.
+    #[command(after_help = "Examples:\n  \
+netfence run --socket /tmp/netfence.sock\n  \
+netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
+netfence run --socket /tmp/nf.sock --policy allow-all --once")]
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Path of the vhost-user unix socket to listen on (the VMM connects to it).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Serve one VMM connection, then exit (default: accept the next one, e.g. a restarted VM).
+    #[arg(long)]
+    once: bool,
+    /// Which /30 of ipv4_pool this guest gets: slot N = pool base + 4N (gateway +1, guest +2).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    slot: u32,
+    /// The guest's MAC address (virtio config space and DHCP).
+    #[arg(long, value_name = "MAC", default_value = "52:54:00:4e:46:02", value_parser = parse_mac)]
+    guest_mac: [u8; 6],
+    /// Link MTU offered to the guest (virtio MTU feature and DHCP option 26).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=65520))]
+    mtu: u16,
+    /// DHCP lease time in seconds.
+    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    lease_secs: u32,
+    #[command(flatten)]
+    net: NetworkArgs,
+}
+
+/// The gateway's own MAC address (locally administered).
+const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x46, 0x01];
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "`{s}` is not a MAC address; expected six hex bytes like 52:54:00:12:34:56"
+        ));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("`{s}` is not a MAC address; `{part}` is not a hex byte"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!(
+            "`{s}` is a multicast MAC address; a guest needs a unicast one"
+        ));
+    }
+    Ok(mac)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.net.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let pool = config
+        .ipv4_pool
+        .unwrap_or_else(|| "172.16.0.0/12".parse().expect("literal network"));
+    let addrs = match LinkAddrs::for_slot(pool, args.slot) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("netfence: --slot: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let host = HostAddrs {
+        ipv4: vec![addrs.gateway],
+        ipv6: vec![],
+    };
+    let policy = match Policy::compile(&config, &host) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let addrmap = Arc::new(AddressMap::new(
+        config.map.clone(),
+        vec![IpAddr::V4(addrs.gateway)],
+    ));
+    let settings = LinkSettings {
+        addrs,
+        gateway_mac: GATEWAY_MAC,
+        guest_mac: args.guest_mac,
+        mtu: args.mtu,
+        lease_secs: args.lease_secs,
+        policy,
+        addrmap,
+    };
+    match netfence::server::serve(&args.socket, args.once, settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

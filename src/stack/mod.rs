@@ -1,1 +1,172 @@
-//! (in progress)
+//! The guest-facing network stack: smoltcp playing the gateway.
+//!
+//! smoltcp's `Interface` owns the gateway's link (MAC, the gateway address of the guest's /30),
+//! answers ARP and ICMP echo for the gateway, and terminates the guest's TCP connections: for
+//! every allowed TCP flow the flow table creates a smoltcp socket listening on the guest's
+//! destination (AnyIP), so the guest talks to "203.0.113.7:443" while the bytes go to a host
+//! socket. Frames reach smoltcp only through [`GuestStack::receive`], after the classifier has
+//! checked that they are for the gateway or for a known flow: with AnyIP on, smoltcp would
+//! otherwise answer ARP and pings for every address.
+//!
+//! Frames smoltcp sends go to a bounded queue that the datapath flushes into the RX virtqueue;
+//! when the queue is full smoltcp is told the device is busy and retries later (backpressure).
+
+pub mod dhcp;
+pub mod frames;
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+/// Frames waiting for room in the guest's RX queue, at most.
+pub const TO_GUEST_QUEUE_FRAMES: usize = 1024;
+
+/// The smoltcp device: one frame in (from the classifier), a bounded queue out (to the guest).
+pub struct GuestLink {
+    inbound: Option<Vec<u8>>,
+    pub to_guest: VecDeque<Vec<u8>>,
+    mtu: usize,
+    spare: Vec<Vec<u8>>,
+}
+
+impl GuestLink {
+    fn new(mtu: u16) -> Self {
+        GuestLink {
+            inbound: None,
+            to_guest: VecDeque::new(),
+            mtu: usize::from(mtu) + 14,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Queues a frame built outside smoltcp (DHCP, UDP, resets). Returns false when full.
+    pub fn queue_frame(&mut self, frame: Vec<u8>) -> bool {
+        if self.to_guest.len() >= TO_GUEST_QUEUE_FRAMES {
+            return false;
+        }
+        self.to_guest.push_back(frame);
+        true
+    }
+
+    /// Hands back a buffer whose frame has been copied to the guest, for reuse.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < 64 {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.to_guest.len() < TO_GUEST_QUEUE_FRAMES
+    }
+}
+
+pub struct LinkRx(Vec<u8>);
+pub struct LinkTx<'a>(&'a mut GuestLink);
+
+impl RxToken for LinkRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for LinkTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = self.0.spare.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        let r = f(&mut buf);
+        self.0.to_guest.push_back(buf);
+        r
+    }
+}
+
+impl Device for GuestLink {
+    type RxToken<'a> = LinkRx;
+    type TxToken<'a> = LinkTx<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(LinkRx, LinkTx<'_>)> {
+        if !self.has_room() {
+            return None;
+        }
+        let frame = self.inbound.take()?;
+        Some((LinkRx(frame), LinkTx(self)))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<LinkTx<'_>> {
+        if self.has_room() {
+            Some(LinkTx(self))
+        } else {
+            None
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu;
+        caps
+    }
+}
+
+/// smoltcp's interface, its sockets and its device, for one guest link.
+pub struct GuestStack {
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    pub link: GuestLink,
+    epoch: std::time::Instant,
+}
+
+impl GuestStack {
+    pub fn new(gateway_mac: [u8; 6], gateway: Ipv4Addr, prefix_len: u8, mtu: u16) -> Self {
+        let mut link = GuestLink::new(mtu);
+        let epoch = std::time::Instant::now();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(gateway_mac)));
+        let mut iface = Interface::new(config, &mut link, Instant::from_millis(0));
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), prefix_len));
+        });
+        iface.set_any_ip(true);
+        GuestStack {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            link,
+            epoch,
+        }
+    }
+
+    /// smoltcp's clock: milliseconds since this stack was made.
+    pub fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Feeds one classified frame to smoltcp and lets it react.
+    pub fn receive(&mut self, frame: &[u8]) {
+        let mut buf = self.link.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.link.inbound = Some(buf);
+        self.poll();
+        if let Some(buf) = self.link.inbound.take() {
+            // smoltcp could not take it (queue to the guest full): it is dropped like on a wire.
+            self.link.recycle(buf);
+        }
+    }
+
+    /// Lets smoltcp send what its sockets have ready.
+    pub fn poll(&mut self) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.link, &mut self.sockets);
+    }
+
+    /// How long smoltcp can wait before it needs polling again.
+    pub fn poll_delay(&mut self) -> Option<std::time::Duration> {
+        let now = self.now();
+        self.iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| std::time::Duration::from_micros(d.total_micros()))
+    }
+}

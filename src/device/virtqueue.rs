@@ -1,0 +1,191 @@
+//! Moving frames between the virtqueues and the datapath.
+//!
+//! TX: every descriptor chain the guest made available is read (through vm-memory, which checks
+//! each address against the guest's memory map), stripped of its virtio-net header and handed
+//! over as one Ethernet frame. RX: a frame is written into as many of the guest's receive buffers
+//! as it needs (mergeable RX buffers) behind a header that says how many it used.
+//!
+//! Bad chains (outside guest memory, looping, shorter than the header, larger than any frame) are
+//! counted and returned to the guest as used with length 0; they never stop the queue.
+
+use std::io::{Read, Write};
+
+use tracing::debug;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+/// Largest Ethernet frame we accept from or give to the guest (no GSO is offered).
+pub const MAX_FRAME: usize = 65_562;
+
+/// Length of the virtio-net header in front of every frame.
+pub fn header_len(version_1_or_mrg: bool) -> usize {
+    if version_1_or_mrg {
+        12
+    } else {
+        10
+    }
+}
+
+/// Outcome counters of one TX drain.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct TxStats {
+    pub frames: u64,
+    pub bad_chains: u64,
+}
+
+/// Reads every available TX chain and calls `on_frame` with each frame (header stripped).
+/// Signals the guest when the used ring changed and it asked for it.
+pub fn drain_tx(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap<()>,
+    hdr_len: usize,
+    scratch: &mut Vec<u8>,
+    mut on_frame: impl FnMut(&[u8]),
+) -> TxStats {
+    let mut stats = TxStats::default();
+    let mut used_any = false;
+    loop {
+        if vring.disable_notification().is_err() {
+            break;
+        }
+        loop {
+            let chain = {
+                let mut state = vring.get_mut();
+                state.get_queue_mut().pop_descriptor_chain(mem)
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            scratch.clear();
+            let ok = match chain.reader(mem) {
+                Ok(mut reader) => {
+                    let total = reader.available_bytes();
+                    if total < hdr_len || total - hdr_len > MAX_FRAME {
+                        false
+                    } else {
+                        scratch.resize(total, 0);
+                        reader.read_exact(scratch).is_ok()
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "bad TX descriptor chain");
+                    false
+                }
+            };
+            if vring.add_used(head, 0).is_err() {
+                stats.bad_chains += 1;
+                break;
+            }
+            used_any = true;
+            if ok {
+                stats.frames += 1;
+                on_frame(&scratch[hdr_len..]);
+            } else {
+                stats.bad_chains += 1;
+            }
+        }
+        // Re-enable notifications; if the guest added chains meanwhile, go round again.
+        match vring.enable_notification() {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used_any {
+        signal_if_needed(vring);
+    }
+    stats
+}
+
+/// Why a frame could not be written to the guest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxError {
+    /// The guest has not made enough receive buffers available; try again after its next kick.
+    NoBuffers,
+    /// The guest's buffers are unusable (bad addresses); the frame is dropped.
+    BadChain,
+}
+
+/// Writes one frame into the guest's RX queue. With `mergeable`, several buffers may be used.
+/// Does not signal the guest: call [`signal_if_needed`] after a batch.
+pub fn push_rx(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap<()>,
+    hdr_len: usize,
+    mergeable: bool,
+    frame: &[u8],
+) -> Result<(), RxError> {
+    let needed = hdr_len + frame.len();
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    // Collect chains until they can hold the frame.
+    let mut chains = Vec::new();
+    let mut capacity = 0usize;
+    while capacity < needed {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let writer = match chain.writer(mem) {
+            Ok(w) => w,
+            Err(_) => {
+                // The frame is dropped; every buffer taken so far goes back empty.
+                for (h, _) in &chains {
+                    let _ = state.add_used(*h, 0);
+                }
+                let _ = state.add_used(head, 0);
+                return Err(RxError::BadChain);
+            }
+        };
+        capacity += writer.available_bytes();
+        chains.push((head, writer));
+        if !mergeable {
+            break;
+        }
+    }
+    if capacity < needed {
+        for _ in 0..chains.len() {
+            queue.go_to_previous_position();
+        }
+        return Err(if chains.is_empty() || mergeable {
+            RxError::NoBuffers
+        } else {
+            RxError::BadChain
+        });
+    }
+    let mut header = [0u8; 12];
+    header[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+    let mut remaining = frame;
+    let mut header_left: &[u8] = &header[..hdr_len];
+    let mut used = Vec::with_capacity(chains.len());
+    for (head, mut writer) in chains {
+        let mut written = 0usize;
+        if !header_left.is_empty() {
+            let n = header_left.len().min(writer.available_bytes());
+            if writer.write_all(&header_left[..n]).is_err() {
+                used.push((head, written as u32));
+                continue;
+            }
+            header_left = &header_left[n..];
+            written += n;
+        }
+        let n = remaining.len().min(writer.available_bytes());
+        if writer.write_all(&remaining[..n]).is_ok() {
+            remaining = &remaining[n..];
+            written += n;
+        }
+        used.push((head, written as u32));
+    }
+    for (head, len) in used {
+        if state.add_used(head, len).is_err() {
+            return Err(RxError::BadChain);
+        }
+    }
+    Ok(())
+}
+
+/// Tells the guest about new used entries if it wants to know (EVENT_IDX aware).
+pub fn signal_if_needed(vring: &VringRwLock) {
+    if vring.needs_notification().unwrap_or(true) {
+        let _ = vring.signal_used_queue();
+    }
+}

@@ -1,0 +1,148 @@
+//! Accepting VMM connections: one vhost-user device per connection, then the next one.
+//!
+//! netfence listens on the user's socket path. Each VMM connection gets a fresh backend (a new
+//! datapath: no state survives a VM restart) and is passed to it through the control-channel
+//! relay (see `device::control_shim`) over a private socket in a 0700 directory of our own.
+//! When the VMM goes away the device is torn down and, unless `--once`, the next VMM is served.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::datapath::{Datapath, LinkSettings};
+use crate::device::{control_shim, DeviceSettings, NetBackend};
+
+/// Binds `path`, replacing a stale socket file but never any other kind of file.
+fn bind_public(path: &Path) -> Result<UnixListener, String> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            let _ = fs::remove_file(path);
+        } else {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
+        }
+    }
+    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// A private directory for the backend side of the relay, removed on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> io::Result<Self> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        for attempt in 0..100u32 {
+            let dir = base.join(format!("netfence-{}-{attempt}", std::process::id()));
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(PrivateDir(dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("no free private directory name"))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Serves VMM connections on `path` until an error, or after one connection with `once`.
+pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), String> {
+    let public = bind_public(path)?;
+    let private_dir = PrivateDir::new().map_err(|e| format!("cannot create private dir: {e}"))?;
+    let private_path = private_dir.0.join("backend.sock");
+    let mut private = Listener::new(&private_path, true)
+        .map_err(|e| format!("cannot listen on {}: {e}", private_path.display()))?;
+    info!(
+        "listening on {} (guest {}/{}, gateway {})",
+        path.display(),
+        settings.addrs.guest,
+        settings.addrs.prefix_len,
+        settings.addrs.gateway
+    );
+    loop {
+        let (vmm, _) = public
+            .accept()
+            .map_err(|e| format!("accept on {} failed: {e}", path.display()))?;
+        info!("VMM connected");
+        if let Err(e) = serve_connection(vmm, &private_path, &mut private, &settings) {
+            warn!("VMM connection failed: {e}");
+        }
+        if once {
+            let _ = fs::remove_file(path);
+            return Ok(());
+        }
+    }
+}
+
+fn serve_connection(
+    vmm: UnixStream,
+    private_path: &Path,
+    private: &mut Listener,
+    settings: &LinkSettings,
+) -> Result<(), String> {
+    let datapath =
+        Datapath::new(settings.clone()).map_err(|e| format!("cannot set up datapath: {e}"))?;
+    let device = DeviceSettings {
+        guest_mac: settings.guest_mac,
+        mtu: settings.mtu,
+    };
+    let backend = Arc::new(
+        NetBackend::new(device, datapath).map_err(|e| format!("cannot create backend: {e}"))?,
+    );
+    let mut daemon = VhostUserDaemon::new(
+        "netfence".to_string(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
+    {
+        let handlers = daemon.get_epoll_handlers();
+        let worker = handlers
+            .first()
+            .ok_or("vhost-user daemon has no worker thread")?;
+        for (fd, id) in backend.extra_fds() {
+            worker
+                .register_listener(fd, EventSet::IN, u64::from(id))
+                .map_err(|e| format!("cannot watch datapath fd: {e}"))?;
+        }
+    }
+    // The backend end of the relay: queued in the private listener's backlog, then accepted.
+    let backend_side = UnixStream::connect(private_path)
+        .map_err(|e| format!("cannot reach the backend socket: {e}"))?;
+    daemon
+        .start(private)
+        .map_err(|e| format!("starting the device failed: {e}"))?;
+    let relays = control_shim::relay(vmm, backend_side)
+        .map_err(|e| format!("cannot start the control relay: {e}"))?;
+    let result = daemon.wait();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    drop(daemon);
+    for r in relays {
+        let _ = r.join();
+    }
+    match result {
+        Ok(()) => info!("VMM disconnected"),
+        Err(e) => warn!("VMM connection ended: {e}"),
+    }
+    Ok(())
+}
