@@ -273,6 +273,9 @@ pub struct Frontend {
     rx_pending: VecDeque<(NetHdr, Vec<u8>)>,
     pub stats: FrontendStats,
     pub last_rx_hdr: Option<NetHdr>,
+    /// More fds `wait` polls besides the call eventfds (e.g. a server's "done" eventfd); they
+    /// are not read, so whoever registered one must consume or remove it.
+    pub extra_wait_fds: Vec<i32>,
 }
 
 fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
@@ -385,6 +388,7 @@ impl Frontend {
             rx_pending: VecDeque::new(),
             stats: FrontendStats::default(),
             last_rx_hdr: None,
+            extra_wait_fds: Vec::new(),
         };
         for k in 0..nbufs {
             fe.post_rx_buffer(k as u64);
@@ -619,12 +623,15 @@ impl Frontend {
                 us.div_ceil(1000).min(i32::MAX as u128) as i32
             }
         };
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd { fd: self.rx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.tx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        for &fd in &self.extra_wait_fds {
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll: {e}");

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use vmm_sys_util::eventfd::EventFd;
+
 /// I/O timeout of server threads: long enough for slow CI, bounded so nothing hangs forever.
 pub const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,6 +74,8 @@ impl Drop for TcpEchoServer {
 pub struct OneShotServer<T> {
     pub addr: SocketAddr,
     rx: mpsc::Receiver<Result<T, String>>,
+    /// Written when the handler finished, so a guest poll loop wakes up for it.
+    done: Arc<EventFd>,
 }
 
 impl<T: Send + 'static> OneShotServer<T> {
@@ -78,6 +83,8 @@ impl<T: Send + 'static> OneShotServer<T> {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
         let addr = l.local_addr().unwrap();
         let (tx, rx) = mpsc::channel();
+        let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        let done2 = done.clone();
         thread::spawn(move || {
             l.set_nonblocking(false).ok();
             let r = match accept_with_timeout(&l, SERVER_IO_TIMEOUT) {
@@ -89,8 +96,9 @@ impl<T: Send + 'static> OneShotServer<T> {
                 Err(e) => Err(e),
             };
             let _ = tx.send(r);
+            let _ = done2.write(1);
         });
-        OneShotServer { addr, rx }
+        OneShotServer { addr, rx, done }
     }
 
     pub fn port(&self) -> u16 {
@@ -105,6 +113,20 @@ impl<T: Send + 'static> OneShotServer<T> {
         }
     }
 
+    /// Waits for the handler's result while keeping the guest stack running (it has to, for
+    /// queued data and FINs to reach the server).
+    pub fn join_polling(self, g: &mut super::Guest, timeout: Duration) -> Result<T, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let fd = self.done.as_raw_fd();
+        g.fe().extra_wait_fds.push(fd);
+        let r = g.poll_until(deadline, |_| self.rx.try_recv().ok());
+        g.fe().extra_wait_fds.retain(|&f| f != fd);
+        match r {
+            Some(r) => r,
+            None => Err(format!("server did not finish within {timeout:?}")),
+        }
+    }
+
     /// The handler's result if it already finished.
     pub fn try_join(&self) -> Option<Result<T, String>> {
         self.rx.try_recv().ok()
@@ -113,7 +135,6 @@ impl<T: Send + 'static> OneShotServer<T> {
 
 /// accept(2) bounded by a timeout (poll on the listening socket).
 pub fn accept_with_timeout(l: &TcpListener, timeout: Duration) -> Result<TcpStream, String> {
-    use std::os::fd::AsRawFd;
     let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
