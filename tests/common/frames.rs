@@ -371,16 +371,21 @@ pub fn parse_icmp(frame: &[u8]) -> Option<IcmpInfo> {
     let p = Icmpv4Packet::new_checked(&l4[..]).ok()?;
     let msg_type = u8::from(p.msg_type());
     let echo = msg_type == 0 || msg_type == 8;
+    // ICMP errors quote the IP header and the first 8 bytes of the offending packet; the
+    // quote is truncated, so its total length field cannot be checked against the buffer.
     let quoted = if !echo {
-        let inner = p.data();
-        Ipv4Packet::new_checked(inner).ok().map(|q| {
-            let hl = q.header_len() as usize;
-            let ports = inner.get(hl..hl + 4).map(|b| {
-                (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
-            });
-            let (sp, dp) = ports.unwrap_or((0, 0));
-            (q.dst_addr(), u8::from(q.next_header()), sp, dp)
-        })
+        let q = p.data();
+        if q.len() >= 20 && q[0] >> 4 == 4 {
+            let ihl = ((q[0] & 0x0f) as usize) * 4;
+            let dst = Ipv4Addr::new(q[16], q[17], q[18], q[19]);
+            let (sp, dp) = match q.get(ihl..ihl + 4) {
+                Some(b) => (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]])),
+                None => (0, 0),
+            };
+            Some((dst, q[9], sp, dp))
+        } else {
+            None
+        }
     } else {
         None
     };
