@@ -226,7 +226,8 @@ pub enum BadChain {
     IndirectOutside,
     /// An indirect descriptor with a length that is not a multiple of 16.
     IndirectBadLen,
-    /// Two descriptors of almost 4 GiB each: their summed length overflows a u32.
+    /// A readable descriptor followed by one of almost 4 GiB (past the end of guest memory;
+    /// the summed length overflows a u32).
     HugeLength,
 }
 
@@ -772,91 +773,98 @@ impl Frontend {
     /// Publishes a malformed TX chain of the given shape and kicks. The device should count and
     /// drop it (and ideally still return it in the used ring).
     pub fn send_bad_chain(&mut self, kind: BadChain) {
+        let frame = super::frames::garbage_ethernet(self.guest_mac(), 60);
+        self.send_bad_chain_carrying(kind, &frame);
+    }
+
+    /// Chain shapes that can carry a complete frame in their readable part; if the device
+    /// delivered such a frame it would have used a chain it should have dropped.
+    pub const CARRYING: [BadChain; 7] = [
+        BadChain::StraddlesEnd,
+        BadChain::Loop,
+        BadChain::SelfLoop,
+        BadChain::NextOutOfRange,
+        BadChain::WriteOnlyOnTx,
+        BadChain::IndirectBadLen,
+        BadChain::HugeLength,
+    ];
+
+    /// Like [`send_bad_chain`](Self::send_bad_chain), with `frame` (header prepended) as the
+    /// bytes of the chain's first (readable) buffer where the shape allows it.
+    pub fn send_bad_chain_carrying(&mut self, kind: BadChain, frame: &[u8]) {
         self.reclaim_tx();
         let qs = self.opts.queue_size;
         let end = self.mem.end().raw_value();
         let good = self.scratch;
-        // A plausible frame in the scratch area for chains that need real bytes.
-        let mut bytes = vec![0u8; NET_HDR_LEN];
-        bytes.extend(super::frames::garbage_ethernet(self.guest_mac(), 60));
+        let mut bytes = vec![0u8; self.hdr_len()];
+        bytes.extend_from_slice(frame);
+        let blen = bytes.len() as u32;
+        assert!(bytes.len() <= 32 << 10, "frame too large for the scratch area");
         self.mem.write(good, &bytes);
         let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
-        let ids = match kind {
+        let need = match kind {
+            BadChain::Loop | BadChain::HugeLength => 2,
+            _ => 1,
+        };
+        let ids = self.tx.alloc_descs(need).expect("free TX descriptors for a bad chain");
+        let g = good.raw_value();
+        match kind {
             BadChain::OutsideMemory => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
                 self.tx.write_desc(ids[0], d(end + (1 << 30), 1500, 0, 0));
-                ids
             }
             BadChain::StraddlesEnd => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(end - 100, 4096, 0, 0));
-                ids
+                // The frame sits in the last bytes of guest memory; the buffer runs past the end.
+                let at = end - 512;
+                assert!(blen <= 512, "frame too large for StraddlesEnd");
+                self.mem.write(GuestAddress(at), &bytes);
+                self.tx.write_desc(ids[0], d(at, 4096, 0, 0));
             }
             BadChain::Loop => {
-                let ids = self.tx.alloc_descs(2).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 40, VIRTQ_DESC_F_NEXT, ids[1]));
-                self.tx.write_desc(ids[1], d(good.raw_value() + 40, 40, VIRTQ_DESC_F_NEXT, ids[0]));
-                ids
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx.write_desc(ids[1], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
             }
             BadChain::SelfLoop => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 40, VIRTQ_DESC_F_NEXT, ids[0]));
-                ids
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
             }
             BadChain::TooShort => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 4, 0, 0));
-                ids
+                self.tx.write_desc(ids[0], d(g, 4, 0, 0));
             }
             BadChain::ZeroLength => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 0, 0, 0));
-                ids
+                self.tx.write_desc(ids[0], d(g, 0, 0, 0));
             }
             BadChain::HeaderOnly => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), NET_HDR_LEN as u32, 0, 0));
-                ids
+                self.tx.write_desc(ids[0], d(g, self.hdr_len() as u32, 0, 0));
             }
             BadChain::NextOutOfRange => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 40, VIRTQ_DESC_F_NEXT, qs + 7));
-                ids
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, qs + 7));
             }
             BadChain::WriteOnlyOnTx => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 74, VIRTQ_DESC_F_WRITE, 0));
-                ids
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_WRITE, 0));
             }
             BadChain::IndirectOutside => {
-                let ids = self.tx.alloc_descs(1).expect("TX room");
                 self.tx.write_desc(
                     ids[0],
                     d(end + (1 << 20), 32, super::virtq::VIRTQ_DESC_F_INDIRECT, 0),
                 );
-                ids
             }
             BadChain::IndirectBadLen => {
+                // A valid first entry pointing at the frame, but a table length that is not a
+                // multiple of 16.
                 let table = self.scratch.unchecked_add(64 << 10);
-                // A valid-looking first entry, but the table length is not a multiple of 16.
                 let mut t = vec![0u8; 32];
-                t[0..8].copy_from_slice(&good.raw_value().to_le_bytes());
-                t[8..12].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+                t[0..8].copy_from_slice(&g.to_le_bytes());
+                t[8..12].copy_from_slice(&blen.to_le_bytes());
                 self.mem.write(table, &t);
-                let ids = self.tx.alloc_descs(1).expect("TX room");
                 self.tx.write_desc(
                     ids[0],
                     d(table.raw_value(), 17, super::virtq::VIRTQ_DESC_F_INDIRECT, 0),
                 );
-                ids
             }
             BadChain::HugeLength => {
-                let ids = self.tx.alloc_descs(2).expect("TX room");
-                self.tx.write_desc(ids[0], d(good.raw_value(), 0xffff_fff0, VIRTQ_DESC_F_NEXT, ids[1]));
-                self.tx.write_desc(ids[1], d(good.raw_value(), 0xffff_fff0, 0, 0));
-                ids
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx.write_desc(ids[1], d(g, 0xffff_fff0, 0, 0));
             }
-        };
+        }
         self.tx.publish_raw(ids, 0, TAG_BAD);
         self.stats.tx_bad_chains_sent += 1;
         self.tx.kick_if_needed();
