@@ -169,6 +169,13 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
             net.trunc()
         ));
     }
+    // Policy judges IPv4-mapped addresses as IPv4, so a mapped range is an IPv4 range.
+    if let IpNet::V6(v6) = net {
+        if let (true, Some(v4)) = (v6.prefix_len() >= 96, v6.network().to_ipv4_mapped()) {
+            let v4net = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_err(|e| e.to_string())?;
+            return Ok(IpNet::V4(v4net));
+        }
+    }
     Ok(net)
 }
 

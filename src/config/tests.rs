@@ -553,6 +553,8 @@ fn destinations_parse() {
         ("10.0.0.0/8", "10.0.0.0/8"),
         ("0.0.0.0/0", "0.0.0.0/0"),
         ("[fc00::/7]", "fc00::/7"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+        ("[::ffff:192.0.2.1/128]", "192.0.2.1/32"),
         ("Api.Example.COM.", "api.example.com"),
         (".example.com", ".example.com"),
         ("*.example.com", ".example.com"),

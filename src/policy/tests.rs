@@ -534,6 +534,14 @@ fn mapped_addresses_cannot_bypass() {
     ] {
         assert!(!egress(&p, Protocol::Tcp, dst, Some(80)).allowed(), "{dst}");
     }
+    // A rule written with a mapped range or address is judged as IPv4 too.
+    let p = custom(
+        &["deny@[::ffff:10.0.0.0/104]"],
+        Action::Allow,
+        Action::Allow,
+    );
+    assert!(!egress(&p, Protocol::Tcp, "10.9.9.9", Some(80)).allowed());
+    assert!(!egress(&p, Protocol::Tcp, "::ffff:10.9.9.9", Some(80)).allowed());
     // A rule written with a mapped address is judged as the IPv4 address too.
     let p = custom(&["deny@::ffff:192.0.2.7"], Action::Allow, Action::Allow);
     assert!(!egress(&p, Protocol::Tcp, "192.0.2.7", Some(80)).allowed());
