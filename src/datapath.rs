@@ -41,6 +41,7 @@ use crate::stack::dhcp::{DhcpServer, LinkAddrs};
 use crate::stack::frames::{self, Link};
 use crate::stack::GuestStack;
 use crate::timer::Timer;
+use crate::tls::sni::{scan_client_hello, ClientHelloScan};
 
 /// How long a denied flow is remembered so that retransmissions are not logged again.
 const DENIED_MEMORY: Duration = Duration::from_secs(30);
@@ -61,7 +62,19 @@ pub struct LinkSettings {
     pub addrmap: Arc<AddressMap>,
     pub dns: DnsSettings,
     pub dns_intercept_all: bool,
+    /// TCP ports whose first flight (TLS ClientHello) is read for the SNI before connecting.
+    pub tls_ports: Vec<u16>,
 }
+
+/// A guest TLS connection whose ClientHello is awaited before the flow is decided by name.
+struct HelloWait {
+    handle: smoltcp::iface::SocketHandle,
+    since: Instant,
+}
+
+/// Bytes of ClientHello read at most, and how long it may take to arrive.
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters of what the datapath dropped or refused, by reason.
 #[derive(Default, Debug, Clone)]
@@ -90,6 +103,7 @@ pub struct Datapath {
     dhcp: DhcpServer,
     timer: Timer,
     dns: GatewayDns,
+    hellos: HashMap<FlowKey, HelloWait>,
     /// (src, dst) pairs whose DNS traffic was allowed, so the decision is logged once.
     dns_allowed: HashMap<(u8, FlowKey), Instant>,
     denied: HashMap<(u8, FlowKey), Instant>,
@@ -118,6 +132,7 @@ impl Datapath {
         );
         Ok(Datapath {
             dns,
+            hellos: HashMap::new(),
             dns_allowed: HashMap::new(),
             link: Link {
                 gateway_mac: EthernetAddress(settings.gateway_mac),
@@ -207,6 +222,7 @@ impl Datapath {
         for _ in 0..64 {
             self.pump_tcp();
             self.dns.pump_tcp(&self.settings.policy, &mut self.stack);
+            self.check_hellos();
             self.stack.poll();
             let before = self.stack.link.to_guest.len();
             let delivered = self.flush_rx(rx, mem);
@@ -422,7 +438,7 @@ impl Datapath {
 
     fn tcp_segment(&mut self, head: TcpHead, frame: &[u8]) {
         let key = (head.src, head.dst);
-        if self.dns.has_tcp(&key) {
+        if self.dns.has_tcp(&key) || self.hellos.contains_key(&key) {
             self.stack.receive(frame);
             return;
         }
@@ -436,7 +452,9 @@ impl Datapath {
                         syn_frame.extend_from_slice(frame);
                     }
                 }
-                TcpPhase::Open { .. } => self.stack.receive(frame),
+                TcpPhase::Open { .. } | TcpPhase::ConnectingAfterHello { .. } => {
+                    self.stack.receive(frame)
+                }
             }
             return;
         }
@@ -468,6 +486,21 @@ impl Datapath {
                 let rst = frames::tcp_reset(&self.link, &head);
                 self.stack.link.queue_frame(rst);
             }
+            return;
+        }
+        if self.settings.tls_ports.contains(&head.dst.port())
+            && self.settings.policy.has_domain_rules()
+        {
+            // A name rule could decide this flow: read the ClientHello's SNI first.
+            let handle = self.stack.sockets.add(tcpflow::listening_socket(head.dst));
+            self.hellos.insert(
+                key,
+                HelloWait {
+                    handle,
+                    since: Instant::now(),
+                },
+            );
+            self.stack.receive(frame);
             return;
         }
         let target = self.settings.addrmap.host_target(SocketAddr::V4(head.dst));
@@ -721,6 +754,21 @@ impl Datapath {
         if set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             flow.writable = true;
         }
+        if let TcpPhase::ConnectingAfterHello { handle } = flow.phase {
+            if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+                return;
+            }
+            match tcpflow::connect_result(&flow.host) {
+                Ok(()) => flow.phase = TcpPhase::Open { handle },
+                Err(e) => {
+                    info!(src = %flow.guest, dst = %flow.dst, host = %flow.host_target, error = %e, "host connect failed");
+                    self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    self.stack.poll();
+                    self.close_tcp(&key, "host connect failed");
+                }
+            }
+            return;
+        }
         let TcpPhase::Connecting { syn_frame } = &mut flow.phase else {
             return;
         };
@@ -804,7 +852,9 @@ impl Datapath {
 
     fn close_tcp(&mut self, key: &FlowKey, why: &str) {
         if let Some(flow) = self.flows.remove_tcp(key) {
-            if let TcpPhase::Open { handle } = flow.phase {
+            if let TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } =
+                flow.phase
+            {
                 self.stack.sockets.remove(handle);
             }
             debug!(
@@ -813,6 +863,129 @@ impl Datapath {
                 "TCP flow closed"
             );
         }
+    }
+
+    /// TLS connections waiting for their ClientHello: decide those whose SNI (or timeout) is in.
+    fn check_hellos(&mut self) {
+        if self.hellos.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let keys: Vec<FlowKey> = self.hellos.keys().copied().collect();
+        for key in keys {
+            let Some(wait) = self.hellos.get(&key) else {
+                continue;
+            };
+            let (handle, since) = (wait.handle, wait.since);
+            let sock = self.stack.sockets.get_mut::<tcp::Socket>(handle);
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                self.hellos.remove(&key);
+                self.stack.sockets.remove(handle);
+                continue;
+            }
+            let scan = if sock.can_recv() {
+                match sock.peek(MAX_CLIENT_HELLO) {
+                    Ok(buf) => scan_client_hello(buf, MAX_CLIENT_HELLO),
+                    Err(_) => ClientHelloScan::NotTls,
+                }
+            } else {
+                ClientHelloScan::NeedMore
+            };
+            let guest_gave_up = !sock.may_recv() && !sock.can_recv();
+            let sni = match scan {
+                ClientHelloScan::NeedMore
+                    if !guest_gave_up && now.duration_since(since) < CLIENT_HELLO_TIMEOUT =>
+                {
+                    continue
+                }
+                ClientHelloScan::Sni(name) => Some(name),
+                _ => None,
+            };
+            self.hellos.remove(&key);
+            if self.sni_allows(key, sni.as_deref()) {
+                self.connect_after_hello(key, handle);
+            } else {
+                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.stack.poll();
+                self.stack.sockets.remove(handle);
+            }
+        }
+    }
+
+    /// The TLS first-flight decision: a denied SNI is denied even if the address was allowed,
+    /// and an SNI allowed by a name rule must have been resolved to this address through us.
+    fn sni_allows(&mut self, key: FlowKey, sni: Option<&str>) -> bool {
+        let Some(name) = sni else {
+            // No SNI: the decision made on the SYN (address and cached names) stands.
+            return true;
+        };
+        let (src, dst) = key;
+        let ip = IpAddr::V4(*dst.ip());
+        let domains = vec![name.to_string()];
+        let policy = self.settings.policy.clone();
+        let decision = policy.decide(&FlowQuery {
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            dst: ip,
+            dst_port: Some(dst.port()),
+            domains: &domains,
+        });
+        let (allowed, reason) = if !decision.allowed() {
+            (false, decision.reason.to_string())
+        } else if policy.is_domain_rule(&decision.reason)
+            && !self.dns.service.cache().resolved(name, ip, Instant::now())
+        {
+            (
+                false,
+                format!("SNI {name} was not resolved to {ip} through netfence"),
+            )
+        } else {
+            (true, decision.reason.to_string())
+        };
+        let action = if allowed { "allow" } else { "deny" };
+        info!(
+            action = %action, proto = "tcp", src = %src, dst = %dst, reason = ?reason,
+            domains = %name, domain_source = "sni", "decision"
+        );
+        allowed
+    }
+
+    /// Connects the host side of a TLS flow whose guest handshake is already complete.
+    fn connect_after_hello(&mut self, key: FlowKey, handle: smoltcp::iface::SocketHandle) {
+        let (guest, dst) = key;
+        let target = self.settings.addrmap.host_target(SocketAddr::V4(dst));
+        let registered = tcpflow::connect_host(target).and_then(|host| {
+            let token = self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key))?;
+            Ok((host, token))
+        });
+        let (host, token) = match registered {
+            Ok(v) => v,
+            Err(e) => {
+                info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
+                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.stack.poll();
+                self.stack.sockets.remove(handle);
+                return;
+            }
+        };
+        self.flows.tcp.insert(
+            key,
+            TcpFlow {
+                token,
+                guest,
+                dst,
+                host_target: target,
+                host,
+                phase: TcpPhase::ConnectingAfterHello { handle },
+                started: Instant::now(),
+                readable: false,
+                writable: false,
+                host_eof: false,
+                host_write_shut: false,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+            },
+        );
     }
 
     fn housekeeping(&mut self) {

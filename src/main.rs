@@ -192,6 +192,11 @@ fn run(args: RunArgs) -> ExitCode {
     let settings = LinkSettings {
         dns,
         dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
+        tls_ports: config
+            .tls
+            .intercepted_ports
+            .clone()
+            .unwrap_or_else(|| vec![443]),
         addrs,
         gateway_mac: GATEWAY_MAC,
         guest_mac: args.guest_mac,

@@ -18,6 +18,7 @@
 //! Every [`Decision`] carries a [`Reason`] that says which of these produced it; its `Display`
 //! is what the decision log and `netfence check` print.
 
+mod domains;
 mod group;
 #[cfg(test)]
 mod tests;
