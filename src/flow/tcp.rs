@@ -89,7 +89,6 @@ pub fn listening_socket(dst: SocketAddrV4) -> tcp::Socket<'static> {
     let tx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
-    socket.set_ack_delay(None);
     let endpoint = IpListenEndpoint {
         addr: Some(IpAddress::Ipv4(*dst.ip())),
         port: dst.port(),
