@@ -1,0 +1,901 @@
+//! A vhost-user-net frontend (the VMM side) for driving netfence over its socket.
+//!
+//! [`Frontend::connect`] does the handshake the way cloud-hypervisor's vhost-user-net device
+//! does (see TESTING.md): SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES (then NEED_REPLY on
+//! every message when REPLY_ACK was acked), GET_QUEUE_NUM with MQ, GET_CONFIG with CONFIG,
+//! SET_FEATURES (the intersection, without VIRTIO_NET_F_MAC, as CH sends it), ADD_MEM_REG per
+//! region with CONFIGURE_MEM_SLOTS (else SET_MEM_TABLE), SET_VRING_NUM for every queue, then per
+//! queue SET_VRING_ADDR/BASE/CALL/KICK, and SET_VRING_ENABLE. Like a guest driver that filled
+//! its RX ring before DRIVER_OK, the RX buffers are posted and the RX kick eventfd is already
+//! signalled when the backend gets it.
+//!
+//! Queue 0 is RX (device writes frames to us), queue 1 is TX. Each frame carries the 12-byte
+//! virtio_net_hdr_v1; with MRG_RXBUF a received frame may span `num_buffers` RX buffers.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
+use vhost::VhostBackend;
+use vm_memory::{Address, GuestAddress};
+
+use super::memory::GuestMem;
+use super::virtq::{Desc, Seg, SplitQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+
+// virtio-net feature bits (virtio 1.2, 5.1.3) and ring/transport bits (6).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Size of virtio_net_hdr_v1 (and of virtio_net_hdr_mrg_rxbuf).
+pub const NET_HDR_LEN: usize = 12;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+/// What cloud-hypervisor's vhost-user-net device offers the backend (offloads on, the default).
+pub fn ch_features() -> u64 {
+    VIRTIO_NET_F_CSUM
+        | VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_GUEST_TSO6
+        | VIRTIO_NET_F_GUEST_ECN
+        | VIRTIO_NET_F_GUEST_UFO
+        | VIRTIO_NET_F_HOST_TSO4
+        | VIRTIO_NET_F_HOST_TSO6
+        | VIRTIO_NET_F_HOST_ECN
+        | VIRTIO_NET_F_HOST_UFO
+        | VIRTIO_NET_F_MRG_RXBUF
+        | VIRTIO_NET_F_CTRL_VQ
+        | VIRTIO_NET_F_GUEST_ANNOUNCE
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_MTU
+        | VIRTIO_NET_F_MQ
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_F_VERSION_1
+        | VHOST_USER_F_PROTOCOL_FEATURES
+}
+
+/// The protocol features cloud-hypervisor offers.
+pub fn ch_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::CONFIG
+}
+
+/// How the frontend sets itself up.
+#[derive(Clone, Debug)]
+pub struct FrontendOptions {
+    /// Virtio features offered to the backend (acked = this & backend's).
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    /// Strip VIRTIO_NET_F_MAC from SET_FEATURES, as cloud-hypervisor does.
+    pub strip_mac_from_backend: bool,
+    /// Use ADD_MEM_REG when CONFIGURE_MEM_SLOTS is acked (CH does); else always SET_MEM_TABLE.
+    pub use_mem_slots: bool,
+    pub queue_size: u16,
+    /// Guest memory size and its guest-physical base.
+    pub mem_size: usize,
+    pub mem_base: u64,
+    /// Number of memory regions (equal parts of one memfd).
+    pub mem_regions: usize,
+    /// Bytes per RX descriptor, descriptors per RX buffer, RX buffers posted (None = as many
+    /// as fit the ring).
+    pub rx_buf_size: u32,
+    pub rx_descs_per_buf: u16,
+    pub rx_buffers: Option<u16>,
+    /// Bytes of each TX descriptor's chunk; a frame uses as many chained descriptors as needed.
+    pub tx_chunk: u32,
+    /// Put the virtio-net header in a descriptor of its own.
+    pub tx_split_header: bool,
+    /// Kick on every publish, ignoring EVENT_IDX / NO_NOTIFY hints.
+    pub always_kick: bool,
+    /// Bytes of config space read with GET_CONFIG (mac, status, max_virtqueue_pairs, mtu).
+    pub config_len: u32,
+    /// MAC the guest uses when the config space is not available.
+    pub fallback_mac: [u8; 6],
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        FrontendOptions {
+            features: ch_features(),
+            protocol_features: ch_protocol_features(),
+            strip_mac_from_backend: true,
+            use_mem_slots: true,
+            queue_size: 256,
+            mem_size: 16 << 20,
+            mem_base: 0,
+            mem_regions: 1,
+            rx_buf_size: 2048,
+            rx_descs_per_buf: 1,
+            rx_buffers: None,
+            tx_chunk: 2048,
+            tx_split_header: false,
+            always_kick: false,
+            config_len: 12,
+            fallback_mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        }
+    }
+}
+
+/// The device config space as read with GET_CONFIG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    pub status: u16,
+    pub max_virtqueue_pairs: u16,
+    pub mtu: u16,
+}
+
+/// The virtio_net_hdr_v1 of a received frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    pub num_buffers: u16,
+}
+
+impl NetHdr {
+    pub fn parse(b: &[u8]) -> NetHdr {
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        NetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+            num_buffers: if b.len() >= 12 { u(10) } else { 0 },
+        }
+    }
+}
+
+/// What happened so far, for assertions and reports.
+#[derive(Clone, Debug, Default)]
+pub struct FrontendStats {
+    pub tx_frames: u64,
+    pub tx_completed: u64,
+    pub tx_bad_chains_sent: u64,
+    pub tx_bad_chains_returned: u64,
+    pub rx_frames: u64,
+    pub rx_buffers_used: u64,
+    /// Frames that spanned more than one buffer.
+    pub rx_merged_frames: u64,
+    /// Times the first buffer of a merged frame was visible before the rest.
+    pub rx_partial_merge: u64,
+    pub rx_nonzero_gso: u64,
+    pub calls_seen: u64,
+}
+
+/// Descriptor chain shapes a well-behaved driver never publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadChain {
+    /// One descriptor whose buffer lies beyond the end of guest memory.
+    OutsideMemory,
+    /// One descriptor that starts inside guest memory and runs past its end.
+    StraddlesEnd,
+    /// Two descriptors whose `next` fields point at each other.
+    Loop,
+    /// A descriptor pointing at itself.
+    SelfLoop,
+    /// A chain shorter than the virtio-net header (4 bytes).
+    TooShort,
+    /// A zero-length descriptor.
+    ZeroLength,
+    /// Header-only chain: exactly 12 bytes, no frame.
+    HeaderOnly,
+    /// `next` points past the end of the descriptor table.
+    NextOutOfRange,
+    /// A device-writable descriptor on the TX (device-readable) queue.
+    WriteOnlyOnTx,
+    /// An indirect descriptor whose table lies outside guest memory.
+    IndirectOutside,
+    /// An indirect descriptor with a length that is not a multiple of 16.
+    IndirectBadLen,
+    /// A readable descriptor followed by one of almost 4 GiB (past the end of guest memory;
+    /// the summed length overflows a u32).
+    HugeLength,
+}
+
+impl BadChain {
+    pub const ALL: [BadChain; 12] = [
+        BadChain::OutsideMemory,
+        BadChain::StraddlesEnd,
+        BadChain::Loop,
+        BadChain::SelfLoop,
+        BadChain::TooShort,
+        BadChain::ZeroLength,
+        BadChain::HeaderOnly,
+        BadChain::NextOutOfRange,
+        BadChain::WriteOnlyOnTx,
+        BadChain::IndirectOutside,
+        BadChain::IndirectBadLen,
+        BadChain::HugeLength,
+    ];
+}
+
+/// Tag bit of TX chains that were deliberately malformed.
+const TAG_BAD: u64 = 1 << 63;
+
+pub struct Frontend {
+    pub vu: VuFrontend,
+    pub mem: GuestMem,
+    pub rx: SplitQueue,
+    pub tx: SplitQueue,
+    pub opts: FrontendOptions,
+    pub backend_features: u64,
+    pub backend_protocol_features: VhostUserProtocolFeatures,
+    /// Features acked (the intersection); what was sent in SET_FEATURES is `backend_acked`.
+    pub acked_features: u64,
+    pub backend_acked: u64,
+    pub acked_protocol_features: VhostUserProtocolFeatures,
+    pub queue_num: Option<u64>,
+    pub config: Option<NetConfig>,
+    /// Messages of the handshake in order (for reports).
+    pub handshake_log: Vec<String>,
+    rx_area: GuestAddress,
+    tx_area: GuestAddress,
+    /// Scratch area for indirect tables and odd buffers.
+    scratch: GuestAddress,
+    rx_pending: VecDeque<(NetHdr, Vec<u8>)>,
+    pub stats: FrontendStats,
+    pub last_rx_hdr: Option<NetHdr>,
+    /// More fds `wait` polls besides the call eventfds (e.g. a server's "done" eventfd); they
+    /// are not read, so whoever registered one must consume or remove it.
+    pub extra_wait_fds: Vec<i32>,
+}
+
+fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e:?}")
+}
+
+impl Frontend {
+    /// Connects to `path` with default (cloud-hypervisor-like) options.
+    pub fn connect_default(path: &Path) -> Frontend {
+        Frontend::connect(path, FrontendOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Connects and runs the whole vhost-user handshake; the device is live on return.
+    pub fn connect(path: &Path, opts: FrontendOptions) -> Result<Frontend, String> {
+        let mut vu = VuFrontend::connect(path, 2).map_err(err("connect"))?;
+        let mut hl = Vec::new();
+
+        // --- negotiate (CH: negotiate_features_vhost_user) ---
+        vu.set_owner().map_err(err("SET_OWNER"))?;
+        hl.push("SET_OWNER".to_string());
+        let backend_features = vu.get_features().map_err(err("GET_FEATURES"))?;
+        hl.push(format!("GET_FEATURES -> {backend_features:#x}"));
+        let acked_features = opts.features & backend_features;
+        let mut backend_protocol_features = VhostUserProtocolFeatures::empty();
+        let acked_protocol_features = if acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            backend_protocol_features =
+                vu.get_protocol_features().map_err(err("GET_PROTOCOL_FEATURES"))?;
+            hl.push(format!("GET_PROTOCOL_FEATURES -> {backend_protocol_features:?}"));
+            let acked = opts.protocol_features & backend_protocol_features;
+            vu.set_protocol_features(acked).map_err(err("SET_PROTOCOL_FEATURES"))?;
+            hl.push(format!("SET_PROTOCOL_FEATURES {acked:?}"));
+            acked
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        if acked_protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let queue_num = if acked_protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            let n = vu.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+            hl.push(format!("GET_QUEUE_NUM -> {n}"));
+            if n < 2 {
+                return Err(format!("backend has {n} queues, need 2 (one RX/TX pair)"));
+            }
+            Some(n)
+        } else {
+            None
+        };
+        let config = if acked_protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+            let buf = vec![0u8; opts.config_len as usize];
+            let (_, payload) = vu
+                .get_config(0, opts.config_len, VhostUserConfigFlags::WRITABLE, &buf)
+                .map_err(err("GET_CONFIG"))?;
+            hl.push(format!("GET_CONFIG -> {payload:02x?}"));
+            if payload.len() < 12 {
+                return Err(format!("config space too short: {payload:?}"));
+            }
+            Some(NetConfig {
+                mac: payload[0..6].try_into().unwrap(),
+                status: u16::from_le_bytes([payload[6], payload[7]]),
+                max_virtqueue_pairs: u16::from_le_bytes([payload[8], payload[9]]),
+                mtu: u16::from_le_bytes([payload[10], payload[11]]),
+            })
+        } else {
+            None
+        };
+
+        // --- guest side: memory, rings, RX buffers posted before the device starts ---
+        let mut mem = GuestMem::new(opts.mem_base, opts.mem_size, opts.mem_regions);
+        let qs = opts.queue_size;
+        let mut rx = SplitQueue::new(&mut mem, RX_QUEUE, qs);
+        let mut tx = SplitQueue::new(&mut mem, TX_QUEUE, qs);
+        let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        rx.event_idx = event_idx;
+        tx.event_idx = event_idx;
+        rx.always_kick = opts.always_kick;
+        tx.always_kick = opts.always_kick;
+        let max_bufs = qs / opts.rx_descs_per_buf.max(1);
+        let nbufs = opts.rx_buffers.unwrap_or(max_bufs).min(max_bufs);
+        let rx_area = mem.alloc(
+            nbufs as u64 * opts.rx_descs_per_buf as u64 * opts.rx_buf_size as u64,
+            4096,
+        );
+        let tx_area = mem.alloc(qs as u64 * opts.tx_chunk as u64, 4096);
+        let scratch = mem.alloc(256 << 10, 4096);
+
+        let backend_acked = if opts.strip_mac_from_backend {
+            acked_features & !VIRTIO_NET_F_MAC
+        } else {
+            acked_features
+        };
+
+        let mut fe = Frontend {
+            vu,
+            mem,
+            rx,
+            tx,
+            opts: opts.clone(),
+            backend_features,
+            backend_protocol_features,
+            acked_features,
+            backend_acked,
+            acked_protocol_features,
+            queue_num,
+            config,
+            handshake_log: hl,
+            rx_area,
+            tx_area,
+            scratch,
+            rx_pending: VecDeque::new(),
+            stats: FrontendStats::default(),
+            last_rx_hdr: None,
+            extra_wait_fds: Vec::new(),
+        };
+        for k in 0..nbufs {
+            fe.post_rx_buffer(k as u64);
+        }
+        // The guest kicked after filling the ring; the eventfd holds that kick for the backend.
+        fe.rx.kick.write(1).map_err(err("RX kick"))?;
+
+        // --- activate (CH: setup_vhost_user) ---
+        fe.vu.set_features(backend_acked).map_err(err("SET_FEATURES"))?;
+        fe.handshake_log.push(format!("SET_FEATURES {backend_acked:#x}"));
+        let regions = fe.mem.region_infos();
+        if opts.use_mem_slots
+            && acked_protocol_features.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+        {
+            for r in &regions {
+                fe.vu.add_mem_region(r).map_err(err("ADD_MEM_REG"))?;
+                fe.handshake_log.push(format!(
+                    "ADD_MEM_REG gpa={:#x} size={:#x}",
+                    r.guest_phys_addr, r.memory_size
+                ));
+            }
+        } else {
+            fe.vu.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
+            fe.handshake_log.push(format!("SET_MEM_TABLE {} regions", regions.len()));
+        }
+        for q in [RX_QUEUE, TX_QUEUE] {
+            fe.vu.set_vring_num(q, qs).map_err(err("SET_VRING_NUM"))?;
+        }
+        for q in [RX_QUEUE, TX_QUEUE] {
+            let (cfg, call, kick) = {
+                let vq = if q == RX_QUEUE { &fe.rx } else { &fe.tx };
+                (vq.config_data(&fe.mem), &vq.call, &vq.kick)
+            };
+            fe.vu.set_vring_addr(q, &cfg).map_err(err("SET_VRING_ADDR"))?;
+            fe.vu.set_vring_base(q, 0).map_err(err("SET_VRING_BASE"))?;
+            fe.vu.set_vring_call(q, call).map_err(err("SET_VRING_CALL"))?;
+            fe.vu.set_vring_kick(q, kick).map_err(err("SET_VRING_KICK"))?;
+            fe.handshake_log.push(format!("vring {q}: NUM {qs} ADDR BASE 0 CALL KICK"));
+        }
+        if backend_acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            for q in [RX_QUEUE, TX_QUEUE] {
+                fe.vu.set_vring_enable(q, true).map_err(err("SET_VRING_ENABLE"))?;
+            }
+            fe.handshake_log.push("SET_VRING_ENABLE 0,1".to_string());
+        }
+        Ok(fe)
+    }
+
+    pub fn mrg_rxbuf(&self) -> bool {
+        self.backend_acked & VIRTIO_NET_F_MRG_RXBUF != 0
+    }
+
+    pub fn hdr_len(&self) -> usize {
+        if self.backend_acked & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        }
+    }
+
+    /// The MAC the guest should use: config space if available, else the fallback.
+    pub fn guest_mac(&self) -> [u8; 6] {
+        match self.config {
+            Some(c) => c.mac,
+            None => self.opts.fallback_mac,
+        }
+    }
+
+    /// MTU from config space (if MTU was negotiated), else 1500.
+    pub fn mtu(&self) -> u16 {
+        match self.config {
+            Some(c) if self.acked_features & VIRTIO_NET_F_MTU != 0 && c.mtu != 0 => c.mtu,
+            _ => 1500,
+        }
+    }
+
+    // ---- RX ------------------------------------------------------------------------------------
+
+    fn rx_buf_addr(&self, tag: u64, part: u16) -> GuestAddress {
+        let per = self.opts.rx_descs_per_buf as u64 * self.opts.rx_buf_size as u64;
+        self.rx_area.unchecked_add(tag * per + part as u64 * self.opts.rx_buf_size as u64)
+    }
+
+    fn post_rx_buffer(&mut self, tag: u64) {
+        let segs: Vec<Seg> = (0..self.opts.rx_descs_per_buf)
+            .map(|p| Seg { addr: self.rx_buf_addr(tag, p), len: self.opts.rx_buf_size, write: true })
+            .collect();
+        // Poison the buffer so stale bytes cannot pass for data.
+        for s in &segs {
+            self.mem.fill(s.addr, s.len as usize, 0xee);
+        }
+        self.rx.add_chain(&segs, tag).expect("RX ring has room for a reposted buffer");
+    }
+
+    /// Copies out the `len` bytes the device wrote into RX buffer `tag`.
+    fn read_rx_buffer(&self, tag: u64, len: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len as usize);
+        let mut left = len as usize;
+        let mut p = 0;
+        while left > 0 {
+            let n = left.min(self.opts.rx_buf_size as usize);
+            out.extend(self.mem.read(self.rx_buf_addr(tag, p), n));
+            left -= n;
+            p += 1;
+        }
+        out
+    }
+
+    /// Moves every complete frame from the RX used ring to the pending queue, reposting buffers.
+    /// Returns the number of frames moved.
+    pub fn poll_rx(&mut self) -> usize {
+        let hl = self.hdr_len();
+        let mut frames = 0;
+        let mut reposted = false;
+        while let Some((e, fl)) = self.rx.pop_used() {
+            self.stats.rx_buffers_used += 1;
+            assert!(
+                e.len as usize >= hl,
+                "device bug: RX used len {} shorter than the {}-byte header",
+                e.len,
+                hl
+            );
+            let data = self.read_rx_buffer(fl.tag, e.len);
+            self.post_rx_buffer(fl.tag);
+            reposted = true;
+            let hdr = NetHdr::parse(&data[..hl]);
+            let nbuf = if self.mrg_rxbuf() { hdr.num_buffers } else { 1 };
+            assert!(nbuf >= 1, "device bug: num_buffers 0 in RX header {hdr:?}");
+            if hdr.gso_type != 0 {
+                self.stats.rx_nonzero_gso += 1;
+            }
+            let mut frame = data[hl..].to_vec();
+            for k in 1..nbuf {
+                if self.rx.used_pending() == 0 {
+                    // A guest (Linux) would drop the frame here ("rx error: buffers missing").
+                    self.stats.rx_partial_merge += 1;
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while self.rx.used_pending() == 0 {
+                        assert!(
+                            Instant::now() < deadline,
+                            "device bug: frame announced {nbuf} buffers, only {k} arrived"
+                        );
+                        std::thread::yield_now();
+                    }
+                }
+                let (e2, fl2) = self.rx.pop_used().unwrap();
+                self.stats.rx_buffers_used += 1;
+                frame.extend(self.read_rx_buffer(fl2.tag, e2.len));
+                self.post_rx_buffer(fl2.tag);
+            }
+            if nbuf > 1 {
+                self.stats.rx_merged_frames += 1;
+            }
+            self.stats.rx_frames += 1;
+            self.last_rx_hdr = Some(hdr);
+            self.rx_pending.push_back((hdr, frame));
+            frames += 1;
+        }
+        if reposted {
+            self.rx.kick_if_needed();
+        }
+        frames
+    }
+
+    /// Next received frame (without the virtio-net header) if one is already there.
+    pub fn try_recv_frame(&mut self) -> Option<Vec<u8>> {
+        self.try_recv_frame_hdr().map(|(_, f)| f)
+    }
+
+    pub fn try_recv_frame_hdr(&mut self) -> Option<(NetHdr, Vec<u8>)> {
+        if self.rx_pending.is_empty() {
+            self.poll_rx();
+        }
+        self.rx_pending.pop_front()
+    }
+
+    /// Waits (on the call eventfds) until a frame arrives or `deadline` passes.
+    pub fn recv_frame(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        loop {
+            self.reclaim_tx();
+            if let Some(f) = self.try_recv_frame() {
+                return Some(f);
+            }
+            if !self.wait(Some(deadline)) && Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Receives frames until `pred` accepts one (others are dropped) or the deadline passes.
+    pub fn recv_matching(
+        &mut self,
+        deadline: Instant,
+        mut pred: impl FnMut(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        while let Some(f) = self.recv_frame(deadline) {
+            if pred(&f) {
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    /// Frames already pulled off the ring but not consumed.
+    pub fn pending_frames(&self) -> usize {
+        self.rx_pending.len()
+    }
+
+    // ---- waiting ---------------------------------------------------------------------------------
+
+    /// Enables calls on both queues and blocks in poll(2) on their call eventfds until one fires
+    /// or `deadline` passes (None = forever). Returns true if there may be work (a call fired or
+    /// used entries were already pending).
+    pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
+        let pending_rx = self.rx.enable_calls();
+        let pending_tx = self.tx.enable_calls();
+        // Frames already pulled off the ring only count as work if they could be answered.
+        let frames_ready = !self.rx_pending.is_empty()
+            && self.tx.num_free() >= self.tx_descs_needed(self.mtu() as usize + 14);
+        if pending_rx || pending_tx || frames_ready {
+            return true;
+        }
+        let timeout_ms: i32 = match deadline {
+            None => -1,
+            Some(d) => {
+                let now = Instant::now();
+                if d <= now {
+                    return false;
+                }
+                // Round up so a sub-millisecond remainder does not spin.
+                let us = (d - now).as_micros();
+                us.div_ceil(1000).min(i32::MAX as u128) as i32
+            }
+        };
+        let mut fds = vec![
+            libc::pollfd { fd: self.rx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.tx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        for &fd in &self.extra_wait_fds {
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll: {e}");
+            return true;
+        }
+        if self.rx.drain_call() > 0 {
+            self.stats.calls_seen += 1;
+        }
+        if self.tx.drain_call() > 0 {
+            self.stats.calls_seen += 1;
+        }
+        r > 0
+    }
+
+    /// Extra fds a caller may want to poll together with the call eventfds.
+    pub fn call_fds(&self) -> [i32; 2] {
+        [self.rx.call.as_raw_fd(), self.tx.call.as_raw_fd()]
+    }
+
+    // ---- TX ------------------------------------------------------------------------------------
+
+    /// Frees TX chains the device has consumed. Returns how many came back.
+    pub fn reclaim_tx(&mut self) -> usize {
+        let mut n = 0;
+        while let Some((_, fl)) = self.tx.pop_used() {
+            if fl.tag & TAG_BAD != 0 {
+                self.stats.tx_bad_chains_returned += 1;
+            } else {
+                self.stats.tx_completed += 1;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    fn tx_descs_needed(&self, frame_len: usize) -> usize {
+        let c = self.opts.tx_chunk as usize;
+        if self.opts.tx_split_header {
+            1 + frame_len.div_ceil(c).max(1)
+        } else {
+            (NET_HDR_LEN + frame_len).div_ceil(c)
+        }
+    }
+
+    /// Is there room in the TX ring for a frame of `frame_len` bytes (after reclaiming)?
+    pub fn tx_has_room(&mut self, frame_len: usize) -> bool {
+        self.reclaim_tx();
+        self.tx.num_free() >= self.tx_descs_needed(frame_len)
+    }
+
+    /// Queues one frame (header prepended) if the ring has room; kicks as the device asks.
+    pub fn try_send_frame(&mut self, frame: &[u8]) -> bool {
+        let mut hdr = [0u8; NET_HDR_LEN];
+        let hl = self.hdr_len();
+        if !self.tx_has_room(frame.len()) {
+            return false;
+        }
+        hdr[10] = 0; // num_buffers is unused on TX
+        self.publish_tx(&hdr[..hl], frame, 0);
+        self.stats.tx_frames += 1;
+        self.tx.kick_if_needed();
+        true
+    }
+
+    /// Queues one frame, waiting up to 5 s for room in the TX ring. Panics if there never is.
+    pub fn send_frame(&mut self, frame: &[u8]) {
+        let needed = self.tx_descs_needed(frame.len());
+        assert!(
+            needed <= self.opts.queue_size as usize,
+            "frame of {} bytes needs {needed} descriptors, ring has {}",
+            frame.len(),
+            self.opts.queue_size
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.try_send_frame(frame) {
+            if !self.wait(Some(deadline)) && Instant::now() >= deadline {
+                panic!(
+                    "TX ring stayed full for 5 s ({} in flight): the device does not consume TX",
+                    self.tx.num_in_flight()
+                );
+            }
+        }
+    }
+
+    /// Writes header + frame into TX chunks of freshly allocated descriptors and publishes.
+    fn publish_tx(&mut self, hdr: &[u8], frame: &[u8], tag: u64) -> u16 {
+        let c = self.opts.tx_chunk as usize;
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        if self.opts.tx_split_header {
+            pieces.push(hdr.to_vec());
+            if frame.is_empty() {
+                // keep at least one data descriptor shape consistent with tx_descs_needed
+                pieces.push(Vec::new());
+            }
+            for ch in frame.chunks(c) {
+                pieces.push(ch.to_vec());
+            }
+        } else {
+            let mut all = hdr.to_vec();
+            all.extend_from_slice(frame);
+            for ch in all.chunks(c) {
+                pieces.push(ch.to_vec());
+            }
+        }
+        let ids = self.tx.alloc_descs(pieces.len()).expect("checked room");
+        for (k, (p, &id)) in pieces.iter().zip(&ids).enumerate() {
+            let addr = self.tx_area.unchecked_add(id as u64 * c as u64);
+            self.mem.write(addr, p);
+            let last = k + 1 == ids.len();
+            self.tx.write_desc(
+                id,
+                Desc {
+                    addr: addr.raw_value(),
+                    len: p.len() as u32,
+                    flags: if last { 0 } else { VIRTQ_DESC_F_NEXT },
+                    next: if last { 0 } else { ids[k + 1] },
+                },
+            );
+        }
+        self.tx.publish_raw(ids, 0, tag)
+    }
+
+    /// Sends raw bytes as the *whole* chain content (no header added): for frames whose
+    /// virtio-net header is itself wrong.
+    pub fn send_raw_chain_bytes(&mut self, bytes: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.tx_has_room(bytes.len().saturating_sub(NET_HDR_LEN)) {
+            if !self.wait(Some(deadline)) && Instant::now() >= deadline {
+                panic!("TX ring stayed full for 5 s");
+            }
+        }
+        let hl = bytes.len().min(self.hdr_len());
+        self.publish_tx(&bytes[..hl], &bytes[hl..], TAG_BAD);
+        self.stats.tx_bad_chains_sent += 1;
+        self.tx.kick_if_needed();
+    }
+
+    /// Publishes a malformed TX chain of the given shape and kicks. The device should count and
+    /// drop it (and ideally still return it in the used ring).
+    pub fn send_bad_chain(&mut self, kind: BadChain) {
+        let frame = super::frames::garbage_ethernet(self.guest_mac(), 60);
+        self.send_bad_chain_carrying(kind, &frame);
+    }
+
+    /// Chain shapes that can carry a complete frame in their readable part; if the device
+    /// delivered such a frame it would have used a chain it should have dropped.
+    pub const CARRYING: [BadChain; 7] = [
+        BadChain::StraddlesEnd,
+        BadChain::Loop,
+        BadChain::SelfLoop,
+        BadChain::NextOutOfRange,
+        BadChain::WriteOnlyOnTx,
+        BadChain::IndirectBadLen,
+        BadChain::HugeLength,
+    ];
+
+    /// Like [`send_bad_chain`](Self::send_bad_chain), with `frame` (header prepended) as the
+    /// bytes of the chain's first (readable) buffer where the shape allows it.
+    pub fn send_bad_chain_carrying(&mut self, kind: BadChain, frame: &[u8]) {
+        self.reclaim_tx();
+        let qs = self.opts.queue_size;
+        let end = self.mem.end().raw_value();
+        let good = self.scratch;
+        let mut bytes = vec![0u8; self.hdr_len()];
+        bytes.extend_from_slice(frame);
+        let blen = bytes.len() as u32;
+        assert!(bytes.len() <= 32 << 10, "frame too large for the scratch area");
+        self.mem.write(good, &bytes);
+        let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+        let need = match kind {
+            BadChain::Loop | BadChain::HugeLength => 2,
+            _ => 1,
+        };
+        let ids = self.tx.alloc_descs(need).expect("free TX descriptors for a bad chain");
+        let g = good.raw_value();
+        match kind {
+            BadChain::OutsideMemory => {
+                self.tx.write_desc(ids[0], d(end + (1 << 30), 1500, 0, 0));
+            }
+            BadChain::StraddlesEnd => {
+                // The frame sits in the last bytes of guest memory; the buffer runs past the end.
+                let at = end - 512;
+                assert!(blen <= 512, "frame too large for StraddlesEnd");
+                self.mem.write(GuestAddress(at), &bytes);
+                self.tx.write_desc(ids[0], d(at, 4096, 0, 0));
+            }
+            BadChain::Loop => {
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx.write_desc(ids[1], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
+            }
+            BadChain::SelfLoop => {
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
+            }
+            BadChain::TooShort => {
+                self.tx.write_desc(ids[0], d(g, 4, 0, 0));
+            }
+            BadChain::ZeroLength => {
+                self.tx.write_desc(ids[0], d(g, 0, 0, 0));
+            }
+            BadChain::HeaderOnly => {
+                self.tx.write_desc(ids[0], d(g, self.hdr_len() as u32, 0, 0));
+            }
+            BadChain::NextOutOfRange => {
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, qs + 7));
+            }
+            BadChain::WriteOnlyOnTx => {
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_WRITE, 0));
+            }
+            BadChain::IndirectOutside => {
+                self.tx.write_desc(
+                    ids[0],
+                    d(end + (1 << 20), 32, super::virtq::VIRTQ_DESC_F_INDIRECT, 0),
+                );
+            }
+            BadChain::IndirectBadLen => {
+                // A valid first entry pointing at the frame, but a table length that is not a
+                // multiple of 16.
+                let table = self.scratch.unchecked_add(64 << 10);
+                let mut t = vec![0u8; 32];
+                t[0..8].copy_from_slice(&g.to_le_bytes());
+                t[8..12].copy_from_slice(&blen.to_le_bytes());
+                self.mem.write(table, &t);
+                self.tx.write_desc(
+                    ids[0],
+                    d(table.raw_value(), 17, super::virtq::VIRTQ_DESC_F_INDIRECT, 0),
+                );
+            }
+            BadChain::HugeLength => {
+                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx.write_desc(ids[1], d(g, 0xffff_fff0, 0, 0));
+            }
+        }
+        self.tx.publish_raw(ids, 0, TAG_BAD);
+        self.stats.tx_bad_chains_sent += 1;
+        self.tx.kick_if_needed();
+    }
+
+    /// Waits until every TX chain we published came back (or the deadline passes). Returns
+    /// true if the TX ring is empty of in-flight chains.
+    pub fn wait_tx_drained(&mut self, deadline: Instant) -> bool {
+        loop {
+            self.reclaim_tx();
+            if self.tx.num_in_flight() == 0 {
+                return true;
+            }
+            if !self.wait(Some(deadline)) && Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Stops the device the way QEMU does on VM stop: disable and fetch each vring's base.
+    pub fn stop(&mut self) -> Result<(u32, u32), String> {
+        for q in [RX_QUEUE, TX_QUEUE] {
+            self.vu.set_vring_enable(q, false).map_err(err("SET_VRING_ENABLE false"))?;
+        }
+        let rx = self.vu.get_vring_base(RX_QUEUE).map_err(err("GET_VRING_BASE 0"))?;
+        let tx = self.vu.get_vring_base(TX_QUEUE).map_err(err("GET_VRING_BASE 1"))?;
+        Ok((rx, tx))
+    }
+
+    /// Closes the vhost-user connection (the VMM went away).
+    pub fn disconnect(self) {
+        drop(self);
+    }
+}

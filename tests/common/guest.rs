@@ -1,0 +1,617 @@
+//! A guest-side smoltcp 0.14 stack over the [`Frontend`]: what a guest kernel would do with the
+//! virtio-net device, for DHCP, ARP, ping, TCP and UDP through netfence.
+//!
+//! Everything is driven by [`Guest::poll_until`]: poll the interface, test a condition, and if
+//! it does not hold yet, block on the call eventfds for at most what `iface.poll_delay` says
+//! (bounded by the caller's deadline). There are no sleeps.
+//!
+//! Raw-frame helpers ([`Guest::raw_exchange`]) send a hand-built frame and wait for a matching
+//! reply; other frames that arrive meanwhile are kept and handed to smoltcp afterwards.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{dhcpv4, icmp, tcp, udp};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress,
+    IpCidr, IpEndpoint, Ipv4Cidr,
+};
+
+use super::frontend::Frontend;
+
+/// The smoltcp `Device` over the frontend's queues.
+pub struct GuestDevice {
+    pub fe: Frontend,
+    /// Ethernet frame size limit (MTU + 14).
+    pub frame_mtu: usize,
+    /// Frames set aside by raw helpers, delivered to smoltcp before new ones.
+    pub stash: VecDeque<Vec<u8>>,
+    /// Keep a copy of every frame in both directions (for debugging failed tests).
+    pub capture: Option<Vec<(bool, Vec<u8>)>>,
+    pub tx_dropped: u64,
+}
+
+pub struct RxTok(Vec<u8>);
+
+pub struct TxTok<'a> {
+    dev: &'a mut GuestDevice,
+}
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        if let Some(c) = self.dev.capture.as_mut() {
+            c.push((true, buf.clone()));
+        }
+        if !self.dev.fe.try_send_frame(&buf) {
+            self.dev.tx_dropped += 1;
+        }
+        r
+    }
+}
+
+impl GuestDevice {
+    fn next_frame(&mut self) -> Option<Vec<u8>> {
+        let f = match self.stash.pop_front() {
+            Some(f) => f,
+            None => self.fe.try_recv_frame()?,
+        };
+        if let Some(c) = self.capture.as_mut() {
+            c.push((false, f.clone()));
+        }
+        Some(f)
+    }
+}
+
+impl Device for GuestDevice {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(&mut self, _ts: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
+        // Only take a frame when a reply could be sent; otherwise leave it queued.
+        if !self.fe.tx_has_room(self.frame_mtu) {
+            return None;
+        }
+        let f = self.next_frame()?;
+        Some((RxTok(f), TxTok { dev: self }))
+    }
+
+    fn transmit(&mut self, _ts: SmolInstant) -> Option<TxTok<'_>> {
+        if self.fe.tx_has_room(self.frame_mtu) {
+            Some(TxTok { dev: self })
+        } else {
+            None
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.frame_mtu;
+        caps.max_burst_size = None;
+        // Compute and verify every checksum: netfence offers no checksum offload.
+        caps.checksum = ChecksumCapabilities::default();
+        caps
+    }
+}
+
+/// What DHCP gave us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub address: Ipv4Cidr,
+    pub router: Option<Ipv4Addr>,
+    pub dns_servers: Vec<Ipv4Addr>,
+    pub server: Ipv4Addr,
+    pub subnet_mask: Option<Ipv4Addr>,
+    pub mtu: Option<u16>,
+    pub lease_time: Option<u32>,
+    /// Every option of the ACK as (code, data).
+    pub options: Vec<(u8, Vec<u8>)>,
+}
+
+/// Why a TCP connect did not reach Established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The socket went back to Closed: an RST answered the SYN.
+    Reset { after: Duration },
+    /// Still not established at the deadline (state at that time).
+    Timeout(tcp::State),
+}
+
+pub struct Guest {
+    pub dev: GuestDevice,
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    pub mac: [u8; 6],
+    pub lease: Option<Lease>,
+    next_port: u16,
+}
+
+/// Default TCP socket buffer sizes (both directions).
+pub const TCP_BUF: usize = 256 * 1024;
+
+fn smol_now() -> SmolInstant {
+    SmolInstant::now()
+}
+
+impl Guest {
+    pub fn new(fe: Frontend) -> Guest {
+        let mac = fe.guest_mac();
+        let frame_mtu = fe.mtu() as usize + 14;
+        let mut dev = GuestDevice { fe, frame_mtu, stash: VecDeque::new(), capture: None, tx_dropped: 0 };
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7);
+        let iface = Interface::new(config, &mut dev, smol_now());
+        Guest {
+            dev,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            mac,
+            lease: None,
+            next_port: 49152 + (std::process::id() % 1000) as u16,
+        }
+    }
+
+    pub fn fe(&mut self) -> &mut Frontend {
+        &mut self.dev.fe
+    }
+
+    /// Our IPv4 address (after DHCP or `set_address`).
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.lease.as_ref().map(|l| l.address.address())
+    }
+
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.lease.as_ref().and_then(|l| l.router)
+    }
+
+    /// One interface poll.
+    pub fn poll(&mut self) {
+        self.iface.poll(smol_now(), &mut self.dev, &mut self.sockets);
+    }
+
+    /// Polls until `f` returns Some or the deadline passes, waiting on the call eventfds in
+    /// between for at most what smoltcp's timers allow.
+    pub fn poll_until<T>(
+        &mut self,
+        deadline: Instant,
+        mut f: impl FnMut(&mut Guest) -> Option<T>,
+    ) -> Option<T> {
+        loop {
+            self.poll();
+            if let Some(x) = f(self) {
+                return Some(x);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let delay = self
+                .iface
+                .poll_delay(smol_now(), &self.sockets)
+                .map(|d| Duration::from_micros(d.total_micros()));
+            if delay == Some(Duration::ZERO) {
+                continue;
+            }
+            let wake = match delay {
+                Some(d) => deadline.min(now + d),
+                None => deadline,
+            };
+            self.dev.fe.wait(Some(wake));
+        }
+    }
+
+    /// Polls for `d`, doing whatever the stack has to do, and then returns.
+    pub fn run_for(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        self.poll_until::<()>(deadline, |_| None);
+    }
+
+    // ---- addressing ----------------------------------------------------------------------------
+
+    /// Runs the smoltcp DHCP client to completion and configures the interface with the lease.
+    pub fn dhcp(&mut self, timeout: Duration) -> Result<Lease, String> {
+        let mut sock = dhcpv4::Socket::new();
+        let pkt_buf: &'static mut [u8] = Box::leak(vec![0u8; 1500].into_boxed_slice());
+        sock.set_receive_packet_buffer(pkt_buf);
+        sock.set_parameter_request_list(&[1, 3, 6, 26, 51]);
+        let h = self.sockets.add(sock);
+        let deadline = Instant::now() + timeout;
+        let lease = self.poll_until(deadline, |g| {
+            let s = g.sockets.get_mut::<dhcpv4::Socket>(h);
+            match s.poll() {
+                Some(dhcpv4::Event::Configured(cfg)) => Some(lease_from(&cfg)),
+                _ => None,
+            }
+        });
+        self.sockets.remove(h);
+        let lease = lease.ok_or_else(|| format!("no DHCP lease within {timeout:?}"))?;
+        self.apply_lease(lease.clone());
+        Ok(lease)
+    }
+
+    /// Configures address and default route without DHCP.
+    pub fn set_address(&mut self, cidr: Ipv4Cidr, router: Ipv4Addr) {
+        self.apply_lease(Lease {
+            address: cidr,
+            router: Some(router),
+            dns_servers: vec![],
+            server: router,
+            subnet_mask: None,
+            mtu: None,
+            lease_time: None,
+            options: vec![],
+        });
+    }
+
+    fn apply_lease(&mut self, lease: Lease) {
+        self.iface.update_ip_addrs(|addrs| {
+            addrs.clear();
+            addrs.push(IpCidr::Ipv4(lease.address)).unwrap();
+        });
+        if let Some(r) = lease.router {
+            self.iface.routes_mut().add_default_ipv4_route(r).unwrap();
+        } else {
+            self.iface.routes_mut().remove_default_ipv4_route();
+        }
+        self.lease = Some(lease);
+    }
+
+    pub fn next_port(&mut self) -> u16 {
+        self.next_port = if self.next_port >= 65000 { 49152 } else { self.next_port + 1 };
+        self.next_port
+    }
+
+    // ---- ICMP ----------------------------------------------------------------------------------
+
+    /// Sends one echo request to `dst` and waits for the matching reply; returns the RTT.
+    pub fn ping(&mut self, dst: Ipv4Addr, timeout: Duration) -> Result<Duration, String> {
+        let ident = self.next_port();
+        let mut sock = icmp::Socket::new(
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
+        );
+        sock.bind(icmp::Endpoint::Ident(ident)).map_err(|e| format!("{e:?}"))?;
+        let h = self.sockets.add(sock);
+        let data: Vec<u8> = (0..56u8).collect();
+        let seq = 1u16;
+        let caps = ChecksumCapabilities::default();
+        let start = Instant::now();
+        {
+            let repr = Icmpv4Repr::EchoRequest { ident, seq_no: seq, data: &data };
+            let s = self.sockets.get_mut::<icmp::Socket>(h);
+            let buf = s.send(repr.buffer_len(), IpAddress::Ipv4(dst)).map_err(|e| format!("{e:?}"))?;
+            repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+        }
+        let deadline = start + timeout;
+        let r = self.poll_until(deadline, |g| {
+            let s = g.sockets.get_mut::<icmp::Socket>(h);
+            while s.can_recv() {
+                let mut buf = [0u8; 2048];
+                let (n, from) = s.recv_slice(&mut buf).ok()?;
+                if from != IpAddress::Ipv4(dst) {
+                    continue;
+                }
+                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else { continue };
+                if let Ok(Icmpv4Repr::EchoReply { ident: i, seq_no, data: d }) =
+                    Icmpv4Repr::parse(&pkt, &caps)
+                {
+                    if i == ident && seq_no == seq {
+                        return Some(d == &data[..]);
+                    }
+                }
+            }
+            None
+        });
+        self.sockets.remove(h);
+        match r {
+            Some(true) => Ok(start.elapsed()),
+            Some(false) => Err("echo reply with different data".into()),
+            None => Err(format!("no echo reply from {dst} within {timeout:?}")),
+        }
+    }
+
+    // ---- raw frames ----------------------------------------------------------------------------
+
+    /// Sends `frame` as is and waits for a frame `pred` accepts. Frames that do not match are
+    /// kept for smoltcp. The interface is not polled meanwhile.
+    pub fn raw_exchange(
+        &mut self,
+        frame: &[u8],
+        deadline: Instant,
+        pred: impl FnMut(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        self.dev.fe.send_frame(frame);
+        self.raw_wait(deadline, pred)
+    }
+
+    /// Waits for a frame `pred` accepts (others are stashed for smoltcp).
+    pub fn raw_wait(&mut self, deadline: Instant, mut pred: impl FnMut(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let mut kept = Vec::new();
+        let found = loop {
+            match self.dev.fe.recv_frame(deadline) {
+                Some(f) if pred(&f) => break Some(f),
+                Some(f) => kept.push(f),
+                None => break None,
+            }
+        };
+        self.dev.stash.extend(kept);
+        found
+    }
+
+    /// Collects every frame arriving until the deadline (none are given to smoltcp).
+    pub fn raw_collect(&mut self, deadline: Instant) -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = self.dev.stash.drain(..).collect();
+        while let Some(f) = self.dev.fe.recv_frame(deadline) {
+            v.push(f);
+        }
+        v
+    }
+
+    /// ARP who-has `target` sent by hand; returns the reply.
+    pub fn arp_raw(&mut self, target: Ipv4Addr, timeout: Duration) -> Option<super::frames::ArpInfo> {
+        let src_ip = self.ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let req = super::frames::arp_request(self.mac, src_ip, target);
+        let mac = self.mac;
+        let f = self.raw_exchange(&req, Instant::now() + timeout, |f| {
+            super::frames::parse_arp(f)
+                .map(|a| !a.request && a.sender_ip == target && a.target_mac == mac)
+                .unwrap_or(false)
+        })?;
+        super::frames::parse_arp(&f)
+    }
+
+    // ---- TCP -----------------------------------------------------------------------------------
+
+    pub fn tcp_socket(&mut self, rx: usize, tx: usize) -> SocketHandle {
+        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; rx]), tcp::SocketBuffer::new(vec![0u8; tx]));
+        self.sockets.add(s)
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Starts a connection without waiting (for raw observation of the handshake).
+    pub fn tcp_start(&mut self, dst: Ipv4Addr, port: u16) -> SocketHandle {
+        let h = self.tcp_socket(TCP_BUF, TCP_BUF);
+        let local = self.next_port();
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, IpEndpoint::new(IpAddress::Ipv4(dst), port), local)
+            .expect("tcp connect");
+        h
+    }
+
+    /// Connects and waits for Established (or an RST, or the deadline).
+    pub fn tcp_connect(
+        &mut self,
+        dst: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<SocketHandle, ConnectError> {
+        let start = Instant::now();
+        let h = self.tcp_start(dst, port);
+        let r = self.poll_until(start + timeout, |g| match g.tcp(h).state() {
+            tcp::State::Established => Some(Ok(())),
+            tcp::State::Closed => Some(Err(())),
+            _ => None,
+        });
+        match r {
+            Some(Ok(())) => Ok(h),
+            Some(Err(())) => {
+                self.sockets.remove(h);
+                Err(ConnectError::Reset { after: start.elapsed() })
+            }
+            None => {
+                let st = self.tcp(h).state();
+                self.tcp(h).abort();
+                self.poll();
+                self.sockets.remove(h);
+                Err(ConnectError::Timeout(st))
+            }
+        }
+    }
+
+    /// Queues all of `data` (waiting for window as needed). Does not wait for ACKs.
+    pub fn tcp_send_all(&mut self, h: SocketHandle, data: &[u8], deadline: Instant) -> Result<(), String> {
+        let mut off = 0;
+        self.poll_until(deadline, |g| {
+            let s = g.tcp(h);
+            if !s.may_send() {
+                return Some(());
+            }
+            if s.can_send() {
+                off += s.send_slice(&data[off..]).unwrap_or(0);
+            }
+            (off == data.len()).then_some(())
+        });
+        if off == data.len() {
+            Ok(())
+        } else {
+            Err(format!("sent {off} of {} bytes (state {})", data.len(), self.tcp(h).state()))
+        }
+    }
+
+    /// Waits until everything queued has been acknowledged.
+    pub fn tcp_flush(&mut self, h: SocketHandle, deadline: Instant) -> bool {
+        self.poll_until(deadline, |g| (g.tcp(h).send_queue() == 0).then_some(())).is_some()
+    }
+
+    /// Reads exactly `n` bytes.
+    pub fn tcp_recv_exact(&mut self, h: SocketHandle, n: usize, deadline: Instant) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(n);
+        self.poll_until(deadline, |g| {
+            let s = g.tcp(h);
+            while s.can_recv() && out.len() < n {
+                let want = n - out.len();
+                let _ = s.recv(|b| {
+                    let k = b.len().min(want);
+                    out.extend_from_slice(&b[..k]);
+                    (k, ())
+                });
+            }
+            (out.len() == n || !s.may_recv()).then_some(())
+        });
+        if out.len() == n {
+            Ok(out)
+        } else {
+            Err(format!("received {} of {n} bytes (state {})", out.len(), self.tcp(h).state()))
+        }
+    }
+
+    /// Reads until the peer's FIN (or RST). Returns the bytes and whether it ended with a FIN.
+    pub fn tcp_recv_to_eof(&mut self, h: SocketHandle, deadline: Instant) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let done = self.poll_until(deadline, |g| {
+            let s = g.tcp(h);
+            while s.can_recv() {
+                let _ = s.recv(|b| {
+                    out.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            }
+            (!s.may_recv()).then_some(())
+        });
+        let st = self.tcp(h).state();
+        let fin = done.is_some() && st != tcp::State::Closed;
+        (out, fin)
+    }
+
+    /// Sends `data`, closes our side after it (FIN) if `close`, and reads until the peer's FIN,
+    /// both at once (full duplex). Returns what was received.
+    pub fn tcp_transfer(
+        &mut self,
+        h: SocketHandle,
+        data: &[u8],
+        close: bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, String> {
+        let mut off = 0;
+        let mut closed = false;
+        let mut out = Vec::new();
+        let r = self.poll_until(deadline, |g| {
+            let s = g.tcp(h);
+            if s.can_send() && off < data.len() {
+                off += s.send_slice(&data[off..]).unwrap_or(0);
+            }
+            if off == data.len() && close && !closed {
+                s.close();
+                closed = true;
+            }
+            while s.can_recv() {
+                let _ = s.recv(|b| {
+                    out.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            }
+            if s.state() == tcp::State::Closed {
+                return Some(false);
+            }
+            (!s.may_recv() && off == data.len()).then_some(true)
+        });
+        match r {
+            Some(true) => Ok(out),
+            Some(false) => Err(format!(
+                "connection reset after sending {off} of {} and receiving {} bytes",
+                data.len(),
+                out.len()
+            )),
+            None => Err(format!(
+                "timeout: sent {off} of {}, received {} bytes, state {}",
+                data.len(),
+                out.len(),
+                self.tcp(h).state()
+            )),
+        }
+    }
+
+    /// Sends our FIN (half-close: we can still receive).
+    pub fn tcp_shutdown_write(&mut self, h: SocketHandle) {
+        self.tcp(h).close();
+        self.poll();
+    }
+
+    /// Waits until the socket reaches one of `states`.
+    pub fn tcp_wait_state(&mut self, h: SocketHandle, states: &[tcp::State], deadline: Instant) -> Option<tcp::State> {
+        self.poll_until(deadline, |g| {
+            let st = g.tcp(h).state();
+            states.contains(&st).then_some(st)
+        })
+    }
+
+    // ---- UDP -----------------------------------------------------------------------------------
+
+    pub fn udp_bind(&mut self, port: u16) -> SocketHandle {
+        let mut s = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0u8; 128 * 1024]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0u8; 128 * 1024]),
+        );
+        s.bind(port).expect("udp bind");
+        self.sockets.add(s)
+    }
+
+    pub fn udp_send(&mut self, h: SocketHandle, dst: Ipv4Addr, port: u16, data: &[u8]) {
+        self.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(data, IpEndpoint::new(IpAddress::Ipv4(dst), port))
+            .expect("udp send");
+        self.poll();
+    }
+
+    /// Waits for one datagram.
+    pub fn udp_recv(&mut self, h: SocketHandle, deadline: Instant) -> Option<(Vec<u8>, IpEndpoint)> {
+        self.poll_until(deadline, |g| {
+            let s = g.sockets.get_mut::<udp::Socket>(h);
+            if s.can_recv() {
+                let mut buf = vec![0u8; 65536];
+                let (n, meta) = s.recv_slice(&mut buf).ok()?;
+                buf.truncate(n);
+                Some((buf, meta.endpoint))
+            } else {
+                None
+            }
+        })
+    }
+}
+
+fn lease_from(cfg: &dhcpv4::Config<'_>) -> Lease {
+    let mut lease = Lease {
+        address: cfg.address,
+        router: cfg.router,
+        dns_servers: cfg.dns_servers.iter().copied().collect(),
+        server: cfg.server.identifier,
+        subnet_mask: None,
+        mtu: None,
+        lease_time: None,
+        options: vec![],
+    };
+    if let Some(pkt) = &cfg.packet {
+        for o in pkt.options() {
+            lease.options.push((o.kind, o.data.to_vec()));
+            if o.kind == 26 && o.data.len() == 2 {
+                lease.mtu = Some(u16::from_be_bytes([o.data[0], o.data[1]]));
+            }
+        }
+        if let Ok(repr) = DhcpRepr::parse(pkt) {
+            lease.subnet_mask = repr.subnet_mask;
+            lease.lease_time = repr.lease_duration;
+        }
+    }
+    lease
+}

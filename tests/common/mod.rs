@@ -1,0 +1,101 @@
+//! The netfence test harness: a vhost-user frontend with memfd guest memory and a guest-side
+//! smoltcp stack, driving a real netfence process over its socket.
+//!
+//! - [`process`]: spawn netfence, capture its log, wait for log lines (no sleeps).
+//! - [`memory`], [`virtq`]: guest memory and a split virtqueue driver in it.
+//! - [`frontend`]: the vhost-user handshake (as cloud-hypervisor does it), send/receive frames,
+//!   malformed descriptor chains.
+//! - [`guest`]: smoltcp `Device` + helpers for DHCP, ping, TCP, UDP; raw-frame exchange.
+//! - [`frames`]: build and parse single frames with `smoltcp::wire`.
+//! - [`servers`]: loopback TCP/UDP servers for the host side.
+//!
+//! The one network rule: tests only ever reach 127.0.0.0/8. "Public" destinations are
+//! documentation addresses (203.0.113.0/24) that netfence's `--map` sends to loopback servers.
+#![allow(dead_code)]
+
+pub mod frames;
+pub mod frontend;
+pub mod guest;
+pub mod memory;
+pub mod process;
+pub mod servers;
+pub mod virtq;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use frontend::{BadChain, Frontend, FrontendOptions};
+#[allow(unused_imports)]
+pub use guest::{ConnectError, Guest, Lease};
+pub use process::Netfence;
+
+/// Slot 0 addressing (172.16.0.0/30): gateway and guest.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
+/// A documentation-range "public" address tests map to loopback servers.
+pub const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// A private destination the default policy denies.
+pub const PRIVATE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 3);
+
+/// Generous upper bounds; tests finish far sooner when things work.
+pub const SHORT: Duration = Duration::from_secs(5);
+pub const LONG: Duration = Duration::from_secs(60);
+
+pub fn deadline(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+/// A private scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}-{nanos:x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).ok();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Connects a cloud-hypervisor-like frontend to `nf` and wraps it in a guest stack.
+pub fn guest(nf: &Netfence) -> Guest {
+    guest_with(nf, FrontendOptions::default())
+}
+
+pub fn guest_with(nf: &Netfence, opts: FrontendOptions) -> Guest {
+    let fe = Frontend::connect(nf.socket_path(), opts)
+        .unwrap_or_else(|e| panic!("vhost-user handshake failed: {e}\n{}", nf.log_text()));
+    Guest::new(fe)
+}
+
+/// A guest that has its DHCP lease.
+pub fn guest_up(nf: &Netfence) -> Guest {
+    let mut g = guest(nf);
+    if let Err(e) = g.dhcp(SHORT * 2) {
+        panic!("{e}");
+    }
+    g
+}

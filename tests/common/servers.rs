@@ -1,0 +1,213 @@
+//! Loopback servers for the host side of flows. Every server binds 127.0.0.1:0, runs on its own
+//! thread with blocking I/O bounded by timeouts, and reports what happened over a channel.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use std::os::fd::AsRawFd;
+use vmm_sys_util::eventfd::EventFd;
+
+/// I/O timeout of server threads: long enough for slow CI, bounded so nothing hangs forever.
+pub const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A TCP server that echoes every connection until EOF, then closes.
+pub struct TcpEchoServer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpEchoServer {
+    pub fn start() -> TcpEchoServer {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acc, st) = (accepted.clone(), stop.clone());
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut c) = conn else { continue };
+                acc.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    c.set_read_timeout(Some(SERVER_IO_TIMEOUT)).ok();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        TcpEchoServer { addr, accepted, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for TcpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so the thread can exit.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// A one-connection TCP server running `handler` on the accepted stream; the handler's result
+/// comes back through [`OneShotServer::join`].
+pub struct OneShotServer<T> {
+    pub addr: SocketAddr,
+    rx: mpsc::Receiver<Result<T, String>>,
+    /// Written when the handler finished, so a guest poll loop wakes up for it.
+    done: Arc<EventFd>,
+}
+
+impl<T: Send + 'static> OneShotServer<T> {
+    pub fn start(handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotServer<T> {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        let done2 = done.clone();
+        thread::spawn(move || {
+            l.set_nonblocking(false).ok();
+            let r = match accept_with_timeout(&l, SERVER_IO_TIMEOUT) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(SERVER_IO_TIMEOUT)).ok();
+                    s.set_write_timeout(Some(SERVER_IO_TIMEOUT)).ok();
+                    Ok(handler(s))
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(r);
+            let _ = done2.write(1);
+        });
+        OneShotServer { addr, rx, done }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Waits for the handler's result.
+    pub fn join(self, timeout: Duration) -> Result<T, String> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => Err(format!("server did not finish within {timeout:?}")),
+        }
+    }
+
+    /// Waits for the handler's result while keeping the guest stack running (it has to, for
+    /// queued data and FINs to reach the server).
+    pub fn join_polling(self, g: &mut super::Guest, timeout: Duration) -> Result<T, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let fd = self.done.as_raw_fd();
+        g.fe().extra_wait_fds.push(fd);
+        let r = g.poll_until(deadline, |_| self.rx.try_recv().ok());
+        g.fe().extra_wait_fds.retain(|&f| f != fd);
+        match r {
+            Some(r) => r,
+            None => Err(format!("server did not finish within {timeout:?}")),
+        }
+    }
+
+    /// The handler's result if it already finished.
+    pub fn try_join(&self) -> Option<Result<T, String>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// accept(2) bounded by a timeout (poll on the listening socket).
+pub fn accept_with_timeout(l: &TcpListener, timeout: Duration) -> Result<TcpStream, String> {
+    let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if r <= 0 {
+        return Err(format!("no connection within {timeout:?}"));
+    }
+    l.accept().map(|(s, _)| s).map_err(|e| format!("accept: {e}"))
+}
+
+/// Reads until EOF (bounded by the stream's read timeout).
+pub fn read_to_eof(s: &mut TcpStream) -> Result<Vec<u8>, String> {
+    let mut v = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(v),
+            Ok(n) => v.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read after {} bytes: {e}", v.len())),
+        }
+    }
+}
+
+/// A UDP server echoing every datagram back to its sender, counting them.
+pub struct UdpEchoServer {
+    pub addr: SocketAddr,
+    pub received: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEchoServer {
+    pub fn start() -> UdpEchoServer {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let addr = s.local_addr().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        let received = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (rc, st) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::SeqCst) {
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        rc.fetch_add(1, Ordering::SeqCst);
+                        let _ = s.send_to(&buf[..n], from);
+                    }
+                    Err(_) => continue,
+                }
+            }
+        });
+        UdpEchoServer { addr, received, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A loopback port with nothing listening (connecting to it is refused).
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let p = l.local_addr().unwrap().port();
+    drop(l);
+    p
+}
+
+/// Deterministic test data of `n` bytes (different per seed).
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    super::frames::Rng::new(seed).bytes(n)
+}

@@ -1,0 +1,116 @@
+//! The decision point: a denied destination is dropped silently by default, answered with an
+//! RST (TCP) or ICMP unreachable (UDP) with `--reject`, and logged either way.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::frames::{self, parse_icmp, parse_tcp};
+use common::*;
+use smoltcp::socket::tcp::State;
+
+/// How long "no answer" is watched for.
+const SILENCE: Duration = Duration::from_millis(1500);
+
+fn gateway_mac(g: &mut Guest) -> [u8; 6] {
+    g.arp_raw(GATEWAY, SHORT).expect("ARP reply for the gateway").sender_mac
+}
+
+/// Sends one hand-built SYN to `dst:port` and returns every TCP frame of that flow seen
+/// within `watch` (after the first answer, if any, a little more time is not waited).
+fn raw_syn(g: &mut Guest, dst: Ipv4Addr, port: u16, watch: Duration) -> Vec<frames::TcpInfo> {
+    let gw = gateway_mac(g);
+    let sport = g.next_port();
+    let syn = frames::tcp_syn_frame(g.mac, gw, GUEST_IP, dst, sport, port, 0x1000_0000);
+    let end = Instant::now() + watch;
+    let mut seen = Vec::new();
+    g.dev.fe.send_frame(&syn);
+    while let Some(f) = g.raw_wait(end, |f| {
+        parse_tcp(f).map(|t| t.src == dst && t.sport == port && t.dport == sport).unwrap_or(false)
+    }) {
+        seen.push(parse_tcp(&f).unwrap());
+    }
+    seen
+}
+
+#[test]
+fn private_destination_dropped_silently() {
+    let nf = Netfence::spawn::<&str>(&[]);
+    let mut g = guest_up(&nf);
+    let seen = raw_syn(&mut g, PRIVATE_IP, 80, SILENCE);
+    assert!(seen.is_empty(), "denied SYN was answered: {seen:?}");
+    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:80"), SHORT).expect("decision logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+    assert!(!d.reason.is_empty(), "decision without a reason: {}", d.line);
+    // A real client retransmits; the flow stays denied and unanswered.
+    let r = g.tcp_connect(PRIVATE_IP, 80, SILENCE);
+    assert_eq!(r.err(), Some(ConnectError::Timeout(State::SynSent)));
+    // The gateway still works.
+    g.ping(GATEWAY, SHORT).unwrap();
+}
+
+#[test]
+fn private_destination_rejected_with_rst() {
+    let nf = Netfence::spawn(&["--reject"]);
+    let mut g = guest_up(&nf);
+    let seen = raw_syn(&mut g, PRIVATE_IP, 443, SHORT);
+    let rst = seen.first().unwrap_or_else(|| panic!("no answer to a rejected SYN"));
+    assert!(rst.flags.rst, "answer is not an RST: {rst:?}");
+    assert!(!rst.flags.syn, "rejected SYN got a SYN: {rst:?}");
+    assert!(rst.flags.ack && rst.ack == 0x1000_0001, "RST must ACK the SYN: {rst:?}");
+    assert!(rst.checksums_ok, "bad checksum on RST: {rst:?}");
+    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:443"), SHORT).expect("decision logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+    // A smoltcp client sees a reset right away.
+    match g.tcp_connect(PRIVATE_IP, 443, SHORT) {
+        Err(ConnectError::Reset { after }) => assert!(after < Duration::from_secs(1)),
+        other => panic!("expected reset, got {other:?}"),
+    }
+}
+
+#[test]
+fn private_udp_rejected_with_icmp_unreachable() {
+    let nf = Netfence::spawn(&["--reject"]);
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40000, 53, b"denied?");
+    let reply = g
+        .raw_exchange(&f, deadline(SHORT), |f| parse_icmp(f).map(|i| i.msg_type == 3).unwrap_or(false))
+        .expect("no ICMP unreachable for a rejected UDP datagram");
+    let icmp = parse_icmp(&reply).unwrap();
+    assert_eq!(icmp.dst, GUEST_IP);
+    assert!(icmp.checksums_ok);
+    let q = icmp.quoted.expect("ICMP error quotes the datagram");
+    assert_eq!(q, (PRIVATE_IP, 17, 40000, 53));
+}
+
+#[test]
+fn private_udp_dropped_silently() {
+    let nf = Netfence::spawn::<&str>(&[]);
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40001, 53, b"denied?");
+    g.dev.fe.send_frame(&f);
+    let got = g.raw_wait(deadline(SILENCE), |f| {
+        parse_icmp(f).is_some() || frames::parse_udp(f).map(|u| u.src == PRIVATE_IP).unwrap_or(false)
+    });
+    assert!(got.is_none(), "denied UDP was answered: {}", frames::describe(&got.unwrap()));
+    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:53"), SHORT).expect("decision logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+}
+
+/// A public (documentation) destination is allowed by the default policy and logged; an
+/// address-only map sends every port of it to the loopback server.
+#[test]
+fn mapped_public_address_allowed_and_logged() {
+    let echo = servers::TcpEchoServer::start();
+    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}=127.0.0.1:{}", echo.port())]);
+    let mut g = guest_up(&nf);
+    // Address-only map: any port of 203.0.113.7 goes to the echo server's port.
+    let h = g.tcp_connect(PUBLIC_IP, 8443, SHORT).unwrap_or_else(|e| panic!("{e:?}"));
+    g.tcp_send_all(h, b"ping", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(h, 4, deadline(SHORT)).unwrap(), b"ping");
+    let d = nf.wait_for_decision(&format!("{PUBLIC_IP}:8443"), SHORT).expect("decision logged");
+    assert_eq!(d.action, "allow", "{}", d.line);
+}
