@@ -48,7 +48,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    if [ -n "${BENCH_KEEP:-}" ]; then echo "bench-guest.sh: kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -155,12 +155,16 @@ figures() {
         $1 == from { b0 = $2; q0 = $3; f = 1 }
         $1 == to   { b1 = $2; q1 = $3; t = 1 }
         END {
-            n = split(recv, w, " "); mbytes = "n/a"; mbits = "n/a"
-            for (i = 1; i <= n; i++) {
-                if (w[i] == "MBytes") mbytes = w[i - 1]
+            # iperf3 -f m still scales the byte count (KBytes/MBytes/GBytes, powers of 1024)
+            n = split(recv, w, " "); bytes = "n/a"; mbits = "n/a"
+            for (i = 2; i <= n; i++) {
+                if (w[i] == "KBytes") bytes = w[i - 1] * 1024
+                if (w[i] == "MBytes") bytes = w[i - 1] * 1048576
+                if (w[i] == "GBytes") bytes = w[i - 1] * 1073741824
                 if (w[i] == "Mbits/sec") mbits = w[i - 1]
+                if (w[i] == "Gbits/sec") mbits = w[i - 1] * 1000
             }
-            gb = (mbytes == "n/a") ? "n/a" : mbytes * 1048576 / 1e9
+            gb = (bytes == "n/a") ? "n/a" : bytes / 1e9
             bs = (f && t) ? (b1 - b0) / tck : "n/a"
             qs = (f && t) ? (q1 - q0) / tck : "n/a"
             print mbits, gb, bs, qs

@@ -134,6 +134,15 @@ fn start_tftp_server(content: Vec<u8>, hits: Arc<AtomicUsize>) -> u16 {
     port
 }
 
+/// A temporary directory removed when the test ends, whether it passes or panics.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// netfence, its stderr collected line by line by a reader thread.
 struct Netfence {
     child: Child,
@@ -305,10 +314,10 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
     let tftp_hits = Arc::new(AtomicUsize::new(0));
     let tftp_port = start_tftp_server(udp_content.clone().into_bytes(), Arc::clone(&tftp_hits));
 
-    let tmp = std::env::temp_dir().join(format!("netfence-guest-test-{marker}"));
-    std::fs::create_dir_all(&tmp).expect("create temp dir");
-    let socket = tmp.join("netfence.sock");
-    let script_file = tmp.join("guest.sh");
+    let tmp = TempDir(std::env::temp_dir().join(format!("netfence-guest-test-{marker}")));
+    std::fs::create_dir_all(&tmp.0).expect("create temp dir");
+    let socket = tmp.0.join("netfence.sock");
+    let script_file = tmp.0.join("guest.sh");
     std::fs::write(&script_file, guest_script(&marker)).expect("write guest script");
 
     let mut nf = Netfence::start(
@@ -325,7 +334,6 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
     let (console, rc) = boot_guest(&socket, &script_file);
     let boot_secs = started.elapsed().as_secs_f64();
     let log = nf.stop();
-    let _ = std::fs::remove_dir_all(&tmp);
 
     let report = format!(
         "--- guest console ({boot_secs:.1}s, run-guest.sh exit {rc:?}) ---\n{console}\n--- netfence log ---\n{log}\n---"
