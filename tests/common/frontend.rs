@@ -884,6 +884,30 @@ impl Frontend {
         }
     }
 
+    /// One line of ring state, for failure messages.
+    pub fn debug_state(&self) -> String {
+        let q = |v: &SplitQueue| {
+            format!(
+                "avail_idx={} used_idx={} last_used={} in_flight={} avail_event={} used_flags={:#x} kicks={} suppressed={}",
+                v.next_avail,
+                v.used_idx(),
+                v.last_used,
+                v.num_in_flight(),
+                v.avail_event(),
+                v.used_flags(),
+                v.kicks,
+                v.kicks_suppressed
+            )
+        };
+        format!(
+            "RX[{}] TX[{}] pending_frames={} stats={:?}",
+            q(&self.rx),
+            q(&self.tx),
+            self.rx_pending.len(),
+            self.stats
+        )
+    }
+
     /// Stops the device the way QEMU does on VM stop: disable and fetch each vring's base.
     pub fn stop(&mut self) -> Result<(u32, u32), String> {
         for q in [RX_QUEUE, TX_QUEUE] {

@@ -79,7 +79,10 @@ impl Device for GuestDevice {
     type TxToken<'a> = TxTok<'a>;
 
     fn receive(&mut self, _ts: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
-        // Only take a frame when a reply could be sent; otherwise leave it queued.
+        // Like a guest driver's RX path, consume used RX buffers and repost them whatever the
+        // state of TX, so RX never waits on TX.
+        self.fe.poll_rx();
+        // Hand a frame to smoltcp only when a reply could be sent; otherwise it stays queued.
         if !self.fe.tx_has_room(self.frame_mtu) {
             return None;
         }
@@ -533,10 +536,11 @@ impl Guest {
                 out.len()
             )),
             None => Err(format!(
-                "timeout: sent {off} of {}, received {} bytes, state {}",
+                "timeout: sent {off} of {}, received {} bytes, state {}; {}",
                 data.len(),
                 out.len(),
-                self.tcp(h).state()
+                self.tcp(h).state(),
+                self.dev.fe.debug_state()
             )),
         }
     }

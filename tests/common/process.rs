@@ -185,6 +185,15 @@ impl NetfenceBuilder {
             cmd.env(k, v);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // If the test process dies without running Drop (killed, aborted), take netfence along.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().expect("spawn netfence binary");
         let log = Arc::new(SharedLog::default());
         let stderr = child.stderr.take().expect("stderr piped");

@@ -211,3 +211,28 @@ pub fn closed_port() -> u16 {
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     super::frames::Rng::new(seed).bytes(n)
 }
+
+/// Why two byte strings differ (lengths, first differing offset, where the bytes found there
+/// came from), or None if they are equal. For failure messages of byte-exact transfers.
+pub fn mismatch(got: &[u8], want: &[u8]) -> Option<String> {
+    if got == want {
+        return None;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    let mut s = format!("got {} bytes, want {}; first difference at offset {first}", got.len(), want.len());
+    if first < got.len() {
+        let w = &got[first..(first + 32).min(got.len())];
+        match want.windows(w.len()).position(|x| x == w) {
+            Some(p) => s.push_str(&format!("; the bytes received there were sent at offset {p}")),
+            None => s.push_str("; the bytes received there were never sent"),
+        }
+    }
+    if first < want.len() {
+        let w = &want[first..(first + 32).min(want.len())];
+        match got.windows(w.len()).position(|x| x == w) {
+            Some(p) => s.push_str(&format!("; the bytes sent there arrived at offset {p}")),
+            None => s.push_str("; the bytes sent there never arrived"),
+        }
+    }
+    Some(s)
+}
