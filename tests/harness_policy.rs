@@ -114,3 +114,34 @@ fn mapped_public_address_allowed_and_logged() {
     let d = nf.wait_for_decision(&format!("{PUBLIC_IP}:8443"), SHORT).expect("decision logged");
     assert_eq!(d.action, "allow", "{}", d.line);
 }
+
+/// `--max-connections N`: the (N+1)th concurrent connection is denied (here: rejected, so the
+/// guest sees an RST), and a slot frees up when a connection ends.
+#[test]
+fn max_connections_limit() {
+    let echo = servers::TcpEchoServer::start();
+    let nf = Netfence::spawn(&[
+        "--max-connections".to_string(),
+        "2".to_string(),
+        "--reject".to_string(),
+        "--map".to_string(),
+        format!("{PUBLIC_IP}=127.0.0.1:{}", echo.port()),
+    ]);
+    let mut g = guest_up(&nf);
+    let a = g.tcp_connect(PUBLIC_IP, 1001, SHORT).unwrap_or_else(|e| panic!("first: {e:?}"));
+    let _b = g.tcp_connect(PUBLIC_IP, 1002, SHORT).unwrap_or_else(|e| panic!("second: {e:?}"));
+    match g.tcp_connect(PUBLIC_IP, 1003, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!("third connection over the limit of 2: {other:?}"),
+    }
+    let d = nf.wait_for_decision(&format!("{PUBLIC_IP}:1003"), SHORT).expect("decision logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+    // End the first connection cleanly (both FINs), then a new one fits.
+    g.tcp_shutdown_write(a);
+    let (_, fin) = g.tcp_recv_to_eof(a, deadline(SHORT));
+    assert!(fin);
+    let ok = g.poll_until(deadline(SHORT), |g| {
+        g.tcp_connect(PUBLIC_IP, 1004, Duration::from_millis(500)).ok()
+    });
+    assert!(ok.is_some(), "no connection slot freed after a connection closed:\n{}", nf.log_text());
+}
