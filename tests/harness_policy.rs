@@ -34,9 +34,18 @@ fn raw_syn(g: &mut Guest, dst: Ipv4Addr, port: u16, watch: Duration) -> Vec<fram
     seen
 }
 
+/// netfence with the private destination mapped to a tripwire: if the policy wrongly allowed
+/// it, the connection would land on loopback (and be counted), never leave the machine.
+fn netfence_with_tripwire(extra: &[&str]) -> (Netfence, servers::Tripwire) {
+    let trip = servers::Tripwire::start();
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    args.extend(trip.map_args(&[PRIVATE_IP]));
+    (Netfence::spawn(&args), trip)
+}
+
 #[test]
 fn private_destination_dropped_silently() {
-    let nf = Netfence::spawn::<&str>(&[]);
+    let (nf, trip) = netfence_with_tripwire(&[]);
     let mut g = guest_up(&nf);
     let seen = raw_syn(&mut g, PRIVATE_IP, 80, SILENCE);
     assert!(seen.is_empty(), "denied SYN was answered: {seen:?}");
@@ -48,11 +57,12 @@ fn private_destination_dropped_silently() {
     assert_eq!(r.err(), Some(ConnectError::Timeout(State::SynSent)));
     // The gateway still works.
     g.ping(GATEWAY, SHORT).unwrap();
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
 
 #[test]
 fn private_destination_rejected_with_rst() {
-    let nf = Netfence::spawn(&["--reject"]);
+    let (nf, trip) = netfence_with_tripwire(&["--reject"]);
     let mut g = guest_up(&nf);
     let seen = raw_syn(&mut g, PRIVATE_IP, 443, SHORT);
     let rst = seen.first().unwrap_or_else(|| panic!("no answer to a rejected SYN"));
@@ -67,11 +77,12 @@ fn private_destination_rejected_with_rst() {
         Err(ConnectError::Reset { after }) => assert!(after < Duration::from_secs(1)),
         other => panic!("expected reset, got {other:?}"),
     }
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
 
 #[test]
 fn private_udp_rejected_with_icmp_unreachable() {
-    let nf = Netfence::spawn(&["--reject"]);
+    let (nf, trip) = netfence_with_tripwire(&["--reject"]);
     let mut g = guest_up(&nf);
     let gw = gateway_mac(&mut g);
     let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40000, 53, b"denied?");
@@ -83,11 +94,12 @@ fn private_udp_rejected_with_icmp_unreachable() {
     assert!(icmp.checksums_ok);
     let q = icmp.quoted.expect("ICMP error quotes the datagram");
     assert_eq!(q, (PRIVATE_IP, 17, 40000, 53));
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was sent to");
 }
 
 #[test]
 fn private_udp_dropped_silently() {
-    let nf = Netfence::spawn::<&str>(&[]);
+    let (nf, trip) = netfence_with_tripwire(&[]);
     let mut g = guest_up(&nf);
     let gw = gateway_mac(&mut g);
     let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40001, 53, b"denied?");
@@ -98,6 +110,7 @@ fn private_udp_dropped_silently() {
     assert!(got.is_none(), "denied UDP was answered: {}", frames::describe(&got.unwrap()));
     let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:53"), SHORT).expect("decision logged");
     assert_eq!(d.action, "deny", "{}", d.line);
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was sent to");
 }
 
 /// A public (documentation) destination is allowed by the default policy and logged; an

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::frames::{self, Rng};
@@ -59,9 +60,36 @@ fn malformed_descriptor_chains_with_indirect_negotiated() {
     bad_chains(o);
 }
 
+/// Destinations garbage frames may name; all are mapped to a loopback tripwire so that even a
+/// misparsed frame cannot make netfence connect anywhere but loopback.
+const ODD_DESTINATIONS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(224, 0, 0, 1),
+    Ipv4Addr::new(255, 255, 255, 255),
+    Ipv4Addr::new(0, 0, 0, 0),
+];
+
+/// Every flow netfence allowed must have gone to a mapped address or loopback.
+fn assert_only_mapped_allowed(nf: &Netfence, mapped: &[Ipv4Addr]) {
+    for d in nf.decisions() {
+        if d.action != "allow" {
+            continue;
+        }
+        let ip: Ipv4Addr = d.dst.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        assert!(
+            mapped.contains(&ip) || ip.is_loopback() || ip == GATEWAY,
+            "netfence allowed a flow to unmapped {}: {}",
+            d.dst,
+            d.line
+        );
+    }
+}
+
 #[test]
 fn garbage_frames() {
-    let mut nf = Netfence::builder().env("RUST_LOG", "debug").spawn();
+    let trip = servers::Tripwire::start();
+    let mut mapped = vec![PUBLIC_IP];
+    mapped.extend(ODD_DESTINATIONS);
+    let mut nf = Netfence::builder().env("RUST_LOG", "debug").args(&trip.map_args(&mapped)).spawn();
     let mut g = guest_up(&nf);
     let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
     let me = g.mac;
@@ -162,9 +190,15 @@ fn garbage_frames() {
         g.dev.fe.send_frame(f);
     }
     assert_alive(&mut nf, &mut g, "all garbage at once");
+    for d in nf.decisions() {
+        eprintln!("garbage decision: {}", d.line);
+    }
+    assert_only_mapped_allowed(&nf, &mapped);
     let echo = servers::TcpEchoServer::start();
     drop(nf);
-    let mut nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:9=127.0.0.1:{}", echo.port())]);
+    let mut args = trip.map_args(&ODD_DESTINATIONS);
+    args.extend(["--map".to_string(), format!("{PUBLIC_IP}:9=127.0.0.1:{}", echo.port())]);
+    let mut nf = Netfence::spawn(&args);
     let mut g = guest_up(&nf);
     let gw = g.arp_raw(GATEWAY, SHORT).unwrap().sender_mac;
     for (_, f) in &cases {
@@ -178,6 +212,7 @@ fn garbage_frames() {
     g.tcp_send_all(h, b"still fine", deadline(SHORT)).unwrap();
     assert_eq!(g.tcp_recv_exact(h, 10, deadline(SHORT)).unwrap(), b"still fine");
     assert_alive(&mut nf, &mut g, "garbage followed by TCP");
+    assert_only_mapped_allowed(&nf, &mapped);
 }
 
 /// Hundreds of bad chains: if the device did not return them, the TX ring would run dry and
@@ -242,4 +277,60 @@ fn bad_chains_carrying_a_ping_are_not_delivered() {
         delivered.is_empty(),
         "frames from malformed chains were delivered (the gateway answered them): {delivered:?}"
     );
+}
+
+/// A SYN that is malformed at the IP or TCP layer must not open a flow (no decision, no
+/// SYN-ACK, no host connection): netfence would otherwise act on bytes it did not validate.
+#[test]
+fn malformed_syns_open_no_flow() {
+    let trip = servers::Tripwire::start();
+    let nf = Netfence::builder().args(&trip.map_args(&[PUBLIC_IP])).spawn();
+    let mut g = guest_up(&nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    type Corrupt = fn(&mut Vec<u8>);
+    let corruptions: Vec<(&str, Corrupt)> = vec![
+        ("bad IP checksum", |ip| ip[10] ^= 0xff),
+        ("bad TCP checksum", |ip| ip[36] ^= 0xff),
+        ("IP version 6", |ip| ip[0] = 0x65),
+        ("IHL 3", |ip| ip[0] = 0x43),
+        ("IHL 15 beyond the packet", |ip| ip[0] = 0x4f),
+        ("total length beyond the frame", |ip| ip[2..4].copy_from_slice(&4000u16.to_be_bytes())),
+        ("total length below the header", |ip| ip[2..4].copy_from_slice(&10u16.to_be_bytes())),
+        ("TCP data offset 2", |ip| ip[32] = 0x20),
+        ("TCP data offset beyond the segment", |ip| ip[32] = 0xf0),
+        ("first fragment (MF)", |ip| ip[6] = 0x20),
+        ("later fragment (offset 8)", |ip| {
+            ip[6] = 0;
+            ip[7] = 1
+        }),
+    ];
+    let mut opened = Vec::new();
+    for (k, (name, corrupt)) in corruptions.iter().enumerate() {
+        let sport = 41000 + k as u16;
+        let syn = frames::tcp_syn_frame(me, gw, GUEST_IP, PUBLIC_IP, sport, 80, 7);
+        let mut ip = syn[14..].to_vec();
+        corrupt(&mut ip);
+        g.dev.fe.send_frame(&frames::eth(gw, me, 0x0800, &ip));
+        let answer = g.raw_wait(deadline(Duration::from_millis(300)), |f| {
+            frames::parse_tcp(f).map(|t| t.dport == sport).unwrap_or(false)
+        });
+        let decided = nf
+            .decisions()
+            .into_iter()
+            .any(|d| d.line.contains(&format!("src={GUEST_IP}:{sport}")));
+        if answer.is_some() || decided {
+            opened.push(format!(
+                "{name} (decision: {decided}, answer: {})",
+                answer.map(|f| frames::describe(&f)).unwrap_or_else(|| "none".into())
+            ));
+        }
+    }
+    // A well-formed one for contrast: decided and answered.
+    let syn = frames::tcp_syn_frame(me, gw, GUEST_IP, PUBLIC_IP, 41999, 80, 7);
+    let answer = g.raw_exchange(&syn, deadline(SHORT), |f| {
+        frames::parse_tcp(f).map(|t| t.dport == 41999).unwrap_or(false)
+    });
+    assert!(answer.is_some(), "a well-formed SYN to a mapped address got no answer");
+    assert!(opened.is_empty(), "malformed SYNs opened flows: {opened:#?}");
 }

@@ -236,3 +236,70 @@ pub fn mismatch(got: &[u8], want: &[u8]) -> Option<String> {
     }
     Some(s)
 }
+
+/// A loopback TCP listener and UDP socket on the same port that only count what reaches them.
+/// Tests map destinations that must never be reached (denied ones, garbage) to it, so a policy
+/// bug shows up as a count here instead of as traffic leaving the machine.
+pub struct Tripwire {
+    pub port: u16,
+    pub tcp_accepted: Arc<AtomicUsize>,
+    pub udp_received: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tripwire {
+    pub fn start() -> Tripwire {
+        let (l, u) = loop {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind tripwire");
+            let port = l.local_addr().unwrap().port();
+            if let Ok(u) = UdpSocket::bind(("127.0.0.1", port)) {
+                break (l, u);
+            }
+        };
+        let port = l.local_addr().unwrap().port();
+        let tcp_accepted = Arc::new(AtomicUsize::new(0));
+        let udp_received = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, st) = (tcp_accepted.clone(), stop.clone());
+        thread::spawn(move || {
+            for c in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                if c.is_ok() {
+                    t.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let (ur, st) = (udp_received.clone(), stop.clone());
+        u.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !st.load(Ordering::SeqCst) {
+                if u.recv_from(&mut buf).is_ok() {
+                    ur.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Tripwire { port, tcp_accepted, udp_received, stop }
+    }
+
+    /// `--map` arguments sending each of `addrs` (all ports) to the tripwire.
+    pub fn map_args(&self, addrs: &[std::net::Ipv4Addr]) -> Vec<String> {
+        addrs
+            .iter()
+            .flat_map(|a| ["--map".to_string(), format!("{a}=127.0.0.1:{}", self.port)])
+            .collect()
+    }
+
+    pub fn hits(&self) -> (usize, usize) {
+        (self.tcp_accepted.load(Ordering::SeqCst), self.udp_received.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for Tripwire {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_millis(200));
+    }
+}
