@@ -16,11 +16,17 @@ fn reconnect_gets_dhcp_again() {
     let mut nf = Netfence::spawn::<&str>(&[]);
     for round in 0..3 {
         let mut g = guest(&nf);
-        let lease = g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let lease = g
+            .dhcp(SHORT * 2)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(lease.address.address(), GUEST_IP);
-        g.ping(GATEWAY, SHORT).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        g.ping(GATEWAY, SHORT)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
         drop(g); // the VMM goes away
-        assert!(nf.is_running(), "netfence exited after VMM disconnect (round {round})");
+        assert!(
+            nf.is_running(),
+            "netfence exited after VMM disconnect (round {round})"
+        );
     }
 }
 
@@ -56,15 +62,26 @@ fn vmm_disconnect_closes_its_host_connections() {
         let r = s.read_to_end(&mut rest);
         Ok::<_, String>((b, r.map(|_| rest.len()).map_err(|e| e.kind())))
     });
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
+    ]);
     let mut g = guest_up(&nf);
-    let h = g.tcp_connect(PUBLIC_IP, 80, SHORT).unwrap_or_else(|e| panic!("{e:?}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
     g.tcp_send_all(h, b"hello", deadline(SHORT)).unwrap();
     assert_eq!(g.tcp_recv_exact(h, 5, deadline(SHORT)).unwrap(), b"ready");
     drop(g); // VMM gone with the connection open
-    let (hello, end) = server.join(Duration::from_secs(10)).unwrap_or_else(|e| {
-        panic!("host connection still open 10 s after the VMM left: {e}\n{}", nf.log_text())
-    }).unwrap();
+    let (hello, end) = server
+        .join(Duration::from_secs(10))
+        .unwrap_or_else(|e| {
+            panic!(
+                "host connection still open 10 s after the VMM left: {e}\n{}",
+                nf.log_text()
+            )
+        })
+        .unwrap();
     assert_eq!(&hello, b"hello");
     eprintln!("host side saw: {end:?}");
     // And the next VM works.
@@ -78,7 +95,9 @@ fn once_exits_after_the_vmm_leaves() {
     let mut g = guest_up(&nf);
     g.ping(GATEWAY, SHORT).unwrap();
     drop(g);
-    let st = nf.wait_exit(SHORT).unwrap_or_else(|| panic!("netfence --once still running after the VMM left"));
+    let st = nf
+        .wait_exit(SHORT)
+        .unwrap_or_else(|| panic!("netfence --once still running after the VMM left"));
     assert!(st.success(), "netfence --once exited with {st:?}");
 }
 

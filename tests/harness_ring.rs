@@ -15,7 +15,12 @@ use vm_memory::{Address, GuestAddress};
 fn device_queue(q: &SplitQueue, event_idx: bool) -> Queue {
     let mut d = Queue::new(1024).unwrap();
     d.set_size(q.size);
-    let split = |a: GuestAddress| (Some(a.raw_value() as u32), Some((a.raw_value() >> 32) as u32));
+    let split = |a: GuestAddress| {
+        (
+            Some(a.raw_value() as u32),
+            Some((a.raw_value() >> 32) as u32),
+        )
+    };
     let (l, h) = split(q.desc_table);
     d.set_desc_table_address(l, h);
     let (l, h) = split(q.avail);
@@ -46,13 +51,30 @@ fn readable_chains_round_trip_and_wrap() {
             let a = buf.unchecked_add(k as u64 * 256);
             gm.write(a, &[round, k, 0xaa, 0xbb, 0xcc]);
             let segs = [
-                Seg { addr: a, len: 3, write: false },
-                Seg { addr: a.unchecked_add(3), len: 2, write: false },
+                Seg {
+                    addr: a,
+                    len: 3,
+                    write: false,
+                },
+                Seg {
+                    addr: a.unchecked_add(3),
+                    len: 2,
+                    write: false,
+                },
             ];
             q.add_chain(&segs, k as u64).expect("room for the chain");
         }
         assert_eq!(q.num_free(), 0);
-        assert!(q.add_chain(&[Seg { addr: buf, len: 1, write: false }], 9).is_none());
+        assert!(q
+            .add_chain(
+                &[Seg {
+                    addr: buf,
+                    len: 1,
+                    write: false
+                }],
+                9
+            )
+            .is_none());
         // Device: pop every chain, read it, return it.
         let mut seen = Vec::new();
         while let Some(chain) = d.pop_descriptor_chain(&gm.mem) {
@@ -82,7 +104,18 @@ fn writable_chains_carry_device_data_back() {
     let (mut gm, mut q, mut d) = setup(16, false);
     let buf = gm.alloc(4096, 4096);
     q.add_chain(
-        &[Seg { addr: buf, len: 4, write: true }, Seg { addr: buf.unchecked_add(100), len: 8, write: true }],
+        &[
+            Seg {
+                addr: buf,
+                len: 4,
+                write: true,
+            },
+            Seg {
+                addr: buf.unchecked_add(100),
+                len: 8,
+                write: true,
+            },
+        ],
         7,
     )
     .unwrap();
@@ -102,7 +135,17 @@ fn writable_chains_carry_device_data_back() {
 fn event_idx_kick_suppression_follows_the_device() {
     let (mut gm, mut q, mut d) = setup(16, true);
     let buf = gm.alloc(4096, 4096);
-    let one = |q: &mut SplitQueue| q.add_chain(&[Seg { addr: buf, len: 1, write: false }], 0).unwrap();
+    let one = |q: &mut SplitQueue| {
+        q.add_chain(
+            &[Seg {
+                addr: buf,
+                len: 1,
+                write: false,
+            }],
+            0,
+        )
+        .unwrap()
+    };
     // The device asks to be kicked for the next buffer (avail_event = 0).
     assert!(!d.enable_notification(&gm.mem).unwrap());
     one(&mut q);
@@ -128,13 +171,24 @@ fn event_idx_call_suppression_follows_the_driver() {
     let (mut gm, mut q, mut d) = setup(16, true);
     let buf = gm.alloc(4096, 4096);
     for _ in 0..4 {
-        q.add_chain(&[Seg { addr: buf, len: 1, write: false }], 0).unwrap();
+        q.add_chain(
+            &[Seg {
+                addr: buf,
+                len: 1,
+                write: false,
+            }],
+            0,
+        )
+        .unwrap();
     }
     // Driver wants a call for the next used buffer.
     assert!(!q.enable_calls());
     let c = d.pop_descriptor_chain(&gm.mem).unwrap();
     d.add_used(&gm.mem, c.head_index(), 0).unwrap();
-    assert!(d.needs_notification(&gm.mem).unwrap(), "used_event=0 crossed: call");
+    assert!(
+        d.needs_notification(&gm.mem).unwrap(),
+        "used_event=0 crossed: call"
+    );
     // Driver has not consumed or re-enabled: no further calls.
     let c = d.pop_descriptor_chain(&gm.mem).unwrap();
     d.add_used(&gm.mem, c.head_index(), 0).unwrap();
@@ -154,7 +208,15 @@ fn event_idx_call_suppression_follows_the_driver() {
 fn unknown_used_id_is_reported_as_a_device_bug() {
     let (mut gm, mut q, mut d) = setup(16, false);
     let buf = gm.alloc(4096, 4096);
-    q.add_chain(&[Seg { addr: buf, len: 1, write: false }], 0).unwrap();
+    q.add_chain(
+        &[Seg {
+            addr: buf,
+            len: 1,
+            write: false,
+        }],
+        0,
+    )
+    .unwrap();
     let c = d.pop_descriptor_chain(&gm.mem).unwrap();
     // A device returning a descriptor that is not a head in flight.
     d.add_used(&gm.mem, c.head_index() + 5, 0).unwrap();
@@ -166,7 +228,15 @@ fn unknown_used_id_is_reported_as_a_device_bug() {
 fn used_length_beyond_the_buffer_is_reported() {
     let (mut gm, mut q, mut d) = setup(16, false);
     let buf = gm.alloc(4096, 4096);
-    q.add_chain(&[Seg { addr: buf, len: 64, write: true }], 0).unwrap();
+    q.add_chain(
+        &[Seg {
+            addr: buf,
+            len: 64,
+            write: true,
+        }],
+        0,
+    )
+    .unwrap();
     let c = d.pop_descriptor_chain(&gm.mem).unwrap();
     d.add_used(&gm.mem, c.head_index(), 65).unwrap();
     q.pop_used();

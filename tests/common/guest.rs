@@ -17,8 +17,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::socket::{dhcpv4, icmp, tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress,
-    IpCidr, IpEndpoint, Ipv4Cidr,
+    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
+    IpEndpoint, Ipv4Cidr,
 };
 
 use super::frontend::Frontend;
@@ -152,7 +152,13 @@ impl Guest {
     pub fn new(fe: Frontend) -> Guest {
         let mac = fe.guest_mac();
         let frame_mtu = fe.mtu() as usize + 14;
-        let mut dev = GuestDevice { fe, frame_mtu, stash: VecDeque::new(), capture: None, tx_dropped: 0 };
+        let mut dev = GuestDevice {
+            fe,
+            frame_mtu,
+            stash: VecDeque::new(),
+            capture: None,
+            tx_dropped: 0,
+        };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         config.random_seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -184,7 +190,8 @@ impl Guest {
 
     /// One interface poll.
     pub fn poll(&mut self) {
-        self.iface.poll(smol_now(), &mut self.dev, &mut self.sockets);
+        self.iface
+            .poll(smol_now(), &mut self.dev, &mut self.sockets);
     }
 
     /// Polls until `f` returns Some or the deadline passes, waiting on the call eventfds in
@@ -275,7 +282,11 @@ impl Guest {
     }
 
     pub fn next_port(&mut self) -> u16 {
-        self.next_port = if self.next_port >= 65000 { 49152 } else { self.next_port + 1 };
+        self.next_port = if self.next_port >= 65000 {
+            49152
+        } else {
+            self.next_port + 1
+        };
         self.next_port
     }
 
@@ -288,16 +299,23 @@ impl Guest {
             icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
             icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
         );
-        sock.bind(icmp::Endpoint::Ident(ident)).map_err(|e| format!("{e:?}"))?;
+        sock.bind(icmp::Endpoint::Ident(ident))
+            .map_err(|e| format!("{e:?}"))?;
         let h = self.sockets.add(sock);
         let data: Vec<u8> = (0..56u8).collect();
         let seq = 1u16;
         let caps = ChecksumCapabilities::default();
         let start = Instant::now();
         {
-            let repr = Icmpv4Repr::EchoRequest { ident, seq_no: seq, data: &data };
+            let repr = Icmpv4Repr::EchoRequest {
+                ident,
+                seq_no: seq,
+                data: &data,
+            };
             let s = self.sockets.get_mut::<icmp::Socket>(h);
-            let buf = s.send(repr.buffer_len(), IpAddress::Ipv4(dst)).map_err(|e| format!("{e:?}"))?;
+            let buf = s
+                .send(repr.buffer_len(), IpAddress::Ipv4(dst))
+                .map_err(|e| format!("{e:?}"))?;
             repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
         }
         let deadline = start + timeout;
@@ -309,9 +327,14 @@ impl Guest {
                 if from != IpAddress::Ipv4(dst) {
                     continue;
                 }
-                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else { continue };
-                if let Ok(Icmpv4Repr::EchoReply { ident: i, seq_no, data: d }) =
-                    Icmpv4Repr::parse(&pkt, &caps)
+                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else {
+                    continue;
+                };
+                if let Ok(Icmpv4Repr::EchoReply {
+                    ident: i,
+                    seq_no,
+                    data: d,
+                }) = Icmpv4Repr::parse(&pkt, &caps)
                 {
                     if i == ident && seq_no == seq {
                         return Some(d == &data[..]);
@@ -343,7 +366,11 @@ impl Guest {
     }
 
     /// Waits for a frame `pred` accepts (others are stashed for smoltcp).
-    pub fn raw_wait(&mut self, deadline: Instant, mut pred: impl FnMut(&[u8]) -> bool) -> Option<Vec<u8>> {
+    pub fn raw_wait(
+        &mut self,
+        deadline: Instant,
+        mut pred: impl FnMut(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         let mut kept = Vec::new();
         let found = loop {
             match self.dev.fe.recv_frame(deadline) {
@@ -366,7 +393,11 @@ impl Guest {
     }
 
     /// ARP who-has `target` sent by hand; returns the reply.
-    pub fn arp_raw(&mut self, target: Ipv4Addr, timeout: Duration) -> Option<super::frames::ArpInfo> {
+    pub fn arp_raw(
+        &mut self,
+        target: Ipv4Addr,
+        timeout: Duration,
+    ) -> Option<super::frames::ArpInfo> {
         let src_ip = self.ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
         let req = super::frames::arp_request(self.mac, src_ip, target);
         let mac = self.mac;
@@ -381,7 +412,10 @@ impl Guest {
     // ---- TCP -----------------------------------------------------------------------------------
 
     pub fn tcp_socket(&mut self, rx: usize, tx: usize) -> SocketHandle {
-        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; rx]), tcp::SocketBuffer::new(vec![0u8; tx]));
+        let s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; rx]),
+            tcp::SocketBuffer::new(vec![0u8; tx]),
+        );
         self.sockets.add(s)
     }
 
@@ -419,7 +453,9 @@ impl Guest {
             Some(Ok(())) => Ok(h),
             Some(Err(())) => {
                 self.sockets.remove(h);
-                Err(ConnectError::Reset { after: start.elapsed() })
+                Err(ConnectError::Reset {
+                    after: start.elapsed(),
+                })
             }
             None => {
                 let st = self.tcp(h).state();
@@ -432,7 +468,12 @@ impl Guest {
     }
 
     /// Queues all of `data` (waiting for window as needed). Does not wait for ACKs.
-    pub fn tcp_send_all(&mut self, h: SocketHandle, data: &[u8], deadline: Instant) -> Result<(), String> {
+    pub fn tcp_send_all(
+        &mut self,
+        h: SocketHandle,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<(), String> {
         let mut off = 0;
         self.poll_until(deadline, |g| {
             let s = g.tcp(h);
@@ -447,17 +488,27 @@ impl Guest {
         if off == data.len() {
             Ok(())
         } else {
-            Err(format!("sent {off} of {} bytes (state {})", data.len(), self.tcp(h).state()))
+            Err(format!(
+                "sent {off} of {} bytes (state {})",
+                data.len(),
+                self.tcp(h).state()
+            ))
         }
     }
 
     /// Waits until everything queued has been acknowledged.
     pub fn tcp_flush(&mut self, h: SocketHandle, deadline: Instant) -> bool {
-        self.poll_until(deadline, |g| (g.tcp(h).send_queue() == 0).then_some(())).is_some()
+        self.poll_until(deadline, |g| (g.tcp(h).send_queue() == 0).then_some(()))
+            .is_some()
     }
 
     /// Reads exactly `n` bytes.
-    pub fn tcp_recv_exact(&mut self, h: SocketHandle, n: usize, deadline: Instant) -> Result<Vec<u8>, String> {
+    pub fn tcp_recv_exact(
+        &mut self,
+        h: SocketHandle,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(n);
         self.poll_until(deadline, |g| {
             let s = g.tcp(h);
@@ -474,7 +525,11 @@ impl Guest {
         if out.len() == n {
             Ok(out)
         } else {
-            Err(format!("received {} of {n} bytes (state {})", out.len(), self.tcp(h).state()))
+            Err(format!(
+                "received {} of {n} bytes (state {})",
+                out.len(),
+                self.tcp(h).state()
+            ))
         }
     }
 
@@ -552,7 +607,12 @@ impl Guest {
     }
 
     /// Waits until the socket reaches one of `states`.
-    pub fn tcp_wait_state(&mut self, h: SocketHandle, states: &[tcp::State], deadline: Instant) -> Option<tcp::State> {
+    pub fn tcp_wait_state(
+        &mut self,
+        h: SocketHandle,
+        states: &[tcp::State],
+        deadline: Instant,
+    ) -> Option<tcp::State> {
         self.poll_until(deadline, |g| {
             let st = g.tcp(h).state();
             states.contains(&st).then_some(st)
@@ -579,7 +639,11 @@ impl Guest {
     }
 
     /// Waits for one datagram.
-    pub fn udp_recv(&mut self, h: SocketHandle, deadline: Instant) -> Option<(Vec<u8>, IpEndpoint)> {
+    pub fn udp_recv(
+        &mut self,
+        h: SocketHandle,
+        deadline: Instant,
+    ) -> Option<(Vec<u8>, IpEndpoint)> {
         self.poll_until(deadline, |g| {
             let s = g.sockets.get_mut::<udp::Socket>(h);
             if s.can_recv() {

@@ -53,7 +53,11 @@ impl TcpEchoServer {
                 });
             }
         });
-        TcpEchoServer { addr, accepted, stop }
+        TcpEchoServer {
+            addr,
+            accepted,
+            stop,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -135,13 +139,19 @@ impl<T: Send + 'static> OneShotServer<T> {
 
 /// accept(2) bounded by a timeout (poll on the listening socket).
 pub fn accept_with_timeout(l: &TcpListener, timeout: Duration) -> Result<TcpStream, String> {
-    let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     if r <= 0 {
         return Err(format!("no connection within {timeout:?}"));
     }
-    l.accept().map(|(s, _)| s).map_err(|e| format!("accept: {e}"))
+    l.accept()
+        .map(|(s, _)| s)
+        .map_err(|e| format!("accept: {e}"))
 }
 
 /// Reads until EOF (bounded by the stream's read timeout).
@@ -185,7 +195,11 @@ impl UdpEchoServer {
                 }
             }
         });
-        UdpEchoServer { addr, received, stop }
+        UdpEchoServer {
+            addr,
+            received,
+            stop,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -218,12 +232,22 @@ pub fn mismatch(got: &[u8], want: &[u8]) -> Option<String> {
     if got == want {
         return None;
     }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    let mut s = format!("got {} bytes, want {}; first difference at offset {first}", got.len(), want.len());
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let mut s = format!(
+        "got {} bytes, want {}; first difference at offset {first}",
+        got.len(),
+        want.len()
+    );
     if first < got.len() {
         let w = &got[first..(first + 32).min(got.len())];
         match want.windows(w.len()).position(|x| x == w) {
-            Some(p) => s.push_str(&format!("; the bytes received there were sent at offset {p}")),
+            Some(p) => s.push_str(&format!(
+                "; the bytes received there were sent at offset {p}"
+            )),
             None => s.push_str("; the bytes received there were never sent"),
         }
     }
@@ -281,7 +305,12 @@ impl Tripwire {
                 }
             }
         });
-        Tripwire { port, tcp_accepted, udp_received, stop }
+        Tripwire {
+            port,
+            tcp_accepted,
+            udp_received,
+            stop,
+        }
     }
 
     /// `--map` arguments sending each of `addrs` (all ports) to the tripwire.
@@ -293,13 +322,19 @@ impl Tripwire {
     }
 
     pub fn hits(&self) -> (usize, usize) {
-        (self.tcp_accepted.load(Ordering::SeqCst), self.udp_received.load(Ordering::SeqCst))
+        (
+            self.tcp_accepted.load(Ordering::SeqCst),
+            self.udp_received.load(Ordering::SeqCst),
+        )
     }
 }
 
 impl Drop for Tripwire {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_millis(200));
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_millis(200),
+        );
     }
 }
