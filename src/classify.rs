@@ -48,6 +48,7 @@ pub enum Classified<'a> {
         dst: Ipv4Addr,
         ident: u16,
         seq: u16,
+        data: &'a [u8],
     },
     /// ICMP that is not an echo request (replies, errors from the guest): for the gateway only.
     IcmpOther { dst: Ipv4Addr },
@@ -183,6 +184,7 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
                     dst,
                     ident: icmp.echo_ident(),
                     seq: icmp.echo_seq_no(),
+                    data: &body[8..],
                 }
             } else {
                 Classified::IcmpOther { dst }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,16 +28,20 @@ use vmm_sys_util::epoll::EventSet;
 use crate::classify::{classify, Classified, DropReason, TcpHead};
 use crate::config::DenyAction;
 use crate::device::virtqueue::{self, RxError};
-use crate::device::{GuestMemory, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
+use crate::device::{GuestMemory, DNS_EVENT, RX_QUEUE, TIMER_EVENT, TX_QUEUE};
+use crate::dns::{DnsService, DnsSettings};
 use crate::flow::addrmap::AddressMap;
+use crate::flow::icmp as icmpflow;
 use crate::flow::tcp::{self as tcpflow, PumpResult, TcpPhase};
 use crate::flow::udp::{self as udpflow};
 use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
+use crate::gateway_dns::GatewayDns;
 use crate::policy::{Direction, FlowQuery, Policy, Protocol};
 use crate::stack::dhcp::{DhcpServer, LinkAddrs};
 use crate::stack::frames::{self, Link};
 use crate::stack::GuestStack;
 use crate::timer::Timer;
+use crate::tls::sni::{scan_client_hello, ClientHelloScan};
 
 /// How long a denied flow is remembered so that retransmissions are not logged again.
 const DENIED_MEMORY: Duration = Duration::from_secs(30);
@@ -56,7 +60,21 @@ pub struct LinkSettings {
     pub lease_secs: u32,
     pub policy: Arc<Policy>,
     pub addrmap: Arc<AddressMap>,
+    pub dns: DnsSettings,
+    pub dns_intercept_all: bool,
+    /// TCP ports whose first flight (TLS ClientHello) is read for the SNI before connecting.
+    pub tls_ports: Vec<u16>,
 }
+
+/// A guest TLS connection whose ClientHello is awaited before the flow is decided by name.
+struct HelloWait {
+    handle: smoltcp::iface::SocketHandle,
+    since: Instant,
+}
+
+/// Bytes of ClientHello read at most, and how long it may take to arrive.
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters of what the datapath dropped or refused, by reason.
 #[derive(Default, Debug, Clone)]
@@ -84,6 +102,10 @@ pub struct Datapath {
     flows: FlowTable,
     dhcp: DhcpServer,
     timer: Timer,
+    dns: GatewayDns,
+    hellos: HashMap<FlowKey, HelloWait>,
+    /// (src, dst) pairs whose DNS traffic was allowed, so the decision is logged once.
+    dns_allowed: HashMap<(u8, FlowKey), Instant>,
     denied: HashMap<(u8, FlowKey), Instant>,
     counters: Counters,
     scratch: Vec<u8>,
@@ -104,7 +126,14 @@ impl Datapath {
             mtu: settings.mtu,
             lease_secs: settings.lease_secs,
         };
+        let dns = GatewayDns::new(
+            DnsService::new(settings.dns.clone())?,
+            settings.dns_intercept_all,
+        );
         Ok(Datapath {
+            dns,
+            hellos: HashMap::new(),
+            dns_allowed: HashMap::new(),
             link: Link {
                 gateway_mac: EthernetAddress(settings.gateway_mac),
                 guest_mac: EthernetAddress(settings.guest_mac),
@@ -131,6 +160,11 @@ impl Datapath {
 
     pub fn timer_fd(&self) -> RawFd {
         self.timer.as_raw_fd()
+    }
+
+    /// The DNS service's fd (its upstream sockets); fixed for the life of the datapath.
+    pub fn dns_fd(&self) -> RawFd {
+        self.dns.service.event_fd()
     }
 
     pub fn counters(&self) -> &Counters {
@@ -174,8 +208,10 @@ impl Datapath {
             RX_QUEUE => {}
             TIMER_EVENT => {
                 self.timer.consume();
+                self.dns_poll();
                 self.housekeeping();
             }
+            DNS_EVENT => self.dns_poll(),
             _ => self.host_events(),
         }
         self.service(rx, &mem);
@@ -185,6 +221,8 @@ impl Datapath {
     fn service(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) {
         for _ in 0..64 {
             self.pump_tcp();
+            self.dns.pump_tcp(&self.settings.policy, &mut self.stack);
+            self.check_hellos();
             self.stack.poll();
             let before = self.stack.link.to_guest.len();
             let delivered = self.flush_rx(rx, mem);
@@ -195,11 +233,14 @@ impl Datapath {
                 break;
             }
         }
-        let delay = self
+        let mut delay = self
             .stack
             .poll_delay()
             .unwrap_or(HOUSEKEEPING)
             .min(HOUSEKEEPING);
+        if let Some(deadline) = self.dns.service.next_deadline() {
+            delay = delay.min(deadline.saturating_duration_since(Instant::now()));
+        }
         self.timer.arm(delay);
     }
 
@@ -239,6 +280,16 @@ impl Datapath {
     /// A frame from the guest.
     fn guest_frame(&mut self, frame: &[u8]) {
         let gateway = self.settings.addrs.gateway;
+        // The VMM may give the guest another MAC than our config space says (QEMU uses its
+        // own -device mac=): frames we build go to whatever address the guest sends from.
+        if let Some(src) = frame.get(6..12) {
+            if src[0] & 1 == 0 && src != self.link.guest_mac.0 {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(src);
+                debug!(mac = %EthernetAddress(mac), "guest MAC learned");
+                self.link.guest_mac = EthernetAddress(mac);
+            }
+        }
         match classify(frame) {
             Classified::Arp { target, .. } => {
                 if target == gateway {
@@ -249,7 +300,13 @@ impl Datapath {
             }
             Classified::Dhcp { payload } => self.dhcp(payload),
             Classified::IcmpEcho { dst, .. } if dst == gateway => self.stack.receive(frame),
-            Classified::IcmpEcho { .. } => self.counters.drop("icmp-echo-unsupported"),
+            Classified::IcmpEcho {
+                src,
+                dst,
+                ident,
+                seq,
+                data,
+            } => self.echo_request(src, dst, ident, seq, data, frame),
             Classified::IcmpOther { dst } if dst == gateway => self.stack.receive(frame),
             Classified::IcmpOther { .. } => self.counters.drop("icmp-other"),
             Classified::Tcp(head) => self.tcp_segment(head, frame),
@@ -301,7 +358,11 @@ impl Datapath {
                 return false;
             }
         }
-        let domains: Vec<String> = Vec::new();
+        let domains = self
+            .dns
+            .service
+            .cache()
+            .names_for(IpAddr::V4(*dst.ip()), now);
         let query = FlowQuery {
             direction: Direction::Egress,
             protocol,
@@ -321,10 +382,17 @@ impl Datapath {
             }
         }
         let proto = protocol_name(protocol);
-        if allowed {
-            info!("decision action=allow proto={proto} src={src} dst={dst} reason=\"{reason}\"");
+        let action = if allowed { "allow" } else { "deny" };
+        if domains.is_empty() {
+            info!(action = %action, proto = %proto, src = %src, dst = %dst, reason = ?reason, "decision");
         } else {
-            info!("decision action=deny proto={proto} src={src} dst={dst} reason=\"{reason}\"");
+            let names = domains.join(",");
+            info!(
+                action = %action, proto = %proto, src = %src, dst = %dst, reason = ?reason,
+                domains = %names, domain_source = "dns-cache", "decision"
+            );
+        }
+        if !allowed {
             if self.denied.len() > 4096 {
                 self.denied
                     .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
@@ -334,12 +402,46 @@ impl Datapath {
         allowed
     }
 
+    /// Policy for traffic to the DNS service, decided (and logged) once per (src, dst) pair.
+    fn dns_pair_allowed(
+        &mut self,
+        protocol: Protocol,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) -> bool {
+        let memo = (protocol_id(protocol), (src, dst));
+        let now = Instant::now();
+        if let Some(at) = self.dns_allowed.get(&memo) {
+            if now.duration_since(*at) < DENIED_MEMORY {
+                return true;
+            }
+        }
+        let allowed = self.decide(protocol, src, dst);
+        if allowed {
+            if self.dns_allowed.len() > 4096 {
+                self.dns_allowed
+                    .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+            }
+            self.dns_allowed.insert(memo, now);
+        }
+        allowed
+    }
+
+    fn dns_poll(&mut self) {
+        self.dns
+            .poll(&self.settings.policy, &mut self.stack, &self.link);
+    }
+
     fn reject_mode(&self) -> bool {
         self.settings.policy.deny_action() == DenyAction::Reject
     }
 
     fn tcp_segment(&mut self, head: TcpHead, frame: &[u8]) {
         let key = (head.src, head.dst);
+        if self.dns.has_tcp(&key) || self.hellos.contains_key(&key) {
+            self.stack.receive(frame);
+            return;
+        }
         if let Some(flow) = self.flows.tcp.get_mut(&key) {
             match &mut flow.phase {
                 TcpPhase::Connecting { syn_frame } => {
@@ -350,7 +452,9 @@ impl Datapath {
                         syn_frame.extend_from_slice(frame);
                     }
                 }
-                TcpPhase::Open { .. } => self.stack.receive(frame),
+                TcpPhase::Open { .. } | TcpPhase::ConnectingAfterHello { .. } => {
+                    self.stack.receive(frame)
+                }
             }
             return;
         }
@@ -368,11 +472,35 @@ impl Datapath {
             self.counters.drop("tcp-bad-destination");
             return;
         }
+        if self.dns.serves(head.dst, self.settings.addrs.gateway) {
+            if self.dns_pair_allowed(Protocol::Tcp, head.src, head.dst) {
+                self.dns.accept_tcp(key, frame, &mut self.stack);
+            } else if self.reject_mode() {
+                let rst = frames::tcp_reset(&self.link, &head);
+                self.stack.link.queue_frame(rst);
+            }
+            return;
+        }
         if !self.decide(Protocol::Tcp, head.src, head.dst) {
             if self.reject_mode() {
                 let rst = frames::tcp_reset(&self.link, &head);
                 self.stack.link.queue_frame(rst);
             }
+            return;
+        }
+        if self.settings.tls_ports.contains(&head.dst.port())
+            && self.settings.policy.has_domain_rules()
+        {
+            // A name rule could decide this flow: read the ClientHello's SNI first.
+            let handle = self.stack.sockets.add(tcpflow::listening_socket(head.dst));
+            self.hellos.insert(
+                key,
+                HelloWait {
+                    handle,
+                    since: Instant::now(),
+                },
+            );
+            self.stack.receive(frame);
             return;
         }
         let target = self.settings.addrmap.host_target(SocketAddr::V4(head.dst));
@@ -438,6 +566,21 @@ impl Datapath {
 
     fn udp_datagram(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], frame: &[u8]) {
         let key = (src, dst);
+        if self.dns.serves(dst, self.settings.addrs.gateway) {
+            if self.dns_pair_allowed(Protocol::Udp, src, dst) {
+                self.dns.udp_query(
+                    src,
+                    dst,
+                    payload,
+                    &self.settings.policy,
+                    &mut self.stack,
+                    &self.link,
+                );
+            } else if self.reject_mode() {
+                self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
+            }
+            return;
+        }
         if !self.flows.udp.contains_key(&key) {
             if dst.port() == 0 || dst.ip().is_unspecified() {
                 self.counters.drop("udp-bad-destination");
@@ -445,14 +588,7 @@ impl Datapath {
             }
             if !self.decide(Protocol::Udp, src, dst) {
                 if self.reject_mode() {
-                    if let Some(f) = frames::icmp_unreachable(
-                        &self.link,
-                        self.settings.addrs.gateway,
-                        Icmpv4DstUnreachable::PortUnreachable,
-                        &frame[14..],
-                    ) {
-                        self.stack.link.queue_frame(f);
-                    }
+                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
                 }
                 return;
             }
@@ -492,6 +628,105 @@ impl Datapath {
         }
     }
 
+    /// A ping from the guest to anywhere but the gateway: an ICMP socket on the host.
+    fn echo_request(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+        frame: &[u8],
+    ) {
+        let key = (src, dst, ident);
+        if !self.flows.echo.contains_key(&key) {
+            if dst.is_unspecified() {
+                self.counters.drop("icmp-bad-destination");
+                return;
+            }
+            let (from, to) = (SocketAddrV4::new(src, ident), SocketAddrV4::new(dst, 0));
+            if !self.decide(Protocol::Icmpv4, from, to) {
+                if self.reject_mode() {
+                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::CommProhibited);
+                }
+                return;
+            }
+            let target = match self.settings.addrmap.host_target(SocketAddr::V4(to)) {
+                SocketAddr::V4(t) => *t.ip(),
+                SocketAddr::V6(_) => dst,
+            };
+            let host = match icmpflow::open_host(target) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(dst = %dst, error = %e, "cannot open an ICMP socket (is net.ipv4.ping_group_range set?)");
+                    self.counters.drop("icmp-host-socket");
+                    return;
+                }
+            };
+            let Ok(token) = self.flows.register(host.as_raw_fd(), FlowRef::Echo(key)) else {
+                return;
+            };
+            self.flows.echo.insert(
+                key,
+                icmpflow::EchoFlow {
+                    token,
+                    guest: src,
+                    dst,
+                    ident,
+                    host,
+                    last_active: Instant::now(),
+                },
+            );
+        }
+        let Some(flow) = self.flows.echo.get_mut(&key) else {
+            return;
+        };
+        flow.last_active = Instant::now();
+        if flow.host.send(&icmpflow::echo_request(seq, data)).is_err() {
+            self.counters.drop("icmp-send-failed");
+        }
+    }
+
+    fn echo_host_readable(&mut self, key: icmpflow::EchoKey) {
+        let Some(flow) = self.flows.echo.get_mut(&key) else {
+            return;
+        };
+        loop {
+            // SAFETY of the cast: recv only writes initialised bytes into the buffer it is given.
+            let buf = unsafe {
+                &mut *(self.udp_buf.as_mut_slice() as *mut [u8]
+                    as *mut [std::mem::MaybeUninit<u8>])
+            };
+            let n = match flow.host.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.counters.drop("icmp-host-error");
+                    continue;
+                }
+            };
+            let Some((seq, data)) = icmpflow::parse_echo_reply(&self.udp_buf[..n]) else {
+                continue;
+            };
+            flow.last_active = Instant::now();
+            let frame =
+                frames::icmp_echo_reply(&self.link, flow.dst, flow.guest, flow.ident, seq, data);
+            if !self.stack.link.queue_frame(frame) {
+                self.counters.drop("icmp-guest-queue-full");
+            }
+        }
+    }
+
+    /// Answers a denied packet with an ICMP destination-unreachable from the gateway.
+    fn reject_with_icmp(&mut self, frame: &[u8], reason: Icmpv4DstUnreachable) {
+        if let Some(f) = frame.get(14..).and_then(|ip| {
+            frames::icmp_unreachable(&self.link, self.settings.addrs.gateway, reason, ip)
+        }) {
+            self.stack.link.queue_frame(f);
+        }
+    }
+
     /// Host sockets that became ready.
     fn host_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
@@ -501,6 +736,7 @@ impl Datapath {
             match flow {
                 FlowRef::Tcp(key) => self.tcp_host_event(key, set),
                 FlowRef::Udp(key) => self.udp_host_readable(key),
+                FlowRef::Echo(key) => self.echo_host_readable(key),
             }
         }
         self.events = events;
@@ -517,6 +753,21 @@ impl Datapath {
         }
         if set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             flow.writable = true;
+        }
+        if let TcpPhase::ConnectingAfterHello { handle } = flow.phase {
+            if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+                return;
+            }
+            match tcpflow::connect_result(&flow.host) {
+                Ok(()) => flow.phase = TcpPhase::Open { handle },
+                Err(e) => {
+                    info!(src = %flow.guest, dst = %flow.dst, host = %flow.host_target, error = %e, "host connect failed");
+                    self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    self.stack.poll();
+                    self.close_tcp(&key, "host connect failed");
+                }
+            }
+            return;
         }
         let TcpPhase::Connecting { syn_frame } = &mut flow.phase else {
             return;
@@ -601,7 +852,9 @@ impl Datapath {
 
     fn close_tcp(&mut self, key: &FlowKey, why: &str) {
         if let Some(flow) = self.flows.remove_tcp(key) {
-            if let TcpPhase::Open { handle } = flow.phase {
+            if let TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } =
+                flow.phase
+            {
                 self.stack.sockets.remove(handle);
             }
             debug!(
@@ -610,6 +863,129 @@ impl Datapath {
                 "TCP flow closed"
             );
         }
+    }
+
+    /// TLS connections waiting for their ClientHello: decide those whose SNI (or timeout) is in.
+    fn check_hellos(&mut self) {
+        if self.hellos.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let keys: Vec<FlowKey> = self.hellos.keys().copied().collect();
+        for key in keys {
+            let Some(wait) = self.hellos.get(&key) else {
+                continue;
+            };
+            let (handle, since) = (wait.handle, wait.since);
+            let sock = self.stack.sockets.get_mut::<tcp::Socket>(handle);
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                self.hellos.remove(&key);
+                self.stack.sockets.remove(handle);
+                continue;
+            }
+            let scan = if sock.can_recv() {
+                match sock.peek(MAX_CLIENT_HELLO) {
+                    Ok(buf) => scan_client_hello(buf, MAX_CLIENT_HELLO),
+                    Err(_) => ClientHelloScan::NotTls,
+                }
+            } else {
+                ClientHelloScan::NeedMore
+            };
+            let guest_gave_up = !sock.may_recv() && !sock.can_recv();
+            let sni = match scan {
+                ClientHelloScan::NeedMore
+                    if !guest_gave_up && now.duration_since(since) < CLIENT_HELLO_TIMEOUT =>
+                {
+                    continue
+                }
+                ClientHelloScan::Sni(name) => Some(name),
+                _ => None,
+            };
+            self.hellos.remove(&key);
+            if self.sni_allows(key, sni.as_deref()) {
+                self.connect_after_hello(key, handle);
+            } else {
+                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.stack.poll();
+                self.stack.sockets.remove(handle);
+            }
+        }
+    }
+
+    /// The TLS first-flight decision: a denied SNI is denied even if the address was allowed,
+    /// and an SNI allowed by a name rule must have been resolved to this address through us.
+    fn sni_allows(&mut self, key: FlowKey, sni: Option<&str>) -> bool {
+        let Some(name) = sni else {
+            // No SNI: the decision made on the SYN (address and cached names) stands.
+            return true;
+        };
+        let (src, dst) = key;
+        let ip = IpAddr::V4(*dst.ip());
+        let domains = vec![name.to_string()];
+        let policy = self.settings.policy.clone();
+        let decision = policy.decide(&FlowQuery {
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            dst: ip,
+            dst_port: Some(dst.port()),
+            domains: &domains,
+        });
+        let (allowed, reason) = if !decision.allowed() {
+            (false, decision.reason.to_string())
+        } else if policy.is_domain_rule(&decision.reason)
+            && !self.dns.service.cache().resolved(name, ip, Instant::now())
+        {
+            (
+                false,
+                format!("SNI {name} was not resolved to {ip} through netfence"),
+            )
+        } else {
+            (true, decision.reason.to_string())
+        };
+        let action = if allowed { "allow" } else { "deny" };
+        info!(
+            action = %action, proto = "tcp", src = %src, dst = %dst, reason = ?reason,
+            domains = %name, domain_source = "sni", "decision"
+        );
+        allowed
+    }
+
+    /// Connects the host side of a TLS flow whose guest handshake is already complete.
+    fn connect_after_hello(&mut self, key: FlowKey, handle: smoltcp::iface::SocketHandle) {
+        let (guest, dst) = key;
+        let target = self.settings.addrmap.host_target(SocketAddr::V4(dst));
+        let registered = tcpflow::connect_host(target).and_then(|host| {
+            let token = self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key))?;
+            Ok((host, token))
+        });
+        let (host, token) = match registered {
+            Ok(v) => v,
+            Err(e) => {
+                info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
+                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.stack.poll();
+                self.stack.sockets.remove(handle);
+                return;
+            }
+        };
+        self.flows.tcp.insert(
+            key,
+            TcpFlow {
+                token,
+                guest,
+                dst,
+                host_target: target,
+                host,
+                phase: TcpPhase::ConnectingAfterHello { handle },
+                started: Instant::now(),
+                readable: false,
+                writable: false,
+                host_eof: false,
+                host_write_shut: false,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+            },
+        );
     }
 
     fn housekeeping(&mut self) {
@@ -625,6 +1001,16 @@ impl Datapath {
             if let Some(f) = self.flows.remove_udp(&key) {
                 debug!(src = %f.guest, dst = %f.dst, "UDP session idle, closed");
             }
+        }
+        let idle_echo: Vec<icmpflow::EchoKey> = self
+            .flows
+            .echo
+            .iter()
+            .filter(|(_, f)| f.idle(now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle_echo {
+            self.flows.remove_echo(&key);
         }
         let stale: Vec<(FlowKey, Vec<u8>)> = self
             .flows
@@ -651,6 +1037,8 @@ impl Datapath {
         // Sockets smoltcp has finished with (e.g. TIME-WAIT expired) are pumped to removal.
         let _ = tcp::State::Closed;
         self.denied
+            .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+        self.dns_allowed
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
     }
 }

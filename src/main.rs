@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::error;
+use tracing::{error, warn};
 
 use netfence::config::cli::NetworkArgs;
+use netfence::config::NetworkConfig;
 use netfence::datapath::LinkSettings;
+use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
 use netfence::policy::{HostAddrs, Policy};
 use netfence::stack::dhcp::LinkAddrs;
@@ -40,6 +42,12 @@ netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once")]
     Run(RunArgs),
+    /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny).
+    Check(netfence::explain::CheckArgs),
+    /// Find rules that can never match, contradict a preset, or have empty port ranges (exit 1 if any).
+    Lint(netfence::explain::LintArgs),
+    /// Print the effective policy (presets expanded, command line merged) as TOML.
+    Config(netfence::explain::ConfigArgs),
 }
 
 #[derive(Args)]
@@ -100,7 +108,45 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
+        Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
+        Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
     }
+}
+
+/// The gateway DNS service's settings from the `dns` table (nameservers resolved now).
+fn dns_settings(config: &NetworkConfig, host: &HostAddrs) -> Result<DnsSettings, String> {
+    let upstreams = match DnsSettings::resolve_upstreams(&config.dns.nameservers) {
+        Ok(u) => u,
+        // No nameserver configured anywhere: names can still be blocked and host aliases
+        // answered; everything else gets SERVFAIL.
+        Err(e) if config.dns.nameservers.is_empty() => {
+            warn!("{e}; DNS queries that need an upstream will fail");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let mut dns = DnsSettings {
+        upstreams,
+        rebind_protection: config.rebind_protection(),
+        gateway_v4: host.ipv4.clone(),
+        gateway_v6: host.ipv6.clone(),
+        ..DnsSettings::default()
+    };
+    if let Some(ms) = config.dns.query_timeout_ms {
+        dns.query_timeout = std::time::Duration::from_millis(ms);
+    }
+    if !config.dns.host_aliases.is_empty() {
+        dns.host_aliases = config.dns.host_aliases.clone();
+    }
+    if let Some(n) = config.dns.max_queries_in_flight {
+        dns.max_in_flight = n;
+    }
+    Ok(dns)
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -136,7 +182,21 @@ fn run(args: RunArgs) -> ExitCode {
         config.map.clone(),
         vec![IpAddr::V4(addrs.gateway)],
     ));
+    let dns = match dns_settings(&config, &host) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("netfence: dns.nameservers: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let settings = LinkSettings {
+        dns,
+        dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
+        tls_ports: config
+            .tls
+            .intercepted_ports
+            .clone()
+            .unwrap_or_else(|| vec![443]),
         addrs,
         gateway_mac: GATEWAY_MAC,
         guest_mac: args.guest_mac,

@@ -142,6 +142,8 @@ fn serve_connection(
     }
     match result {
         Ok(()) => info!("VMM disconnected"),
+        // The VMM closing its socket (VM shut down or killed) is the normal end of a connection.
+        Err(e) if e.to_string().contains("disconnected") => info!("VMM disconnected"),
         Err(e) => warn!("VMM connection ended: {e}"),
     }
     Ok(())

@@ -1,70 +1,955 @@
-//! TEMPORARY STUB (integrator) — replaced by the policy branch.
+//! The user-facing network configuration: the reference's `Network` model with its wire names
+//! (see `../shared/reference/`), read from TOML or JSON (by file extension) and from the command
+//! line ([`cli::NetworkArgs`]), then validated before anything is opened.
+//!
+//! Theory of operation: [`load`] parses a file into [`NetworkConfig`] with `serde`
+//! (`deny_unknown_fields` everywhere, every error carrying its field path); the command line is
+//! merged on top by [`cli::NetworkArgs::resolve`]; [`NetworkConfig::validate`] checks what the
+//! types alone cannot (ICMP in ingress rules, reversed port ranges, domain names, duplicate
+//! bindings...). Every error is a [`ConfigError`] naming the field path, the value and what is
+//! accepted; the process exits 2 on it. The policy engine ([`crate::policy::Policy`]) compiles
+//! a validated config.
+
 pub mod cli;
-use std::net::{IpAddr, SocketAddr};
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DenyAction {
-    #[default]
-    Drop,
-    Reject,
+mod map;
+mod publish;
+mod rule;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use map::AddressMapEntry;
+pub use publish::{PortProtocol, PublishSpec};
+pub use rule::{parse_cidr, parse_domain, Destination, PortRange, RuleDirection, RuleSpec};
+
+use crate::policy::Action;
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// A configuration or argument error: which field, which value, what would be accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the error is in, if it came from one.
+    pub file: Option<PathBuf>,
+    /// Field path, e.g. `rules[2].protocols[0]` or `--net-rule`.
+    pub field: String,
+    /// The offending value as written, if known.
+    pub value: Option<String>,
+    /// What is wrong and what is accepted.
+    pub message: String,
 }
-#[derive(Debug, Clone)]
-pub struct AddressMapEntry {
-    pub guest: IpAddr,
-    pub guest_port: Option<u16>,
-    pub host: IpAddr,
-    pub host_port: Option<u16>,
-}
-impl AddressMapEntry {
-    pub fn map(&self, dst: SocketAddr) -> Option<SocketAddr> {
-        if dst.ip() != self.guest || self.guest_port.is_some_and(|p| p != dst.port()) {
-            return None;
-        }
-        Some(SocketAddr::new(
-            self.host,
-            self.host_port.unwrap_or(dst.port()),
-        ))
-    }
-}
-fn split(s: &str) -> Result<(IpAddr, Option<u16>), String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok((a.ip(), Some(a.port())));
-    }
-    s.parse::<IpAddr>()
-        .map(|i| (i, None))
-        .map_err(|e| e.to_string())
-}
-impl std::str::FromStr for AddressMapEntry {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (g, h) = s.split_once('=').ok_or("missing =")?;
-        let (guest, guest_port) = split(g)?;
-        let (host, host_port) = split(h)?;
-        Ok(AddressMapEntry {
-            guest,
-            guest_port,
-            host,
-            host_port,
-        })
-    }
-}
-#[derive(Debug, Clone, Default)]
-pub struct NetworkConfig {
-    pub map: Vec<AddressMapEntry>,
-    pub ipv4_pool: Option<ipnet::Ipv4Net>,
-    pub policy: Option<String>,
-    pub deny_action: DenyAction,
-    pub max_connections: Option<usize>,
-}
-#[derive(Debug)]
-pub struct ConfigError(pub String);
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for ConfigError {}
+
 impl ConfigError {
+    pub fn new(
+        field: impl Into<String>,
+        value: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ConfigError {
+            file: None,
+            field: field.into(),
+            value,
+            message: message.into(),
+        }
+    }
+
+    /// The process exit code for configuration errors (stable: 2).
     pub fn exit_code(&self) -> i32 {
         2
     }
+
+    fn in_file(mut self, path: &Path) -> Self {
+        self.file = Some(path.to_path_buf());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if !self.field.is_empty() {
+            f.write_str(&self.field)?;
+            if let Some(v) = &self.value {
+                write!(f, " = {v:?}")?;
+            }
+            f.write_str(": ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------------
+
+/// A canned policy shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Preset {
+    /// Nothing in or out.
+    None,
+    /// DNS to the gateway, then public egress; private, loopback, link-local, metadata, host
+    /// and multicast blocked. The default.
+    PublicOnly,
+    /// Everything, the host included.
+    AllowAll,
+    /// DNS to the gateway, public and private/LAN egress; loopback, link-local, metadata, host
+    /// and multicast blocked.
+    NonLocal,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 4] = [
+        Preset::None,
+        Preset::PublicOnly,
+        Preset::AllowAll,
+        Preset::NonLocal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::None => "none",
+            Preset::PublicOnly => "public-only",
+            Preset::AllowAll => "allow-all",
+            Preset::NonLocal => "non-local",
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n = s.trim().to_ascii_lowercase().replace('_', "-");
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == n)
+            .ok_or_else(|| {
+                format!(
+                    "unknown policy preset `{s}`; expected none, public-only, allow-all or non-local \
+                     (or a table {{ default_egress, default_ingress, rules }})"
+                )
+            })
+    }
+}
+
+impl Serialize for Preset {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Preset {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// The `policy` table: per-direction defaults and ordered rules. `preset` is a netfence
+/// extension so that a preset and explicit defaults can be combined (the command line does).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// Fall-through for egress; default deny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_egress: Option<Action>,
+    /// Fall-through for ingress; default allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_ingress: Option<Action>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// `policy`: a preset name or a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySpec {
+    Preset(Preset),
+    Table(PolicyTable),
+}
+
+impl Serialize for PolicySpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PolicySpec::Preset(p) => p.serialize(s),
+            PolicySpec::Table(t) => t.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PolicySpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PolicySpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(
+                    f,
+                    "a preset name (none, public-only, allow-all, non-local) or a table \
+                     {{ default_egress, default_ingress, rules }}"
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PolicySpec, E> {
+                v.parse().map(PolicySpec::Preset).map_err(E::custom)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicySpec, A::Error> {
+                PolicyTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(PolicySpec::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a denied flow gets. The reference denies silently; `reject` makes clients fail fast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyAction {
+    /// Drop silently (the default).
+    #[default]
+    Drop,
+    /// Answer with TCP RST or ICMP unreachable.
+    Reject,
+}
+
+/// Action when a secret placeholder is sent to a host outside the secret's allow list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViolationAction {
+    /// Drop the request.
+    Block,
+    /// Drop the request and log a warning (the default).
+    #[default]
+    BlockAndLog,
+    /// Drop the request, log an error and shut the sandbox's networking down.
+    BlockAndTerminate,
+}
+
+impl FromStr for ViolationAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "block" => Ok(ViolationAction::Block),
+            "block_and_log" => Ok(ViolationAction::BlockAndLog),
+            "block_and_terminate" => Ok(ViolationAction::BlockAndTerminate),
+            _ => Err(format!(
+                "unknown violation action `{s}`; expected block, block_and_log or block_and_terminate"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ViolationAction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// One secret: the guest sees `placeholder` in `env_var`; netfence substitutes `value` only
+/// in traffic to `allowed_hosts` (domains or `*.suffix` patterns).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretEntry {
+    pub env_var: String,
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_violation: Option<ViolationAction>,
+}
+
+impl fmt::Debug for SecretEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretEntry")
+            .field("env_var", &self.env_var)
+            .field("value", &"<redacted>")
+            .field("placeholder", &self.placeholder)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("on_violation", &self.on_violation)
+            .finish()
+    }
+}
+
+/// The gateway DNS service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Upstreams: `IP`, `IP:PORT`, `HOST`, `HOST:PORT` (`[v6]:PORT`). Empty = /etc/resolv.conf.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Per-query timeout; default 5000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_timeout_ms: Option<u64>,
+    /// Remove private/loopback/link-local/metadata answers; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebind_protection: Option<bool>,
+    /// Answer allowed port-53 traffic to any address with the gateway's service; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept_all: Option<bool>,
+    /// Names answered locally with the gateway addresses; default `host.microsandbox.internal`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_aliases: Vec<String>,
+    /// Queries in flight per guest; default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queries_in_flight: Option<usize>,
+}
+
+/// Transparent TLS interception. Present in a config file = enabled, unless `enabled = false`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Domains (or `*.suffix`) passed through without interception.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bypass: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_upstream: Option<bool>,
+    /// TCP ports where TLS is intercepted; default [443].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercepted_ports: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_quic: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cn: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_ca_certs: Vec<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether interception is on: `enabled`, which a `tls` table in a file sets to true.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(false)
+    }
+}
+
+fn tls_present<'de, D: Deserializer<'de>>(d: D) -> Result<TlsConfig, D::Error> {
+    let mut t = TlsConfig::deserialize(d)?;
+    t.enabled.get_or_insert(true);
+    Ok(t)
+}
+
+fn pool4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.parse::<Ipv4Net>() {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(de::Error::custom(format!(
+            "`{s}` is not an IPv4 CIDR; expected e.g. 172.16.0.0/12"
+        ))),
+    }
+}
+
+fn pool6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Net>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.parse::<Ipv6Net>() {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(de::Error::custom(format!(
+            "`{s}` is not an IPv6 CIDR; expected e.g. fd42:6d73:62::/48"
+        ))),
+    }
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+/// The whole network configuration (the reference's `Network`, plus netfence's `map` and
+/// `deny_action`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Preset name or `{ default_egress, default_ingress, rules }`. Unset and no rules anywhere
+    /// = `public-only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySpec>,
+    /// Custom rules; they follow the preset's rules and the `policy` table's rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
+    /// Published ports.
+    #[serde(
+        default,
+        with = "publish::entries",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ports: Vec<PublishSpec>,
+    /// Exact names whose resolution and flows are denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_domains: Vec<String>,
+    /// Suffixes (`.ads`) whose apex and subdomains are denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_domain_suffixes: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub dns: DnsConfig,
+    /// Legacy form of `dns.rebind_protection`; the nested value wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_rebind_protection: Option<bool>,
+    #[serde(
+        default,
+        deserialize_with = "tls_present",
+        skip_serializing_if = "is_default"
+    )]
+    pub tls: TlsConfig,
+    /// Pool for per-guest /30 subnets; default 172.16.0.0/12.
+    #[serde(
+        default,
+        deserialize_with = "pool4",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv4_pool: Option<Ipv4Net>,
+    /// Pool for per-guest /64 prefixes; default fd42:6d73:62::/48.
+    #[serde(
+        default,
+        deserialize_with = "pool6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_pool: Option<Ipv6Net>,
+    /// Cap on concurrent flows from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_secret_violation: Option<ViolationAction>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_host_cas: Option<bool>,
+    /// netfence: guest-visible destination -> host-side address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map: Vec<AddressMapEntry>,
+    /// netfence: what a denied flow gets.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub deny_action: DenyAction,
+}
+
+/// The policy part of a config with everything implicit made explicit: the preset in force,
+/// the defaults, and the custom rules in order (policy table rules, then top-level rules).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    pub preset: Option<Preset>,
+    /// Whether the preset came from the "nothing configured" default.
+    pub implicit_preset: bool,
+    pub default_egress: Action,
+    pub default_ingress: Action,
+    /// Whether each default was set explicitly (rather than taken from the preset or model).
+    pub explicit_egress: bool,
+    pub explicit_ingress: bool,
+    pub rules: Vec<RuleSpec>,
+}
+
+impl NetworkConfig {
+    /// The policy with presets and defaults resolved (preset rules not yet expanded).
+    pub fn effective_policy(&self) -> EffectivePolicy {
+        let (preset, de, di, mut rules) = match &self.policy {
+            Some(PolicySpec::Preset(p)) => (Some(*p), None, None, Vec::new()),
+            Some(PolicySpec::Table(t)) => (
+                t.preset,
+                t.default_egress,
+                t.default_ingress,
+                t.rules.clone(),
+            ),
+            None => (None, None, None, Vec::new()),
+        };
+        rules.extend(self.rules.iter().cloned());
+        let implicit = self.policy.is_none() && self.rules.is_empty();
+        let preset = if implicit {
+            Some(Preset::PublicOnly)
+        } else {
+            preset
+        };
+        let (pe, pi) = match preset {
+            Some(Preset::None) => (Action::Deny, Action::Deny),
+            Some(Preset::AllowAll) => (Action::Allow, Action::Allow),
+            _ => (Action::Deny, Action::Allow),
+        };
+        EffectivePolicy {
+            preset,
+            implicit_preset: implicit,
+            default_egress: de.unwrap_or(pe),
+            default_ingress: di.unwrap_or(pi),
+            explicit_egress: de.is_some(),
+            explicit_ingress: di.is_some(),
+            rules,
+        }
+    }
+
+    /// The IPv4 pool, default 172.16.0.0/12.
+    pub fn ipv4_pool_or_default(&self) -> Ipv4Net {
+        self.ipv4_pool.unwrap_or_else(|| {
+            Ipv4Net::new(std::net::Ipv4Addr::new(172, 16, 0, 0), 12).expect("valid")
+        })
+    }
+
+    /// The IPv6 pool, default fd42:6d73:62::/48.
+    pub fn ipv6_pool_or_default(&self) -> Ipv6Net {
+        self.ipv6_pool.unwrap_or_else(|| {
+            Ipv6Net::new(
+                std::net::Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 0),
+                48,
+            )
+            .expect("valid")
+        })
+    }
+
+    /// The gateway addresses of guest slot `slot` (the `host` group): the first address of
+    /// the slot's /30 in `ipv4_pool` (base + 4*slot + 1) and `::1` of the slot's /64 in
+    /// `ipv6_pool`. `None` in a family when the slot lies outside the pool.
+    pub fn gateway_addrs(&self, slot: u32) -> crate::policy::HostAddrs {
+        let mut h = crate::policy::HostAddrs::default();
+        let p4 = self.ipv4_pool_or_default();
+        let base = u32::from(p4.network()) as u64;
+        let size4 = 1u64 << (32 - p4.prefix_len() as u32);
+        if (slot as u64) * 4 + 4 <= size4 {
+            h.ipv4.push(std::net::Ipv4Addr::from(
+                (base + slot as u64 * 4 + 1) as u32,
+            ));
+        }
+        let p6 = self.ipv6_pool_or_default();
+        let bits = 64 - p6.prefix_len() as u32;
+        if bits >= 32 || (slot as u64) < (1u64 << bits) {
+            let base = u128::from(p6.network());
+            h.ipv6
+                .push(std::net::Ipv6Addr::from(base + ((slot as u128) << 64) + 1));
+        }
+        h
+    }
+
+    /// `dns.rebind_protection`, else the legacy `dns_rebind_protection`, else true.
+    pub fn rebind_protection(&self) -> bool {
+        self.dns
+            .rebind_protection
+            .or(self.dns_rebind_protection)
+            .unwrap_or(true)
+    }
+
+    /// Checks everything the types cannot. The first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(PolicySpec::Table(t)) = &self.policy {
+            for (i, r) in t.rules.iter().enumerate() {
+                validate_rule(r, &format!("policy.rules[{i}]"))?;
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            validate_rule(r, &format!("rules[{i}]"))?;
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            if let Some(e) = p.problem() {
+                return Err(ConfigError::new(
+                    format!("ports[{i}]"),
+                    Some(p.to_string()),
+                    e,
+                ));
+            }
+            if let Some(j) = self.ports[..i].iter().position(|q| {
+                q.host_port == p.host_port
+                    && q.protocol == p.protocol
+                    && binds_overlap(q.bind, p.bind)
+            }) {
+                return Err(ConfigError::new(
+                    format!("ports[{i}]"),
+                    Some(p.to_string()),
+                    format!(
+                        "host port {}/{} is already published by ports[{j}]; each host port can be bound once",
+                        p.host_port, p.protocol
+                    ),
+                ));
+            }
+        }
+        for (i, d) in self.deny_domains.iter().enumerate() {
+            parse_domain(d).map_err(|e| {
+                ConfigError::new(
+                    format!("deny_domains[{i}]"),
+                    Some(d.clone()),
+                    format!("{e}; expected a domain name like ads.example.com"),
+                )
+            })?;
+        }
+        for (i, d) in self.deny_domain_suffixes.iter().enumerate() {
+            parse_domain(strip_suffix_marker(d)).map_err(|e| {
+                ConfigError::new(
+                    format!("deny_domain_suffixes[{i}]"),
+                    Some(d.clone()),
+                    format!("{e}; expected a suffix like .ads.example or ads.example"),
+                )
+            })?;
+        }
+        for (i, ns) in self.dns.nameservers.iter().enumerate() {
+            if let Err(e) = check_nameserver(ns) {
+                return Err(ConfigError::new(
+                    format!("dns.nameservers[{i}]"),
+                    Some(ns.clone()),
+                    e,
+                ));
+            }
+        }
+        if self.dns.query_timeout_ms == Some(0) {
+            return Err(ConfigError::new(
+                "dns.query_timeout_ms",
+                Some("0".into()),
+                "must be at least 1 (milliseconds); default 5000",
+            ));
+        }
+        if self.dns.max_queries_in_flight == Some(0) {
+            return Err(ConfigError::new(
+                "dns.max_queries_in_flight",
+                Some("0".into()),
+                "must be at least 1; default 256",
+            ));
+        }
+        for (i, a) in self.dns.host_aliases.iter().enumerate() {
+            parse_domain(a).map_err(|e| {
+                ConfigError::new(
+                    format!("dns.host_aliases[{i}]"),
+                    Some(a.clone()),
+                    format!("{e}; expected a domain name"),
+                )
+            })?;
+        }
+        for (i, b) in self.tls.bypass.iter().enumerate() {
+            parse_domain(strip_suffix_marker(b)).map_err(|e| {
+                ConfigError::new(
+                    format!("tls.bypass[{i}]"),
+                    Some(b.clone()),
+                    format!("{e}; expected a domain or *.suffix pattern"),
+                )
+            })?;
+        }
+        if let Some(ports) = &self.tls.intercepted_ports {
+            for (i, p) in ports.iter().enumerate() {
+                if *p == 0 {
+                    return Err(ConfigError::new(
+                        format!("tls.intercepted_ports[{i}]"),
+                        Some("0".into()),
+                        "port 0 is not allowed; expected 1-65535",
+                    ));
+                }
+            }
+        }
+        if self.tls.ca_cert.is_some() != self.tls.ca_key.is_some() {
+            let (set, missing) = if self.tls.ca_cert.is_some() {
+                ("tls.ca_cert", "tls.ca_key")
+            } else {
+                ("tls.ca_key", "tls.ca_cert")
+            };
+            return Err(ConfigError::new(missing, None, format!("{set} is set, so {missing} must be set too (a CA needs its certificate and its key)")));
+        }
+        if let Some(net) = self.ipv4_pool {
+            if net.trunc() != net {
+                return Err(ConfigError::new(
+                    "ipv4_pool",
+                    Some(net.to_string()),
+                    format!("host bits set; did you mean {}?", net.trunc()),
+                ));
+            }
+            if net.prefix_len() > 30 {
+                return Err(ConfigError::new(
+                    "ipv4_pool",
+                    Some(net.to_string()),
+                    "prefix too long: the pool must hold at least one /30 (prefix 0-30)",
+                ));
+            }
+        }
+        if let Some(net) = self.ipv6_pool {
+            if net.trunc() != net {
+                return Err(ConfigError::new(
+                    "ipv6_pool",
+                    Some(net.to_string()),
+                    format!("host bits set; did you mean {}?", net.trunc()),
+                ));
+            }
+            if net.prefix_len() > 64 {
+                return Err(ConfigError::new(
+                    "ipv6_pool",
+                    Some(net.to_string()),
+                    "prefix too long: the pool must hold at least one /64 (prefix 0-64)",
+                ));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::new(
+                "max_connections",
+                Some("0".into()),
+                "must be at least 1 (omit it for no cap)",
+            ));
+        }
+        for (i, s) in self.secrets.iter().enumerate() {
+            if s.env_var.is_empty() || s.env_var.contains('=') || s.env_var.contains('\0') {
+                return Err(ConfigError::new(
+                    format!("secrets[{i}].env_var"),
+                    Some(s.env_var.clone()),
+                    "must be non-empty and contain no `=` or NUL",
+                ));
+            }
+            if s.value.is_empty() {
+                return Err(ConfigError::new(
+                    format!("secrets[{i}].value"),
+                    None,
+                    "must not be empty",
+                ));
+            }
+            if let Some(p) = &s.placeholder {
+                if p.is_empty() || p.len() > 1024 || p.contains('\0') {
+                    return Err(ConfigError::new(
+                        format!("secrets[{i}].placeholder"),
+                        Some(p.clone()),
+                        "must be 1-1024 bytes without NUL",
+                    ));
+                }
+            }
+            for (j, h) in s.allowed_hosts.iter().enumerate() {
+                parse_domain(strip_suffix_marker(h)).map_err(|e| {
+                    ConfigError::new(
+                        format!("secrets[{i}].allowed_hosts[{j}]"),
+                        Some(h.clone()),
+                        format!("{e}; expected a domain or *.suffix pattern"),
+                    )
+                })?;
+            }
+        }
+        for (i, m) in self.map.iter().enumerate() {
+            if let Some(e) = m.problem() {
+                return Err(ConfigError::new(
+                    format!("map[{i}]"),
+                    Some(m.to_string()),
+                    e,
+                ));
+            }
+            if let Some(j) = self.map[..i].iter().position(|o| {
+                crate::policy::canonical(o.guest) == crate::policy::canonical(m.guest)
+                    && o.guest_port == m.guest_port
+            }) {
+                return Err(ConfigError::new(
+                    format!("map[{i}]"),
+                    Some(m.to_string()),
+                    format!("the same guest destination is already mapped by map[{j}]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn binds_overlap(a: IpAddr, b: IpAddr) -> bool {
+    a == b
+        || (a.is_unspecified() && a.is_ipv4() == b.is_ipv4())
+        || (b.is_unspecified() && a.is_ipv4() == b.is_ipv4())
+}
+
+/// `.example.com` and `*.example.com` -> `example.com`.
+pub(crate) fn strip_suffix_marker(s: &str) -> &str {
+    s.strip_prefix("*.")
+        .or_else(|| s.strip_prefix('.'))
+        .unwrap_or(s)
+}
+
+fn check_nameserver(ns: &str) -> Result<(), String> {
+    const WHAT: &str = "expected IP, IP:PORT, HOST or HOST:PORT ([v6]:PORT for IPv6 with a port)";
+    let port_ok = |p: &str| matches!(p.parse::<u32>(), Ok(1..=65535));
+    if ns.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if let Some(inner) = ns.strip_prefix('[') {
+        return match inner.split_once("]:") {
+            Some((a, p)) if a.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(p) => Ok(()),
+            _ => Err(WHAT.into()),
+        };
+    }
+    let (host, port) = match ns.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (ns, None),
+    };
+    if let Some(p) = port {
+        if !port_ok(p) {
+            return Err(format!("port `{p}` is not 1-65535; {WHAT}"));
+        }
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    // A single-label host (e.g. `resolver`) is allowed here: the host resolver decides.
+    let as_domain = if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.x")
+    };
+    parse_domain(&as_domain)
+        .map(|_| ())
+        .map_err(|e| format!("{e}; {WHAT}"))
+}
+
+fn validate_rule(r: &RuleSpec, path: &str) -> Result<(), ConfigError> {
+    if r.direction == RuleDirection::Ingress || r.direction == RuleDirection::Any {
+        if let Some(p) = r.all_protocols().into_iter().find(|p| p.is_icmp()) {
+            let field = if r.protocol == Some(p) {
+                format!("{path}.protocol")
+            } else {
+                let i = r.protocols.iter().position(|x| *x == p).unwrap_or(0);
+                format!("{path}.protocols[{i}]")
+            };
+            return Err(ConfigError::new(
+                field,
+                Some(p.name().to_string()),
+                format!(
+                    "ICMP is not allowed in a rule with direction `{}`: the host has no inbound ICMP path; \
+                     use direction = \"egress\" for ICMP rules",
+                    r.direction
+                ),
+            ));
+        }
+    }
+    let ports = r.port.iter().map(|p| (format!("{path}.port"), p)).chain(
+        r.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("{path}.ports[{i}]"), p)),
+    );
+    for (field, p) in ports {
+        if let Some(e) = p.problem() {
+            return Err(ConfigError::new(
+                field,
+                Some(format!("{}-{}", p.start, p.end)),
+                e,
+            ));
+        }
+    }
+    if let Some(d) = &r.destination {
+        let bad = match d {
+            Destination::Cidr(net) if net.trunc() != *net => {
+                Some(format!("host bits set; did you mean {}?", net.trunc()))
+            }
+            Destination::Domain(n) => parse_domain(n).err(),
+            Destination::Suffix(n) => parse_domain(n).err(),
+            _ => None,
+        };
+        if let Some(e) = bad {
+            return Err(ConfigError::new(
+                format!("{path}.destination"),
+                Some(d.to_string()),
+                e,
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Format of a config file, by extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Result<Format, ConfigError> {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+        {
+            Some(e) if e == "toml" => Ok(Format::Toml),
+            Some(e) if e == "json" => Ok(Format::Json),
+            other => Err(ConfigError::new(
+                "--config",
+                Some(path.display().to_string()),
+                format!(
+                    "unknown config file extension {}; expected .toml or .json",
+                    other
+                        .map(|e| format!("`.{e}`"))
+                        .unwrap_or_else(|| "(none)".into())
+                ),
+            )),
+        }
+    }
+}
+
+/// Parses config text. Errors carry the field path; the caller adds the file.
+pub fn parse_str(text: &str, format: Format) -> Result<NetworkConfig, ConfigError> {
+    match format {
+        Format::Toml => {
+            let de = toml::Deserializer::new(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let mut msg = inner.message().to_string();
+                if let Some(span) = inner.span() {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    msg = format!("{msg} (line {line})");
+                }
+                ConfigError::new(clean_path(path), None, msg)
+            })
+        }
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let r: Result<NetworkConfig, _> = serde_path_to_error::deserialize(&mut de);
+            let cfg = r.map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                ConfigError::new(clean_path(path), None, inner.to_string())
+            })?;
+            de.end()
+                .map_err(|e| ConfigError::new("", None, e.to_string()))?;
+            Ok(cfg)
+        }
+    }
+}
+
+fn clean_path(p: String) -> String {
+    if p == "." || p == "?" {
+        String::new()
+    } else {
+        p
+    }
+}
+
+/// Reads, parses and validates a config file (TOML or JSON by extension).
+pub fn load(path: &Path) -> Result<NetworkConfig, ConfigError> {
+    let cfg = load_unvalidated(path)?;
+    cfg.validate().map_err(|e| e.in_file(path))?;
+    Ok(cfg)
+}
+
+/// Reads and parses a config file without [`NetworkConfig::validate`].
+pub fn load_unvalidated(path: &Path) -> Result<NetworkConfig, ConfigError> {
+    let format = Format::of(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            "--config",
+            Some(path.display().to_string()),
+            format!("cannot read the file: {e}"),
+        )
+    })?;
+    parse_str(&text, format).map_err(|e| e.in_file(path))
+}
+
+/// Renders a config as TOML (for `netfence config`).
+pub fn to_toml(cfg: &NetworkConfig) -> String {
+    toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# cannot render as TOML: {e}\n"))
 }

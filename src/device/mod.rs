@@ -47,6 +47,8 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 pub const FLOWS_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Event id of the datapath's timerfd.
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// Event id of the DNS service's upstream sockets.
+pub const DNS_EVENT: u16 = NUM_QUEUES as u16 + 3;
 
 /// What the guest sees of the device, fixed for the life of a connection.
 #[derive(Clone, Debug)]
@@ -86,7 +88,11 @@ impl NetBackend {
     /// The fds the worker thread must watch besides the queues, with their event ids.
     pub fn extra_fds(&self) -> Vec<(std::os::fd::RawFd, u16)> {
         let dp = self.lock();
-        vec![(dp.flows_fd(), FLOWS_EVENT), (dp.timer_fd(), TIMER_EVENT)]
+        vec![
+            (dp.flows_fd(), FLOWS_EVENT),
+            (dp.timer_fd(), TIMER_EVENT),
+            (dp.dns_fd(), DNS_EVENT),
+        ]
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {

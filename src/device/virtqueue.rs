@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 
 use tracing::debug;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Largest Ethernet frame we accept from or give to the guest (no GSO is offered).
@@ -25,6 +25,29 @@ pub fn header_len(version_1_or_mrg: bool) -> usize {
     } else {
         10
     }
+}
+
+/// Walks a chain and says whether it ends properly: the iterator of virtio-queue stops quietly
+/// on a loop, a `next` out of range, a bad indirect table or a length overflow, which would make
+/// a truncated chain look complete. A chain is accepted only if its last descriptor says "no
+/// next", its length fits a frame, and (for TX) no descriptor is device-writable.
+fn chain_is_well_formed<M>(chain: &DescriptorChain<M>, transmit: bool) -> bool
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut seen = false;
+    let mut last_has_next = false;
+    let mut total: u64 = 0;
+    for desc in chain.clone() {
+        seen = true;
+        last_has_next = desc.has_next();
+        total += u64::from(desc.len());
+        if (transmit && desc.is_write_only()) || total > (MAX_FRAME as u64) * 2 {
+            return false;
+        }
+    }
+    seen && !last_has_next
 }
 
 /// Outcome counters of one TX drain.
@@ -57,21 +80,23 @@ pub fn drain_tx(
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             scratch.clear();
-            let ok = match chain.reader(mem) {
-                Ok(mut reader) => {
-                    let total = reader.available_bytes();
-                    if total < hdr_len || total - hdr_len > MAX_FRAME {
-                        false
-                    } else {
-                        scratch.resize(total, 0);
-                        reader.read_exact(scratch).is_ok()
+            let well_formed = chain_is_well_formed(&chain, true);
+            let ok = well_formed
+                && match chain.reader(mem) {
+                    Ok(mut reader) => {
+                        let total = reader.available_bytes();
+                        if total < hdr_len || total - hdr_len > MAX_FRAME {
+                            false
+                        } else {
+                            scratch.resize(total, 0);
+                            reader.read_exact(scratch).is_ok()
+                        }
                     }
-                }
-                Err(e) => {
-                    debug!(error = %e, "bad TX descriptor chain");
-                    false
-                }
-            };
+                    Err(e) => {
+                        debug!(error = %e, "bad TX descriptor chain");
+                        false
+                    }
+                };
             if vring.add_used(head, 0).is_err() {
                 stats.bad_chains += 1;
                 break;
@@ -125,7 +150,8 @@ pub fn push_rx(
             break;
         };
         let head = chain.head_index();
-        let writer = match chain.writer(mem) {
+        let usable = chain_is_well_formed(&chain, false);
+        let writer = match chain.writer(mem).ok().filter(|_| usable).ok_or(()) {
             Ok(w) => w,
             Err(_) => {
                 // The frame is dropped; every buffer taken so far goes back empty.

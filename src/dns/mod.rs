@@ -1,1 +1,182 @@
-//! (in progress)
+//! The gateway DNS service: the guest's resolver, with the policy's view of names.
+//!
+//! # Theory of operation
+//!
+//! The guest sends its queries to the gateway (UDP or TCP port 53). The datapath hands each
+//! query to [`DnsService::handle_query`] together with a [`ClientKey`] that says where the answer
+//! must go, and a [`DomainJudge`] that knows the policy's domain rules. A query is either
+//! answered at once (NXDOMAIN for a blocked name, the gateway addresses for a host alias,
+//! FORMERR for a malformed message) or forwarded to the first upstream nameserver under a fresh
+//! random id over a connected UDP socket.
+//!
+//! The service owns its upstream sockets and watches them with its own epoll instance, whose
+//! single descriptor ([`DnsService::event_fd`]) the queue thread registers once, for `EPOLLIN`,
+//! in its own epoll. When it fires, or when [`DnsService::next_deadline`] passes, the thread
+//! calls [`DnsService::poll`], which reads every upstream answer ready, matches it to its query
+//! by id, upstream address and question (anything else is ignored: anti-spoofing), vets it, and
+//! fails over timed-out queries to the next upstream (SERVFAIL after the last one). Vetting an
+//! answer means: NXDOMAIN when a CNAME in it reaches a blocked name; with rebind protection,
+//! removing A/AAAA records in private/loopback/link-local/metadata space (NXDOMAIN when no
+//! address is left); truncating UDP answers that exceed the client's EDNS size (TC set, the
+//! client retries over TCP). A truncated upstream answer to a TCP client is fetched again over
+//! TCP. Every address the guest receives is recorded in the [`NameCache`], which domain rules
+//! for new flows are judged against.
+//!
+//! Nothing here blocks, spawns or locks: it is driven entirely by the queue thread.
+
+pub mod cache;
+pub mod framer;
+pub mod message;
+pub mod names;
+pub mod rebind;
+mod service;
+pub mod upstream;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+pub use cache::NameCache;
+pub use framer::{FrameError, TcpDnsFramer};
+pub use names::{normalize_name, DomainSet, StaticJudge};
+pub use rebind::is_rebind_protected;
+pub use service::DnsService;
+
+/// The host alias answered locally when none is configured.
+pub const DEFAULT_HOST_ALIAS: &str = "host.microsandbox.internal";
+/// `dns.query_timeout_ms` default.
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_millis(5000);
+/// Default limit of queries waiting for an upstream answer.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// Hard ceiling of queries in flight (ids are 16 bits; keep collisions rare).
+pub const MAX_IN_FLIGHT_CEILING: usize = 16384;
+/// Default limit of an answer's size (the most DNS over TCP can carry).
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 65535;
+
+/// Configuration of a [`DnsService`].
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// Upstream nameservers, tried in order (see [`DnsSettings::resolve_upstreams`]).
+    pub upstreams: Vec<SocketAddr>,
+    /// How long one upstream gets to answer before the next is tried (`dns.query_timeout_ms`).
+    pub query_timeout: Duration,
+    /// Remove private/loopback/link-local/metadata addresses from answers (`dns.rebind_protection`).
+    pub rebind_protection: bool,
+    /// Names answered locally with the gateway addresses.
+    pub host_aliases: Vec<String>,
+    /// Gateway IPv4 addresses (A answers for host aliases).
+    pub gateway_v4: Vec<Ipv4Addr>,
+    /// Gateway IPv6 addresses (AAAA answers for host aliases).
+    pub gateway_v6: Vec<Ipv6Addr>,
+    /// Queries waiting for an upstream at once; the excess is dropped and counted.
+    pub max_in_flight: usize,
+    /// Largest answer delivered: UDP answers above it (or above the client's EDNS size) are
+    /// truncated with TC set, TCP answers above it are replaced by SERVFAIL.
+    pub max_answer_bytes: usize,
+    /// Addresses kept in the IP -> names cache.
+    pub cache_capacity: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+            rebind_protection: true,
+            host_aliases: vec![DEFAULT_HOST_ALIAS.to_string()],
+            gateway_v4: Vec::new(),
+            gateway_v6: Vec::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
+            cache_capacity: cache::DEFAULT_CACHE_CAPACITY,
+        }
+    }
+}
+
+impl DnsSettings {
+    /// `dns.nameservers` entries (`IP`, `IP:PORT`, `[IPv6]:PORT`, `HOST`, `HOST:PORT`) to
+    /// addresses; host names are resolved once, now. Empty: the host's /etc/resolv.conf.
+    pub fn resolve_upstreams(entries: &[String]) -> Result<Vec<SocketAddr>, String> {
+        upstream::resolve_upstreams(entries)
+    }
+
+    /// As [`DnsSettings::resolve_upstreams`] with another resolv.conf.
+    pub fn resolve_upstreams_with(
+        entries: &[String],
+        resolv_conf: &Path,
+    ) -> Result<Vec<SocketAddr>, String> {
+        upstream::resolve_upstreams_with(entries, resolv_conf)
+    }
+}
+
+/// The policy's view of names and addresses, asked by the DNS service.
+pub trait DomainJudge {
+    /// `Some(reason)` when `name` (normalized: lower case, no trailing dot) must not resolve:
+    /// a `deny_domains` entry, a `deny_domain_suffixes` entry, or a deny rule of kind
+    /// domain / domain suffix.
+    fn domain_denied(&self, name: &str) -> Option<String>;
+    /// True when an allow rule names this address or a range containing it explicitly (an
+    /// IP or CIDR destination, not a group): such answers pass rebind protection.
+    fn explicitly_allows_ip(&self, ip: IpAddr) -> bool;
+}
+
+/// How a guest query reached the service, so that its answer goes back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    /// A guest TCP connection, named by the datapath's connection id.
+    Tcp(u64),
+}
+
+/// Where an answer must be delivered: the guest's address and port, the address it sent the
+/// query to (the answer's source), and the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub transport: Transport,
+}
+
+/// Counters of a [`DnsService`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    /// Messages received from the guest.
+    pub queries: u64,
+    /// Queries sent upstream (first attempts; failovers count in `timeouts`).
+    pub forwarded: u64,
+    /// Queries answered without an upstream (host aliases).
+    pub answered_locally: u64,
+    /// NXDOMAIN for a blocked name (in the query or in a CNAME of the answer).
+    pub blocked: u64,
+    /// A/AAAA records removed by rebind protection.
+    pub rebind_removed: u64,
+    /// Answers replaced by NXDOMAIN because rebind protection left no address.
+    pub rebind_blocked: u64,
+    /// Guest messages that could not be parsed or were not single-question queries.
+    pub malformed: u64,
+    /// Unsupported queries answered NOTIMP/REFUSED (other opcodes, zone transfers).
+    pub unsupported: u64,
+    /// Retransmissions of a query still in flight (dropped; the first one's answer serves).
+    pub duplicates: u64,
+    /// Queries dropped because `max_in_flight` were already waiting.
+    pub dropped_over_limit: u64,
+    /// Upstream attempts that timed out or failed.
+    pub timeouts: u64,
+    /// SERVFAIL answers made by netfence (every upstream failed, undecodable answer, ...).
+    pub servfail: u64,
+    /// Upstream answers delivered to the guest.
+    pub answers: u64,
+    /// UDP answers truncated to fit the client's size.
+    pub truncated: u64,
+    /// TCP answers above `max_answer_bytes` (replaced by SERVFAIL).
+    pub oversize: u64,
+    /// Upstream messages that matched no query (wrong id, source or question).
+    pub mismatched: u64,
+    /// Upstream answers that matched a query but could not be decoded.
+    pub upstream_malformed: u64,
+    /// Truncated upstream answers fetched again over TCP.
+    pub tcp_retries: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,6 +5,7 @@
 //! keyed by (guest source, guest-visible destination).
 
 pub mod addrmap;
+pub mod icmp;
 pub mod tcp;
 pub mod udp;
 
@@ -25,12 +26,14 @@ pub type FlowKey = (SocketAddrV4, SocketAddrV4);
 pub enum FlowRef {
     Tcp(FlowKey),
     Udp(FlowKey),
+    Echo(icmp::EchoKey),
 }
 
 pub struct FlowTable {
     pub epoll: Epoll,
     pub tcp: HashMap<FlowKey, TcpFlow>,
     pub udp: HashMap<FlowKey, UdpFlow>,
+    pub echo: HashMap<icmp::EchoKey, icmp::EchoFlow>,
     pub tokens: HashMap<u64, FlowRef>,
     next_token: u64,
 }
@@ -41,6 +44,7 @@ impl FlowTable {
             epoll: Epoll::new()?,
             tcp: HashMap::new(),
             udp: HashMap::new(),
+            echo: HashMap::new(),
             tokens: HashMap::new(),
             next_token: 1,
         })
@@ -52,7 +56,7 @@ impl FlowTable {
 
     /// Flows that count against `max_connections`.
     pub fn len(&self) -> usize {
-        self.tcp.len() + self.udp.len()
+        self.tcp.len() + self.udp.len() + self.echo.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,6 +101,12 @@ impl FlowTable {
 
     pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
+        self.tokens.remove(&flow.token);
+        Some(flow)
+    }
+
+    pub fn remove_echo(&mut self, key: &icmp::EchoKey) -> Option<icmp::EchoFlow> {
+        let flow = self.echo.remove(key)?;
         self.tokens.remove(&flow.token);
         Some(flow)
     }

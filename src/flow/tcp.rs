@@ -25,6 +25,9 @@ pub const TCP_BUFFER_BYTES: usize = 256 * 1024;
 pub enum TcpPhase {
     /// Host connect in progress; the guest's SYN waits here.
     Connecting { syn_frame: Vec<u8> },
+    /// The guest's handshake was completed first (to read its TLS ClientHello); the host
+    /// connect is in progress. The guest's bytes wait in the smoltcp socket.
+    ConnectingAfterHello { handle: SocketHandle },
     /// Handshake handed to smoltcp; bytes flow.
     Open { handle: SocketHandle },
 }

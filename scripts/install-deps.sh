@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install the Debian packages netfence's scripts and tests need, idempotently.
+#
+#   scripts/install-deps.sh            # as root (CI) or as a user with sudo
+#
+# Packages:
+#   qemu-system-x86   the VMM the real-guest tests, the demo and the benchmark boot (TCG)
+#   linux-image-amd64 the guest kernel (and its virtio modules), packed by build-guest.sh
+#   busybox-static    the guest's userland (sh, udhcpc, ping, nc, wget, ...)
+#   curl iperf3       guest tools (copied into the guest image with their shared libraries)
+#   socat             handy for poking at the vhost-user socket by hand
+#   passt             the peer user-mode backend bench-guest.sh compares against
+#   cpio gzip xz-utils zstd   packing the initramfs, unpacking compressed kernel modules
+#   python3           the demo's host HTTP server
+#   build-essential pkg-config   linking the Rust crate (cc) on a bare machine
+#
+# `apt-get update` runs only when a package is missing, so a second run makes no network calls.
+set -euo pipefail
+
+PACKAGES=(
+    qemu-system-x86 linux-image-amd64 busybox-static curl iperf3 socat passt
+    cpio gzip xz-utils zstd python3 procps iproute2 build-essential pkg-config
+)
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+else
+    echo "install-deps.sh: need root or sudo to install: ${PACKAGES[*]}" >&2
+    exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    # "install ok installed" is the only state that means the package is there and configured.
+    if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+        missing+=("$p")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps.sh: all packages present"
+    exit 0
+fi
+
+echo "install-deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+# A fresh linux-image-amd64 may pull a newer kernel ABI than the one running; build-guest.sh
+# picks the newest /boot/vmlinuz-* that has a matching /lib/modules tree, so nothing else to do.
+echo "install-deps.sh: done"

@@ -1,0 +1,203 @@
+//! The gateway's DNS service wired to the guest link: UDP and TCP port 53.
+//!
+//! `dns::DnsService` does the DNS work (blocking, rebind protection, forwarding, the IP -> names
+//! cache). This module connects it to the datapath: datagrams from the guest become queries and
+//! answers become frames from the address the guest asked; DNS over TCP is terminated in a
+//! smoltcp socket (no host socket) with one length-prefix framer per connection. The policy is
+//! the service's judge of names.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::time::Instant;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use tracing::debug;
+
+use crate::dns::{ClientKey, DnsService, DomainJudge, TcpDnsFramer, Transport};
+use crate::flow::tcp::listening_socket;
+use crate::flow::FlowKey;
+use crate::policy::Policy;
+use crate::stack::frames::{self, Link};
+use crate::stack::GuestStack;
+
+/// The policy as the DNS service's judge of names and addresses.
+pub struct PolicyJudge<'a>(pub &'a Policy);
+
+impl DomainJudge for PolicyJudge<'_> {
+    fn domain_denied(&self, name: &str) -> Option<String> {
+        self.0.domain_denied(name).map(|r| r.to_string())
+    }
+    fn explicitly_allows_ip(&self, ip: IpAddr) -> bool {
+        self.0.explicitly_allows_ip(ip)
+    }
+}
+
+struct DnsTcpConn {
+    id: u64,
+    handle: SocketHandle,
+    framer: TcpDnsFramer,
+}
+
+pub struct GatewayDns {
+    pub service: DnsService,
+    pub intercept_all: bool,
+    tcp: HashMap<FlowKey, DnsTcpConn>,
+    next_id: u64,
+    buf: Vec<u8>,
+}
+
+impl GatewayDns {
+    pub fn new(service: DnsService, intercept_all: bool) -> Self {
+        GatewayDns {
+            service,
+            intercept_all,
+            tcp: HashMap::new(),
+            next_id: 1,
+            buf: vec![0u8; 16 * 1024],
+        }
+    }
+
+    /// Whether traffic to `dst` is for the DNS service (the gateway's, or any with intercept-all).
+    pub fn serves(&self, dst: SocketAddrV4, gateway: std::net::Ipv4Addr) -> bool {
+        dst.port() == 53 && (*dst.ip() == gateway || self.intercept_all)
+    }
+
+    pub fn has_tcp(&self, key: &FlowKey) -> bool {
+        self.tcp.contains_key(key)
+    }
+
+    pub fn open_tcp_connections(&self) -> usize {
+        self.tcp.len()
+    }
+
+    /// A UDP query from the guest; an immediate answer is queued at once.
+    pub fn udp_query(
+        &mut self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+        policy: &Policy,
+        stack: &mut GuestStack,
+        link: &Link,
+    ) {
+        let key = ClientKey {
+            src: SocketAddr::V4(src),
+            dst: SocketAddr::V4(dst),
+            transport: Transport::Udp,
+        };
+        let judge = PolicyJudge(policy);
+        if let Some(answer) = self
+            .service
+            .handle_query(key, payload, &judge, Instant::now())
+        {
+            queue_udp_answer(stack, link, dst, src, &answer);
+        }
+    }
+
+    /// The guest opens DNS over TCP: a smoltcp socket takes the handshake, no host socket.
+    pub fn accept_tcp(&mut self, key: FlowKey, syn_frame: &[u8], stack: &mut GuestStack) {
+        let handle = stack.sockets.add(listening_socket(key.1));
+        let id = self.next_id;
+        self.next_id += 1;
+        self.tcp.insert(
+            key,
+            DnsTcpConn {
+                id,
+                handle,
+                framer: TcpDnsFramer::new(),
+            },
+        );
+        stack.receive(syn_frame);
+    }
+
+    /// Reads queries from the TCP connections, answers what can be answered now, and closes
+    /// the connections the guest is done with.
+    pub fn pump_tcp(&mut self, policy: &Policy, stack: &mut GuestStack) {
+        let judge = PolicyJudge(policy);
+        let mut finished = Vec::new();
+        for (key, conn) in self.tcp.iter_mut() {
+            let sock = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
+            while sock.can_recv() {
+                let n = match sock.recv_slice(&mut self.buf) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                let messages = match conn.framer.push(&self.buf[..n]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(src = %key.0, error = ?e, "bad DNS-over-TCP framing; closing");
+                        sock.abort();
+                        break;
+                    }
+                };
+                for msg in messages {
+                    let client = ClientKey {
+                        src: SocketAddr::V4(key.0),
+                        dst: SocketAddr::V4(key.1),
+                        transport: Transport::Tcp(conn.id),
+                    };
+                    if let Some(answer) =
+                        self.service
+                            .handle_query(client, &msg, &judge, Instant::now())
+                    {
+                        send_framed(sock, &answer);
+                    }
+                }
+            }
+            // The guest closed its side: nothing more to answer once in-flight queries are done.
+            if sock.state() == tcp::State::CloseWait && self.service.in_flight() == 0 {
+                sock.close();
+            }
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                finished.push(*key);
+            }
+        }
+        for key in finished {
+            if let Some(conn) = self.tcp.remove(&key) {
+                stack.sockets.remove(conn.handle);
+                self.service.cancel_tcp_client(conn.id);
+            }
+        }
+    }
+
+    /// Upstream answers and timeouts: delivers whatever is ready.
+    pub fn poll(&mut self, policy: &Policy, stack: &mut GuestStack, link: &Link) {
+        let judge = PolicyJudge(policy);
+        for (client, answer) in self.service.poll(&judge, Instant::now()) {
+            let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (client.src, client.dst) else {
+                continue;
+            };
+            match client.transport {
+                Transport::Udp => queue_udp_answer(stack, link, dst, src, &answer),
+                Transport::Tcp(id) => {
+                    if let Some(conn) = self.tcp.values().find(|c| c.id == id) {
+                        let sock = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
+                        send_framed(sock, &answer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn queue_udp_answer(
+    stack: &mut GuestStack,
+    link: &Link,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    answer: &[u8],
+) {
+    let frame = frames::udp_to_guest(link, from, to, answer.len(), false, |b| {
+        b.copy_from_slice(answer)
+    });
+    stack.link.queue_frame(frame);
+}
+
+fn send_framed(sock: &mut tcp::Socket<'static>, answer: &[u8]) {
+    if let Some(framed) = TcpDnsFramer::frame(answer) {
+        if sock.send_capacity() - sock.send_queue() >= framed.len() {
+            let _ = sock.send_slice(&framed);
+        }
+    }
+}
