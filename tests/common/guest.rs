@@ -31,8 +31,126 @@ pub struct GuestDevice {
     /// Frames set aside by raw helpers, delivered to smoltcp before new ones.
     pub stash: VecDeque<Vec<u8>>,
     /// Keep a copy of every frame in both directions (for debugging failed tests).
-    pub capture: Option<Vec<(bool, Vec<u8>)>>,
+    pub capture: Option<Capture>,
     pub tx_dropped: u64,
+}
+
+/// The last `limit` frames seen by smoltcp in either direction, for failure reports. With
+/// `tcp_only`, only TCP segment headers are kept (a few bytes each, no allocation per frame),
+/// which perturbs timing far less during bulk transfers.
+#[derive(Default)]
+pub struct Capture {
+    pub frames: VecDeque<(bool, Vec<u8>)>,
+    pub segments: VecDeque<(bool, TcpSummary)>,
+    pub limit: usize,
+    pub tcp_only: bool,
+}
+
+/// TCP header fields of one captured segment.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSummary {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub len: u16,
+}
+
+impl TcpSummary {
+    /// Reads the headers without validation (for captures only).
+    fn parse(f: &[u8]) -> Option<TcpSummary> {
+        if f.len() < 54 || f[12..14] != [8, 0] || f[23] != 6 {
+            return None;
+        }
+        let ihl = ((f[14] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+        let t = f.get(14 + ihl..14 + ihl + 20)?;
+        let doff = ((t[12] >> 4) as usize) * 4;
+        let be16 = |i: usize| u16::from_be_bytes([t[i], t[i + 1]]);
+        let be32 = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+        Some(TcpSummary {
+            sport: be16(0),
+            dport: be16(2),
+            seq: be32(4),
+            ack: be32(8),
+            flags: t[13],
+            window: be16(14),
+            len: total.saturating_sub(ihl + doff) as u16,
+        })
+    }
+}
+
+impl std::fmt::Display for TcpSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut fl = String::new();
+        for (bit, c) in [
+            (0x02, 'S'),
+            (0x10, '.'),
+            (0x08, 'P'),
+            (0x01, 'F'),
+            (0x04, 'R'),
+        ] {
+            if self.flags & bit != 0 {
+                fl.push(c);
+            }
+        }
+        write!(
+            f,
+            "{}>{} [{fl}] seq={} ack={} win={} len={}",
+            self.sport, self.dport, self.seq, self.ack, self.window, self.len
+        )
+    }
+}
+
+impl Capture {
+    pub fn new(limit: usize) -> Capture {
+        Capture {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    pub fn tcp_headers(limit: usize) -> Capture {
+        Capture {
+            limit,
+            tcp_only: true,
+            ..Default::default()
+        }
+    }
+
+    fn record(&mut self, outgoing: bool, f: &[u8]) {
+        if self.tcp_only {
+            if let Some(t) = TcpSummary::parse(f) {
+                if self.segments.len() == self.limit {
+                    self.segments.pop_front();
+                }
+                self.segments.push_back((outgoing, t));
+            }
+            return;
+        }
+        if self.frames.len() == self.limit {
+            self.frames.pop_front();
+        }
+        self.frames.push_back((outgoing, f.to_vec()));
+    }
+
+    /// One line per frame: "guest->" or "->guest" and a summary.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for (out, f) in &self.frames {
+            s.push_str(if *out { "guest-> " } else { "->guest " });
+            s.push_str(&super::frames::describe(f));
+            s.push('\n');
+        }
+        for (out, t) in &self.segments {
+            s.push_str(if *out { "guest-> " } else { "->guest " });
+            s.push_str(&t.to_string());
+            s.push('\n');
+        }
+        s
+    }
 }
 
 pub struct RxTok(Vec<u8>);
@@ -52,7 +170,7 @@ impl phy::TxToken for TxTok<'_> {
         let mut buf = vec![0u8; len];
         let r = f(&mut buf);
         if let Some(c) = self.dev.capture.as_mut() {
-            c.push((true, buf.clone()));
+            c.record(true, &buf);
         }
         if !self.dev.fe.try_send_frame(&buf) {
             self.dev.tx_dropped += 1;
@@ -68,7 +186,7 @@ impl GuestDevice {
             None => self.fe.try_recv_frame()?,
         };
         if let Some(c) = self.capture.as_mut() {
-            c.push((false, f.clone()));
+            c.record(false, &f);
         }
         Some(f)
     }

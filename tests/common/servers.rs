@@ -85,6 +85,14 @@ pub struct OneShotServer<T> {
 impl<T: Send + 'static> OneShotServer<T> {
     pub fn start(handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotServer<T> {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
+        Self::start_on(l, handler)
+    }
+
+    /// Like [`start`](Self::start) on a listener the caller prepared (socket options...).
+    pub fn start_on(
+        l: TcpListener,
+        handler: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> OneShotServer<T> {
         let addr = l.local_addr().unwrap();
         let (tx, rx) = mpsc::channel();
         let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
