@@ -14,7 +14,9 @@ use smoltcp::socket::tcp::State;
 const SILENCE: Duration = Duration::from_millis(1500);
 
 fn gateway_mac(g: &mut Guest) -> [u8; 6] {
-    g.arp_raw(GATEWAY, SHORT).expect("ARP reply for the gateway").sender_mac
+    g.arp_raw(GATEWAY, SHORT)
+        .expect("ARP reply for the gateway")
+        .sender_mac
 }
 
 /// Sends one hand-built SYN to `dst:port` and returns every TCP frame of that flow seen
@@ -27,77 +29,116 @@ fn raw_syn(g: &mut Guest, dst: Ipv4Addr, port: u16, watch: Duration) -> Vec<fram
     let mut seen = Vec::new();
     g.dev.fe.send_frame(&syn);
     while let Some(f) = g.raw_wait(end, |f| {
-        parse_tcp(f).map(|t| t.src == dst && t.sport == port && t.dport == sport).unwrap_or(false)
+        parse_tcp(f)
+            .map(|t| t.src == dst && t.sport == port && t.dport == sport)
+            .unwrap_or(false)
     }) {
         seen.push(parse_tcp(&f).unwrap());
     }
     seen
 }
 
+/// netfence with the private destination mapped to a tripwire: if the policy wrongly allowed
+/// it, the connection would land on loopback (and be counted), never leave the machine.
+fn netfence_with_tripwire(extra: &[&str]) -> (Netfence, servers::Tripwire) {
+    let trip = servers::Tripwire::start();
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    args.extend(trip.map_args(&[PRIVATE_IP]));
+    (Netfence::spawn(&args), trip)
+}
+
 #[test]
 fn private_destination_dropped_silently() {
-    let nf = Netfence::spawn::<&str>(&[]);
+    let (nf, trip) = netfence_with_tripwire(&[]);
     let mut g = guest_up(&nf);
     let seen = raw_syn(&mut g, PRIVATE_IP, 80, SILENCE);
     assert!(seen.is_empty(), "denied SYN was answered: {seen:?}");
-    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:80"), SHORT).expect("decision logged");
+    let d = nf
+        .wait_for_decision(&format!("{PRIVATE_IP}:80"), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "deny", "{}", d.line);
-    assert!(!d.reason.is_empty(), "decision without a reason: {}", d.line);
+    assert!(
+        !d.reason.is_empty(),
+        "decision without a reason: {}",
+        d.line
+    );
     // A real client retransmits; the flow stays denied and unanswered.
     let r = g.tcp_connect(PRIVATE_IP, 80, SILENCE);
     assert_eq!(r.err(), Some(ConnectError::Timeout(State::SynSent)));
     // The gateway still works.
     g.ping(GATEWAY, SHORT).unwrap();
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
 
 #[test]
 fn private_destination_rejected_with_rst() {
-    let nf = Netfence::spawn(&["--reject"]);
+    let (nf, trip) = netfence_with_tripwire(&["--reject"]);
     let mut g = guest_up(&nf);
     let seen = raw_syn(&mut g, PRIVATE_IP, 443, SHORT);
-    let rst = seen.first().unwrap_or_else(|| panic!("no answer to a rejected SYN"));
+    let rst = seen
+        .first()
+        .unwrap_or_else(|| panic!("no answer to a rejected SYN"));
     assert!(rst.flags.rst, "answer is not an RST: {rst:?}");
     assert!(!rst.flags.syn, "rejected SYN got a SYN: {rst:?}");
-    assert!(rst.flags.ack && rst.ack == 0x1000_0001, "RST must ACK the SYN: {rst:?}");
+    assert!(
+        rst.flags.ack && rst.ack == 0x1000_0001,
+        "RST must ACK the SYN: {rst:?}"
+    );
     assert!(rst.checksums_ok, "bad checksum on RST: {rst:?}");
-    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:443"), SHORT).expect("decision logged");
+    let d = nf
+        .wait_for_decision(&format!("{PRIVATE_IP}:443"), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "deny", "{}", d.line);
     // A smoltcp client sees a reset right away.
     match g.tcp_connect(PRIVATE_IP, 443, SHORT) {
         Err(ConnectError::Reset { after }) => assert!(after < Duration::from_secs(1)),
         other => panic!("expected reset, got {other:?}"),
     }
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
 
 #[test]
 fn private_udp_rejected_with_icmp_unreachable() {
-    let nf = Netfence::spawn(&["--reject"]);
+    let (nf, trip) = netfence_with_tripwire(&["--reject"]);
     let mut g = guest_up(&nf);
     let gw = gateway_mac(&mut g);
     let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40000, 53, b"denied?");
     let reply = g
-        .raw_exchange(&f, deadline(SHORT), |f| parse_icmp(f).map(|i| i.msg_type == 3).unwrap_or(false))
+        .raw_exchange(&f, deadline(SHORT), |f| {
+            parse_icmp(f).map(|i| i.msg_type == 3).unwrap_or(false)
+        })
         .expect("no ICMP unreachable for a rejected UDP datagram");
     let icmp = parse_icmp(&reply).unwrap();
     assert_eq!(icmp.dst, GUEST_IP);
     assert!(icmp.checksums_ok);
     let q = icmp.quoted.expect("ICMP error quotes the datagram");
     assert_eq!(q, (PRIVATE_IP, 17, 40000, 53));
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was sent to");
 }
 
 #[test]
 fn private_udp_dropped_silently() {
-    let nf = Netfence::spawn::<&str>(&[]);
+    let (nf, trip) = netfence_with_tripwire(&[]);
     let mut g = guest_up(&nf);
     let gw = gateway_mac(&mut g);
     let f = frames::udp_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40001, 53, b"denied?");
     g.dev.fe.send_frame(&f);
     let got = g.raw_wait(deadline(SILENCE), |f| {
-        parse_icmp(f).is_some() || frames::parse_udp(f).map(|u| u.src == PRIVATE_IP).unwrap_or(false)
+        parse_icmp(f).is_some()
+            || frames::parse_udp(f)
+                .map(|u| u.src == PRIVATE_IP)
+                .unwrap_or(false)
     });
-    assert!(got.is_none(), "denied UDP was answered: {}", frames::describe(&got.unwrap()));
-    let d = nf.wait_for_decision(&format!("{PRIVATE_IP}:53"), SHORT).expect("decision logged");
+    assert!(
+        got.is_none(),
+        "denied UDP was answered: {}",
+        frames::describe(&got.unwrap())
+    );
+    let d = nf
+        .wait_for_decision(&format!("{PRIVATE_IP}:53"), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "deny", "{}", d.line);
+    assert_eq!(trip.hits(), (0, 0), "a denied destination was sent to");
 }
 
 /// A public (documentation) destination is allowed by the default policy and logged; an
@@ -105,12 +146,61 @@ fn private_udp_dropped_silently() {
 #[test]
 fn mapped_public_address_allowed_and_logged() {
     let echo = servers::TcpEchoServer::start();
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}=127.0.0.1:{}", echo.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}=127.0.0.1:{}", echo.port()),
+    ]);
     let mut g = guest_up(&nf);
     // Address-only map: any port of 203.0.113.7 goes to the echo server's port.
-    let h = g.tcp_connect(PUBLIC_IP, 8443, SHORT).unwrap_or_else(|e| panic!("{e:?}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 8443, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
     g.tcp_send_all(h, b"ping", deadline(SHORT)).unwrap();
     assert_eq!(g.tcp_recv_exact(h, 4, deadline(SHORT)).unwrap(), b"ping");
-    let d = nf.wait_for_decision(&format!("{PUBLIC_IP}:8443"), SHORT).expect("decision logged");
+    let d = nf
+        .wait_for_decision(&format!("{PUBLIC_IP}:8443"), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "allow", "{}", d.line);
+}
+
+/// `--max-connections N`: the (N+1)th concurrent connection is denied (here: rejected, so the
+/// guest sees an RST), and a slot frees up when a connection ends.
+#[test]
+fn max_connections_limit() {
+    let echo = servers::TcpEchoServer::start();
+    let nf = Netfence::spawn(&[
+        "--max-connections".to_string(),
+        "2".to_string(),
+        "--reject".to_string(),
+        "--map".to_string(),
+        format!("{PUBLIC_IP}=127.0.0.1:{}", echo.port()),
+    ]);
+    let mut g = guest_up(&nf);
+    let a = g
+        .tcp_connect(PUBLIC_IP, 1001, SHORT)
+        .unwrap_or_else(|e| panic!("first: {e:?}"));
+    let _b = g
+        .tcp_connect(PUBLIC_IP, 1002, SHORT)
+        .unwrap_or_else(|e| panic!("second: {e:?}"));
+    match g.tcp_connect(PUBLIC_IP, 1003, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!("third connection over the limit of 2: {other:?}"),
+    }
+    let d = nf
+        .wait_for_decision(&format!("{PUBLIC_IP}:1003"), SHORT)
+        .expect("decision logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+    // End the first connection cleanly (both FINs), then a new one fits.
+    g.tcp_shutdown_write(a);
+    let (_, fin) = g.tcp_recv_to_eof(a, deadline(SHORT));
+    assert!(fin);
+    let ok = g.poll_until(deadline(SHORT), |g| {
+        g.tcp_connect(PUBLIC_IP, 1004, Duration::from_millis(500))
+            .ok()
+    });
+    assert!(
+        ok.is_some(),
+        "no connection slot freed after a connection closed:\n{}",
+        nf.log_text()
+    );
 }

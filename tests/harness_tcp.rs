@@ -27,9 +27,15 @@ fn tcp_echo_via_gateway_address() {
     }
     g.tcp_shutdown_write(h);
     let (rest, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
-    assert!(rest.is_empty() && fin, "expected a clean FIN after echo, got {} bytes fin={fin}", rest.len());
+    assert!(
+        rest.is_empty() && fin,
+        "expected a clean FIN after echo, got {} bytes fin={fin}",
+        rest.len()
+    );
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let d = nf.wait_for_decision(&format!("{GATEWAY}:{}", echo.port()), SHORT).expect("decision logged");
+    let d = nf
+        .wait_for_decision(&format!("{GATEWAY}:{}", echo.port()), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "allow", "{}", d.line);
 }
 
@@ -39,8 +45,13 @@ fn gateway_alias_denied_by_default_policy() {
     let nf = Netfence::spawn::<&str>(&[]);
     let mut g = guest_up(&nf);
     let r = g.tcp_connect(GATEWAY, echo.port(), Duration::from_secs(2));
-    assert!(matches!(r, Err(ConnectError::Timeout(State::SynSent))), "{r:?}");
-    let d = nf.wait_for_decision(&format!("{GATEWAY}:{}", echo.port()), SHORT).expect("decision logged");
+    assert!(
+        matches!(r, Err(ConnectError::Timeout(State::SynSent))),
+        "{r:?}"
+    );
+    let d = nf
+        .wait_for_decision(&format!("{GATEWAY}:{}", echo.port()), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "deny", "{}", d.line);
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
@@ -56,37 +67,57 @@ fn tcp_bulk_both_ways_to_mapped_public_address() {
     let server = OneShotServer::start(move |mut s| {
         let mut w = s.try_clone().unwrap();
         let writer = std::thread::spawn(move || {
-            w.write_all(&down2).map_err(|e| format!("server write: {e}"))?;
-            w.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
+            w.write_all(&down2)
+                .map_err(|e| format!("server write: {e}"))?;
+            w.shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))
         });
         let got = read_to_eof(&mut s);
         let wr = writer.join().unwrap();
-        (got.map(|g| g == up2), wr)
+        (got.map(|g| mismatch(&g, &up2)), wr)
     });
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
+    ]);
     let mut g = guest_up(&nf);
-    let h = g.tcp_connect(PUBLIC_IP, 80, SHORT).unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
     let start = Instant::now();
-    let got = g.tcp_transfer(h, &up, true, deadline(LONG)).unwrap_or_else(|e| panic!("{e}"));
+    let got = g
+        .tcp_transfer(h, &up, true, deadline(LONG))
+        .unwrap_or_else(|e| panic!("{e}"));
     let took = start.elapsed();
     assert_eq!(got.len(), N, "guest received {} of {N} bytes", got.len());
-    assert!(got == down, "guest received different bytes");
+    if let Some(m) = mismatch(&got, &down) {
+        panic!("guest received different bytes: {m}");
+    }
     let (up_ok, wr) = server.join_polling(&mut g, SHORT).unwrap();
-    assert_eq!(up_ok, Ok(true), "server did not receive the guest's bytes exactly");
+    assert_eq!(
+        up_ok,
+        Ok(None),
+        "server did not receive the guest's bytes exactly"
+    );
     assert_eq!(wr, Ok(()));
     eprintln!(
         "8 MiB in {took:?} ({:.1} MB/s), frontend stats {:?}",
         (2 * N) as f64 / took.as_secs_f64() / 1e6,
         g.dev.fe.stats
     );
-    let d = nf.wait_for_decision(&format!("{PUBLIC_IP}:80"), SHORT).expect("decision logged");
+    let d = nf
+        .wait_for_decision(&format!("{PUBLIC_IP}:80"), SHORT)
+        .expect("decision logged");
     assert_eq!(d.action, "allow", "{}", d.line);
 }
 
 #[test]
 fn refused_connection_gets_rst_fast() {
     let port = closed_port();
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:81=127.0.0.1:{port}")]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:81=127.0.0.1:{port}"),
+    ]);
     let mut g = guest_up(&nf);
     match g.tcp_connect(PUBLIC_IP, 81, SHORT) {
         Err(ConnectError::Reset { after }) => {
@@ -108,18 +139,31 @@ fn half_close_guest_first() {
         s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
         Ok::<_, String>(got)
     });
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:82=127.0.0.1:{}", server.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:82=127.0.0.1:{}", server.port()),
+    ]);
     let mut g = guest_up(&nf);
-    let h = g.tcp_connect(PUBLIC_IP, 82, SHORT).unwrap_or_else(|e| panic!("connect: {e:?}"));
-    g.tcp_send_all(h, b"hello, then FIN", deadline(SHORT)).unwrap();
+    let h = g
+        .tcp_connect(PUBLIC_IP, 82, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
+    g.tcp_send_all(h, b"hello, then FIN", deadline(SHORT))
+        .unwrap();
     g.tcp_shutdown_write(h);
     let (data, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
     let expect = "got 15 bytes after your FIN".repeat(50);
     assert_eq!(String::from_utf8_lossy(&data), expect);
     assert!(fin, "no FIN from netfence after the server closed");
-    assert_eq!(server.join_polling(&mut g, SHORT).unwrap(), Ok(b"hello, then FIN".to_vec()));
+    assert_eq!(
+        server.join_polling(&mut g, SHORT).unwrap(),
+        Ok(b"hello, then FIN".to_vec())
+    );
     let st = g.tcp_wait_state(h, &[State::TimeWait, State::Closed], deadline(SHORT));
-    assert!(st.is_some(), "connection did not finish closing: {}", g.tcp(h).state());
+    assert!(
+        st.is_some(),
+        "connection did not finish closing: {}",
+        g.tcp(h).state()
+    );
 }
 
 /// The server shuts down its write side first; the guest keeps sending, then closes.
@@ -130,19 +174,32 @@ fn half_close_server_first() {
         s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
         read_to_eof(&mut s)
     });
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:83=127.0.0.1:{}", server.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:83=127.0.0.1:{}", server.port()),
+    ]);
     let mut g = guest_up(&nf);
-    let h = g.tcp_connect(PUBLIC_IP, 83, SHORT).unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 83, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
     let (banner, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
     assert_eq!(banner, b"banner");
     assert!(fin);
-    assert!(g.tcp(h).may_send(), "guest can no longer send after the peer's FIN");
+    assert!(
+        g.tcp(h).may_send(),
+        "guest can no longer send after the peer's FIN"
+    );
     let body = pattern(200_000, 9);
     g.tcp_send_all(h, &body, deadline(SHORT)).unwrap();
     g.tcp_shutdown_write(h);
     assert!(g.tcp_flush(h, deadline(SHORT)));
     let got = server.join_polling(&mut g, SHORT).unwrap().unwrap();
-    assert!(got == body, "server got {} bytes, want {}", got.len(), body.len());
+    assert!(
+        got == body,
+        "server got {} bytes, want {}",
+        got.len(),
+        body.len()
+    );
 }
 
 /// The server resets the connection: the guest gets an RST.
@@ -150,7 +207,10 @@ fn half_close_server_first() {
 fn server_reset_reaches_guest() {
     let server = OneShotServer::start(|s| {
         // SO_LINGER 0 + close = RST.
-        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         use std::os::fd::AsRawFd;
         // SAFETY: valid socket and option struct.
         unsafe {
@@ -168,11 +228,247 @@ fn server_reset_reaches_guest() {
         drop(s);
         b
     });
-    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:84=127.0.0.1:{}", server.port())]);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:84=127.0.0.1:{}", server.port()),
+    ]);
     let mut g = guest_up(&nf);
-    let h = g.tcp_connect(PUBLIC_IP, 84, SHORT).unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 84, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
     g.tcp_send_all(h, b"hello", deadline(SHORT)).unwrap();
     assert_eq!(&server.join_polling(&mut g, SHORT).unwrap(), b"hello");
     let st = g.tcp_wait_state(h, &[State::Closed], deadline(SHORT));
-    assert_eq!(st, Some(State::Closed), "server's RST did not reach the guest (state {})", g.tcp(h).state());
+    assert_eq!(
+        st,
+        Some(State::Closed),
+        "server's RST did not reach the guest (state {})",
+        g.tcp(h).state()
+    );
+}
+
+/// The server half-closes first and reads slowly (a small receive buffer, and it starts reading
+/// only after the guest has closed): everything the guest sent before its FIN must still reach
+/// the server, even though netfence's side of the connection is done from the guest's view.
+#[test]
+fn guest_data_buffered_at_close_still_reaches_server() {
+    use std::sync::mpsc;
+    const UP: usize = 192 << 10;
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    {
+        // A small receive buffer on the listener (inherited by the accepted socket) keeps most
+        // of the guest's data inside netfence instead of in the kernel.
+        use std::os::fd::AsRawFd;
+        let v: libc::c_int = 4096;
+        // SAFETY: valid socket fd and option value.
+        unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &v as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
+    }
+    let server = OneShotServer::start_on(listener, move |mut s| {
+        s.write_all(b"bye").map_err(|e| e.to_string())?;
+        s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+        go_rx.recv_timeout(LONG).map_err(|e| e.to_string())?;
+        read_to_eof(&mut s)
+    });
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:85=127.0.0.1:{}", server.port()),
+    ]);
+    let mut g = guest_up(&nf);
+    let h = g
+        .tcp_connect(PUBLIC_IP, 85, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let (bye, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
+    assert_eq!((bye.as_slice(), fin), (&b"bye"[..], true));
+    let up = pattern(UP, 21);
+    // Send what the windows take; the rest moves once the server reads.
+    let mut off = 0;
+    let sent_fin = g.poll_until(deadline(SHORT), |g| {
+        let s = g.tcp(h);
+        if s.can_send() && off < up.len() {
+            off += s.send_slice(&up[off..]).unwrap_or(0);
+        }
+        if off == up.len() && s.state() == State::CloseWait {
+            s.close();
+        }
+        // Our FIN acknowledged: netfence has everything.
+        matches!(s.state(), State::TimeWait | State::Closed).then_some(())
+    });
+    eprintln!(
+        "guest queued {off} of {UP} bytes; FIN acknowledged before the server read: {}",
+        sent_fin.is_some()
+    );
+    go_tx.send(()).unwrap();
+    // Keep the guest running while the server drains.
+    let got = server
+        .join_polling(&mut g, LONG)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("server: {e}"));
+    if let Some(m) = mismatch(&got, &up) {
+        panic!(
+            "server did not get the guest's bytes: {m}\n{}",
+            nf.log_text()
+        );
+    }
+}
+
+/// A raw TCP client: a segment carrying data *and* FIN that runs one byte past netfence's
+/// advertised window must be trimmed to the window, and its FIN must not be taken (it lies
+/// past the accepted data). If netfence acknowledged that FIN, the byte beyond the window is
+/// lost: the server sees EOF one byte short.
+#[test]
+fn fin_on_segment_beyond_window_is_not_taken() {
+    use common::frames::{self, Flags};
+    use std::sync::mpsc;
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    set_rcvbuf(&listener, 4096);
+    let server = OneShotServer::start_on(listener, move |mut s| {
+        go_rx.recv_timeout(LONG).map_err(|e| e.to_string())?;
+        read_to_eof(&mut s)
+    });
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:86=127.0.0.1:{}", server.port()),
+    ]);
+    let mut g = guest_up(&nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    let sport = 45086;
+    let iss: u32 = 1_000_000;
+    let fe = &mut g.dev.fe;
+    let seg = |seq: u32, ack: u32, flags: Flags, payload: &[u8]| {
+        let t = frames::tcp_segment(
+            GUEST_IP, PUBLIC_IP, sport, 86, seq, ack, flags, 65535, payload,
+        );
+        frames::eth(
+            gw,
+            me,
+            0x0800,
+            &frames::ipv4_packet(GUEST_IP, PUBLIC_IP, 6, 1, &t),
+        )
+    };
+    let ours = |f: &[u8]| frames::parse_tcp(f).filter(|t| t.dport == sport && t.sport == 86);
+    // Handshake.
+    let syn = frames::tcp_syn_frame(me, gw, GUEST_IP, PUBLIC_IP, sport, 86, iss);
+    fe.send_frame(&syn);
+    let sa = fe
+        .recv_matching(deadline(SHORT), |f| {
+            ours(f).map(|t| t.flags.syn && t.flags.ack).unwrap_or(false)
+        })
+        .and_then(|f| ours(&f))
+        .expect("no SYN-ACK");
+    let rcv = sa.seq.wrapping_add(1);
+    let mut seq = iss.wrapping_add(1);
+    fe.send_frame(&seg(seq, rcv, Flags::ACK, &[]));
+    // Fill netfence's buffers (the server does not read) with stop-and-wait segments, until
+    // the advertised window is small but not zero.
+    let mut window = sa.window as u32;
+    let mut sent: Vec<u8> = Vec::new();
+    let mut rng = frames::Rng::new(86);
+    let mut push = |fe: &mut Frontend, seq: &mut u32, sent: &mut Vec<u8>, n: usize, fin: bool| {
+        let data = rng.bytes(n);
+        let flags = Flags {
+            ack: true,
+            psh: true,
+            fin,
+            ..Default::default()
+        };
+        fe.send_frame(&seg(*seq, rcv, flags, &data));
+        sent.extend_from_slice(&data);
+        *seq = seq.wrapping_add(n as u32);
+        let want = *seq;
+        // The ACK that follows (it may not cover everything; take the first one after).
+        fe.recv_matching(deadline(SHORT), |f| {
+            ours(f).map(|t| t.flags.ack).unwrap_or(false)
+        })
+        .and_then(|f| ours(&f))
+        .map(|t| (t.ack, t.window as u32, want))
+        .expect("no ACK from netfence")
+    };
+    let mut rounds = 0;
+    while window >= 3000 {
+        let (ack, win, want) = push(fe, &mut seq, &mut sent, 1460, false);
+        assert_eq!(ack, want, "netfence did not take an in-window segment");
+        window = win;
+        rounds += 1;
+        assert!(
+            rounds < 8000,
+            "window never closed (host side took everything?)"
+        );
+    }
+    assert!(
+        window > 200,
+        "window closed completely ({window}); cannot place a partial segment"
+    );
+    let (ack, win, want) = push(fe, &mut seq, &mut sent, window as usize - 100, false);
+    assert_eq!(ack, want);
+    assert!(win >= 100, "window {win} after leaving 100 bytes");
+    let w = win as usize;
+    // The segment under test: w + 1 bytes and FIN.
+    let start = seq;
+    let (ack, _, _) = push(fe, &mut seq, &mut sent, w + 1, true);
+    let taken = ack.wrapping_sub(start);
+    assert!(
+        taken <= w as u32,
+        "netfence acknowledged {taken} sequence numbers of a segment of {} bytes + FIN with a \
+         window of {w}: it took the FIN although the segment was cut to the window",
+        w + 1
+    );
+    // Let the server read; retransmit what was not taken (with FIN) until the FIN is acked.
+    go_tx.send(()).unwrap();
+    let mut acked = ack;
+    let end = seq; // sequence number of our FIN
+    let t_end = deadline(LONG);
+    while acked != end.wrapping_add(1) {
+        assert!(std::time::Instant::now() < t_end, "FIN never acknowledged");
+        let off = acked.wrapping_sub(iss.wrapping_add(1)) as usize;
+        let rest = &sent[off..];
+        let n = rest.len().min(1000);
+        let fin = n == rest.len();
+        let flags = Flags {
+            ack: true,
+            psh: true,
+            fin,
+            ..Default::default()
+        };
+        fe.send_frame(&seg(acked, rcv, flags, &rest[..n]));
+        if let Some(t) = fe
+            .recv_matching(deadline(Duration::from_millis(200)), |f| {
+                ours(f).map(|t| t.flags.ack).unwrap_or(false)
+            })
+            .and_then(|f| ours(&f))
+        {
+            acked = t.ack;
+        }
+    }
+    let got = server
+        .join(SHORT)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("server: {e}"));
+    if let Some(m) = mismatch(&got, &sent) {
+        panic!("server did not get the bytes the guest sent: {m}");
+    }
+}
+
+fn set_rcvbuf(l: &std::net::TcpListener, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid socket fd and option value.
+    unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
 }

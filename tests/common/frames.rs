@@ -115,9 +115,27 @@ pub struct Flags {
 }
 
 impl Flags {
-    pub const SYN: Flags = Flags { syn: true, ack: false, rst: false, fin: false, psh: false };
-    pub const ACK: Flags = Flags { syn: false, ack: true, rst: false, fin: false, psh: false };
-    pub const RST: Flags = Flags { syn: false, ack: false, rst: true, fin: false, psh: false };
+    pub const SYN: Flags = Flags {
+        syn: true,
+        ack: false,
+        rst: false,
+        fin: false,
+        psh: false,
+    };
+    pub const ACK: Flags = Flags {
+        syn: false,
+        ack: true,
+        rst: false,
+        fin: false,
+        psh: false,
+    };
+    pub const RST: Flags = Flags {
+        syn: false,
+        ack: false,
+        rst: true,
+        fin: false,
+        psh: false,
+    };
 }
 
 /// A TCP segment (with an MSS option of 1460 on SYN) and a correct checksum.
@@ -168,7 +186,12 @@ pub fn tcp_syn_frame(
     seq: u32,
 ) -> Vec<u8> {
     let seg = tcp_segment(src, dst, sport, dport, seq, 0, Flags::SYN, 64240, &[]);
-    eth(dst_mac, src_mac, ETHERTYPE_IPV4, &ipv4_packet(src, dst, 6, 0x1234, &seg))
+    eth(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV4,
+        &ipv4_packet(src, dst, 6, 0x1234, &seg),
+    )
 }
 
 /// A whole Ethernet frame carrying one UDP datagram.
@@ -191,7 +214,12 @@ pub fn udp_frame(
         p.payload_mut().copy_from_slice(payload);
         p.fill_checksum(&ip(src), &ip(dst));
     }
-    eth(dst_mac, src_mac, ETHERTYPE_IPV4, &ipv4_packet(src, dst, 17, 0x4321, &buf))
+    eth(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV4,
+        &ipv4_packet(src, dst, 17, 0x4321, &buf),
+    )
 }
 
 /// A whole Ethernet frame carrying one ICMP echo request.
@@ -215,7 +243,12 @@ pub fn icmp_echo_frame(
         p.data_mut().copy_from_slice(data);
         p.fill_checksum();
     }
-    eth(dst_mac, src_mac, ETHERTYPE_IPV4, &ipv4_packet(src, dst, 1, 0x5555, &buf))
+    eth(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV4,
+        &ipv4_packet(src, dst, 1, 0x5555, &buf),
+    )
 }
 
 /// A frame of `len` bytes total with an experimental ethertype and patterned payload.
@@ -316,7 +349,13 @@ pub fn parse_tcp(frame: &[u8]) -> Option<TcpInfo> {
         dport: t.dst_port(),
         seq: t.seq_number().0 as u32,
         ack: t.ack_number().0 as u32,
-        flags: Flags { syn: t.syn(), ack: t.ack(), rst: t.rst(), fin: t.fin(), psh: t.psh() },
+        flags: Flags {
+            syn: t.syn(),
+            ack: t.ack(),
+            rst: t.rst(),
+            fin: t.fin(),
+            psh: t.psh(),
+        },
         window: t.window_len(),
         payload: t.payload().to_vec(),
         checksums_ok: ip_ok && t.verify_checksum(&ip(src), &ip(dst)),
@@ -379,7 +418,10 @@ pub fn parse_icmp(frame: &[u8]) -> Option<IcmpInfo> {
             let ihl = ((q[0] & 0x0f) as usize) * 4;
             let dst = Ipv4Addr::new(q[16], q[17], q[18], q[19]);
             let (sp, dp) = match q.get(ihl..ihl + 4) {
-                Some(b) => (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]])),
+                Some(b) => (
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                ),
                 None => (0, 0),
             };
             Some((dst, q[9], sp, dp))
@@ -415,14 +457,32 @@ pub fn describe(frame: &[u8]) -> String {
     if let Some(t) = parse_tcp(frame) {
         return format!(
             "TCP {}:{} -> {}:{} {:?} seq={} ack={} win={} len={}",
-            t.src, t.sport, t.dst, t.dport, t.flags, t.seq, t.ack, t.window, t.payload.len()
+            t.src,
+            t.sport,
+            t.dst,
+            t.dport,
+            t.flags,
+            t.seq,
+            t.ack,
+            t.window,
+            t.payload.len()
         );
     }
     if let Some(u) = parse_udp(frame) {
-        return format!("UDP {}:{} -> {}:{} len={}", u.src, u.sport, u.dst, u.dport, u.payload.len());
+        return format!(
+            "UDP {}:{} -> {}:{} len={}",
+            u.src,
+            u.sport,
+            u.dst,
+            u.dport,
+            u.payload.len()
+        );
     }
     if let Some(i) = parse_icmp(frame) {
-        return format!("ICMP {} -> {} type={} code={}", i.src, i.dst, i.msg_type, i.code);
+        return format!(
+            "ICMP {} -> {} type={} code={}",
+            i.src, i.dst, i.msg_type, i.code
+        );
     }
     format!("{} bytes ethertype={:04x?}", frame.len(), ethertype(frame))
 }

@@ -302,11 +302,15 @@ impl Frontend {
         let acked_features = opts.features & backend_features;
         let mut backend_protocol_features = VhostUserProtocolFeatures::empty();
         let acked_protocol_features = if acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            backend_protocol_features =
-                vu.get_protocol_features().map_err(err("GET_PROTOCOL_FEATURES"))?;
-            hl.push(format!("GET_PROTOCOL_FEATURES -> {backend_protocol_features:?}"));
+            backend_protocol_features = vu
+                .get_protocol_features()
+                .map_err(err("GET_PROTOCOL_FEATURES"))?;
+            hl.push(format!(
+                "GET_PROTOCOL_FEATURES -> {backend_protocol_features:?}"
+            ));
             let acked = opts.protocol_features & backend_protocol_features;
-            vu.set_protocol_features(acked).map_err(err("SET_PROTOCOL_FEATURES"))?;
+            vu.set_protocol_features(acked)
+                .map_err(err("SET_PROTOCOL_FEATURES"))?;
             hl.push(format!("SET_PROTOCOL_FEATURES {acked:?}"));
             acked
         } else {
@@ -398,8 +402,11 @@ impl Frontend {
         fe.rx.kick.write(1).map_err(err("RX kick"))?;
 
         // --- activate (CH: setup_vhost_user) ---
-        fe.vu.set_features(backend_acked).map_err(err("SET_FEATURES"))?;
-        fe.handshake_log.push(format!("SET_FEATURES {backend_acked:#x}"));
+        fe.vu
+            .set_features(backend_acked)
+            .map_err(err("SET_FEATURES"))?;
+        fe.handshake_log
+            .push(format!("SET_FEATURES {backend_acked:#x}"));
         let regions = fe.mem.region_infos();
         if opts.use_mem_slots
             && acked_protocol_features.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
@@ -412,8 +419,11 @@ impl Frontend {
                 ));
             }
         } else {
-            fe.vu.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
-            fe.handshake_log.push(format!("SET_MEM_TABLE {} regions", regions.len()));
+            fe.vu
+                .set_mem_table(&regions)
+                .map_err(err("SET_MEM_TABLE"))?;
+            fe.handshake_log
+                .push(format!("SET_MEM_TABLE {} regions", regions.len()));
         }
         for q in [RX_QUEUE, TX_QUEUE] {
             fe.vu.set_vring_num(q, qs).map_err(err("SET_VRING_NUM"))?;
@@ -423,15 +433,24 @@ impl Frontend {
                 let vq = if q == RX_QUEUE { &fe.rx } else { &fe.tx };
                 (vq.config_data(&fe.mem), &vq.call, &vq.kick)
             };
-            fe.vu.set_vring_addr(q, &cfg).map_err(err("SET_VRING_ADDR"))?;
+            fe.vu
+                .set_vring_addr(q, &cfg)
+                .map_err(err("SET_VRING_ADDR"))?;
             fe.vu.set_vring_base(q, 0).map_err(err("SET_VRING_BASE"))?;
-            fe.vu.set_vring_call(q, call).map_err(err("SET_VRING_CALL"))?;
-            fe.vu.set_vring_kick(q, kick).map_err(err("SET_VRING_KICK"))?;
-            fe.handshake_log.push(format!("vring {q}: NUM {qs} ADDR BASE 0 CALL KICK"));
+            fe.vu
+                .set_vring_call(q, call)
+                .map_err(err("SET_VRING_CALL"))?;
+            fe.vu
+                .set_vring_kick(q, kick)
+                .map_err(err("SET_VRING_KICK"))?;
+            fe.handshake_log
+                .push(format!("vring {q}: NUM {qs} ADDR BASE 0 CALL KICK"));
         }
         if backend_acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             for q in [RX_QUEUE, TX_QUEUE] {
-                fe.vu.set_vring_enable(q, true).map_err(err("SET_VRING_ENABLE"))?;
+                fe.vu
+                    .set_vring_enable(q, true)
+                    .map_err(err("SET_VRING_ENABLE"))?;
             }
             fe.handshake_log.push("SET_VRING_ENABLE 0,1".to_string());
         }
@@ -470,18 +489,25 @@ impl Frontend {
 
     fn rx_buf_addr(&self, tag: u64, part: u16) -> GuestAddress {
         let per = self.opts.rx_descs_per_buf as u64 * self.opts.rx_buf_size as u64;
-        self.rx_area.unchecked_add(tag * per + part as u64 * self.opts.rx_buf_size as u64)
+        self.rx_area
+            .unchecked_add(tag * per + part as u64 * self.opts.rx_buf_size as u64)
     }
 
     fn post_rx_buffer(&mut self, tag: u64) {
         let segs: Vec<Seg> = (0..self.opts.rx_descs_per_buf)
-            .map(|p| Seg { addr: self.rx_buf_addr(tag, p), len: self.opts.rx_buf_size, write: true })
+            .map(|p| Seg {
+                addr: self.rx_buf_addr(tag, p),
+                len: self.opts.rx_buf_size,
+                write: true,
+            })
             .collect();
         // Poison the buffer so stale bytes cannot pass for data.
         for s in &segs {
             self.mem.fill(s.addr, s.len as usize, 0xee);
         }
-        self.rx.add_chain(&segs, tag).expect("RX ring has room for a reposted buffer");
+        self.rx
+            .add_chain(&segs, tag)
+            .expect("RX ring has room for a reposted buffer");
     }
 
     /// Copies out the `len` bytes the device wrote into RX buffer `tag`.
@@ -625,11 +651,23 @@ impl Frontend {
             }
         };
         let mut fds = vec![
-            libc::pollfd { fd: self.rx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.tx.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: self.rx.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.tx.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         for &fd in &self.extra_wait_fds {
-            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
@@ -799,14 +837,25 @@ impl Frontend {
         let mut bytes = vec![0u8; self.hdr_len()];
         bytes.extend_from_slice(frame);
         let blen = bytes.len() as u32;
-        assert!(bytes.len() <= 32 << 10, "frame too large for the scratch area");
+        assert!(
+            bytes.len() <= 32 << 10,
+            "frame too large for the scratch area"
+        );
         self.mem.write(good, &bytes);
-        let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+        let d = |addr: u64, len: u32, flags: u16, next: u16| Desc {
+            addr,
+            len,
+            flags,
+            next,
+        };
         let need = match kind {
             BadChain::Loop | BadChain::HugeLength => 2,
             _ => 1,
         };
-        let ids = self.tx.alloc_descs(need).expect("free TX descriptors for a bad chain");
+        let ids = self
+            .tx
+            .alloc_descs(need)
+            .expect("free TX descriptors for a bad chain");
         let g = good.raw_value();
         match kind {
             BadChain::OutsideMemory => {
@@ -820,11 +869,14 @@ impl Frontend {
                 self.tx.write_desc(ids[0], d(at, 4096, 0, 0));
             }
             BadChain::Loop => {
-                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
-                self.tx.write_desc(ids[1], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
+                self.tx
+                    .write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx
+                    .write_desc(ids[1], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
             }
             BadChain::SelfLoop => {
-                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
+                self.tx
+                    .write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[0]));
             }
             BadChain::TooShort => {
                 self.tx.write_desc(ids[0], d(g, 4, 0, 0));
@@ -833,13 +885,16 @@ impl Frontend {
                 self.tx.write_desc(ids[0], d(g, 0, 0, 0));
             }
             BadChain::HeaderOnly => {
-                self.tx.write_desc(ids[0], d(g, self.hdr_len() as u32, 0, 0));
+                self.tx
+                    .write_desc(ids[0], d(g, self.hdr_len() as u32, 0, 0));
             }
             BadChain::NextOutOfRange => {
-                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, qs + 7));
+                self.tx
+                    .write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, qs + 7));
             }
             BadChain::WriteOnlyOnTx => {
-                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_WRITE, 0));
+                self.tx
+                    .write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_WRITE, 0));
             }
             BadChain::IndirectOutside => {
                 self.tx.write_desc(
@@ -857,11 +912,17 @@ impl Frontend {
                 self.mem.write(table, &t);
                 self.tx.write_desc(
                     ids[0],
-                    d(table.raw_value(), 17, super::virtq::VIRTQ_DESC_F_INDIRECT, 0),
+                    d(
+                        table.raw_value(),
+                        17,
+                        super::virtq::VIRTQ_DESC_F_INDIRECT,
+                        0,
+                    ),
                 );
             }
             BadChain::HugeLength => {
-                self.tx.write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
+                self.tx
+                    .write_desc(ids[0], d(g, blen, VIRTQ_DESC_F_NEXT, ids[1]));
                 self.tx.write_desc(ids[1], d(g, 0xffff_fff0, 0, 0));
             }
         }
@@ -884,13 +945,45 @@ impl Frontend {
         }
     }
 
+    /// One line of ring state, for failure messages.
+    pub fn debug_state(&self) -> String {
+        let q = |v: &SplitQueue| {
+            format!(
+                "avail_idx={} used_idx={} last_used={} in_flight={} avail_event={} used_flags={:#x} kicks={} suppressed={}",
+                v.next_avail,
+                v.used_idx(),
+                v.last_used,
+                v.num_in_flight(),
+                v.avail_event(),
+                v.used_flags(),
+                v.kicks,
+                v.kicks_suppressed
+            )
+        };
+        format!(
+            "RX[{}] TX[{}] pending_frames={} stats={:?}",
+            q(&self.rx),
+            q(&self.tx),
+            self.rx_pending.len(),
+            self.stats
+        )
+    }
+
     /// Stops the device the way QEMU does on VM stop: disable and fetch each vring's base.
     pub fn stop(&mut self) -> Result<(u32, u32), String> {
         for q in [RX_QUEUE, TX_QUEUE] {
-            self.vu.set_vring_enable(q, false).map_err(err("SET_VRING_ENABLE false"))?;
+            self.vu
+                .set_vring_enable(q, false)
+                .map_err(err("SET_VRING_ENABLE false"))?;
         }
-        let rx = self.vu.get_vring_base(RX_QUEUE).map_err(err("GET_VRING_BASE 0"))?;
-        let tx = self.vu.get_vring_base(TX_QUEUE).map_err(err("GET_VRING_BASE 1"))?;
+        let rx = self
+            .vu
+            .get_vring_base(RX_QUEUE)
+            .map_err(err("GET_VRING_BASE 0"))?;
+        let tx = self
+            .vu
+            .get_vring_base(TX_QUEUE)
+            .map_err(err("GET_VRING_BASE 1"))?;
         Ok((rx, tx))
     }
 

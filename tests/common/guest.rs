@@ -17,8 +17,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::socket::{dhcpv4, icmp, tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress,
-    IpCidr, IpEndpoint, Ipv4Cidr,
+    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
+    IpEndpoint, Ipv4Cidr,
 };
 
 use super::frontend::Frontend;
@@ -31,8 +31,126 @@ pub struct GuestDevice {
     /// Frames set aside by raw helpers, delivered to smoltcp before new ones.
     pub stash: VecDeque<Vec<u8>>,
     /// Keep a copy of every frame in both directions (for debugging failed tests).
-    pub capture: Option<Vec<(bool, Vec<u8>)>>,
+    pub capture: Option<Capture>,
     pub tx_dropped: u64,
+}
+
+/// The last `limit` frames seen by smoltcp in either direction, for failure reports. With
+/// `tcp_only`, only TCP segment headers are kept (a few bytes each, no allocation per frame),
+/// which perturbs timing far less during bulk transfers.
+#[derive(Default)]
+pub struct Capture {
+    pub frames: VecDeque<(bool, Vec<u8>)>,
+    pub segments: VecDeque<(bool, TcpSummary)>,
+    pub limit: usize,
+    pub tcp_only: bool,
+}
+
+/// TCP header fields of one captured segment.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSummary {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub len: u16,
+}
+
+impl TcpSummary {
+    /// Reads the headers without validation (for captures only).
+    fn parse(f: &[u8]) -> Option<TcpSummary> {
+        if f.len() < 54 || f[12..14] != [8, 0] || f[23] != 6 {
+            return None;
+        }
+        let ihl = ((f[14] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+        let t = f.get(14 + ihl..14 + ihl + 20)?;
+        let doff = ((t[12] >> 4) as usize) * 4;
+        let be16 = |i: usize| u16::from_be_bytes([t[i], t[i + 1]]);
+        let be32 = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+        Some(TcpSummary {
+            sport: be16(0),
+            dport: be16(2),
+            seq: be32(4),
+            ack: be32(8),
+            flags: t[13],
+            window: be16(14),
+            len: total.saturating_sub(ihl + doff) as u16,
+        })
+    }
+}
+
+impl std::fmt::Display for TcpSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut fl = String::new();
+        for (bit, c) in [
+            (0x02, 'S'),
+            (0x10, '.'),
+            (0x08, 'P'),
+            (0x01, 'F'),
+            (0x04, 'R'),
+        ] {
+            if self.flags & bit != 0 {
+                fl.push(c);
+            }
+        }
+        write!(
+            f,
+            "{}>{} [{fl}] seq={} ack={} win={} len={}",
+            self.sport, self.dport, self.seq, self.ack, self.window, self.len
+        )
+    }
+}
+
+impl Capture {
+    pub fn new(limit: usize) -> Capture {
+        Capture {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    pub fn tcp_headers(limit: usize) -> Capture {
+        Capture {
+            limit,
+            tcp_only: true,
+            ..Default::default()
+        }
+    }
+
+    fn record(&mut self, outgoing: bool, f: &[u8]) {
+        if self.tcp_only {
+            if let Some(t) = TcpSummary::parse(f) {
+                if self.segments.len() == self.limit {
+                    self.segments.pop_front();
+                }
+                self.segments.push_back((outgoing, t));
+            }
+            return;
+        }
+        if self.frames.len() == self.limit {
+            self.frames.pop_front();
+        }
+        self.frames.push_back((outgoing, f.to_vec()));
+    }
+
+    /// One line per frame: "guest->" or "->guest" and a summary.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for (out, f) in &self.frames {
+            s.push_str(if *out { "guest-> " } else { "->guest " });
+            s.push_str(&super::frames::describe(f));
+            s.push('\n');
+        }
+        for (out, t) in &self.segments {
+            s.push_str(if *out { "guest-> " } else { "->guest " });
+            s.push_str(&t.to_string());
+            s.push('\n');
+        }
+        s
+    }
 }
 
 pub struct RxTok(Vec<u8>);
@@ -52,7 +170,7 @@ impl phy::TxToken for TxTok<'_> {
         let mut buf = vec![0u8; len];
         let r = f(&mut buf);
         if let Some(c) = self.dev.capture.as_mut() {
-            c.push((true, buf.clone()));
+            c.record(true, &buf);
         }
         if !self.dev.fe.try_send_frame(&buf) {
             self.dev.tx_dropped += 1;
@@ -68,7 +186,7 @@ impl GuestDevice {
             None => self.fe.try_recv_frame()?,
         };
         if let Some(c) = self.capture.as_mut() {
-            c.push((false, f.clone()));
+            c.record(false, &f);
         }
         Some(f)
     }
@@ -79,7 +197,10 @@ impl Device for GuestDevice {
     type TxToken<'a> = TxTok<'a>;
 
     fn receive(&mut self, _ts: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
-        // Only take a frame when a reply could be sent; otherwise leave it queued.
+        // Like a guest driver's RX path, consume used RX buffers and repost them whatever the
+        // state of TX, so RX never waits on TX.
+        self.fe.poll_rx();
+        // Hand a frame to smoltcp only when a reply could be sent; otherwise it stays queued.
         if !self.fe.tx_has_room(self.frame_mtu) {
             return None;
         }
@@ -149,7 +270,13 @@ impl Guest {
     pub fn new(fe: Frontend) -> Guest {
         let mac = fe.guest_mac();
         let frame_mtu = fe.mtu() as usize + 14;
-        let mut dev = GuestDevice { fe, frame_mtu, stash: VecDeque::new(), capture: None, tx_dropped: 0 };
+        let mut dev = GuestDevice {
+            fe,
+            frame_mtu,
+            stash: VecDeque::new(),
+            capture: None,
+            tx_dropped: 0,
+        };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         config.random_seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -181,7 +308,8 @@ impl Guest {
 
     /// One interface poll.
     pub fn poll(&mut self) {
-        self.iface.poll(smol_now(), &mut self.dev, &mut self.sockets);
+        self.iface
+            .poll(smol_now(), &mut self.dev, &mut self.sockets);
     }
 
     /// Polls until `f` returns Some or the deadline passes, waiting on the call eventfds in
@@ -272,7 +400,11 @@ impl Guest {
     }
 
     pub fn next_port(&mut self) -> u16 {
-        self.next_port = if self.next_port >= 65000 { 49152 } else { self.next_port + 1 };
+        self.next_port = if self.next_port >= 65000 {
+            49152
+        } else {
+            self.next_port + 1
+        };
         self.next_port
     }
 
@@ -285,16 +417,23 @@ impl Guest {
             icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
             icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
         );
-        sock.bind(icmp::Endpoint::Ident(ident)).map_err(|e| format!("{e:?}"))?;
+        sock.bind(icmp::Endpoint::Ident(ident))
+            .map_err(|e| format!("{e:?}"))?;
         let h = self.sockets.add(sock);
         let data: Vec<u8> = (0..56u8).collect();
         let seq = 1u16;
         let caps = ChecksumCapabilities::default();
         let start = Instant::now();
         {
-            let repr = Icmpv4Repr::EchoRequest { ident, seq_no: seq, data: &data };
+            let repr = Icmpv4Repr::EchoRequest {
+                ident,
+                seq_no: seq,
+                data: &data,
+            };
             let s = self.sockets.get_mut::<icmp::Socket>(h);
-            let buf = s.send(repr.buffer_len(), IpAddress::Ipv4(dst)).map_err(|e| format!("{e:?}"))?;
+            let buf = s
+                .send(repr.buffer_len(), IpAddress::Ipv4(dst))
+                .map_err(|e| format!("{e:?}"))?;
             repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
         }
         let deadline = start + timeout;
@@ -306,9 +445,14 @@ impl Guest {
                 if from != IpAddress::Ipv4(dst) {
                     continue;
                 }
-                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else { continue };
-                if let Ok(Icmpv4Repr::EchoReply { ident: i, seq_no, data: d }) =
-                    Icmpv4Repr::parse(&pkt, &caps)
+                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else {
+                    continue;
+                };
+                if let Ok(Icmpv4Repr::EchoReply {
+                    ident: i,
+                    seq_no,
+                    data: d,
+                }) = Icmpv4Repr::parse(&pkt, &caps)
                 {
                     if i == ident && seq_no == seq {
                         return Some(d == &data[..]);
@@ -340,7 +484,11 @@ impl Guest {
     }
 
     /// Waits for a frame `pred` accepts (others are stashed for smoltcp).
-    pub fn raw_wait(&mut self, deadline: Instant, mut pred: impl FnMut(&[u8]) -> bool) -> Option<Vec<u8>> {
+    pub fn raw_wait(
+        &mut self,
+        deadline: Instant,
+        mut pred: impl FnMut(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         let mut kept = Vec::new();
         let found = loop {
             match self.dev.fe.recv_frame(deadline) {
@@ -363,7 +511,11 @@ impl Guest {
     }
 
     /// ARP who-has `target` sent by hand; returns the reply.
-    pub fn arp_raw(&mut self, target: Ipv4Addr, timeout: Duration) -> Option<super::frames::ArpInfo> {
+    pub fn arp_raw(
+        &mut self,
+        target: Ipv4Addr,
+        timeout: Duration,
+    ) -> Option<super::frames::ArpInfo> {
         let src_ip = self.ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
         let req = super::frames::arp_request(self.mac, src_ip, target);
         let mac = self.mac;
@@ -378,7 +530,10 @@ impl Guest {
     // ---- TCP -----------------------------------------------------------------------------------
 
     pub fn tcp_socket(&mut self, rx: usize, tx: usize) -> SocketHandle {
-        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; rx]), tcp::SocketBuffer::new(vec![0u8; tx]));
+        let s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; rx]),
+            tcp::SocketBuffer::new(vec![0u8; tx]),
+        );
         self.sockets.add(s)
     }
 
@@ -416,7 +571,9 @@ impl Guest {
             Some(Ok(())) => Ok(h),
             Some(Err(())) => {
                 self.sockets.remove(h);
-                Err(ConnectError::Reset { after: start.elapsed() })
+                Err(ConnectError::Reset {
+                    after: start.elapsed(),
+                })
             }
             None => {
                 let st = self.tcp(h).state();
@@ -429,7 +586,12 @@ impl Guest {
     }
 
     /// Queues all of `data` (waiting for window as needed). Does not wait for ACKs.
-    pub fn tcp_send_all(&mut self, h: SocketHandle, data: &[u8], deadline: Instant) -> Result<(), String> {
+    pub fn tcp_send_all(
+        &mut self,
+        h: SocketHandle,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<(), String> {
         let mut off = 0;
         self.poll_until(deadline, |g| {
             let s = g.tcp(h);
@@ -444,17 +606,27 @@ impl Guest {
         if off == data.len() {
             Ok(())
         } else {
-            Err(format!("sent {off} of {} bytes (state {})", data.len(), self.tcp(h).state()))
+            Err(format!(
+                "sent {off} of {} bytes (state {})",
+                data.len(),
+                self.tcp(h).state()
+            ))
         }
     }
 
     /// Waits until everything queued has been acknowledged.
     pub fn tcp_flush(&mut self, h: SocketHandle, deadline: Instant) -> bool {
-        self.poll_until(deadline, |g| (g.tcp(h).send_queue() == 0).then_some(())).is_some()
+        self.poll_until(deadline, |g| (g.tcp(h).send_queue() == 0).then_some(()))
+            .is_some()
     }
 
     /// Reads exactly `n` bytes.
-    pub fn tcp_recv_exact(&mut self, h: SocketHandle, n: usize, deadline: Instant) -> Result<Vec<u8>, String> {
+    pub fn tcp_recv_exact(
+        &mut self,
+        h: SocketHandle,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(n);
         self.poll_until(deadline, |g| {
             let s = g.tcp(h);
@@ -471,7 +643,11 @@ impl Guest {
         if out.len() == n {
             Ok(out)
         } else {
-            Err(format!("received {} of {n} bytes (state {})", out.len(), self.tcp(h).state()))
+            Err(format!(
+                "received {} of {n} bytes (state {})",
+                out.len(),
+                self.tcp(h).state()
+            ))
         }
     }
 
@@ -533,10 +709,11 @@ impl Guest {
                 out.len()
             )),
             None => Err(format!(
-                "timeout: sent {off} of {}, received {} bytes, state {}",
+                "timeout: sent {off} of {}, received {} bytes, state {}; {}",
                 data.len(),
                 out.len(),
-                self.tcp(h).state()
+                self.tcp(h).state(),
+                self.dev.fe.debug_state()
             )),
         }
     }
@@ -548,7 +725,12 @@ impl Guest {
     }
 
     /// Waits until the socket reaches one of `states`.
-    pub fn tcp_wait_state(&mut self, h: SocketHandle, states: &[tcp::State], deadline: Instant) -> Option<tcp::State> {
+    pub fn tcp_wait_state(
+        &mut self,
+        h: SocketHandle,
+        states: &[tcp::State],
+        deadline: Instant,
+    ) -> Option<tcp::State> {
         self.poll_until(deadline, |g| {
             let st = g.tcp(h).state();
             states.contains(&st).then_some(st)
@@ -575,7 +757,11 @@ impl Guest {
     }
 
     /// Waits for one datagram.
-    pub fn udp_recv(&mut self, h: SocketHandle, deadline: Instant) -> Option<(Vec<u8>, IpEndpoint)> {
+    pub fn udp_recv(
+        &mut self,
+        h: SocketHandle,
+        deadline: Instant,
+    ) -> Option<(Vec<u8>, IpEndpoint)> {
         self.poll_until(deadline, |g| {
             let s = g.sockets.get_mut::<udp::Socket>(h);
             if s.can_recv() {

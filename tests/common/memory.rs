@@ -7,7 +7,8 @@ use std::os::fd::FromRawFd;
 
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 
 pub struct GuestMem {
@@ -22,9 +23,13 @@ impl GuestMem {
     /// `size` bytes of shared memory starting at guest physical address `base`, split into
     /// `regions` equal regions (each its own mapping of the same memfd at its own offset).
     pub fn new(base: u64, size: usize, regions: usize) -> GuestMem {
-        assert!(regions >= 1 && size % (regions * 4096) == 0, "bad memory geometry");
+        assert!(
+            regions >= 1 && size.is_multiple_of(regions * 4096),
+            "bad memory geometry"
+        );
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"netfence-harness-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd =
+            unsafe { libc::memfd_create(c"netfence-harness-guest".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh, owned descriptor.
         let file = unsafe { File::from_raw_fd(fd) };
@@ -35,23 +40,38 @@ impl GuestMem {
                 (
                     GuestAddress(base + (i * per) as u64),
                     per,
-                    Some(FileOffset::new(file.try_clone().expect("dup memfd"), (i * per) as u64)),
+                    Some(FileOffset::new(
+                        file.try_clone().expect("dup memfd"),
+                        (i * per) as u64,
+                    )),
                 )
             })
             .collect();
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(ranges).expect("map guest memory");
-        GuestMem { mem, base: GuestAddress(base), size: size as u64, next: base, _file: file }
+        GuestMem {
+            mem,
+            base: GuestAddress(base),
+            size: size as u64,
+            next: base,
+            _file: file,
+        }
     }
 
     /// Allocates `len` bytes aligned to `align`, never straddling a region boundary.
     pub fn alloc(&mut self, len: u64, align: u64) -> GuestAddress {
-        let mut start = (self.next + align - 1) / align * align;
+        let mut start = self.next.div_ceil(align) * align;
         // Move to the next region if the allocation would cross the end of this one.
-        let region = self.mem.find_region(GuestAddress(start)).expect("guest memory exhausted");
+        let region = self
+            .mem
+            .find_region(GuestAddress(start))
+            .expect("guest memory exhausted");
         let region_end = region.start_addr().raw_value() + region.len();
         if start + len > region_end {
-            start = (region_end + align - 1) / align * align;
-            let r2 = self.mem.find_region(GuestAddress(start)).expect("guest memory exhausted");
+            start = region_end.div_ceil(align) * align;
+            let r2 = self
+                .mem
+                .find_region(GuestAddress(start))
+                .expect("guest memory exhausted");
             assert!(
                 start + len <= r2.start_addr().raw_value() + r2.len(),
                 "allocation of {len} bytes does not fit a region"

@@ -7,10 +7,34 @@
 //!   malformed descriptor chains.
 //! - [`guest`]: smoltcp `Device` + helpers for DHCP, ping, TCP, UDP; raw-frame exchange.
 //! - [`frames`]: build and parse single frames with `smoltcp::wire`.
-//! - [`servers`]: loopback TCP/UDP servers for the host side.
+//! - [`servers`]: loopback TCP/UDP servers for the host side, and a tripwire.
+//!
+//! A test in a few lines:
+//!
+//! ```ignore
+//! mod common;
+//! use common::*;
+//!
+//! #[test]
+//! fn example() {
+//!     let echo = servers::TcpEchoServer::start();
+//!     let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:80=127.0.0.1:{}", echo.port())]);
+//!     let mut g = guest_up(&nf); // handshake + DHCP
+//!     let h = g.tcp_connect(PUBLIC_IP, 80, SHORT).unwrap();
+//!     g.tcp_send_all(h, b"hi", deadline(SHORT)).unwrap();
+//!     assert_eq!(g.tcp_recv_exact(h, 2, deadline(SHORT)).unwrap(), b"hi");
+//!     assert_eq!(nf.wait_for_decision(&format!("{PUBLIC_IP}:80"), SHORT).unwrap().action, "allow");
+//! }
+//! ```
+//!
+//! Rules the tests follow: every test starts its own netfence on its own socket; waits are on
+//! events (call eventfds via poll(2), condvars, channels) bounded by deadlines, never sleeps;
+//! on failure the netfence log is printed (the `Netfence` drop does it) and ring state is in
+//! the message (`Frontend::debug_state`).
 //!
 //! The one network rule: tests only ever reach 127.0.0.0/8. "Public" destinations are
-//! documentation addresses (203.0.113.0/24) that netfence's `--map` sends to loopback servers.
+//! documentation addresses (203.0.113.0/24) that netfence's `--map` sends to loopback servers;
+//! destinations that must never be reached are mapped to a [`servers::Tripwire`].
 #![allow(dead_code)]
 
 pub mod frames;

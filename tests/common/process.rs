@@ -184,7 +184,18 @@ impl NetfenceBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // If the test process dies without running Drop (killed, aborted), take netfence along.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().expect("spawn netfence binary");
         let log = Arc::new(SharedLog::default());
         let stderr = child.stderr.take().expect("stderr piped");
@@ -216,7 +227,9 @@ impl NetfenceBuilder {
             let sock = nf.socket.display().to_string();
             if nf
                 .log
-                .wait_for_line(0, START_TIMEOUT, |l| l.contains("listening on") && l.contains(&sock))
+                .wait_for_line(0, START_TIMEOUT, |l| {
+                    l.contains("listening on") && l.contains(&sock)
+                })
                 .is_none()
             {
                 panic!(
@@ -266,7 +279,11 @@ impl Netfence {
     }
 
     pub fn builder() -> NetfenceBuilder {
-        NetfenceBuilder { args: Vec::new(), env: Vec::new(), wait_listening: true }
+        NetfenceBuilder {
+            args: Vec::new(),
+            env: Vec::new(),
+            wait_listening: true,
+        }
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -292,8 +309,15 @@ impl Netfence {
         self.wait_for_log_after(0, needle, timeout)
     }
 
-    pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> Option<String> {
-        self.log.wait_for_line(mark, timeout, |l| l.contains(needle)).map(|(_, l)| l)
+    pub fn wait_for_log_after(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        self.log
+            .wait_for_line(mark, timeout, |l| l.contains(needle))
+            .map(|(_, l)| l)
     }
 
     /// Blocks until a line satisfies `pred`.

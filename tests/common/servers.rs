@@ -53,7 +53,11 @@ impl TcpEchoServer {
                 });
             }
         });
-        TcpEchoServer { addr, accepted, stop }
+        TcpEchoServer {
+            addr,
+            accepted,
+            stop,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -81,6 +85,14 @@ pub struct OneShotServer<T> {
 impl<T: Send + 'static> OneShotServer<T> {
     pub fn start(handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotServer<T> {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
+        Self::start_on(l, handler)
+    }
+
+    /// Like [`start`](Self::start) on a listener the caller prepared (socket options...).
+    pub fn start_on(
+        l: TcpListener,
+        handler: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> OneShotServer<T> {
         let addr = l.local_addr().unwrap();
         let (tx, rx) = mpsc::channel();
         let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
@@ -135,13 +147,19 @@ impl<T: Send + 'static> OneShotServer<T> {
 
 /// accept(2) bounded by a timeout (poll on the listening socket).
 pub fn accept_with_timeout(l: &TcpListener, timeout: Duration) -> Result<TcpStream, String> {
-    let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     if r <= 0 {
         return Err(format!("no connection within {timeout:?}"));
     }
-    l.accept().map(|(s, _)| s).map_err(|e| format!("accept: {e}"))
+    l.accept()
+        .map(|(s, _)| s)
+        .map_err(|e| format!("accept: {e}"))
 }
 
 /// Reads until EOF (bounded by the stream's read timeout).
@@ -185,7 +203,11 @@ impl UdpEchoServer {
                 }
             }
         });
-        UdpEchoServer { addr, received, stop }
+        UdpEchoServer {
+            addr,
+            received,
+            stop,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -210,4 +232,117 @@ pub fn closed_port() -> u16 {
 /// Deterministic test data of `n` bytes (different per seed).
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     super::frames::Rng::new(seed).bytes(n)
+}
+
+/// Why two byte strings differ (lengths, first differing offset, where the bytes found there
+/// came from), or None if they are equal. For failure messages of byte-exact transfers.
+pub fn mismatch(got: &[u8], want: &[u8]) -> Option<String> {
+    if got == want {
+        return None;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let mut s = format!(
+        "got {} bytes, want {}; first difference at offset {first}",
+        got.len(),
+        want.len()
+    );
+    if first < got.len() {
+        let w = &got[first..(first + 32).min(got.len())];
+        match want.windows(w.len()).position(|x| x == w) {
+            Some(p) => s.push_str(&format!(
+                "; the bytes received there were sent at offset {p}"
+            )),
+            None => s.push_str("; the bytes received there were never sent"),
+        }
+    }
+    if first < want.len() {
+        let w = &want[first..(first + 32).min(want.len())];
+        match got.windows(w.len()).position(|x| x == w) {
+            Some(p) => s.push_str(&format!("; the bytes sent there arrived at offset {p}")),
+            None => s.push_str("; the bytes sent there never arrived"),
+        }
+    }
+    Some(s)
+}
+
+/// A loopback TCP listener and UDP socket on the same port that only count what reaches them.
+/// Tests map destinations that must never be reached (denied ones, garbage) to it, so a policy
+/// bug shows up as a count here instead of as traffic leaving the machine.
+pub struct Tripwire {
+    pub port: u16,
+    pub tcp_accepted: Arc<AtomicUsize>,
+    pub udp_received: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tripwire {
+    pub fn start() -> Tripwire {
+        let (l, u) = loop {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind tripwire");
+            let port = l.local_addr().unwrap().port();
+            if let Ok(u) = UdpSocket::bind(("127.0.0.1", port)) {
+                break (l, u);
+            }
+        };
+        let port = l.local_addr().unwrap().port();
+        let tcp_accepted = Arc::new(AtomicUsize::new(0));
+        let udp_received = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, st) = (tcp_accepted.clone(), stop.clone());
+        thread::spawn(move || {
+            for c in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                if c.is_ok() {
+                    t.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let (ur, st) = (udp_received.clone(), stop.clone());
+        u.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !st.load(Ordering::SeqCst) {
+                if u.recv_from(&mut buf).is_ok() {
+                    ur.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Tripwire {
+            port,
+            tcp_accepted,
+            udp_received,
+            stop,
+        }
+    }
+
+    /// `--map` arguments sending each of `addrs` (all ports) to the tripwire.
+    pub fn map_args(&self, addrs: &[std::net::Ipv4Addr]) -> Vec<String> {
+        addrs
+            .iter()
+            .flat_map(|a| ["--map".to_string(), format!("{a}=127.0.0.1:{}", self.port)])
+            .collect()
+    }
+
+    pub fn hits(&self) -> (usize, usize) {
+        (
+            self.tcp_accepted.load(Ordering::SeqCst),
+            self.udp_received.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for Tripwire {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_millis(200),
+        );
+    }
 }

@@ -219,10 +219,22 @@ impl SplitQueue {
                 flags |= VIRTQ_DESC_F_NEXT;
             }
             let next = if last { 0 } else { ids[k + 1] };
-            self.write_desc(id, Desc { addr: seg.addr.raw_value(), len: seg.len, flags, next });
+            self.write_desc(
+                id,
+                Desc {
+                    addr: seg.addr.raw_value(),
+                    len: seg.len,
+                    flags,
+                    next,
+                },
+            );
         }
         let head = ids[0];
-        self.in_flight[head as usize] = Some(InFlight { descs: ids, writable_len: writable, tag });
+        self.in_flight[head as usize] = Some(InFlight {
+            descs: ids,
+            writable_len: writable,
+            tag,
+        });
         self.publish(head);
         Some(head)
     }
@@ -231,8 +243,15 @@ impl SplitQueue {
     /// in-flight chain with head `descs[0]` and publishes that head.
     pub fn publish_raw(&mut self, descs: Vec<u16>, writable_len: u64, tag: u64) -> u16 {
         let head = descs[0];
-        assert!(self.in_flight[head as usize].is_none(), "head {head} already in flight");
-        self.in_flight[head as usize] = Some(InFlight { descs, writable_len, tag });
+        assert!(
+            self.in_flight[head as usize].is_none(),
+            "head {head} already in flight"
+        );
+        self.in_flight[head as usize] = Some(InFlight {
+            descs,
+            writable_len,
+            tag,
+        });
         self.publish(head);
         head
     }
@@ -308,7 +327,10 @@ impl SplitQueue {
             self.size
         );
         let fl = self.in_flight[id as usize].take().unwrap_or_else(|| {
-            panic!("device bug: queue {} returned id {} that is not in flight", self.index, id)
+            panic!(
+                "device bug: queue {} returned id {} that is not in flight",
+                self.index, id
+            )
         });
         assert!(
             len as u64 <= fl.writable_len,
@@ -358,4 +380,3 @@ impl SplitQueue {
         self.in_flight.get(head as usize).and_then(|x| x.as_ref())
     }
 }
-

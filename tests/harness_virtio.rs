@@ -1,0 +1,285 @@
+//! The same traffic over different virtio/vhost-user shapes a frontend may choose: feature
+//! subsets, queue sizes, RX buffer layouts (mergeable or not, tiny buffers, few buffers),
+//! split headers, memory layouts (GPA base, several regions, SET_MEM_TABLE vs ADD_MEM_REG).
+//! Each run: DHCP, ping, then 256 KiB up and 1 MiB down over TCP, byte-exact.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+
+use common::frontend::*;
+use common::servers::*;
+use common::*;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+fn exercise(opts: FrontendOptions) -> FrontendStats {
+    const UP: usize = 256 << 10;
+    const DOWN: usize = 1 << 20;
+    let up = pattern(UP, 11);
+    let down = pattern(DOWN, 12);
+    let (up2, down2) = (up.clone(), down.clone());
+    let server = OneShotServer::start(move |mut s| {
+        let mut w = s.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            let _ = w.write_all(&down2);
+            let _ = w.shutdown(Shutdown::Write);
+        });
+        let got = read_to_eof(&mut s);
+        t.join().unwrap();
+        got.map(|g| mismatch(&g, &up2))
+    });
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
+    ]);
+    let mut g = guest_with(&nf, opts);
+    g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("{e}"));
+    g.ping(GATEWAY, SHORT).unwrap_or_else(|e| panic!("{e}"));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let got = g
+        .tcp_transfer(h, &up, true, deadline(LONG))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got.len(), DOWN);
+    if let Some(m) = mismatch(&got, &down) {
+        panic!("downloaded bytes differ: {m}");
+    }
+    match server.join_polling(&mut g, SHORT).unwrap() {
+        Ok(None) => {}
+        Ok(Some(m)) => panic!("uploaded bytes differ: {m}; {}", g.dev.fe.debug_state()),
+        Err(e) => panic!("server: {e}"),
+    }
+    let st = g.dev.fe.stats.clone();
+    assert_eq!(
+        st.rx_partial_merge, 0,
+        "merged frame published before all its buffers: {st:?}"
+    );
+    assert_eq!(
+        st.rx_nonzero_gso, 0,
+        "GSO frame without GSO negotiated: {st:?}"
+    );
+    assert_eq!(g.dev.tx_dropped, 0);
+    st
+}
+
+#[test]
+fn cloud_hypervisor_defaults() {
+    exercise(FrontendOptions::default());
+}
+
+#[test]
+fn mergeable_rx_with_tiny_buffers() {
+    let o = FrontendOptions {
+        rx_buf_size: 256,
+        ..Default::default()
+    };
+    let st = exercise(o);
+    assert!(
+        st.rx_merged_frames > 0,
+        "no frame spanned several buffers: {st:?}"
+    );
+}
+
+#[test]
+fn few_rx_buffers() {
+    // Four 2 KiB buffers: netfence must wait for the guest to repost, not drop or stall.
+    let o = FrontendOptions {
+        rx_buffers: Some(4),
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn few_tiny_mergeable_buffers() {
+    // Eight 256-byte buffers: a full-size frame needs six of them at once.
+    let o = FrontendOptions {
+        rx_buffers: Some(8),
+        rx_buf_size: 256,
+        ..Default::default()
+    };
+    let st = exercise(o);
+    assert!(st.rx_merged_frames > 0);
+}
+
+#[test]
+fn without_mergeable_rx_buffers() {
+    let o = FrontendOptions {
+        features: ch_features() & !VIRTIO_NET_F_MRG_RXBUF,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn without_mergeable_rx_two_descriptor_buffers() {
+    let o = FrontendOptions {
+        features: ch_features() & !VIRTIO_NET_F_MRG_RXBUF,
+        rx_buf_size: 1024,
+        rx_descs_per_buf: 2,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn without_event_idx() {
+    let o = FrontendOptions {
+        features: ch_features() & !VIRTIO_RING_F_EVENT_IDX,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn with_indirect_descriptors_acked() {
+    let o = FrontendOptions {
+        features: ch_features() | VIRTIO_RING_F_INDIRECT_DESC,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn header_in_its_own_descriptor_and_small_tx_chunks() {
+    let o = FrontendOptions {
+        tx_split_header: true,
+        tx_chunk: 512,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn queue_size_1024() {
+    let o = FrontendOptions {
+        queue_size: 1024,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn queue_size_64() {
+    let o = FrontendOptions {
+        queue_size: 64,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn high_gpa_two_regions_add_mem_reg() {
+    let o = FrontendOptions {
+        mem_base: 1 << 32,
+        mem_regions: 2,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn high_gpa_two_regions_set_mem_table() {
+    let o = FrontendOptions {
+        mem_base: 1 << 32,
+        mem_regions: 2,
+        use_mem_slots: false,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn without_reply_ack() {
+    let o = FrontendOptions {
+        protocol_features: ch_protocol_features() - VhostUserProtocolFeatures::REPLY_ACK,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn without_config_protocol_feature() {
+    // No GET_CONFIG: the guest uses its own MAC (as a VMM with a configured MAC would).
+    let o = FrontendOptions {
+        protocol_features: ch_protocol_features() - VhostUserProtocolFeatures::CONFIG,
+        fallback_mac: [0x02, 0x11, 0x22, 0x33, 0x44, 0x55],
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn mac_acked_to_backend() {
+    // QEMU-style: VIRTIO_NET_F_MAC is not stripped from SET_FEATURES.
+    let o = FrontendOptions {
+        strip_mac_from_backend: false,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn every_kick_sent() {
+    let o = FrontendOptions {
+        always_kick: true,
+        ..Default::default()
+    };
+    exercise(o);
+}
+
+#[test]
+fn config_space_read_with_a_larger_size() {
+    // A VMM may read a larger virtio_net_config (speed, duplex, RSS fields); the first 12 bytes
+    // must be the same.
+    let nf = Netfence::spawn(&["--guest-mac", "02:00:00:00:00:77", "--mtu", "1280"]);
+    for len in [12u32, 17, 24] {
+        let o = FrontendOptions {
+            config_len: len,
+            ..Default::default()
+        };
+        let fe = Frontend::connect(nf.socket_path(), o)
+            .unwrap_or_else(|e| panic!("config_len {len}: {e}"));
+        let c = fe.config.unwrap();
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 0x77]);
+        assert_eq!(c.mtu, 1280);
+        assert_eq!(c.status & VIRTIO_NET_S_LINK_UP, VIRTIO_NET_S_LINK_UP);
+    }
+}
+
+#[test]
+fn backend_features_as_documented() {
+    let nf = Netfence::spawn::<&str>(&[]);
+    let fe = Frontend::connect_default(nf.socket_path());
+    let want = VIRTIO_F_VERSION_1
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_MRG_RXBUF
+        | VIRTIO_NET_F_STATUS
+        | VIRTIO_NET_F_MTU
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VHOST_USER_F_PROTOCOL_FEATURES;
+    assert_eq!(
+        fe.backend_features & want,
+        want,
+        "missing features: {:#x}",
+        want & !fe.backend_features
+    );
+    let pf = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(
+        fe.backend_protocol_features.contains(pf),
+        "{:?}",
+        fe.backend_protocol_features
+    );
+    // No offloads are offered, so the guest never gets GSO frames it did not ask for.
+    let offloads = VIRTIO_NET_F_CSUM
+        | VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_HOST_TSO4;
+    assert_eq!(fe.backend_features & offloads, 0);
+}
