@@ -1,0 +1,780 @@
+//! DNS at the gateway and domain-based policy, through the harness (issue 4):
+//!
+//! - the gateway's DNS service forwards UDP and DNS-over-TCP queries to the upstreams in
+//!   `dns.nameservers` (fake servers on 127.0.0.1 here), fails over to the next upstream when
+//!   one times out, passes big answers truncated (TC) so the client retries over TCP, and
+//!   answers port-53 traffic to other addresses itself (`dns.intercept_all`);
+//! - blocked names (`deny_domains`, `deny_domain_suffixes`) get NXDOMAIN without an upstream
+//!   query; answers in private/loopback/metadata space are removed (rebind protection);
+//!   `host.microsandbox.internal` is answered locally with the gateway address;
+//! - a TCP flow is judged by the names the guest resolved for its address (the IP -> names
+//!   cache, `domain_source="dns-cache"`); an address never resolved matches no name rule;
+//! - TLS first flight (port 443 under name rules): netfence reads the ClientHello's SNI before
+//!   connecting (`domain_source="sni"`): a denied SNI is reset even when the address was
+//!   allowed, an SNI that was not resolved to that address through netfence is reset (no
+//!   domain fronting), and an allowed hello reaches the loopback server byte for byte.
+//!
+//! Every "public" address is in 203.0.113.0/24 or 198.51.100.0/24 and `--map`ped to a loopback
+//! server, so nothing leaves the host.
+
+mod common;
+mod dnsfake;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::process::field;
+use common::servers::{OneShotServer, TcpEchoServer};
+use common::*;
+use dnsfake::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::State;
+
+/// A second documentation address (the first is `PUBLIC_IP`, 203.0.113.7).
+const PUBLIC_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
+const PUBLIC_IP3: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+
+/// Starts netfence with `toml` as its `--config` plus `args`. The scratch directory holding the
+/// config lives as long as the returned guard.
+fn spawn_with_config(toml: &str, args: &[String]) -> (Netfence, TempDir) {
+    let dir = TempDir::new("netfence-dns-cfg");
+    let cfg = write_config(dir.path(), toml);
+    let nf = Netfence::builder()
+        .arg("--config")
+        .arg(cfg.display().to_string())
+        .args(args)
+        .spawn();
+    (nf, dir)
+}
+
+/// `[dns]` table with these upstreams (and extra lines).
+fn dns_table(nameservers: &[String], extra: &str) -> String {
+    let list: Vec<String> = nameservers.iter().map(|n| format!("\"{n}\"")).collect();
+    format!("[dns]\nnameservers = [{}]\n{extra}\n", list.join(", "))
+}
+
+fn map(guest: &str, host_port: u16) -> [String; 2] {
+    [
+        "--map".to_string(),
+        format!("{guest}=127.0.0.1:{host_port}"),
+    ]
+}
+
+fn lookup_ok(g: &mut Guest, nf: &Netfence, name: &str) -> UdpAnswer {
+    udp_lookup(g, GATEWAY, name, RecordType::A, SHORT)
+        .unwrap_or_else(|e| panic!("lookup of {name}: {e}\n{}", nf.log_text()))
+}
+
+/// Waits for a decision line for `dst` logged after `mark`, optionally with this
+/// `domain_source`; returns the whole line.
+fn wait_decision(nf: &Netfence, mark: usize, dst: &str, source: Option<&str>) -> String {
+    nf.wait_for_line(mark, SHORT, |l| {
+        l.contains("decision")
+            && field(l, "dst").as_deref() == Some(dst)
+            && match source {
+                Some(s) => field(l, "domain_source").as_deref() == Some(s),
+                None => true,
+            }
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no decision for {dst} (domain_source {source:?}) logged\n{}",
+            nf.log_text()
+        )
+    })
+}
+
+fn action(line: &str) -> String {
+    field(line, "action").unwrap_or_default()
+}
+
+/// Waits until the guest's socket is closed (an RST arrived) and returns how long it took.
+fn wait_reset(g: &mut Guest, h: SocketHandle) -> Option<Duration> {
+    let start = Instant::now();
+    g.poll_until(deadline(SHORT), |g| {
+        (g.tcp(h).state() == State::Closed).then_some(())
+    })
+    .map(|_| start.elapsed())
+}
+
+/// True when nothing has connected to `l` (a non-blocking listener) so far.
+fn never_connected(l: &TcpListener) -> bool {
+    l.set_nonblocking(true).expect("non-blocking listener");
+    matches!(l.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
+fn idle_listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind listener");
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+// ---- the DNS service ---------------------------------------------------------------------
+
+#[test]
+fn queries_are_forwarded_over_udp_and_tcp() {
+    let up = FakeDns::start(&[
+        ("www.fwd.example", Answer::A(vec![PUBLIC_IP3])),
+        ("two.fwd.example", Answer::A(vec![PUBLIC_IP, PUBLIC_IP2])),
+        ("broken.fwd.example", Answer::ServFail),
+    ]);
+    let (nf, _cfg) = spawn_with_config(&dns_table(&[up.nameserver()], ""), &[]);
+    let mut g = guest_up(&nf);
+    let lease = g.lease.clone().expect("lease");
+    assert_eq!(
+        lease.dns_servers,
+        vec![GATEWAY],
+        "DHCP must offer the gateway as resolver"
+    );
+
+    // UDP: the answer comes from the address asked, with the guest's id and question.
+    let a = lookup_ok(&mut g, &nf, "www.fwd.example");
+    assert_eq!(a.from, (GATEWAY, 53), "answer source");
+    assert_eq!(a.message.response_code, ResponseCode::NoError);
+    assert_eq!(a.message.queries.len(), 1);
+    assert_eq!(
+        norm(&a.message.queries[0].name.to_ascii()),
+        "www.fwd.example"
+    );
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP3]);
+    assert!(up.wait_asked(SHORT, |q| q.name == "www.fwd.example"
+        && q.qtype == RecordType::A));
+
+    // Upstream NXDOMAIN and SERVFAIL are passed back.
+    let nx = lookup_ok(&mut g, &nf, "missing.fwd.example");
+    assert_eq!(nx.message.response_code, ResponseCode::NXDomain);
+    assert_eq!(up.times_asked("missing.fwd.example"), 1);
+    let sf = lookup_ok(&mut g, &nf, "broken.fwd.example");
+    assert_eq!(sf.message.response_code, ResponseCode::ServFail);
+
+    // DNS over TCP to the gateway, two queries on one connection.
+    let h = g
+        .tcp_connect(GATEWAY, 53, SHORT)
+        .unwrap_or_else(|e| panic!("TCP 53 to the gateway: {e:?}\n{}", nf.log_text()));
+    let m = tcp_lookup(&mut g, h, "two.fwd.example", RecordType::A, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    let mut ips = a_records(&m);
+    ips.sort();
+    assert_eq!(ips, vec![PUBLIC_IP, PUBLIC_IP2]);
+    let m = tcp_lookup(&mut g, h, "www.fwd.example", RecordType::AAAA, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    assert!(
+        m.answers.is_empty(),
+        "no AAAA in the fake zone: {:?}",
+        m.answers
+    );
+    assert!(up.wait_asked(SHORT, |q| q.name == "two.fwd.example"));
+    assert!(up.wait_asked(SHORT, |q| q.name == "www.fwd.example"
+        && q.qtype == RecordType::AAAA));
+    // The guest closes; the gateway closes its side too.
+    g.tcp_shutdown_write(h);
+    let (_, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
+    assert!(
+        fin,
+        "the gateway did not close the DNS-over-TCP connection after the guest did"
+    );
+}
+
+/// An answer bigger than the client's UDP size comes back truncated with TC set; the same
+/// question over TCP gets every record.
+#[test]
+fn big_answers_are_truncated_over_udp_and_whole_over_tcp() {
+    let many: Vec<Ipv4Addr> = (1..=60).map(|i| Ipv4Addr::new(203, 0, 113, i)).collect();
+    let up = FakeDns::start(&[("big.example", Answer::A(many.clone()))]);
+    let (nf, _cfg) = spawn_with_config(&dns_table(&[up.nameserver()], ""), &[]);
+    let mut g = guest_up(&nf);
+
+    let udp = lookup_ok(&mut g, &nf, "big.example");
+    assert!(
+        udp.message.truncation,
+        "a {}-byte answer over UDP without TC",
+        udp.bytes.len()
+    );
+    assert!(
+        udp.bytes.len() <= 512,
+        "UDP answer of {} bytes to a client without EDNS",
+        udp.bytes.len()
+    );
+
+    let h = g
+        .tcp_connect(GATEWAY, 53, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let m = tcp_lookup(&mut g, h, "big.example", RecordType::A, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(!m.truncation, "TCP answer with TC set");
+    let mut got = a_records(&m);
+    got.sort();
+    assert_eq!(got, many, "every record over TCP");
+}
+
+/// With `dns.intercept_all` (the default) a query to another resolver is answered by the
+/// gateway's service, from the address the guest asked. The address is mapped to a loopback
+/// trap so that a broken interception would still stay on this host, and show.
+#[test]
+fn queries_to_other_resolvers_are_intercepted() {
+    let up = FakeDns::start(&[("intercept.example", Answer::A(vec![PUBLIC_IP]))]);
+    let trap = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let other = Ipv4Addr::new(198, 51, 100, 53);
+    let (nf, _cfg) = spawn_with_config(
+        &dns_table(&[up.nameserver()], ""),
+        &map(&format!("{other}:53"), trap.local_addr().unwrap().port()),
+    );
+    let mut g = guest_up(&nf);
+    let a = udp_lookup(&mut g, other, "intercept.example", RecordType::A, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert_eq!(
+        a.from,
+        (other, 53),
+        "answer must come from the address asked"
+    );
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP]);
+    assert_eq!(up.times_asked("intercept.example"), 1);
+    let mut buf = [0u8; 512];
+    assert!(
+        matches!(trap.recv_from(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the query went to the mapped resolver instead of the gateway's service"
+    );
+}
+
+#[test]
+fn upstream_timeout_fails_over_to_the_second_nameserver() {
+    let silent = SilentDns::start();
+    let up = FakeDns::start(&[("failover.example", Answer::A(vec![PUBLIC_IP]))]);
+    let timeout = Duration::from_millis(400);
+    let toml = dns_table(
+        &[silent.nameserver(), up.nameserver()],
+        &format!("query_timeout_ms = {}", timeout.as_millis()),
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &[]);
+    let mut g = guest_up(&nf);
+    let start = Instant::now();
+    let a = lookup_ok(&mut g, &nf, "failover.example");
+    let took = start.elapsed();
+    assert_eq!(a.message.response_code, ResponseCode::NoError);
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP]);
+    assert!(
+        silent.received() >= 1,
+        "the first nameserver was never asked"
+    );
+    assert_eq!(up.times_asked("failover.example"), 1);
+    assert!(
+        took >= timeout,
+        "answered after {took:?}: the second nameserver was asked before the first timed out"
+    );
+    assert!(took < SHORT, "failover took {took:?}");
+}
+
+#[test]
+fn every_upstream_silent_gives_servfail() {
+    let (s1, s2) = (SilentDns::start(), SilentDns::start());
+    let toml = dns_table(
+        &[s1.nameserver(), s2.nameserver()],
+        "query_timeout_ms = 300",
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &[]);
+    let mut g = guest_up(&nf);
+    let start = Instant::now();
+    let a = lookup_ok(&mut g, &nf, "nobody.example");
+    let took = start.elapsed();
+    assert_eq!(a.message.response_code, ResponseCode::ServFail);
+    assert!(
+        s1.received() >= 1 && s2.received() >= 1,
+        "both upstreams must be tried"
+    );
+    assert!(
+        took >= Duration::from_millis(600),
+        "SERVFAIL after {took:?}, before both timeouts"
+    );
+}
+
+#[test]
+fn blocked_names_get_nxdomain_without_an_upstream_query() {
+    let public = Answer::A(vec![PUBLIC_IP]);
+    let up = FakeDns::start(&[
+        ("blocked.example", public.clone()),
+        ("sub.blocked.example", public.clone()),
+        ("ads.example", public.clone()),
+        ("x.y.ads.example", public.clone()),
+        ("notads.example", public.clone()),
+    ]);
+    let toml = format!(
+        "deny_domains = [\"blocked.example\"]\ndeny_domain_suffixes = [\".ads.example\"]\n{}",
+        dns_table(&[up.nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &[]);
+    let mut g = guest_up(&nf);
+    for name in [
+        "blocked.example",
+        "BLOCKED.Example.",
+        "ads.example",
+        "x.y.ads.example",
+    ] {
+        let a = lookup_ok(&mut g, &nf, name);
+        assert_eq!(a.message.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(
+            a.message.answers.is_empty(),
+            "{name}: {:?}",
+            a.message.answers
+        );
+        // AAAA too.
+        let a = udp_lookup(&mut g, GATEWAY, name, RecordType::AAAA, SHORT).unwrap();
+        assert_eq!(
+            a.message.response_code,
+            ResponseCode::NXDomain,
+            "{name} AAAA"
+        );
+    }
+    // deny_domains is exact; a suffix needs a label boundary.
+    for name in ["sub.blocked.example", "notads.example"] {
+        let a = lookup_ok(&mut g, &nf, name);
+        assert_eq!(
+            a.message.response_code,
+            ResponseCode::NoError,
+            "{name} must resolve"
+        );
+        assert_eq!(a_records(&a.message), vec![PUBLIC_IP], "{name}");
+    }
+    for name in ["blocked.example", "ads.example", "x.y.ads.example"] {
+        assert_eq!(up.times_asked(name), 0, "blocked {name} was sent upstream");
+    }
+    assert!(
+        nf.wait_for_log("dns: blocked, NXDOMAIN", SHORT).is_some(),
+        "blocked queries are not logged"
+    );
+}
+
+#[test]
+fn rebind_protection_removes_private_answers() {
+    let up = FakeDns::start(&[
+        (
+            "rebind.example",
+            Answer::A(vec![Ipv4Addr::new(10, 0, 0, 5)]),
+        ),
+        ("loop.example", Answer::A(vec![Ipv4Addr::new(127, 0, 0, 1)])),
+        (
+            "meta.example",
+            Answer::A(vec![Ipv4Addr::new(169, 254, 169, 254)]),
+        ),
+        (
+            "lan.example",
+            Answer::A(vec![Ipv4Addr::new(192, 168, 1, 10)]),
+        ),
+        (
+            "mixed.example",
+            Answer::A(vec![Ipv4Addr::new(10, 0, 0, 6), PUBLIC_IP3]),
+        ),
+        (
+            "explicit.example",
+            Answer::A(vec![Ipv4Addr::new(10, 9, 0, 5)]),
+        ),
+    ]);
+    // An explicit allow rule for 10.9.0.0/16 lets that range through rebind protection.
+    let toml = format!(
+        "policy = \"public-only\"\n[[rules]]\naction = \"allow\"\ndestination = \"10.9.0.0/16\"\n{}",
+        dns_table(&[up.nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &[]);
+    let mut g = guest_up(&nf);
+    for name in [
+        "rebind.example",
+        "loop.example",
+        "meta.example",
+        "lan.example",
+    ] {
+        let a = lookup_ok(&mut g, &nf, name);
+        assert_eq!(
+            a.message.response_code,
+            ResponseCode::NXDomain,
+            "{name} resolved to a private address: {:?}",
+            a_records(&a.message)
+        );
+        assert!(
+            a.message.answers.is_empty(),
+            "{name}: {:?}",
+            a.message.answers
+        );
+        assert_eq!(
+            up.times_asked(name),
+            1,
+            "{name} must be asked upstream, then filtered"
+        );
+    }
+    let a = lookup_ok(&mut g, &nf, "mixed.example");
+    assert_eq!(a.message.response_code, ResponseCode::NoError);
+    assert_eq!(
+        a_records(&a.message),
+        vec![PUBLIC_IP3],
+        "only the public address is left"
+    );
+    let a = lookup_ok(&mut g, &nf, "explicit.example");
+    assert_eq!(
+        a.message.response_code,
+        ResponseCode::NoError,
+        "explicitly allowed range"
+    );
+    assert_eq!(a_records(&a.message), vec![Ipv4Addr::new(10, 9, 0, 5)]);
+}
+
+#[test]
+fn host_alias_is_answered_locally_with_the_gateway() {
+    let up = FakeDns::start(&[]);
+    let (nf, _cfg) = spawn_with_config(&dns_table(&[up.nameserver()], ""), &[]);
+    let mut g = guest_up(&nf);
+    for name in ["host.microsandbox.internal", "Host.MicroSandbox.Internal."] {
+        let a = lookup_ok(&mut g, &nf, name);
+        assert_eq!(a.message.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(a_records(&a.message), vec![GATEWAY], "{name}");
+    }
+    // Over TCP as well.
+    let h = g
+        .tcp_connect(GATEWAY, 53, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let m = tcp_lookup(
+        &mut g,
+        h,
+        "host.microsandbox.internal",
+        RecordType::A,
+        SHORT,
+    )
+    .unwrap();
+    assert_eq!(a_records(&m), vec![GATEWAY]);
+    assert!(
+        up.asked().is_empty(),
+        "a host alias was sent upstream: {:?}",
+        up.asked()
+    );
+}
+
+// ---- names in flow decisions ---------------------------------------------------------------
+
+/// default_egress deny; DNS to the gateway and `api.example` allowed. A TCP flow to the
+/// address the guest resolved for api.example is allowed by that rule (the name comes from the
+/// cache); before the lookup, and to an address never resolved, it is denied.
+#[test]
+fn tcp_flow_is_decided_by_the_names_the_guest_resolved() {
+    let echo = TcpEchoServer::start();
+    let up = FakeDns::start(&[
+        ("api.example", Answer::A(vec![PUBLIC_IP])),
+        ("tracker.example", Answer::A(vec![PUBLIC_IP3])),
+    ]);
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "deny", destination = "tracker.example", protocols = ["tcp"], ports = [80] }},
+  {{ action = "allow", destination = "api.example" }},
+  {{ action = "allow", destination = "tracker.example" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let mut args = vec!["--reject".to_string()];
+    for ip in [PUBLIC_IP, PUBLIC_IP2, PUBLIC_IP3] {
+        args.extend(map(&ip.to_string(), echo.port()));
+    }
+    let (nf, _cfg) = spawn_with_config(&toml, &args);
+    let mut g = guest_up(&nf);
+    let dst = format!("{PUBLIC_IP}:80");
+
+    // Not resolved yet: the address alone matches no rule.
+    let mark = nf.log_mark();
+    match g.tcp_connect(PUBLIC_IP, 80, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!(
+            "flow to {PUBLIC_IP} before any lookup: {other:?}\n{}",
+            nf.log_text()
+        ),
+    }
+    let line = wait_decision(&nf, mark, &dst, None);
+    assert_eq!(action(&line), "deny", "{line}");
+
+    // Resolve api.example through the gateway, then the same address is allowed by name.
+    let a = lookup_ok(&mut g, &nf, "api.example");
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP]);
+    let mark = nf.log_mark();
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("flow to resolved api.example: {e:?}\n{}", nf.log_text()));
+    g.tcp_send_all(h, b"via the cache", deadline(SHORT))
+        .unwrap();
+    assert_eq!(
+        g.tcp_recv_exact(h, 13, deadline(SHORT)).unwrap(),
+        b"via the cache"
+    );
+    let line = wait_decision(&nf, mark, &dst, None);
+    assert_eq!(action(&line), "allow", "{line}");
+    assert_eq!(
+        field(&line, "domains").as_deref(),
+        Some("api.example"),
+        "{line}"
+    );
+    assert_eq!(
+        field(&line, "domain_source").as_deref(),
+        Some("dns-cache"),
+        "{line}"
+    );
+
+    // An address the guest never resolved is not api.example.
+    let mark = nf.log_mark();
+    match g.tcp_connect(PUBLIC_IP2, 80, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!(
+            "flow to never-resolved {PUBLIC_IP2}: {other:?}\n{}",
+            nf.log_text()
+        ),
+    }
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP2}:80"), None);
+    assert_eq!(action(&line), "deny", "{line}");
+    assert!(!line.contains("api.example"), "{line}");
+
+    // A name deny rule reaches flows through the cache too: tcp/80 of tracker.example is
+    // denied, its other ports allowed.
+    let a = lookup_ok(&mut g, &nf, "tracker.example");
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP3]);
+    let mark = nf.log_mark();
+    match g.tcp_connect(PUBLIC_IP3, 80, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!(
+            "tracker.example:80 must be denied: {other:?}\n{}",
+            nf.log_text()
+        ),
+    }
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP3}:80"), None);
+    assert_eq!(action(&line), "deny", "{line}");
+    assert_eq!(
+        field(&line, "domains").as_deref(),
+        Some("tracker.example"),
+        "{line}"
+    );
+    assert_eq!(
+        field(&line, "domain_source").as_deref(),
+        Some("dns-cache"),
+        "{line}"
+    );
+    let mark = nf.log_mark();
+    let h = g
+        .tcp_connect(PUBLIC_IP3, 8080, SHORT)
+        .unwrap_or_else(|e| panic!("tracker.example:8080: {e:?}\n{}", nf.log_text()));
+    g.tcp_send_all(h, b"ok", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(h, 2, deadline(SHORT)).unwrap(), b"ok");
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP3}:8080"), None);
+    assert_eq!(action(&line), "allow", "{line}");
+
+    assert_eq!(
+        echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "only the two allowed flows may reach the host side"
+    );
+}
+
+// ---- TLS first flight ----------------------------------------------------------------------
+
+/// Connects to `dst:443`, sends `hello`, and expects netfence to reset the connection after
+/// reading it. Returns the SNI decision line.
+fn hello_is_reset(g: &mut Guest, nf: &Netfence, dst: Ipv4Addr, hello: &[u8], sni: &str) -> String {
+    let mark = nf.log_mark();
+    let h = g.tcp_connect(dst, 443, SHORT).unwrap_or_else(|e| {
+        panic!(
+            "the guest handshake to {dst}:443 must complete: {e:?}\n{}",
+            nf.log_text()
+        )
+    });
+    g.tcp_send_all(h, hello, deadline(SHORT)).unwrap();
+    let got = wait_reset(g, h);
+    let sni_lines: Vec<String> = nf
+        .log_lines()
+        .into_iter()
+        .skip(mark)
+        .filter(|l| l.contains("domain_source=\"sni\"") || l.contains("domain_source=sni"))
+        .collect();
+    assert!(
+        got.is_some(),
+        "ClientHello for {sni} to {dst} was not reset (guest socket {}; SNI decisions: {sni_lines:?})\n{}",
+        g.tcp(h).state(),
+        nf.log_text()
+    );
+    let line = wait_decision(nf, mark, &format!("{dst}:443"), Some("sni"));
+    g.sockets.remove(h);
+    assert_eq!(action(&line), "deny", "{line}");
+    assert_eq!(field(&line, "domains").as_deref(), Some(sni), "{line}");
+    line
+}
+
+/// `deny_domains = ["evil.example"]`: the address is public (allowed by the preset), but the
+/// ClientHello names evil.example, so the flow is reset and never reaches the host side.
+#[test]
+fn sni_of_a_denied_name_is_reset_even_when_the_address_is_allowed() {
+    let up = FakeDns::start(&[]);
+    let (server, port) = idle_listener();
+    let toml = format!(
+        "deny_domains = [\"evil.example\"]\n{}",
+        dns_table(&[up.nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &map(&format!("{PUBLIC_IP}:443"), port));
+    let mut g = guest_up(&nf);
+    // The resolver would not even name it.
+    let a = lookup_ok(&mut g, &nf, "evil.example");
+    assert_eq!(a.message.response_code, ResponseCode::NXDomain);
+
+    let mark = nf.log_mark();
+    let hello = client_hello("evil.example");
+    hello_is_reset(&mut g, &nf, PUBLIC_IP, &hello, "evil.example");
+    // The SYN itself was allowed (public address), so this is the TLS layer's doing.
+    let syn = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:443"), None);
+    assert_eq!(action(&syn), "allow", "{syn}");
+    assert!(
+        never_connected(&server),
+        "a denied TLS flow reached the loopback server"
+    );
+}
+
+/// Rule `allow good.example` (and `cdn.example`) under default deny. The guest resolved
+/// good.example -> 203.0.113.7 and cdn.example -> 203.0.113.8.
+/// - to 203.0.113.7 with SNI other.example: denied (no rule allows that name);
+/// - to 203.0.113.8 with SNI good.example: denied (good.example was not resolved to that
+///   address: domain fronting).
+#[test]
+fn sni_naming_another_host_than_the_one_resolved_is_reset() {
+    let up = FakeDns::start(&[
+        ("good.example", Answer::A(vec![PUBLIC_IP])),
+        ("cdn.example", Answer::A(vec![PUBLIC_IP2])),
+    ]);
+    let (server_a, port_a) = idle_listener();
+    let (server_b, port_b) = idle_listener();
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "allow", destination = "good.example" }},
+  {{ action = "allow", destination = "cdn.example" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let mut args = map(&format!("{PUBLIC_IP}:443"), port_a).to_vec();
+    args.extend(map(&format!("{PUBLIC_IP2}:443"), port_b));
+    let (nf, _cfg) = spawn_with_config(&toml, &args);
+    let mut g = guest_up(&nf);
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "good.example").message),
+        vec![PUBLIC_IP]
+    );
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "cdn.example").message),
+        vec![PUBLIC_IP2]
+    );
+
+    let mark = nf.log_mark();
+    hello_is_reset(
+        &mut g,
+        &nf,
+        PUBLIC_IP,
+        &client_hello("other.example"),
+        "other.example",
+    );
+    let syn = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:443"), Some("dns-cache"));
+    assert_eq!(
+        action(&syn),
+        "allow",
+        "the SYN was allowed by the cached name: {syn}"
+    );
+
+    let line = hello_is_reset(
+        &mut g,
+        &nf,
+        PUBLIC_IP2,
+        &client_hello("good.example"),
+        "good.example",
+    );
+    assert!(
+        field(&line, "reason").is_some_and(|r| r.contains("not resolved")),
+        "reason should say the name was not resolved to that address: {line}"
+    );
+
+    assert!(
+        never_connected(&server_a),
+        "a denied TLS flow reached server A"
+    );
+    assert!(
+        never_connected(&server_b),
+        "a denied TLS flow reached server B"
+    );
+}
+
+/// The positive case: SNI good.example to the address good.example resolved to. netfence
+/// connects upstream after reading the hello and replays it: the loopback server reads the
+/// exact bytes the guest sent, and the flow carries data both ways afterwards.
+#[test]
+fn allowed_sni_hello_reaches_the_server_intact() {
+    let up = FakeDns::start(&[("good.example", Answer::A(vec![PUBLIC_IP]))]);
+    let hello = client_hello("good.example");
+    let hello_len = hello.len();
+    let server = OneShotServer::start(move |mut s| -> Result<(Vec<u8>, Vec<u8>), String> {
+        let mut got = vec![0u8; hello_len];
+        s.read_exact(&mut got)
+            .map_err(|e| format!("reading the hello: {e}"))?;
+        s.write_all(b"server-flight").map_err(|e| e.to_string())?;
+        let rest = common::servers::read_to_eof(&mut s)?;
+        Ok((got, rest))
+    });
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "allow", destination = "good.example" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &map(&format!("{PUBLIC_IP}:443"), server.port()));
+    let mut g = guest_up(&nf);
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "good.example").message),
+        vec![PUBLIC_IP]
+    );
+
+    let mark = nf.log_mark();
+    let h = g
+        .tcp_connect(PUBLIC_IP, 443, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", nf.log_text()));
+    g.tcp_send_all(h, &hello, deadline(SHORT)).unwrap();
+    let reply = g
+        .tcp_recv_exact(h, 13, deadline(SHORT))
+        .unwrap_or_else(|e| {
+            panic!(
+                "no answer through the allowed TLS flow: {e}\n{}",
+                nf.log_text()
+            )
+        });
+    assert_eq!(reply, b"server-flight");
+    g.tcp_send_all(h, b"after the hello", deadline(SHORT))
+        .unwrap();
+    g.tcp_shutdown_write(h);
+    let (got, rest) = server
+        .join_polling(&mut g, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(
+        got == hello,
+        "the server read a different ClientHello ({} bytes)",
+        got.len()
+    );
+    assert_eq!(rest, b"after the hello");
+
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:443"), Some("sni"));
+    assert_eq!(action(&line), "allow", "{line}");
+    assert_eq!(
+        field(&line, "domains").as_deref(),
+        Some("good.example"),
+        "{line}"
+    );
+}
