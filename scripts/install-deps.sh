@@ -31,6 +31,11 @@ else
     exit 1
 fi
 
+# netfence carries guest pings over unprivileged ICMP sockets (no CAP_NET_RAW), which the kernel
+# allows only to groups inside net.ipv4.ping_group_range (often "1 0": nobody).
+"${SUDO[@]}" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range' \
+    || echo "install-deps.sh: could not set net.ipv4.ping_group_range; guest pings beyond the gateway will fail" >&2
+
 missing=()
 for p in "${PACKAGES[@]}"; do
     # "install ok installed" is the only state that means the package is there and configured.

@@ -247,6 +247,7 @@ impl Datapath {
     /// Copies queued frames into the guest's RX buffers; returns how many were delivered.
     fn flush_rx(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) -> usize {
         let mut delivered = 0;
+        let mut retried = false;
         while let Some(frame) = self.stack.link.to_guest.pop_front() {
             match virtqueue::push_rx(rx, mem, self.hdr_len, self.mergeable, &frame) {
                 Ok(()) => {
@@ -255,14 +256,19 @@ impl Datapath {
                 }
                 Err(RxError::NoBuffers) => {
                     self.stack.link.to_guest.push_front(frame);
-                    // Ask for a kick when buffers arrive; if some arrived meanwhile, go on.
-                    if matches!(
-                        vhost_user_backend::VringT::enable_notification(rx),
-                        Ok(true)
-                    ) {
-                        continue;
+                    // Too few buffers for this frame: announce what was filled (so the guest
+                    // can repost), ask for a kick, and wait for it. One retry covers buffers
+                    // that arrived while notifications were off.
+                    virtqueue::signal_if_needed(rx);
+                    if retried
+                        || !matches!(
+                            vhost_user_backend::VringT::enable_notification(rx),
+                            Ok(true)
+                        )
+                    {
+                        break;
                     }
-                    break;
+                    retried = true;
                 }
                 Err(RxError::BadChain) => {
                     self.counters.bad_chains += 1;
@@ -452,7 +458,17 @@ impl Datapath {
                         syn_frame.extend_from_slice(frame);
                     }
                 }
-                TcpPhase::Open { .. } | TcpPhase::ConnectingAfterHello { .. } => {
+                TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } => {
+                    // smoltcp 0.14 trims a segment to the receive window but still takes its
+                    // FIN, losing the trimmed bytes. A FIN segment that cannot fit is dropped
+                    // instead; the guest retransmits it when the window opens.
+                    if head.fin && head.payload_len > 0 {
+                        let sock = self.stack.sockets.get::<tcp::Socket>(*handle);
+                        if head.payload_len > sock.recv_capacity() - sock.recv_queue() {
+                            self.counters.drop("tcp-fin-beyond-window");
+                            return;
+                        }
+                    }
                     self.stack.receive(frame)
                 }
             }
@@ -891,7 +907,10 @@ impl Datapath {
             } else {
                 ClientHelloScan::NeedMore
             };
-            let guest_gave_up = !sock.may_recv() && !sock.can_recv();
+            // Before the handshake completes smoltcp reports "may not receive": that is not the
+            // guest giving up.
+            let handshaking = matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived);
+            let guest_gave_up = !handshaking && !sock.may_recv() && !sock.can_recv();
             let sni = match scan {
                 ClientHelloScan::NeedMore
                     if !guest_gave_up && now.duration_since(since) < CLIENT_HELLO_TIMEOUT =>

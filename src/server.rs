@@ -66,10 +66,6 @@ impl Drop for PrivateDir {
 /// Serves VMM connections on `path` until an error, or after one connection with `once`.
 pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), String> {
     let public = bind_public(path)?;
-    let private_dir = PrivateDir::new().map_err(|e| format!("cannot create private dir: {e}"))?;
-    let private_path = private_dir.0.join("backend.sock");
-    let mut private = Listener::new(&private_path, true)
-        .map_err(|e| format!("cannot listen on {}: {e}", private_path.display()))?;
     info!(
         "listening on {} (guest {}/{}, gateway {})",
         path.display(),
@@ -82,7 +78,7 @@ pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), Stri
             .accept()
             .map_err(|e| format!("accept on {} failed: {e}", path.display()))?;
         info!("VMM connected");
-        if let Err(e) = serve_connection(vmm, &private_path, &mut private, &settings) {
+        if let Err(e) = serve_connection(vmm, &settings) {
             warn!("VMM connection failed: {e}");
         }
         if once {
@@ -92,12 +88,7 @@ pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), Stri
     }
 }
 
-fn serve_connection(
-    vmm: UnixStream,
-    private_path: &Path,
-    private: &mut Listener,
-    settings: &LinkSettings,
-) -> Result<(), String> {
+fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), String> {
     let datapath =
         Datapath::new(settings.clone()).map_err(|e| format!("cannot set up datapath: {e}"))?;
     let device = DeviceSettings {
@@ -124,12 +115,21 @@ fn serve_connection(
                 .map_err(|e| format!("cannot watch datapath fd: {e}"))?;
         }
     }
-    // The backend end of the relay: queued in the private listener's backlog, then accepted.
-    let backend_side = UnixStream::connect(private_path)
-        .map_err(|e| format!("cannot reach the backend socket: {e}"))?;
-    daemon
-        .start(private)
-        .map_err(|e| format!("starting the device failed: {e}"))?;
+    // The backend end of the relay: a private socket, connected (queued in its backlog), then
+    // accepted by the daemon; the directory is removed as soon as that is done.
+    let backend_side = {
+        let private_dir =
+            PrivateDir::new().map_err(|e| format!("cannot create private dir: {e}"))?;
+        let private_path = private_dir.0.join("backend.sock");
+        let mut private = Listener::new(&private_path, true)
+            .map_err(|e| format!("cannot listen on {}: {e}", private_path.display()))?;
+        let backend_side = UnixStream::connect(&private_path)
+            .map_err(|e| format!("cannot reach the backend socket: {e}"))?;
+        daemon
+            .start(&mut private)
+            .map_err(|e| format!("starting the device failed: {e}"))?;
+        backend_side
+    };
     let relays = control_shim::relay(vmm, backend_side)
         .map_err(|e| format!("cannot start the control relay: {e}"))?;
     let result = daemon.wait();

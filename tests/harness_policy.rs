@@ -204,3 +204,40 @@ fn max_connections_limit() {
         nf.log_text()
     );
 }
+
+/// Pings beyond the gateway go through an unprivileged ICMP socket when allowed (a "public"
+/// documentation address mapped to the host's loopback), are dropped when denied, and with
+/// `--reject` are answered with ICMP "communication administratively prohibited".
+#[test]
+fn icmp_echo_allowed_dropped_and_rejected() {
+    let public = Ipv4Addr::new(203, 0, 113, 5);
+    let nf = Netfence::spawn(&["--map", "203.0.113.5=127.0.0.1"]);
+    let mut g = guest_up(&nf);
+    g.ping(public, SHORT)
+        .expect("ping to an allowed mapped address is answered");
+    let d = nf
+        .wait_for_decision(&format!("{public}:0"), SHORT)
+        .expect("ICMP decision logged");
+    assert_eq!(d.action, "allow", "{}", d.line);
+    assert!(
+        g.ping(PRIVATE_IP, SILENCE).is_err(),
+        "ping to a private address was answered"
+    );
+    let d = nf
+        .wait_for_decision(&format!("{PRIVATE_IP}:0"), SHORT)
+        .expect("ICMP deny logged");
+    assert_eq!(d.action, "deny", "{}", d.line);
+
+    let nf = Netfence::spawn(&["--reject"]);
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let ping = frames::icmp_echo_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 0x4242, 1, b"denied");
+    let reply = g
+        .raw_exchange(&ping, deadline(SHORT), |f| {
+            parse_icmp(f).map(|i| i.msg_type == 3).unwrap_or(false)
+        })
+        .expect("a rejected ping gets ICMP unreachable");
+    let icmp = parse_icmp(&reply).unwrap();
+    assert_eq!(icmp.src, GATEWAY);
+    assert!(icmp.checksums_ok);
+}
