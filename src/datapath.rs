@@ -458,14 +458,15 @@ impl Datapath {
                         syn_frame.extend_from_slice(frame);
                     }
                 }
-                TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } => {
+                TcpPhase::Open { .. } | TcpPhase::ConnectingAfterHello { .. } => {
                     // smoltcp 0.14 trims a segment to the receive window but still takes its
-                    // FIN, losing the trimmed bytes. A FIN segment that cannot fit is dropped
-                    // instead; the guest retransmits it when the window opens.
+                    // FIN, losing the trimmed bytes. So data and FIN go in separately: the data
+                    // first, then a bare FIN at the end of it, which smoltcp takes only when all
+                    // data before it has been received (else the guest retransmits).
                     if head.fin && head.payload_len > 0 {
-                        let sock = self.stack.sockets.get::<tcp::Socket>(*handle);
-                        if head.payload_len > sock.recv_capacity() - sock.recv_queue() {
-                            self.counters.drop("tcp-fin-beyond-window");
+                        if let Some((data, fin)) = frames::split_fin(frame) {
+                            self.stack.receive(&data);
+                            self.stack.receive(&fin);
                             return;
                         }
                     }
@@ -553,6 +554,7 @@ impl Datapath {
                 writable: false,
                 host_eof: false,
                 host_write_shut: false,
+                guest_fin_seen: false,
                 bytes_to_host: 0,
                 bytes_to_guest: 0,
             },
@@ -1001,6 +1003,7 @@ impl Datapath {
                 writable: false,
                 host_eof: false,
                 host_write_shut: false,
+                guest_fin_seen: false,
                 bytes_to_host: 0,
                 bytes_to_guest: 0,
             },

@@ -196,6 +196,41 @@ pub fn icmp_echo_reply(
     )
 }
 
+/// Splits a guest TCP segment carrying data and FIN into the same segment without FIN and a
+/// bare FIN at the sequence number after the data. `None` if the frame is not such a segment.
+pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let ip = Ipv4Packet::new_checked(frame.get(ETH_HDR..)?).ok()?;
+    let ip_hdr = usize::from(ip.header_len());
+    let ip_total = usize::from(ip.total_len());
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let tcp = TcpPacket::new_checked(frame.get(ETH_HDR + ip_hdr..ETH_HDR + ip_total)?).ok()?;
+    let tcp_hdr = usize::from(tcp.header_len());
+    let payload_len = tcp.payload().len();
+    if !tcp.fin() || payload_len == 0 {
+        return None;
+    }
+    let seq_after = tcp.seq_number() + payload_len;
+
+    let mut data = frame[..ETH_HDR + ip_total].to_vec();
+    {
+        let mut t = TcpPacket::new_unchecked(&mut data[ETH_HDR + ip_hdr..]);
+        t.set_fin(false);
+        t.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+    }
+
+    let mut fin = frame[..ETH_HDR + ip_hdr + tcp_hdr].to_vec();
+    {
+        let mut i = Ipv4Packet::new_unchecked(&mut fin[ETH_HDR..]);
+        i.set_total_len((ip_hdr + tcp_hdr) as u16);
+        i.fill_checksum();
+        let mut t = TcpPacket::new_unchecked(&mut fin[ETH_HDR + ip_hdr..]);
+        t.set_seq_number(seq_after);
+        t.set_psh(false);
+        t.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+    }
+    Some((data, fin))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +266,52 @@ mod tests {
             }
             other => panic!("not a TCP reset: {other:?}"),
         }
+    }
+
+    #[test]
+    fn split_fin_separates_data_and_fin() {
+        let src: SocketAddrV4 = "172.16.0.2:40000".parse().unwrap();
+        let dst: SocketAddrV4 = "203.0.113.7:80".parse().unwrap();
+        let repr = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control: TcpControl::Fin,
+            seq_number: TcpSeqNumber(500),
+            ack_number: Some(TcpSeqNumber(9)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: b"abcde",
+        };
+        let l = link();
+        let frame = ipv4_frame(
+            l.gateway_mac,
+            l.guest_mac,
+            *src.ip(),
+            *dst.ip(),
+            IpProtocol::Tcp,
+            repr.buffer_len(),
+            |b| {
+                repr.emit(
+                    &mut TcpPacket::new_unchecked(b),
+                    &IpAddress::Ipv4(*src.ip()),
+                    &IpAddress::Ipv4(*dst.ip()),
+                    &ChecksumCapabilities::default(),
+                )
+            },
+        );
+        let (data, fin) = split_fin(&frame).expect("a data+FIN segment splits");
+        match (classify(&data), classify(&fin)) {
+            (Classified::Tcp(d), Classified::Tcp(f)) => {
+                assert!(!d.fin && d.payload_len == 5 && d.seq == 500);
+                assert!(f.fin && f.payload_len == 0 && f.seq == 505 && f.ack_number == 9);
+            }
+            other => panic!("split frames do not classify as TCP: {other:?}"),
+        }
+        assert!(split_fin(&data).is_none());
     }
 
     #[test]
