@@ -248,9 +248,11 @@ impl Datapath {
     fn flush_rx(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) -> usize {
         let mut delivered = 0;
         let mut retried = false;
+        let mut force_signal = false;
         while let Some(frame) = self.stack.link.to_guest.pop_front() {
             match virtqueue::push_rx(rx, mem, self.hdr_len, self.mergeable, &frame) {
-                Ok(()) => {
+                Ok(merged) => {
+                    force_signal |= merged;
                     delivered += 1;
                     self.stack.link.recycle(frame);
                 }
@@ -278,7 +280,12 @@ impl Datapath {
         }
         if delivered > 0 {
             self.counters.rx_frames += delivered as u64;
-            virtqueue::signal_if_needed(rx);
+            if force_signal {
+                let _ = vhost_user_backend::VringT::needs_notification(rx);
+                let _ = vhost_user_backend::VringT::signal_used_queue(rx);
+            } else {
+                virtqueue::signal_if_needed(rx);
+            }
         }
         delivered
     }
@@ -460,10 +467,20 @@ impl Datapath {
                 }
                 TcpPhase::Open { .. } | TcpPhase::ConnectingAfterHello { .. } => {
                     // smoltcp 0.14 trims a segment to the receive window but still takes its
-                    // FIN, losing the trimmed bytes. So data and FIN go in separately: the data
-                    // first, then a bare FIN at the end of it, which smoltcp takes only when all
-                    // data before it has been received (else the guest retransmits).
-                    if head.fin && head.payload_len > 0 {
+                    // FIN, losing the trimmed bytes. When a data+FIN segment may not fit (more
+                    // than half the free buffer: the advertised window can lag behind it), data
+                    // and FIN go in separately: the data first, then a bare FIN after it, which
+                    // smoltcp takes only when all data before it is in (else the guest
+                    // retransmits). A segment that surely fits goes in whole: a bare FIN arriving
+                    // at a window the data just closed would be refused and stall the close.
+                    let may_not_fit = match &flow.phase {
+                        TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } => {
+                            let sock = self.stack.sockets.get::<tcp::Socket>(*handle);
+                            head.payload_len * 2 > sock.recv_capacity() - sock.recv_queue()
+                        }
+                        TcpPhase::Connecting { .. } => false,
+                    };
+                    if head.fin && head.payload_len > 0 && may_not_fit {
                         if let Some((data, fin)) = frames::split_fin(frame) {
                             self.stack.receive(&data);
                             self.stack.receive(&fin);
@@ -540,24 +557,15 @@ impl Datapath {
         debug!(src = %head.src, dst = %head.dst, host = %target, "connecting host side");
         self.flows.tcp.insert(
             key,
-            TcpFlow {
+            TcpFlow::new(
                 token,
-                guest: head.src,
-                dst: head.dst,
-                host_target: target,
+                key,
+                target,
                 host,
-                phase: TcpPhase::Connecting {
+                TcpPhase::Connecting {
                     syn_frame: frame.to_vec(),
                 },
-                started: Instant::now(),
-                readable: false,
-                writable: false,
-                host_eof: false,
-                host_write_shut: false,
-                guest_fin_seen: false,
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-            },
+            ),
         );
     }
 
@@ -991,27 +999,30 @@ impl Datapath {
         };
         self.flows.tcp.insert(
             key,
-            TcpFlow {
+            TcpFlow::new(
                 token,
-                guest,
-                dst,
-                host_target: target,
+                key,
+                target,
                 host,
-                phase: TcpPhase::ConnectingAfterHello { handle },
-                started: Instant::now(),
-                readable: false,
-                writable: false,
-                host_eof: false,
-                host_write_shut: false,
-                guest_fin_seen: false,
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-            },
+                TcpPhase::ConnectingAfterHello { handle },
+            ),
         );
     }
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        for flow in self.flows.tcp.values() {
+            if let TcpPhase::Open { handle } = flow.phase {
+                let sock = self.stack.sockets.get::<tcp::Socket>(handle);
+                tracing::trace!(
+                    src = %flow.guest, dst = %flow.dst, state = %sock.state(),
+                    recv_queue = sock.recv_queue(), send_queue = sock.send_queue(),
+                    readable = flow.readable, writable = flow.writable, host_eof = flow.host_eof,
+                    host_write_shut = flow.host_write_shut, guest_fin_seen = flow.guest_fin_seen,
+                    "TCP flow state"
+                );
+            }
+        }
         let idle: Vec<FlowKey> = self
             .flows
             .udp

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use tracing::debug;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Largest Ethernet frame we accept from or give to the guest (no GSO is offered).
 pub const MAX_FRAME: usize = 65_562;
@@ -131,14 +131,15 @@ pub enum RxError {
 }
 
 /// Writes one frame into the guest's RX queue. With `mergeable`, several buffers may be used.
-/// Does not signal the guest: call [`signal_if_needed`] after a batch.
+/// Does not signal the guest: call [`signal_if_needed`] after a batch, or signal unconditionally
+/// when it returned `Ok(true)` (several buffers used; see [`publish_used`]).
 pub fn push_rx(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap<()>,
     hdr_len: usize,
     mergeable: bool,
     frame: &[u8],
-) -> Result<(), RxError> {
+) -> Result<bool, RxError> {
     let needed = hdr_len + frame.len();
     let mut state = vring.get_mut();
     let queue = state.get_queue_mut();
@@ -201,12 +202,39 @@ pub fn push_rx(
         }
         used.push((head, written as u32));
     }
-    for (head, len) in used {
-        if state.add_used(head, len).is_err() {
-            return Err(RxError::BadChain);
-        }
+    publish_used(&mut state, mem, &used)
+}
+
+/// Puts a frame's buffers on the used ring so that the driver sees all of them at once: the
+/// entries before the last are written first, then the last goes in through `add_used`, whose
+/// release-store of the used index publishes them together. (Adding them one by one would let
+/// a driver see the first buffer of a merged frame before the rest, and drop the frame.)
+/// Returns `Ok(true)` when several buffers were used: the queue's event-index bookkeeping then
+/// counts one, so the caller must signal the guest without asking `needs_notification`.
+fn publish_used(
+    state: &mut vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
+    mem: &GuestMemoryMmap<()>,
+    used: &[(u16, u32)],
+) -> Result<bool, RxError> {
+    let Some((&(last_head, last_len), earlier)) = used.split_last() else {
+        return Ok(false);
+    };
+    let queue = state.get_queue_mut();
+    let start = queue.next_used();
+    let size = queue.size();
+    let ring = queue.used_ring();
+    for (i, &(head, len)) in earlier.iter().enumerate() {
+        let pos = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = GuestAddress(ring + 4 + 8 * pos);
+        mem.write_obj(u32::from(head).to_le(), addr)
+            .and_then(|_| mem.write_obj(len.to_le(), GuestAddress(addr.0 + 4)))
+            .map_err(|_| RxError::BadChain)?;
     }
-    Ok(())
+    queue.set_next_used(start.wrapping_add(earlier.len() as u16));
+    state
+        .add_used(last_head, last_len)
+        .map_err(|_| RxError::BadChain)?;
+    Ok(!earlier.is_empty())
 }
 
 /// Tells the guest about new used entries if it wants to know (EVENT_IDX aware).

@@ -20,7 +20,7 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Bytes of smoltcp buffer per direction per connection: the most a flow holds.
-pub const TCP_BUFFER_BYTES: usize = 256 * 1024;
+pub const TCP_BUFFER_BYTES: usize = 512 * 1024;
 
 pub enum TcpPhase {
     /// Host connect in progress; the guest's SYN waits here.
@@ -111,6 +111,32 @@ enum ReadStep {
 }
 
 impl TcpFlow {
+    /// A flow whose host socket is connecting; `key` is (guest source, guest-visible dst).
+    pub fn new(
+        token: u64,
+        key: (SocketAddrV4, SocketAddrV4),
+        host_target: SocketAddr,
+        host: Socket,
+        phase: TcpPhase,
+    ) -> Self {
+        TcpFlow {
+            token,
+            guest: key.0,
+            dst: key.1,
+            host_target,
+            host,
+            phase,
+            started: Instant::now(),
+            readable: false,
+            writable: false,
+            host_eof: false,
+            host_write_shut: false,
+            guest_fin_seen: false,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
+        }
+    }
+
     /// Moves bytes both ways as far as both sides allow, and propagates FIN and RST.
     pub fn pump(&mut self, sockets: &mut SocketSet<'static>) -> PumpResult {
         let TcpPhase::Open { handle } = self.phase else {
