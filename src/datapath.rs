@@ -105,8 +105,8 @@ pub struct Datapath {
     dns: GatewayDns,
     hellos: HashMap<FlowKey, HelloWait>,
     /// (src, dst) pairs whose DNS traffic was allowed, so the decision is logged once.
-    dns_allowed: HashMap<(u8, FlowKey), Instant>,
-    denied: HashMap<(u8, FlowKey), Instant>,
+    dns_allowed: HashMap<(Protocol, FlowKey), Instant>,
+    denied: HashMap<(Protocol, FlowKey), Instant>,
     counters: Counters,
     scratch: Vec<u8>,
     udp_buf: Vec<u8>,
@@ -363,10 +363,9 @@ impl Datapath {
 
     /// Decides a new flow and logs the decision. `None` = allowed.
     fn decide(&mut self, protocol: Protocol, src: SocketAddrV4, dst: SocketAddrV4) -> bool {
-        let proto_id = protocol_id(protocol);
         let key = (src, dst);
         let now = Instant::now();
-        if let Some(at) = self.denied.get(&(proto_id, key)) {
+        if let Some(at) = self.denied.get(&(protocol, key)) {
             if now.duration_since(*at) < DENIED_MEMORY {
                 return false;
             }
@@ -394,7 +393,7 @@ impl Datapath {
                 }
             }
         }
-        let proto = protocol_name(protocol);
+        let proto = protocol.name();
         let action = if allowed { "allow" } else { "deny" };
         if domains.is_empty() {
             info!(action = %action, proto = %proto, src = %src, dst = %dst, reason = ?reason, "decision");
@@ -410,7 +409,7 @@ impl Datapath {
                 self.denied
                     .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
             }
-            self.denied.insert((proto_id, key), now);
+            self.denied.insert((protocol, key), now);
         }
         allowed
     }
@@ -422,7 +421,7 @@ impl Datapath {
         src: SocketAddrV4,
         dst: SocketAddrV4,
     ) -> bool {
-        let memo = (protocol_id(protocol), (src, dst));
+        let memo = (protocol, (src, dst));
         let now = Instant::now();
         if let Some(at) = self.dns_allowed.get(&memo) {
             if now.duration_since(*at) < DENIED_MEMORY {
@@ -934,11 +933,16 @@ impl Datapath {
             if self.sni_allows(key, sni.as_deref()) {
                 self.connect_after_hello(key, handle);
             } else {
-                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
-                self.stack.poll();
-                self.stack.sockets.remove(handle);
+                self.reset_guest_socket(handle);
             }
         }
+    }
+
+    /// Resets a guest connection held only by a smoltcp socket, then drops the socket.
+    fn reset_guest_socket(&mut self, handle: smoltcp::iface::SocketHandle) {
+        self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+        self.stack.poll();
+        self.stack.sockets.remove(handle);
     }
 
     /// The TLS first-flight decision: a denied SNI is denied even if the address was allowed,
@@ -991,9 +995,7 @@ impl Datapath {
             Ok(v) => v,
             Err(e) => {
                 info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
-                self.stack.sockets.get_mut::<tcp::Socket>(handle).abort();
-                self.stack.poll();
-                self.stack.sockets.remove(handle);
+                self.reset_guest_socket(handle);
                 return;
             }
         };
@@ -1011,7 +1013,8 @@ impl Datapath {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
-        for flow in self.flows.tcp.values() {
+        let tracing_flows = tracing::enabled!(tracing::Level::TRACE);
+        for flow in self.flows.tcp.values().filter(|_| tracing_flows) {
             if let TcpPhase::Open { handle } = flow.phase {
                 let sock = self.stack.sockets.get::<tcp::Socket>(handle);
                 tracing::trace!(
@@ -1067,29 +1070,9 @@ impl Datapath {
                     .queue_frame(frames::tcp_reset(&self.link, &head));
             }
         }
-        // Sockets smoltcp has finished with (e.g. TIME-WAIT expired) are pumped to removal.
-        let _ = tcp::State::Closed;
         self.denied
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
         self.dns_allowed
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
-    }
-}
-
-fn protocol_id(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Icmpv4 => 1,
-        Protocol::Icmpv6 => 58,
-    }
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Icmpv4 => "icmpv4",
-        Protocol::Icmpv6 => "icmpv6",
     }
 }

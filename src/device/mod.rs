@@ -11,7 +11,6 @@ pub mod control_shim;
 pub mod virtqueue;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tracing::{debug, warn};
@@ -57,20 +56,10 @@ pub struct DeviceSettings {
     pub mtu: u16,
 }
 
-/// Counters of bad input from the guest; read by the datapath's periodic report and tests.
-#[derive(Default, Debug)]
-pub struct DeviceCounters {
-    pub bad_chains: AtomicU64,
-    pub tx_frames: AtomicU64,
-    pub rx_frames: AtomicU64,
-    pub rx_dropped_no_buffer: AtomicU64,
-}
-
 /// The `VhostUserBackend` of one VMM connection.
 pub struct NetBackend {
     settings: DeviceSettings,
     datapath: Mutex<Datapath>,
-    event_idx: AtomicBool,
     exit: (EventConsumer, EventNotifier),
 }
 
@@ -80,7 +69,6 @@ impl NetBackend {
         Ok(NetBackend {
             settings,
             datapath: Mutex::new(datapath),
-            event_idx: AtomicBool::new(false),
             exit,
         })
     }
@@ -154,8 +142,8 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library applies it to each vring; the datapath asks the vrings.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

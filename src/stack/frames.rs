@@ -153,19 +153,7 @@ pub fn icmp_unreachable(
         header,
         data: &original[body_start..data_end],
     };
-    let to = header.src_addr;
-    Some(ipv4_frame(
-        link.guest_mac,
-        link.gateway_mac,
-        from,
-        to,
-        IpProtocol::Icmp,
-        repr.buffer_len(),
-        |l4| {
-            let mut icmp = Icmpv4Packet::new_unchecked(l4);
-            repr.emit(&mut icmp, &ChecksumCapabilities::default());
-        },
-    ))
+    Some(icmp_to_guest(link, from, header.src_addr, &repr))
 }
 
 /// An ICMP echo reply from `from` to the guest.
@@ -182,6 +170,11 @@ pub fn icmp_echo_reply(
         seq_no,
         data,
     };
+    icmp_to_guest(link, from, to, &repr)
+}
+
+/// An ICMP message from `from` to the guest.
+fn icmp_to_guest(link: &Link, from: Ipv4Addr, to: Ipv4Addr, repr: &Icmpv4Repr) -> Vec<u8> {
     ipv4_frame(
         link.guest_mac,
         link.gateway_mac,
