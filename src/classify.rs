@@ -3,21 +3,26 @@
 //! Every frame from the TX queue passes through [`classify`] before anything acts on it. The
 //! parsing is smoltcp's `wire` module (bounds-checked, borrowing, no allocation); checksums are
 //! verified here so that later stages can trust the headers. The result tells the datapath where
-//! the frame goes: the gateway's own stack (ARP, ICMP to the gateway, TCP of known flows), the
-//! DHCP server, the UDP flows, or a counted drop.
+//! the frame goes: the gateway's own stack (ARP, neighbour discovery, ICMP to the gateway, TCP
+//! of known flows), the DHCP server, the router advertiser, the flows, or a counted drop.
+//!
+//! IPv4 and IPv6 classify into the same variants. IPv6 packets whose next header is not TCP,
+//! UDP or ICMPv6 (extension headers, fragments) are dropped: guests do not need them for
+//! unicast traffic, and a policy must not be bypassed by hiding the transport header.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet,
-    IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    UdpPacket,
 };
 
 /// A TCP segment's header facts the flow table needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpHead {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub syn: bool,
     pub ack: bool,
     pub rst: bool,
@@ -36,26 +41,44 @@ pub enum Classified<'a> {
     Dhcp { payload: &'a [u8] },
     /// A UDP datagram to anywhere else.
     Udp {
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         payload: &'a [u8],
     },
     /// A TCP segment.
     Tcp(TcpHead),
-    /// An ICMP echo request.
+    /// An ICMP or ICMPv6 echo request.
     IcmpEcho {
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         ident: u16,
         seq: u16,
         data: &'a [u8],
     },
-    /// ICMP that is not an echo request (replies, errors from the guest): for the gateway only.
-    IcmpOther { dst: Ipv4Addr },
-    /// IPv6: not carried yet.
-    Ipv6,
+    /// ICMP/ICMPv6 that is not an echo request (replies, errors, neighbour advertisements from
+    /// the guest): for the gateway only.
+    IcmpOther { dst: IpAddr },
+    /// An IPv6 router solicitation from `src` (`::` before the guest has an address).
+    RouterSolicit { src: Ipv6Addr },
+    /// An IPv6 neighbour solicitation from `src` for `target`.
+    NeighborSolicit { src: Ipv6Addr, target: Ipv6Addr },
     /// Not for us; counted under this reason.
     Drop(DropReason),
+}
+
+impl Classified<'_> {
+    /// The guest's source address, when the frame is IP and carries one.
+    pub fn source(&self) -> Option<IpAddr> {
+        match self {
+            Classified::Udp { src, .. } => Some(src.ip()),
+            Classified::Tcp(head) => Some(head.src.ip()),
+            Classified::IcmpEcho { src, .. } => Some(*src),
+            Classified::RouterSolicit { src } | Classified::NeighborSolicit { src, .. } => {
+                Some(IpAddr::V6(*src))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Why a frame was dropped; each has its own counter.
@@ -67,6 +90,11 @@ pub enum DropReason {
     Broadcast,
     UnknownEtherType,
     UnknownProtocol,
+    /// IPv6 extension headers (hop-by-hop, routing, ...): MLD reports and tunnelling tricks.
+    ExtensionHeader,
+    /// Router advertisements and redirects from the guest, and NDP with a hop limit other than
+    /// 255 (RFC 4861: such a message did not come from the link).
+    UnexpectedNdp,
 }
 
 impl DropReason {
@@ -78,6 +106,8 @@ impl DropReason {
             DropReason::Broadcast => "broadcast",
             DropReason::UnknownEtherType => "unknown-ethertype",
             DropReason::UnknownProtocol => "unknown-protocol",
+            DropReason::ExtensionHeader => "ipv6-extension-header",
+            DropReason::UnexpectedNdp => "ndp-unexpected",
         }
     }
 }
@@ -90,7 +120,7 @@ pub fn classify(frame: &[u8]) -> Classified<'_> {
     match eth.ethertype() {
         EthernetProtocol::Arp => classify_arp(eth.payload()),
         EthernetProtocol::Ipv4 => classify_ipv4(eth.payload()),
-        EthernetProtocol::Ipv6 => Classified::Ipv6,
+        EthernetProtocol::Ipv6 => classify_ipv6(eth.payload()),
         _ => Classified::Drop(DropReason::UnknownEtherType),
     }
 }
@@ -125,24 +155,79 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
     let src = ip.src_addr();
     let dst = ip.dst_addr();
     let body = &payload[usize::from(ip.header_len())..usize::from(ip.total_len())];
+    if ip.next_header() == IpProtocol::Icmp {
+        return classify_icmpv4(src, dst, body);
+    }
+    let udp_to_dhcp = |udp: &UdpPacket<&[u8]>| udp.dst_port() == 67 && udp.src_port() == 68;
+    let not_unicast = dst.is_broadcast() || dst.is_multicast();
+    classify_transport(
+        ip.next_header(),
+        src.into(),
+        dst.into(),
+        not_unicast,
+        body,
+        udp_to_dhcp,
+    )
+}
+
+fn classify_ipv6(payload: &[u8]) -> Classified<'_> {
+    let Ok(ip) = Ipv6Packet::new_checked(payload) else {
+        return Classified::Drop(DropReason::Malformed);
+    };
+    let src = ip.src_addr();
+    let dst = ip.dst_addr();
+    let body = ip.payload();
     match ip.next_header() {
+        IpProtocol::Icmpv6 => classify_icmpv6(src, dst, ip.hop_limit(), body),
+        IpProtocol::Tcp | IpProtocol::Udp => classify_transport(
+            ip.next_header(),
+            src.into(),
+            dst.into(),
+            dst.is_multicast(),
+            body,
+            |_| false,
+        ),
+        IpProtocol::Ipv6Frag => Classified::Drop(DropReason::Fragment),
+        IpProtocol::HopByHop
+        | IpProtocol::Ipv6Route
+        | IpProtocol::Ipv6Opts
+        | IpProtocol::IpSecEsp
+        | IpProtocol::IpSecAh => Classified::Drop(DropReason::ExtensionHeader),
+        _ => Classified::Drop(DropReason::UnknownProtocol),
+    }
+}
+
+/// TCP and UDP of either family. `not_unicast`: the destination is broadcast or multicast.
+fn classify_transport<'a>(
+    protocol: IpProtocol,
+    src: IpAddr,
+    dst: IpAddr,
+    not_unicast: bool,
+    body: &'a [u8],
+    is_dhcp: impl Fn(&UdpPacket<&[u8]>) -> bool,
+) -> Classified<'a> {
+    let (src_ip, dst_ip) = (IpAddress::from(src), IpAddress::from(dst));
+    match protocol {
         IpProtocol::Udp => {
             let Ok(udp) = UdpPacket::new_checked(body) else {
                 return Classified::Drop(DropReason::Malformed);
             };
-            if udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into()) {
+            // A zero checksum means "none" in IPv4 and is forbidden in IPv6 (RFC 8200);
+            // smoltcp accepts it in both.
+            let missing_v6 = udp.checksum() == 0 && src.is_ipv6();
+            if missing_v6 || !udp.verify_checksum(&src_ip, &dst_ip) {
                 return Classified::Drop(DropReason::BadChecksum);
             }
             let data = &body[8..usize::from(udp.len()).min(body.len()).max(8)];
-            if udp.dst_port() == 67 && udp.src_port() == 68 {
+            if is_dhcp(&udp) {
                 return Classified::Dhcp { payload: data };
             }
-            if dst.is_broadcast() || dst.is_multicast() {
+            if not_unicast {
                 return Classified::Drop(DropReason::Broadcast);
             }
             Classified::Udp {
-                src: SocketAddrV4::new(src, udp.src_port()),
-                dst: SocketAddrV4::new(dst, udp.dst_port()),
+                src: SocketAddr::new(src, udp.src_port()),
+                dst: SocketAddr::new(dst, udp.dst_port()),
                 payload: data,
             }
         }
@@ -150,15 +235,15 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
             let Ok(tcp) = TcpPacket::new_checked(body) else {
                 return Classified::Drop(DropReason::Malformed);
             };
-            if !tcp.verify_checksum(&src.into(), &dst.into()) {
+            if !tcp.verify_checksum(&src_ip, &dst_ip) {
                 return Classified::Drop(DropReason::BadChecksum);
             }
-            if dst.is_broadcast() || dst.is_multicast() {
+            if not_unicast {
                 return Classified::Drop(DropReason::Broadcast);
             }
             Classified::Tcp(TcpHead {
-                src: SocketAddrV4::new(src, tcp.src_port()),
-                dst: SocketAddrV4::new(dst, tcp.dst_port()),
+                src: SocketAddr::new(src, tcp.src_port()),
+                dst: SocketAddr::new(dst, tcp.dst_port()),
                 syn: tcp.syn(),
                 ack: tcp.ack(),
                 rst: tcp.rst(),
@@ -168,29 +253,69 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
                 payload_len: tcp.payload().len(),
             })
         }
-        IpProtocol::Icmp => {
-            let Ok(icmp) = Icmpv4Packet::new_checked(body) else {
-                return Classified::Drop(DropReason::Malformed);
-            };
-            if !icmp.verify_checksum() {
-                return Classified::Drop(DropReason::BadChecksum);
-            }
-            if dst.is_broadcast() || dst.is_multicast() {
-                return Classified::Drop(DropReason::Broadcast);
-            }
-            if icmp.msg_type() == Icmpv4Message::EchoRequest {
-                Classified::IcmpEcho {
-                    src,
-                    dst,
-                    ident: icmp.echo_ident(),
-                    seq: icmp.echo_seq_no(),
-                    data: &body[8..],
-                }
-            } else {
-                Classified::IcmpOther { dst }
-            }
-        }
         _ => Classified::Drop(DropReason::UnknownProtocol),
+    }
+}
+
+fn classify_icmpv4(src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Classified<'_> {
+    let Ok(icmp) = Icmpv4Packet::new_checked(body) else {
+        return Classified::Drop(DropReason::Malformed);
+    };
+    if !icmp.verify_checksum() {
+        return Classified::Drop(DropReason::BadChecksum);
+    }
+    if dst.is_broadcast() || dst.is_multicast() {
+        return Classified::Drop(DropReason::Broadcast);
+    }
+    if icmp.msg_type() == Icmpv4Message::EchoRequest {
+        Classified::IcmpEcho {
+            src: src.into(),
+            dst: dst.into(),
+            ident: icmp.echo_ident(),
+            seq: icmp.echo_seq_no(),
+            data: &body[8..],
+        }
+    } else {
+        Classified::IcmpOther { dst: dst.into() }
+    }
+}
+
+fn classify_icmpv6(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, body: &[u8]) -> Classified<'_> {
+    let Ok(icmp) = Icmpv6Packet::new_checked(body) else {
+        return Classified::Drop(DropReason::Malformed);
+    };
+    if !icmp.verify_checksum(&src, &dst) {
+        return Classified::Drop(DropReason::BadChecksum);
+    }
+    let ndp = matches!(
+        icmp.msg_type(),
+        Icmpv6Message::RouterSolicit
+            | Icmpv6Message::RouterAdvert
+            | Icmpv6Message::NeighborSolicit
+            | Icmpv6Message::NeighborAdvert
+            | Icmpv6Message::Redirect
+    );
+    if ndp && hop_limit != 255 {
+        return Classified::Drop(DropReason::UnexpectedNdp);
+    }
+    match icmp.msg_type() {
+        Icmpv6Message::RouterSolicit => Classified::RouterSolicit { src },
+        Icmpv6Message::NeighborSolicit if body.len() >= 24 => Classified::NeighborSolicit {
+            src,
+            target: icmp.target_addr(),
+        },
+        Icmpv6Message::RouterAdvert | Icmpv6Message::Redirect | Icmpv6Message::NeighborSolicit => {
+            Classified::Drop(DropReason::UnexpectedNdp)
+        }
+        _ if dst.is_multicast() => Classified::Drop(DropReason::Broadcast),
+        Icmpv6Message::EchoRequest => Classified::IcmpEcho {
+            src: src.into(),
+            dst: dst.into(),
+            ident: icmp.echo_ident(),
+            seq: icmp.echo_seq_no(),
+            data: &body[8..],
+        },
+        _ => Classified::IcmpOther { dst: dst.into() },
     }
 }
 
@@ -214,5 +339,108 @@ mod tests {
         frame[13] = 0x00;
         frame[14] = 0x45;
         assert_eq!(classify(&frame), Classified::Drop(DropReason::Malformed));
+    }
+
+    /// An Ethernet + IPv6 frame with `next_header` and `body`, hop limit `hop`.
+    fn ipv6_frame(next_header: u8, hop: u8, src: Ipv6Addr, dst: Ipv6Addr, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12] = 0x86;
+        f[13] = 0xdd;
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[next_header, hop]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, msg: &[u8]) -> Vec<u8> {
+        let mut f = ipv6_frame(58, hop, src, dst, msg);
+        Icmpv6Packet::new_unchecked(&mut f[54..]).fill_checksum(&src, &dst);
+        f
+    }
+
+    #[test]
+    fn ipv6_ndp_echo_and_extension_headers() {
+        let guest: Ipv6Addr = "fe80::2".parse().unwrap();
+        let gw: Ipv6Addr = "fe80::1".parse().unwrap();
+        let snm: Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+        let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        ns.extend_from_slice(&gw.octets());
+        assert_eq!(
+            classify(&icmpv6(guest, snm, 255, &ns)),
+            Classified::NeighborSolicit {
+                src: guest,
+                target: gw
+            }
+        );
+        // NDP that crossed a router (hop limit below 255) is not from the link.
+        assert_eq!(
+            classify(&icmpv6(guest, snm, 64, &ns)),
+            Classified::Drop(DropReason::UnexpectedNdp)
+        );
+        let rs = [133, 0, 0, 0, 0, 0, 0, 0];
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        assert_eq!(
+            classify(&icmpv6(Ipv6Addr::UNSPECIFIED, all_routers, 255, &rs)),
+            Classified::RouterSolicit {
+                src: Ipv6Addr::UNSPECIFIED
+            }
+        );
+        let ra = [134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            classify(&icmpv6(guest, all_routers, 255, &ra)),
+            Classified::Drop(DropReason::UnexpectedNdp)
+        );
+        let public: Ipv6Addr = "2001:db8::9".parse().unwrap();
+        let echo = [128, 0, 0, 0, 0, 7, 0, 3, b'h', b'i'];
+        assert_eq!(
+            classify(&icmpv6(guest, public, 64, &echo)),
+            Classified::IcmpEcho {
+                src: guest.into(),
+                dst: public.into(),
+                ident: 7,
+                seq: 3,
+                data: b"hi"
+            }
+        );
+        let mut bad = icmpv6(guest, public, 64, &echo);
+        bad[60] ^= 1;
+        assert_eq!(classify(&bad), Classified::Drop(DropReason::BadChecksum));
+        let echo_to_all_nodes = icmpv6(guest, "ff02::1".parse().unwrap(), 64, &echo);
+        assert_eq!(
+            classify(&echo_to_all_nodes),
+            Classified::Drop(DropReason::Broadcast)
+        );
+        for (next_header, reason) in [
+            (0, DropReason::ExtensionHeader),
+            (43, DropReason::ExtensionHeader),
+            (60, DropReason::ExtensionHeader),
+            (44, DropReason::Fragment),
+            (132, DropReason::UnknownProtocol),
+        ] {
+            let f = ipv6_frame(next_header, 64, guest, public, &[6, 0, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(
+                classify(&f),
+                Classified::Drop(reason),
+                "next header {next_header}"
+            );
+        }
+        // A payload length beyond the frame.
+        let mut long = icmpv6(guest, public, 64, &echo);
+        long[18] = 0x10;
+        assert_eq!(classify(&long), Classified::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn ipv6_udp_without_checksum_is_dropped() {
+        let src: Ipv6Addr = "fd42:6d73:62::2".parse().unwrap();
+        let dst: Ipv6Addr = "2001:db8::8".parse().unwrap();
+        let udp = [0x30, 0x39, 0, 7, 0, 10, 0, 0, b'h', b'i'];
+        assert_eq!(
+            classify(&ipv6_frame(17, 64, src, dst, &udp)),
+            Classified::Drop(DropReason::BadChecksum)
+        );
     }
 }

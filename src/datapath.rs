@@ -11,13 +11,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
+use smoltcp::wire::EthernetAddress;
 use tracing::{debug, info, warn};
 use vhost_user_backend::VringRwLock;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -38,7 +38,8 @@ use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
 use crate::gateway_dns::GatewayDns;
 use crate::policy::{Direction, FlowQuery, Policy, Protocol};
 use crate::stack::dhcp::{DhcpServer, LinkAddrs};
-use crate::stack::frames::{self, Link};
+use crate::stack::frames::{self, Link, Unreachable};
+use crate::stack::ipv6::{self, LinkAddrs6};
 use crate::stack::GuestStack;
 use crate::timer::Timer;
 use crate::tls::sni::{scan_client_hello, ClientHelloScan};
@@ -54,6 +55,7 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct LinkSettings {
     pub addrs: LinkAddrs,
+    pub addrs6: LinkAddrs6,
     pub gateway_mac: [u8; 6],
     pub guest_mac: [u8; 6],
     pub mtu: u16,
@@ -71,6 +73,11 @@ struct HelloWait {
     handle: smoltcp::iface::SocketHandle,
     since: Instant,
 }
+
+/// Guest IPv6 addresses remembered as introduced to smoltcp (its neighbour cache holds 8).
+const INTRODUCED_ADDRESSES: usize = 8;
+/// How often an address is introduced again (smoltcp forgets a neighbour after 60 s).
+const INTRODUCTION_REFRESH: Duration = Duration::from_secs(30);
 
 /// Bytes of ClientHello read at most, and how long it may take to arrive.
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
@@ -111,6 +118,11 @@ pub struct Datapath {
     scratch: Vec<u8>,
     udp_buf: Vec<u8>,
     events: Vec<(FlowRef, EventSet)>,
+    /// When the last router advertisement went out; `None` until the guest solicits one
+    /// (a guest that never does has no IPv6 and gets no unsolicited ones).
+    last_advert: Option<Instant>,
+    /// Guest IPv6 addresses smoltcp has been told the MAC of (see `introduce_guest`).
+    introduced: Vec<(std::net::Ipv6Addr, Instant)>,
 }
 
 impl Datapath {
@@ -119,6 +131,7 @@ impl Datapath {
             settings.gateway_mac,
             settings.addrs.gateway,
             settings.addrs.prefix_len,
+            &settings.addrs6,
             settings.mtu,
         );
         let dhcp = DhcpServer {
@@ -151,6 +164,8 @@ impl Datapath {
             scratch: Vec::with_capacity(virtqueue::MAX_FRAME),
             udp_buf: vec![0u8; 65_536],
             events: Vec::new(),
+            last_advert: None,
+            introduced: Vec::new(),
         })
     }
 
@@ -290,6 +305,22 @@ impl Datapath {
         delivered
     }
 
+    /// Whether `ip` is one of the gateway's own addresses (IPv4, IPv6 global or link-local).
+    fn is_gateway(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => v4 == self.settings.addrs.gateway,
+            IpAddr::V6(v6) => self.settings.addrs6.is_gateway(v6),
+        }
+    }
+
+    /// The gateway address that messages to `guest` come from.
+    fn gateway_for(&self, guest: IpAddr) -> IpAddr {
+        match guest {
+            IpAddr::V4(_) => IpAddr::V4(self.settings.addrs.gateway),
+            IpAddr::V6(v6) => IpAddr::V6(self.settings.addrs6.source_for(v6)),
+        }
+    }
+
     /// A frame from the guest.
     fn guest_frame(&mut self, frame: &[u8]) {
         let gateway = self.settings.addrs.gateway;
@@ -303,7 +334,11 @@ impl Datapath {
                 self.link.guest_mac = EthernetAddress(mac);
             }
         }
-        match classify(frame) {
+        let classified = classify(frame);
+        if let Some(IpAddr::V6(src)) = classified.source() {
+            self.introduce_guest(src);
+        }
+        match classified {
             Classified::Arp { target, .. } => {
                 if target == gateway {
                     self.stack.receive(frame);
@@ -312,7 +347,7 @@ impl Datapath {
                 }
             }
             Classified::Dhcp { payload } => self.dhcp(payload),
-            Classified::IcmpEcho { dst, .. } if dst == gateway => self.stack.receive(frame),
+            Classified::IcmpEcho { dst, .. } if self.is_gateway(dst) => self.stack.receive(frame),
             Classified::IcmpEcho {
                 src,
                 dst,
@@ -320,11 +355,19 @@ impl Datapath {
                 seq,
                 data,
             } => self.echo_request(src, dst, ident, seq, data, frame),
-            Classified::IcmpOther { dst } if dst == gateway => self.stack.receive(frame),
+            Classified::IcmpOther { dst } if self.is_gateway(dst) => self.stack.receive(frame),
             Classified::IcmpOther { .. } => self.counters.drop("icmp-other"),
+            Classified::NeighborSolicit { src, target }
+                if self.settings.addrs6.is_gateway(target) =>
+            {
+                let advert = ipv6::neighbor_advert(&self.link, target, src);
+                self.stack.link.queue_frame(advert);
+            }
+            // smoltcp with AnyIP would claim every address; only the gateway's are ours.
+            Classified::NeighborSolicit { .. } => self.counters.drop("ndp-not-gateway"),
+            Classified::RouterSolicit { src } => self.router_solicit(src),
             Classified::Tcp(head) => self.tcp_segment(head, frame),
             Classified::Udp { src, dst, payload } => self.udp_datagram(src, dst, payload, frame),
-            Classified::Ipv6 => self.counters.drop("ipv6"),
             Classified::Drop(reason) => self.count_drop(reason),
         }
     }
@@ -351,8 +394,8 @@ impl Datapath {
         }
         let frame = frames::udp_to_guest(
             &link,
-            SocketAddrV4::new(gateway, 67),
-            SocketAddrV4::new(to, 68),
+            SocketAddr::from((gateway, 67)),
+            SocketAddr::from((to, 68)),
             reply.payload.len(),
             reply.broadcast,
             |b| b.copy_from_slice(&reply.payload),
@@ -361,8 +404,45 @@ impl Datapath {
         self.stack.link.queue_frame(frame);
     }
 
+    /// Tells smoltcp the guest's MAC for a guest IPv6 address it has not seen yet.
+    fn introduce_guest(&mut self, src: std::net::Ipv6Addr) {
+        if src.is_unspecified() || src.is_multicast() {
+            return;
+        }
+        let now = Instant::now();
+        self.introduced
+            .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
+        if self.introduced.iter().any(|(a, _)| *a == src) {
+            return;
+        }
+        if self.introduced.len() >= INTRODUCED_ADDRESSES {
+            self.introduced.remove(0);
+        }
+        self.introduced.push((src, now));
+        let gateway = self.settings.addrs6.source_for(src);
+        let frame = ipv6::guest_introduction(&self.link, src, gateway);
+        self.stack.receive(&frame);
+    }
+
+    /// Answers a router solicitation with an advertisement of the guest's /64.
+    fn router_solicit(&mut self, src: std::net::Ipv6Addr) {
+        let to = if src.is_unspecified() {
+            ipv6::ALL_NODES
+        } else {
+            src
+        };
+        self.send_router_advert(to);
+    }
+
+    fn send_router_advert(&mut self, to: std::net::Ipv6Addr) {
+        let frame = ipv6::router_advert(&self.link, &self.settings.addrs6, self.settings.mtu, to);
+        debug!(to = %to, prefix = %self.settings.addrs6.prefix, "router advertisement");
+        self.last_advert = Some(Instant::now());
+        self.stack.link.queue_frame(frame);
+    }
+
     /// Decides a new flow and logs the decision. `None` = allowed.
-    fn decide(&mut self, protocol: Protocol, src: SocketAddrV4, dst: SocketAddrV4) -> bool {
+    fn decide(&mut self, protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> bool {
         let key = (src, dst);
         let now = Instant::now();
         if let Some(at) = self.denied.get(&(protocol, key)) {
@@ -370,15 +450,11 @@ impl Datapath {
                 return false;
             }
         }
-        let domains = self
-            .dns
-            .service
-            .cache()
-            .names_for(IpAddr::V4(*dst.ip()), now);
+        let domains = self.dns.service.cache().names_for(dst.ip(), now);
         let query = FlowQuery {
             direction: Direction::Egress,
             protocol,
-            dst: IpAddr::V4(*dst.ip()),
+            dst: dst.ip(),
             dst_port: Some(dst.port()),
             domains: &domains,
         };
@@ -415,12 +491,7 @@ impl Datapath {
     }
 
     /// Policy for traffic to the DNS service, decided (and logged) once per (src, dst) pair.
-    fn dns_pair_allowed(
-        &mut self,
-        protocol: Protocol,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
-    ) -> bool {
+    fn dns_pair_allowed(&mut self, protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> bool {
         let memo = (protocol, (src, dst));
         let now = Instant::now();
         if let Some(at) = self.dns_allowed.get(&memo) {
@@ -505,7 +576,7 @@ impl Datapath {
             self.counters.drop("tcp-bad-destination");
             return;
         }
-        if self.dns.serves(head.dst, self.settings.addrs.gateway) {
+        if self.dns.serves(head.dst, self.is_gateway(head.dst.ip())) {
             if self.dns_pair_allowed(Protocol::Tcp, head.src, head.dst) {
                 self.dns.accept_tcp(key, frame, &mut self.stack);
             } else if self.reject_mode() {
@@ -536,7 +607,7 @@ impl Datapath {
             self.stack.receive(frame);
             return;
         }
-        let target = self.settings.addrmap.host_target(SocketAddr::V4(head.dst));
+        let target = self.settings.addrmap.host_target(head.dst);
         let host = match tcpflow::connect_host(target) {
             Ok(s) => s,
             Err(e) => {
@@ -578,8 +649,8 @@ impl Datapath {
             let ip = &syn_frame[14..];
             frames::icmp_unreachable(
                 &self.link,
-                self.settings.addrs.gateway,
-                Icmpv4DstUnreachable::HostUnreachable,
+                self.gateway_for(head.src.ip()),
+                Unreachable::Host,
                 ip,
             )
         } else {
@@ -589,9 +660,9 @@ impl Datapath {
         self.stack.link.queue_frame(frame);
     }
 
-    fn udp_datagram(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], frame: &[u8]) {
+    fn udp_datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8], frame: &[u8]) {
         let key = (src, dst);
-        if self.dns.serves(dst, self.settings.addrs.gateway) {
+        if self.dns.serves(dst, self.is_gateway(dst.ip())) {
             if self.dns_pair_allowed(Protocol::Udp, src, dst) {
                 self.dns.udp_query(
                     src,
@@ -602,7 +673,7 @@ impl Datapath {
                     &self.link,
                 );
             } else if self.reject_mode() {
-                self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
+                self.reject_with_icmp(frame, src.ip(), Unreachable::Port);
             }
             return;
         }
@@ -613,11 +684,11 @@ impl Datapath {
             }
             if !self.decide(Protocol::Udp, src, dst) {
                 if self.reject_mode() {
-                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::PortUnreachable);
+                    self.reject_with_icmp(frame, src.ip(), Unreachable::Port);
                 }
                 return;
             }
-            let target = self.settings.addrmap.host_target(SocketAddr::V4(dst));
+            let target = self.settings.addrmap.host_target(dst);
             let host = match udpflow::open_host(target) {
                 Ok(s) => s,
                 Err(e) => {
@@ -656,8 +727,8 @@ impl Datapath {
     /// A ping from the guest to anywhere but the gateway: an ICMP socket on the host.
     fn echo_request(
         &mut self,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         ident: u16,
         seq: u16,
         data: &[u8],
@@ -669,17 +740,18 @@ impl Datapath {
                 self.counters.drop("icmp-bad-destination");
                 return;
             }
-            let (from, to) = (SocketAddrV4::new(src, ident), SocketAddrV4::new(dst, 0));
-            if !self.decide(Protocol::Icmpv4, from, to) {
+            let (from, to) = (SocketAddr::new(src, ident), SocketAddr::new(dst, 0));
+            let protocol = match dst {
+                IpAddr::V4(_) => Protocol::Icmpv4,
+                IpAddr::V6(_) => Protocol::Icmpv6,
+            };
+            if !self.decide(protocol, from, to) {
                 if self.reject_mode() {
-                    self.reject_with_icmp(frame, Icmpv4DstUnreachable::CommProhibited);
+                    self.reject_with_icmp(frame, src, Unreachable::Prohibited);
                 }
                 return;
             }
-            let target = match self.settings.addrmap.host_target(SocketAddr::V4(to)) {
-                SocketAddr::V4(t) => *t.ip(),
-                SocketAddr::V6(_) => dst,
-            };
+            let target = self.settings.addrmap.host_target(to).ip();
             let host = match icmpflow::open_host(target) {
                 Ok(s) => s,
                 Err(e) => {
@@ -698,6 +770,7 @@ impl Datapath {
                     guest: src,
                     dst,
                     ident,
+                    target,
                     host,
                     last_active: Instant::now(),
                 },
@@ -707,7 +780,11 @@ impl Datapath {
             return;
         };
         flow.last_active = Instant::now();
-        if flow.host.send(&icmpflow::echo_request(seq, data)).is_err() {
+        if flow
+            .host
+            .send(&icmpflow::echo_request(flow.target, seq, data))
+            .is_err()
+        {
             self.counters.drop("icmp-send-failed");
         }
     }
@@ -731,7 +808,8 @@ impl Datapath {
                     continue;
                 }
             };
-            let Some((seq, data)) = icmpflow::parse_echo_reply(&self.udp_buf[..n]) else {
+            let Some((seq, data)) = icmpflow::parse_echo_reply(flow.target, &self.udp_buf[..n])
+            else {
                 continue;
             };
             flow.last_active = Instant::now();
@@ -743,11 +821,13 @@ impl Datapath {
         }
     }
 
-    /// Answers a denied packet with an ICMP destination-unreachable from the gateway.
-    fn reject_with_icmp(&mut self, frame: &[u8], reason: Icmpv4DstUnreachable) {
-        if let Some(f) = frame.get(14..).and_then(|ip| {
-            frames::icmp_unreachable(&self.link, self.settings.addrs.gateway, reason, ip)
-        }) {
+    /// Answers a denied packet from `guest` with a destination-unreachable from the gateway.
+    fn reject_with_icmp(&mut self, frame: &[u8], guest: IpAddr, reason: Unreachable) {
+        let from = self.gateway_for(guest);
+        if let Some(f) = frame
+            .get(frames::ETH_HDR..)
+            .and_then(|ip| frames::icmp_unreachable(&self.link, from, reason, ip))
+        {
             self.stack.link.queue_frame(f);
         }
     }
@@ -827,7 +907,8 @@ impl Datapath {
         let Some(flow) = self.flows.udp.get_mut(&key) else {
             return;
         };
-        let max_payload = usize::from(self.settings.mtu).saturating_sub(28);
+        let max_payload = usize::from(self.settings.mtu)
+            .saturating_sub(frames::ip_header_len(flow.guest.ip()) + 8);
         loop {
             let n = match flow.host.recv(&mut self.udp_buf) {
                 Ok(n) => n,
@@ -953,7 +1034,7 @@ impl Datapath {
             return true;
         };
         let (src, dst) = key;
-        let ip = IpAddr::V4(*dst.ip());
+        let ip = dst.ip();
         let domains = vec![name.to_string()];
         let policy = self.settings.policy.clone();
         let decision = policy.decide(&FlowQuery {
@@ -986,7 +1067,7 @@ impl Datapath {
     /// Connects the host side of a TLS flow whose guest handshake is already complete.
     fn connect_after_hello(&mut self, key: FlowKey, handle: smoltcp::iface::SocketHandle) {
         let (guest, dst) = key;
-        let target = self.settings.addrmap.host_target(SocketAddr::V4(dst));
+        let target = self.settings.addrmap.host_target(dst);
         let registered = tcpflow::connect_host(target).and_then(|host| {
             let token = self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key))?;
             Ok((host, token))
@@ -1013,6 +1094,12 @@ impl Datapath {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        if self
+            .last_advert
+            .is_some_and(|at| now.duration_since(at) >= ipv6::ADVERT_INTERVAL)
+        {
+            self.send_router_advert(ipv6::ALL_NODES);
+        }
         let tracing_flows = tracing::enabled!(tracing::Level::TRACE);
         for flow in self.flows.tcp.values().filter(|_| tracing_flows) {
             if let TcpPhase::Open { handle } = flow.phase {

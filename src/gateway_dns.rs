@@ -7,7 +7,7 @@
 //! the service's judge of names.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use smoltcp::iface::SocketHandle;
@@ -58,9 +58,10 @@ impl GatewayDns {
         }
     }
 
-    /// Whether traffic to `dst` is for the DNS service (the gateway's, or any with intercept-all).
-    pub fn serves(&self, dst: SocketAddrV4, gateway: std::net::Ipv4Addr) -> bool {
-        dst.port() == 53 && (*dst.ip() == gateway || self.intercept_all)
+    /// Whether traffic to `dst` is for the DNS service: port 53 of a gateway address
+    /// (`to_gateway`), or of any address with intercept-all.
+    pub fn serves(&self, dst: SocketAddr, to_gateway: bool) -> bool {
+        dst.port() == 53 && (to_gateway || self.intercept_all)
     }
 
     pub fn has_tcp(&self, key: &FlowKey) -> bool {
@@ -74,16 +75,16 @@ impl GatewayDns {
     /// A UDP query from the guest; an immediate answer is queued at once.
     pub fn udp_query(
         &mut self,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         payload: &[u8],
         policy: &Policy,
         stack: &mut GuestStack,
         link: &Link,
     ) {
         let key = ClientKey {
-            src: SocketAddr::V4(src),
-            dst: SocketAddr::V4(dst),
+            src,
+            dst,
             transport: Transport::Udp,
         };
         let judge = PolicyJudge(policy);
@@ -133,8 +134,8 @@ impl GatewayDns {
                 };
                 for msg in messages {
                     let client = ClientKey {
-                        src: SocketAddr::V4(key.0),
-                        dst: SocketAddr::V4(key.1),
+                        src: key.0,
+                        dst: key.1,
                         transport: Transport::Tcp(conn.id),
                     };
                     if let Some(answer) =
@@ -165,9 +166,7 @@ impl GatewayDns {
     pub fn poll(&mut self, policy: &Policy, stack: &mut GuestStack, link: &Link) {
         let judge = PolicyJudge(policy);
         for (client, answer) in self.service.poll(&judge, Instant::now()) {
-            let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (client.src, client.dst) else {
-                continue;
-            };
+            let (src, dst) = (client.src, client.dst);
             match client.transport {
                 Transport::Udp => queue_udp_answer(stack, link, dst, src, &answer),
                 Transport::Tcp(id) => {
@@ -184,8 +183,8 @@ impl GatewayDns {
 fn queue_udp_answer(
     stack: &mut GuestStack,
     link: &Link,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
     answer: &[u8],
 ) {
     let frame = frames::udp_to_guest(link, from, to, answer.len(), false, |b| {

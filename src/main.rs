@@ -17,6 +17,7 @@ use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
 use netfence::policy::{HostAddrs, Policy};
 use netfence::stack::dhcp::LinkAddrs;
+use netfence::stack::ipv6::LinkAddrs6;
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +59,8 @@ struct RunArgs {
     /// Serve one VMM connection, then exit (default: accept the next one, e.g. a restarted VM).
     #[arg(long)]
     once: bool,
-    /// Which /30 of ipv4_pool this guest gets: slot N = pool base + 4N (gateway +1, guest +2).
+    /// Which guest slot this link serves: the N-th /30 of ipv4_pool (gateway +1, guest +2) and
+    /// the N-th /64 of ipv6_pool (gateway ::1, advertised to the guest for SLAAC).
     #[arg(long, default_value_t = 0, value_name = "N")]
     slot: u32,
     /// The guest's MAC address (virtio config space and DHCP).
@@ -157,19 +159,18 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let pool = config
-        .ipv4_pool
-        .unwrap_or_else(|| "172.16.0.0/12".parse().expect("literal network"));
-    let addrs = match LinkAddrs::for_slot(pool, args.slot) {
-        Ok(a) => a,
-        Err(e) => {
+    let addrs = LinkAddrs::for_slot(config.ipv4_pool_or_default(), args.slot);
+    let addrs6 = LinkAddrs6::for_slot(config.ipv6_pool_or_default(), args.slot);
+    let (addrs, addrs6) = match (addrs, addrs6) {
+        (Ok(a), Ok(a6)) => (a, a6),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("netfence: --slot: {e}");
             return ExitCode::from(2);
         }
     };
     let host = HostAddrs {
         ipv4: vec![addrs.gateway],
-        ipv6: vec![],
+        ipv6: vec![addrs6.gateway, addrs6.link_local],
     };
     let policy = match Policy::compile(&config, &host) {
         Ok(p) => Arc::new(p),
@@ -180,7 +181,11 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let addrmap = Arc::new(AddressMap::new(
         config.map.clone(),
-        vec![IpAddr::V4(addrs.gateway)],
+        vec![
+            IpAddr::V4(addrs.gateway),
+            IpAddr::V6(addrs6.gateway),
+            IpAddr::V6(addrs6.link_local),
+        ],
     ));
     let dns = match dns_settings(&config, &host) {
         Ok(d) => d,
@@ -198,6 +203,7 @@ fn run(args: RunArgs) -> ExitCode {
             .clone()
             .unwrap_or_else(|| vec![443]),
         addrs,
+        addrs6,
         gateway_mac: GATEWAY_MAC,
         guest_mac: args.guest_mac,
         mtu: args.mtu,

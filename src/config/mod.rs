@@ -516,24 +516,17 @@ impl NetworkConfig {
     }
 
     /// The gateway addresses of guest slot `slot` (the `host` group): the first address of
-    /// the slot's /30 in `ipv4_pool` (base + 4*slot + 1) and `::1` of the slot's /64 in
-    /// `ipv6_pool`. `None` in a family when the slot lies outside the pool.
+    /// the slot's /30 in `ipv4_pool` (base + 4*slot + 1), `::1` of the slot's /64 in
+    /// `ipv6_pool`, and the gateway's link-local fe80::1. A family is empty when the slot lies
+    /// outside its pool.
     pub fn gateway_addrs(&self, slot: u32) -> crate::policy::HostAddrs {
         let mut h = crate::policy::HostAddrs::default();
-        let p4 = self.ipv4_pool_or_default();
-        let base = u32::from(p4.network()) as u64;
-        let size4 = 1u64 << (32 - p4.prefix_len() as u32);
-        if (slot as u64) * 4 + 4 <= size4 {
-            h.ipv4.push(std::net::Ipv4Addr::from(
-                (base + slot as u64 * 4 + 1) as u32,
-            ));
+        if let Ok(a) = crate::stack::dhcp::LinkAddrs::for_slot(self.ipv4_pool_or_default(), slot) {
+            h.ipv4.push(a.gateway);
         }
-        let p6 = self.ipv6_pool_or_default();
-        let bits = 64 - p6.prefix_len() as u32;
-        if bits >= 32 || (slot as u64) < (1u64 << bits) {
-            let base = u128::from(p6.network());
-            h.ipv6
-                .push(std::net::Ipv6Addr::from(base + ((slot as u128) << 64) + 1));
+        if let Ok(a) = crate::stack::ipv6::LinkAddrs6::for_slot(self.ipv6_pool_or_default(), slot) {
+            h.ipv6.push(a.gateway);
+            h.ipv6.push(a.link_local);
         }
         h
     }

@@ -449,7 +449,10 @@ fn full_toml_parses() {
     );
     assert_eq!(
         gw.ipv6,
-        vec!["fd00:1:0:2::1".parse::<std::net::Ipv6Addr>().unwrap()]
+        vec![
+            "fd00:1:0:2::1".parse::<std::net::Ipv6Addr>().unwrap(),
+            "fe80::1".parse().unwrap()
+        ]
     );
 }
 

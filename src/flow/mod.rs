@@ -11,7 +11,7 @@ pub mod udp;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -20,7 +20,7 @@ pub use tcp::TcpFlow;
 pub use udp::UdpFlow;
 
 /// (guest source, guest-visible destination)
-pub type FlowKey = (SocketAddrV4, SocketAddrV4);
+pub type FlowKey = (SocketAddr, SocketAddr);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowRef {

@@ -11,7 +11,7 @@
 //! socket error on either side aborts the other side.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::net::{Shutdown, SocketAddr};
 use std::time::Instant;
 
 use smoltcp::iface::{SocketHandle, SocketSet};
@@ -34,8 +34,8 @@ pub enum TcpPhase {
 
 pub struct TcpFlow {
     pub token: u64,
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
     pub host_target: SocketAddr,
     pub host: Socket,
     pub phase: TcpPhase,
@@ -86,7 +86,7 @@ pub fn connect_result(socket: &Socket) -> io::Result<()> {
 }
 
 /// A smoltcp socket listening on the guest's destination, ready for the held SYN.
-pub fn listening_socket(dst: SocketAddrV4) -> tcp::Socket<'static> {
+pub fn listening_socket(dst: SocketAddr) -> tcp::Socket<'static> {
     let rx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
     let tx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
     let mut socket = tcp::Socket::new(rx, tx);
@@ -95,7 +95,7 @@ pub fn listening_socket(dst: SocketAddrV4) -> tcp::Socket<'static> {
     // half_close_server_first), although guest->host throughput doubled. See the issue notes.
     socket.set_ack_delay(None);
     let endpoint = IpListenEndpoint {
-        addr: Some(IpAddress::Ipv4(*dst.ip())),
+        addr: Some(IpAddress::from(dst.ip())),
         port: dst.port(),
     };
     // Listening fails only for port 0, which the classifier never lets through as a new flow.
@@ -114,7 +114,7 @@ impl TcpFlow {
     /// A flow whose host socket is connecting; `key` is (guest source, guest-visible dst).
     pub fn new(
         token: u64,
-        key: (SocketAddrV4, SocketAddrV4),
+        key: (SocketAddr, SocketAddr),
         host_target: SocketAddr,
         host: Socket,
         phase: TcpPhase,

@@ -5,7 +5,7 @@
 //! A session idle for longer than its timeout is closed.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// Idle time after which a UDP session is closed.
@@ -13,8 +13,8 @@ pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct UdpFlow {
     pub token: u64,
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
     pub host: UdpSocket,
     pub last_active: Instant,
     pub datagrams_to_host: u64,

@@ -1,18 +1,23 @@
 //! Building the frames netfence sends to the guest outside smoltcp's sockets: DHCP and UDP
-//! replies, TCP resets for refused or rejected connections, ICMP unreachable and echo replies.
-//! All headers are written with smoltcp's `wire` types, checksums included.
+//! replies, TCP resets for refused or rejected connections, ICMP/ICMPv6 unreachable and echo
+//! replies, router advertisements. Every builder takes either address family; all headers are
+//! written with smoltcp's `wire` types, checksums included.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable,
-    Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr,
+    TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
-const ETH_HDR: usize = 14;
+pub const ETH_HDR: usize = 14;
 const IPV4_HDR: usize = 20;
+const IPV6_HDR: usize = 40;
+/// Hop limit of the frames we originate (NDP messages use 255, see `ip_frame_with_hop_limit`).
+const HOP_LIMIT: u8 = 64;
 
 /// Link-layer addresses of one guest link.
 #[derive(Debug, Clone, Copy)]
@@ -21,44 +26,139 @@ pub struct Link {
     pub guest_mac: EthernetAddress,
 }
 
-/// An IPv4 frame from the gateway side to the guest with `payload_len` bytes of L4 data filled
-/// by `fill`.
-fn ipv4_frame(
+/// Why a guest packet is answered with a destination-unreachable, in both ICMP versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The host side could not be routed to.
+    Host,
+    /// Nothing listens on the port (UDP rejected by policy).
+    Port,
+    /// Denied by policy.
+    Prohibited,
+}
+
+impl Unreachable {
+    fn v4(self) -> Icmpv4DstUnreachable {
+        match self {
+            Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+            Unreachable::Port => Icmpv4DstUnreachable::PortUnreachable,
+            Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+        }
+    }
+    fn v6(self) -> Icmpv6DstUnreachable {
+        match self {
+            Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+            Unreachable::Port => Icmpv6DstUnreachable::PortUnreachable,
+            Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
+        }
+    }
+}
+
+/// The IP header length for `addr`'s family.
+pub fn ip_header_len(addr: IpAddr) -> usize {
+    match addr {
+        IpAddr::V4(_) => IPV4_HDR,
+        IpAddr::V6(_) => IPV6_HDR,
+    }
+}
+
+/// An IP frame from the gateway side to the guest with `payload_len` bytes of L4 data filled
+/// by `fill`. Both addresses must be of one family (an IPv4 one is widened to its mapped IPv6
+/// form if they are not, which the datapath never asks for).
+fn ip_frame(
     dst_mac: EthernetAddress,
     src_mac: EthernetAddress,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     protocol: IpProtocol,
     payload_len: usize,
     fill: impl FnOnce(&mut [u8]),
 ) -> Vec<u8> {
-    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + payload_len];
+    ip_frame_with_hop_limit(
+        dst_mac,
+        src_mac,
+        src,
+        dst,
+        protocol,
+        HOP_LIMIT,
+        payload_len,
+        fill,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ip_frame_with_hop_limit(
+    dst_mac: EthernetAddress,
+    src_mac: EthernetAddress,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: IpProtocol,
+    hop_limit: u8,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let (src, dst) = same_family(src, dst);
+    let hdr = ip_header_len(src);
+    let mut buf = vec![0u8; ETH_HDR + hdr + payload_len];
     let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+    let ethertype = match src {
+        IpAddr::V4(_) => EthernetProtocol::Ipv4,
+        IpAddr::V6(_) => EthernetProtocol::Ipv6,
+    };
     EthernetRepr {
         src_addr: src_mac,
         dst_addr: dst_mac,
-        ethertype: EthernetProtocol::Ipv4,
+        ethertype,
     }
     .emit(&mut eth);
-    let ip_repr = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: protocol,
-        payload_len,
-        hop_limit: 64,
-    };
-    let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH_HDR..]);
-    ip_repr.emit(&mut ip, &ChecksumCapabilities::default());
-    fill(&mut buf[ETH_HDR + IPV4_HDR..]);
+    match (src, dst) {
+        (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
+            let repr = Ipv4Repr {
+                src_addr,
+                dst_addr,
+                next_header: protocol,
+                payload_len,
+                hop_limit,
+            };
+            let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH_HDR..]);
+            repr.emit(&mut ip, &ChecksumCapabilities::default());
+        }
+        (src_addr, dst_addr) => {
+            let repr = Ipv6Repr {
+                src_addr: v6(src_addr),
+                dst_addr: v6(dst_addr),
+                next_header: protocol,
+                payload_len,
+                hop_limit,
+            };
+            let mut ip = Ipv6Packet::new_unchecked(&mut buf[ETH_HDR..]);
+            repr.emit(&mut ip);
+        }
+    }
+    fill(&mut buf[ETH_HDR + hdr..]);
     buf
+}
+
+fn v6(a: IpAddr) -> std::net::Ipv6Addr {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    }
+}
+
+fn same_family(a: IpAddr, b: IpAddr) -> (IpAddr, IpAddr) {
+    match (a, b) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => (a, b),
+        _ => (IpAddr::V6(v6(a)), IpAddr::V6(v6(b))),
+    }
 }
 
 /// A UDP datagram from `src` (as the guest will see it) to the guest's `dst`.
 /// `broadcast` sends it to the Ethernet broadcast address (DHCP to an unconfigured client).
 pub fn udp_to_guest(
     link: &Link,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     payload_len: usize,
     broadcast: bool,
     fill: impl FnOnce(&mut [u8]),
@@ -68,11 +168,12 @@ pub fn udp_to_guest(
     } else {
         link.guest_mac
     };
-    ipv4_frame(
+    let (src_ip, dst_ip) = same_family(src.ip(), dst.ip());
+    ip_frame(
         dst_mac,
         link.gateway_mac,
-        *src.ip(),
-        *dst.ip(),
+        src_ip,
+        dst_ip,
         IpProtocol::Udp,
         8 + payload_len,
         |l4| {
@@ -83,8 +184,8 @@ pub fn udp_to_guest(
             }
             .emit(
                 &mut udp,
-                &IpAddress::Ipv4(*src.ip()),
-                &IpAddress::Ipv4(*dst.ip()),
+                &IpAddress::from(src_ip),
+                &IpAddress::from(dst_ip),
                 payload_len,
                 fill,
                 &ChecksumCapabilities::default(),
@@ -116,8 +217,8 @@ pub fn tcp_reset(link: &Link, seg: &crate::classify::TcpHead) -> Vec<u8> {
         timestamp: None,
         payload: &[],
     };
-    let (src, dst) = (*seg.dst.ip(), *seg.src.ip());
-    ipv4_frame(
+    let (src, dst) = same_family(seg.dst.ip(), seg.src.ip());
+    ip_frame(
         link.guest_mac,
         link.gateway_mac,
         src,
@@ -128,54 +229,84 @@ pub fn tcp_reset(link: &Link, seg: &crate::classify::TcpHead) -> Vec<u8> {
             let mut tcp = TcpPacket::new_unchecked(l4);
             repr.emit(
                 &mut tcp,
-                &IpAddress::Ipv4(src),
-                &IpAddress::Ipv4(dst),
+                &IpAddress::from(src),
+                &IpAddress::from(dst),
                 &ChecksumCapabilities::default(),
             );
         },
     )
 }
 
-/// An ICMP destination-unreachable about `original` (the guest's IPv4 packet, header first),
-/// sent from `from` (the gateway).
+/// A destination-unreachable about `original` (the guest's IP packet, header first), sent from
+/// `from` (the gateway address of the packet's family). ICMPv6 quotes as much of the packet as
+/// fits in the minimum MTU (RFC 4443); ICMPv4 the header and 8 bytes.
 pub fn icmp_unreachable(
     link: &Link,
-    from: Ipv4Addr,
-    reason: Icmpv4DstUnreachable,
+    from: IpAddr,
+    reason: Unreachable,
     original: &[u8],
 ) -> Option<Vec<u8>> {
-    let ip = Ipv4Packet::new_checked(original).ok()?;
-    let header = Ipv4Repr::parse(&ip, &ChecksumCapabilities::ignored()).ok()?;
-    let body_start = usize::from(ip.header_len());
-    let data_end = (body_start + 8).min(original.len());
-    let repr = Icmpv4Repr::DstUnreachable {
-        reason,
-        header,
-        data: &original[body_start..data_end],
-    };
-    Some(icmp_to_guest(link, from, header.src_addr, &repr))
+    match original.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(original).ok()?;
+            let header = Ipv4Repr::parse(&ip, &ChecksumCapabilities::ignored()).ok()?;
+            let body_start = usize::from(ip.header_len());
+            let data_end = (body_start + 8).min(original.len());
+            let repr = Icmpv4Repr::DstUnreachable {
+                reason: reason.v4(),
+                header,
+                data: &original[body_start..data_end],
+            };
+            Some(icmpv4_to_guest(link, from, header.src_addr.into(), &repr))
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(original).ok()?;
+            let header = Ipv6Repr::parse(&ip).ok()?;
+            // 1280 (IPv6 minimum MTU) - 40 (IPv6) - 8 (ICMPv6) - 40 (quoted header).
+            let data_end = (IPV6_HDR + 1192).min(original.len());
+            let repr = Icmpv6Repr::DstUnreachable {
+                reason: reason.v6(),
+                header,
+                data: &original[IPV6_HDR..data_end],
+            };
+            Some(icmpv6_to_guest(link, v6(from), header.src_addr, &repr))
+        }
+        _ => None,
+    }
 }
 
-/// An ICMP echo reply from `from` to the guest.
+/// An echo reply from `from` to the guest, ICMP or ICMPv6 by the addresses' family.
 pub fn icmp_echo_reply(
     link: &Link,
-    from: Ipv4Addr,
-    to: Ipv4Addr,
+    from: IpAddr,
+    to: IpAddr,
     ident: u16,
     seq_no: u16,
     data: &[u8],
 ) -> Vec<u8> {
-    let repr = Icmpv4Repr::EchoReply {
-        ident,
-        seq_no,
-        data,
-    };
-    icmp_to_guest(link, from, to, &repr)
+    match same_family(from, to) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let repr = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            icmpv4_to_guest(link, from.into(), to.into(), &repr)
+        }
+        (from, to) => {
+            let repr = Icmpv6Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            icmpv6_to_guest(link, v6(from), v6(to), &repr)
+        }
+    }
 }
 
 /// An ICMP message from `from` to the guest.
-fn icmp_to_guest(link: &Link, from: Ipv4Addr, to: Ipv4Addr, repr: &Icmpv4Repr) -> Vec<u8> {
-    ipv4_frame(
+fn icmpv4_to_guest(link: &Link, from: IpAddr, to: IpAddr, repr: &Icmpv4Repr) -> Vec<u8> {
+    ip_frame(
         link.guest_mac,
         link.gateway_mac,
         from,
@@ -189,13 +320,72 @@ fn icmp_to_guest(link: &Link, from: Ipv4Addr, to: Ipv4Addr, repr: &Icmpv4Repr) -
     )
 }
 
+/// An ICMPv6 message from `from` to the guest.
+fn icmpv6_to_guest(
+    link: &Link,
+    from: std::net::Ipv6Addr,
+    to: std::net::Ipv6Addr,
+    repr: &Icmpv6Repr,
+) -> Vec<u8> {
+    ip_frame(
+        link.guest_mac,
+        link.gateway_mac,
+        from.into(),
+        to.into(),
+        IpProtocol::Icmpv6,
+        repr.buffer_len(),
+        |l4| {
+            let mut icmp = Icmpv6Packet::new_unchecked(l4);
+            repr.emit(&from, &to, &mut icmp, &ChecksumCapabilities::default());
+        },
+    )
+}
+
+/// The IP header of a guest frame: (header length, src, dst, total length of header + payload).
+fn ip_parts(frame: &[u8]) -> Option<(usize, IpAddr, IpAddr, usize)> {
+    let ip = frame.get(ETH_HDR..)?;
+    match ip.first()? >> 4 {
+        4 => {
+            let p = Ipv4Packet::new_checked(ip).ok()?;
+            Some((
+                usize::from(p.header_len()),
+                p.src_addr().into(),
+                p.dst_addr().into(),
+                usize::from(p.total_len()),
+            ))
+        }
+        6 => {
+            let p = Ipv6Packet::new_checked(ip).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            Some((
+                IPV6_HDR,
+                p.src_addr().into(),
+                p.dst_addr().into(),
+                IPV6_HDR + usize::from(p.payload_len()),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Sets the IP length field of `ip` (header first) to `total` bytes of header and payload.
+fn set_ip_total_len(ip: &mut [u8], hdr: usize, total: usize) {
+    if ip[0] >> 4 == 4 {
+        let mut p = Ipv4Packet::new_unchecked(ip);
+        p.set_total_len(total as u16);
+        p.fill_checksum();
+    } else {
+        Ipv6Packet::new_unchecked(ip).set_payload_len((total - hdr) as u16);
+    }
+}
+
 /// Splits a guest TCP segment carrying data and FIN into the same segment without FIN and a
 /// bare FIN at the sequence number after the data. `None` if the frame is not such a segment.
 pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let ip = Ipv4Packet::new_checked(frame.get(ETH_HDR..)?).ok()?;
-    let ip_hdr = usize::from(ip.header_len());
-    let ip_total = usize::from(ip.total_len());
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let (ip_hdr, src, dst, ip_total) = ip_parts(frame)?;
+    let (src, dst) = (IpAddress::from(src), IpAddress::from(dst));
     let tcp = TcpPacket::new_checked(frame.get(ETH_HDR + ip_hdr..ETH_HDR + ip_total)?).ok()?;
     let tcp_hdr = usize::from(tcp.header_len());
     let payload_len = tcp.payload().len();
@@ -208,18 +398,16 @@ pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     {
         let mut t = TcpPacket::new_unchecked(&mut data[ETH_HDR + ip_hdr..]);
         t.set_fin(false);
-        t.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+        t.fill_checksum(&src, &dst);
     }
 
     let mut fin = frame[..ETH_HDR + ip_hdr + tcp_hdr].to_vec();
+    set_ip_total_len(&mut fin[ETH_HDR..], ip_hdr, ip_hdr + tcp_hdr);
     {
-        let mut i = Ipv4Packet::new_unchecked(&mut fin[ETH_HDR..]);
-        i.set_total_len((ip_hdr + tcp_hdr) as u16);
-        i.fill_checksum();
         let mut t = TcpPacket::new_unchecked(&mut fin[ETH_HDR + ip_hdr..]);
         t.set_seq_number(seq_after);
         t.set_psh(false);
-        t.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+        t.fill_checksum(&src, &dst);
     }
     Some((data, fin))
 }
@@ -263,8 +451,8 @@ mod tests {
 
     #[test]
     fn split_fin_separates_data_and_fin() {
-        let src: SocketAddrV4 = "172.16.0.2:40000".parse().unwrap();
-        let dst: SocketAddrV4 = "203.0.113.7:80".parse().unwrap();
+        let src: SocketAddr = "172.16.0.2:40000".parse().unwrap();
+        let dst: SocketAddr = "203.0.113.7:80".parse().unwrap();
         let repr = TcpRepr {
             src_port: src.port(),
             dst_port: dst.port(),
@@ -280,18 +468,18 @@ mod tests {
             payload: b"abcde",
         };
         let l = link();
-        let frame = ipv4_frame(
+        let frame = ip_frame(
             l.gateway_mac,
             l.guest_mac,
-            *src.ip(),
-            *dst.ip(),
+            src.ip(),
+            dst.ip(),
             IpProtocol::Tcp,
             repr.buffer_len(),
             |b| {
                 repr.emit(
                     &mut TcpPacket::new_unchecked(b),
-                    &IpAddress::Ipv4(*src.ip()),
-                    &IpAddress::Ipv4(*dst.ip()),
+                    &IpAddress::from(src.ip()),
+                    &IpAddress::from(dst.ip()),
                     &ChecksumCapabilities::default(),
                 )
             },
@@ -309,8 +497,8 @@ mod tests {
 
     #[test]
     fn udp_frame_round_trips_through_the_classifier() {
-        let src: SocketAddrV4 = "203.0.113.8:7".parse().unwrap();
-        let dst: SocketAddrV4 = "172.16.0.2:5555".parse().unwrap();
+        let src: SocketAddr = "203.0.113.8:7".parse().unwrap();
+        let dst: SocketAddr = "172.16.0.2:5555".parse().unwrap();
         let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
         assert_eq!(
             classify(&frame),
@@ -320,5 +508,70 @@ mod tests {
                 payload: b"hello"
             }
         );
+    }
+
+    #[test]
+    fn ipv6_frames_round_trip_through_the_classifier() {
+        let src: SocketAddr = "[2001:db8::8]:7".parse().unwrap();
+        let dst: SocketAddr = "[fd42:6d73:62::2]:5555".parse().unwrap();
+        let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
+        assert_eq!(
+            classify(&frame),
+            Classified::Udp {
+                src,
+                dst,
+                payload: b"hello"
+            }
+        );
+        let syn = TcpHead {
+            src: dst,
+            dst: "[2001:db8::7]:443".parse().unwrap(),
+            syn: true,
+            ack: false,
+            rst: false,
+            fin: false,
+            seq: 9,
+            ack_number: 0,
+            payload_len: 0,
+        };
+        match classify(&tcp_reset(&link(), &syn)) {
+            Classified::Tcp(h) => assert!(h.rst && h.ack_number == 10 && h.dst == syn.src),
+            other => panic!("not a TCP reset: {other:?}"),
+        }
+        let reply = icmp_echo_reply(&link(), src.ip(), dst.ip(), 3, 4, b"x");
+        assert_eq!(
+            classify(&reply),
+            Classified::IcmpOther { dst: dst.ip() },
+            "an echo reply to the guest is ICMPv6, checksummed"
+        );
+    }
+
+    #[test]
+    fn ipv6_unreachable_quotes_the_packet_from_the_gateway() {
+        let guest: SocketAddr = "[fd42:6d73:62::2]:40000".parse().unwrap();
+        let denied: SocketAddr = "[fd12::1]:53".parse().unwrap();
+        let original = udp_to_guest(&link(), guest, denied, 3, false, |b| {
+            b.copy_from_slice(b"abc")
+        });
+        let gateway: IpAddr = "fd42:6d73:62::1".parse().unwrap();
+        let frame = icmp_unreachable(
+            &link(),
+            gateway,
+            Unreachable::Prohibited,
+            &original[ETH_HDR..],
+        )
+        .expect("an IPv6 packet is quoted");
+        let ip = Ipv6Packet::new_checked(&frame[ETH_HDR..]).unwrap();
+        assert_eq!(
+            (ip.src_addr(), ip.dst_addr()),
+            (
+                "fd42:6d73:62::1".parse().unwrap(),
+                "fd42:6d73:62::2".parse().unwrap()
+            )
+        );
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+        assert_eq!((icmp.msg_type().into(), icmp.msg_code()), (1u8, 1u8));
+        assert_eq!(icmp.payload(), &original[ETH_HDR..]);
     }
 }

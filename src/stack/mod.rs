@@ -1,21 +1,25 @@
 //! The guest-facing network stack: smoltcp playing the gateway.
 //!
-//! smoltcp's `Interface` owns the gateway's link (MAC, the gateway address of the guest's /30),
-//! answers ARP and ICMP echo for the gateway, and terminates the guest's TCP connections: for
+//! smoltcp's `Interface` owns the gateway's link (MAC, the gateway address of the guest's /30,
+//! the gateway's addresses in the guest's IPv6 /64 and fe80::1), answers ARP, neighbour
+//! solicitations and ICMP/ICMPv6 echo for the gateway, and terminates the guest's TCP connections: for
 //! every allowed TCP flow the flow table creates a smoltcp socket listening on the guest's
 //! destination (AnyIP), so the guest talks to "203.0.113.7:443" while the bytes go to a host
 //! socket. Frames reach smoltcp only through [`GuestStack::receive`], after the classifier has
 //! checked that they are for the gateway or for a known flow: with AnyIP on, smoltcp would
-//! otherwise answer ARP and pings for every address.
+//! otherwise answer ARP, neighbour solicitations and pings for every address.
 //!
 //! Frames smoltcp sends go to a bounded queue that the datapath flushes into the RX virtqueue;
 //! when the queue is full smoltcp is told the device is busy and retries later (backpressure).
 
 pub mod dhcp;
 pub mod frames;
+pub mod ipv6;
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
+
+use self::ipv6::LinkAddrs6;
 
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -121,13 +125,24 @@ pub struct GuestStack {
 }
 
 impl GuestStack {
-    pub fn new(gateway_mac: [u8; 6], gateway: Ipv4Addr, prefix_len: u8, mtu: u16) -> Self {
+    pub fn new(
+        gateway_mac: [u8; 6],
+        gateway: Ipv4Addr,
+        prefix_len: u8,
+        addrs6: &LinkAddrs6,
+        mtu: u16,
+    ) -> Self {
         let mut link = GuestLink::new(mtu);
         let epoch = std::time::Instant::now();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(gateway_mac)));
         let mut iface = Interface::new(config, &mut link, Instant::from_millis(0));
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), prefix_len));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(addrs6.link_local), 64));
+            let _ = addrs.push(IpCidr::new(
+                IpAddress::Ipv6(addrs6.gateway),
+                addrs6.prefix.prefix_len(),
+            ));
         });
         iface.set_any_ip(true);
         GuestStack {
