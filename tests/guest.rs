@@ -10,7 +10,11 @@
 //!   127.0.0.1 (`--map 203.0.113.7:80=127.0.0.1:PORT`), byte-exact (CRC-32 and length compared);
 //! - UDP: `curl tftp://203.0.113.8/` reads a file from a one-packet TFTP server in this test on
 //!   127.0.0.1 (`--map 203.0.113.8:69=127.0.0.1:PORT`);
-//! - policy: `curl http://10.1.2.3/` (private, denied by the default public-only policy) fails.
+//! - policy: `curl http://10.1.2.3/` (private, denied by the default public-only policy) fails;
+//! - IPv6: the kernel configures fd42:6d73:62::/64 by SLAAC from netfence's router advertisement
+//!   with a default route via fe80::1; `ping -6` reaches the gateway and 2001:db8::9 (mapped to
+//!   ::1 through an unprivileged ICMPv6 socket); `curl http://[2001:db8::7]/` fetches the same
+//!   body byte-exact; `curl http://[fd12::1]/` and `ping -6 fd12::1` (private) are denied.
 //!
 //! and the test checks netfence's log for the allow and deny decisions. Every address the guest
 //! uses is a documentation or private range that netfence maps to loopback or denies, so nothing
@@ -282,6 +286,21 @@ curl -sS --connect-timeout 4 --max-time 6 -o /dev/null http://10.1.2.3/
 rc=$?
 echo "DENIED rc=$rc after $(($(date +%s) - t0))s"
 [ $rc -ne 0 ] && ok denied || bad denied "curl to 10.1.2.3 succeeded"
+# IPv6: wait (bounded) for SLAAC to finish duplicate address detection.
+for i in $(seq 1 40); do
+  ip -6 addr show dev eth0 | grep 'scope global' | grep -qv tentative && break
+  sleep 0.25
+done
+ip -6 addr show dev eth0
+ip -6 route
+ip -6 addr show dev eth0 | grep -q 'inet6 fd42:6d73:62:0:.*/64 scope global' && ok slaac || bad slaac "no SLAAC address in fd42:6d73:62::/64"
+ip -6 route | grep -q '^default via fe80::1' && ok route6 || bad route6 "no default route via fe80::1"
+ping -6 -c 1 -W 5 fd42:6d73:62::1 && ok ping6-gateway || bad ping6-gateway "gateway did not answer"
+ping -6 -c 2 -W 5 2001:db8::9 && ok ping6-mapped || bad ping6-mapped "mapped ICMPv6 echo failed"
+curl -sS --max-time 30 -g -o /tmp/body6 'http://[2001:db8::7]/' && ok http6 || bad http6 "curl rc=$?"
+echo "BODY6 crc32=$(crc32 < /tmp/body6) len=$(wc -c < /tmp/body6)"
+curl -sS --connect-timeout 4 --max-time 6 -g -o /dev/null 'http://[fd12::1]/' && bad denied6 "curl to [fd12::1] succeeded" || ok denied6
+ping -6 -c 1 -W 2 fd12::1 && bad ping6-denied "ping to fd12::1 answered" || ok ping6-denied
 exit 0
 "#
     )
@@ -296,7 +315,7 @@ fn unique_marker() -> String {
 }
 
 #[test]
-fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_private() {
+fn real_guest_dual_stack_gets_addresses_pings_fetches_mapped_tcp_udp_and_is_denied_private() {
     let gdir = guest_dir();
     for f in ["vmlinuz", "initramfs.cpio.gz"] {
         assert!(
@@ -328,6 +347,10 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
             format!("203.0.113.7:80=127.0.0.1:{http_port}"),
             "--map".to_string(),
             format!("203.0.113.8:69=127.0.0.1:{tftp_port}"),
+            "--map".to_string(),
+            format!("[2001:db8::7]:80=127.0.0.1:{http_port}"),
+            "--map".to_string(),
+            "2001:db8::9=::1".to_string(),
         ],
     );
     let started = Instant::now();
@@ -353,7 +376,21 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
         "guest checks failed: {failed:?}\n{report}"
     );
     for check in [
-        "dhcp", "lease", "route", "ping", "http", "marker", "udp", "denied",
+        "dhcp",
+        "lease",
+        "route",
+        "ping",
+        "http",
+        "marker",
+        "udp",
+        "denied",
+        "slaac",
+        "route6",
+        "ping6-gateway",
+        "ping6-mapped",
+        "http6",
+        "denied6",
+        "ping6-denied",
     ] {
         assert!(
             console
@@ -363,11 +400,13 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
         );
     }
 
-    let expected = format!("BODY crc32={:08x} len={}", crc32(&body), body.len());
-    assert!(
-        console.lines().any(|l| l.trim() == expected),
-        "HTTP body through netfence is not byte-exact: expected `{expected}`\n{report}"
-    );
+    for prefix in ["BODY", "BODY6"] {
+        let expected = format!("{prefix} crc32={:08x} len={}", crc32(&body), body.len());
+        assert!(
+            console.lines().any(|l| l.trim() == expected),
+            "HTTP body through netfence is not byte-exact: expected `{expected}`\n{report}"
+        );
+    }
     assert!(
         console.contains(&format!("UDP [{udp_content}]")),
         "TFTP (UDP) reply through netfence differs: expected `{udp_content}`\n{report}"
@@ -397,6 +436,22 @@ fn real_guest_gets_dhcp_pings_gateway_fetches_mapped_tcp_udp_and_is_denied_priva
     assert!(
         decision("deny", "10.1.2.3:80"),
         "netfence logged no deny decision for 10.1.2.3:80\n{report}"
+    );
+    for (action, dst) in [
+        ("allow", "[2001:db8::7]:80"),
+        ("allow", "[2001:db8::9]:0"),
+        ("deny", "[fd12::1]:80"),
+        ("deny", "[fd12::1]:0"),
+    ] {
+        assert!(
+            decision(action, dst),
+            "netfence logged no {action} decision for {dst}\n{report}"
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("action=allow") && l.contains("proto=icmpv6")),
+        "no ICMPv6 allow decision logged\n{report}"
     );
 }
 
