@@ -36,7 +36,7 @@ use crate::flow::tcp::{self as tcpflow, PumpResult, TcpPhase};
 use crate::flow::udp::{self as udpflow};
 use crate::flow::{FlowKey, FlowRef, FlowTable, TcpFlow, UdpFlow};
 use crate::gateway_dns::GatewayDns;
-use crate::policy::{Direction, FlowQuery, Policy, Protocol};
+use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
 use crate::stack::dhcp::{DhcpServer, LinkAddrs};
 use crate::stack::frames::{self, Link, Unreachable};
 use crate::stack::ipv6::{self, LinkAddrs6};
@@ -82,6 +82,16 @@ const INTRODUCTION_REFRESH: Duration = Duration::from_secs(30);
 /// Bytes of ClientHello read at most, and how long it may take to arrive.
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `dst` must never become a host socket's peer, in whatever spelling: unspecified
+/// (which the kernel would take as this host), broadcast or multicast, also when written as an
+/// IPv4-mapped or -compatible IPv6 address.
+fn unroutable(dst: IpAddr) -> bool {
+    match canonical(dst) {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+    }
+}
 
 /// Counters of what the datapath dropped or refused, by reason.
 #[derive(Default, Debug, Clone)]
@@ -572,7 +582,7 @@ impl Datapath {
             self.stack.link.queue_frame(rst);
             return;
         }
-        if head.dst.port() == 0 || head.dst.ip().is_unspecified() {
+        if head.dst.port() == 0 || unroutable(head.dst.ip()) {
             self.counters.drop("tcp-bad-destination");
             return;
         }
@@ -678,7 +688,7 @@ impl Datapath {
             return;
         }
         if !self.flows.udp.contains_key(&key) {
-            if dst.port() == 0 || dst.ip().is_unspecified() {
+            if dst.port() == 0 || unroutable(dst.ip()) {
                 self.counters.drop("udp-bad-destination");
                 return;
             }
@@ -736,7 +746,7 @@ impl Datapath {
     ) {
         let key = (src, dst, ident);
         if !self.flows.echo.contains_key(&key) {
-            if dst.is_unspecified() {
+            if unroutable(dst) {
                 self.counters.drop("icmp-bad-destination");
                 return;
             }
@@ -1161,5 +1171,35 @@ impl Datapath {
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
         self.dns_allowed
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unroutable;
+
+    #[test]
+    fn unroutable_destinations_in_every_spelling() {
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "255.255.255.255",
+            "::ffff:255.255.255.255",
+            "224.0.0.1",
+            "::ffff:239.1.2.3",
+            "ff02::1",
+        ] {
+            assert!(unroutable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "203.0.113.7",
+            "::ffff:203.0.113.7",
+            "2001:db8::7",
+            "::1",
+            "127.0.0.1",
+        ] {
+            assert!(!unroutable(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

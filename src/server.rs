@@ -67,11 +67,14 @@ impl Drop for PrivateDir {
 pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), String> {
     let public = bind_public(path)?;
     info!(
-        "listening on {} (guest {}/{}, gateway {})",
+        "listening on {} (guest {}/{}, gateway {}; IPv6 prefix {}, gateway {} and {})",
         path.display(),
         settings.addrs.guest,
         settings.addrs.prefix_len,
-        settings.addrs.gateway
+        settings.addrs.gateway,
+        settings.addrs6.prefix,
+        settings.addrs6.gateway,
+        settings.addrs6.link_local
     );
     loop {
         let (vmm, _) = public
