@@ -48,6 +48,9 @@ use crate::tls::sni::{scan_client_hello, ClientHelloScan};
 const DENIED_MEMORY: Duration = Duration::from_secs(30);
 /// A host connect that has not completed by then fails the guest's connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the smoltcp socket of a gracefully closed flow outlives it: longer than smoltcp's
+/// ACK delay (10 ms), so the ACK of the guest's last segment and FIN still goes out.
+const SOCKET_LINGER: Duration = Duration::from_millis(50);
 /// Housekeeping (idle UDP sessions, connect timeouts) runs at least this often.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
@@ -131,6 +134,8 @@ pub struct Datapath {
     /// When the last router advertisement went out; `None` until the guest solicits one
     /// (a guest that never does has no IPv6 and gets no unsolicited ones).
     last_advert: Option<Instant>,
+    /// smoltcp sockets of closed flows, kept until their last ACK is out (`SOCKET_LINGER`).
+    lingering: Vec<(FlowKey, smoltcp::iface::SocketHandle, Instant)>,
     /// Guest IPv6 addresses smoltcp has been told the MAC of (see `introduce_guest`).
     introduced: Vec<(std::net::Ipv6Addr, Instant)>,
 }
@@ -176,6 +181,7 @@ impl Datapath {
             events: Vec::new(),
             last_advert: None,
             introduced: Vec::new(),
+            lingering: Vec::new(),
         })
     }
 
@@ -244,6 +250,7 @@ impl Datapath {
 
     /// Moves data until nothing more can move, then arms the timer for smoltcp's next deadline.
     fn service(&mut self, rx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) {
+        self.expire_lingering(None);
         for _ in 0..64 {
             self.pump_tcp();
             self.dns.pump_tcp(&self.settings.policy, &mut self.stack);
@@ -265,6 +272,10 @@ impl Datapath {
             .min(HOUSEKEEPING);
         if let Some(deadline) = self.dns.service.next_deadline() {
             delay = delay.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        if let Some((_, _, since)) = self.lingering.first() {
+            let expiry = *since + SOCKET_LINGER;
+            delay = delay.min(expiry.saturating_duration_since(Instant::now()));
         }
         self.timer.arm(delay);
     }
@@ -582,6 +593,7 @@ impl Datapath {
             self.stack.link.queue_frame(rst);
             return;
         }
+        self.expire_lingering(Some(&key));
         if head.dst.port() == 0 || unroutable(head.dst.ip()) {
             self.counters.drop("tcp-bad-destination");
             return;
@@ -971,7 +983,13 @@ impl Datapath {
             if let TcpPhase::Open { handle } | TcpPhase::ConnectingAfterHello { handle } =
                 flow.phase
             {
-                self.stack.sockets.remove(handle);
+                let state = self.stack.sockets.get::<tcp::Socket>(handle).state();
+                if state == tcp::State::TimeWait {
+                    // smoltcp may still owe the guest the (delayed) ACK of its FIN.
+                    self.lingering.push((*key, handle, Instant::now()));
+                } else {
+                    self.stack.sockets.remove(handle);
+                }
             }
             debug!(
                 src = %flow.guest, dst = %flow.dst, why,
@@ -979,6 +997,23 @@ impl Datapath {
                 "TCP flow closed"
             );
         }
+    }
+
+    /// Removes the lingering sockets whose time is up, and any of `reused` (a new connection
+    /// with the same addresses and ports must not meet the old socket).
+    fn expire_lingering(&mut self, reused: Option<&FlowKey>) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let sockets = &mut self.stack.sockets;
+        self.lingering.retain(|(key, handle, since)| {
+            let keep = now.duration_since(*since) < SOCKET_LINGER && Some(key) != reused;
+            if !keep {
+                sockets.remove(*handle);
+            }
+            keep
+        });
     }
 
     /// TLS connections waiting for their ClientHello: decide those whose SNI (or timeout) is in.

@@ -374,29 +374,37 @@ fn fin_on_segment_beyond_window_is_not_taken() {
     let mut window = sa.window as u32;
     let mut sent: Vec<u8> = Vec::new();
     let mut rng = frames::Rng::new(86);
-    let mut push = |fe: &mut Frontend, seq: &mut u32, sent: &mut Vec<u8>, n: usize, fin: bool| {
-        let data = rng.bytes(n);
-        let flags = Flags {
-            ack: true,
-            psh: true,
-            fin,
-            ..Default::default()
+    // Sends one segment; with `wait`, returns the first ACK that follows (which may not cover
+    // everything).
+    let mut send =
+        |fe: &mut Frontend, seq: &mut u32, sent: &mut Vec<u8>, n: usize, fin: bool, wait: bool| {
+            let data = rng.bytes(n);
+            let flags = Flags {
+                ack: true,
+                psh: true,
+                fin,
+                ..Default::default()
+            };
+            fe.send_frame(&seg(*seq, rcv, flags, &data));
+            sent.extend_from_slice(&data);
+            *seq = seq.wrapping_add(n as u32);
+            let want = *seq;
+            if !wait {
+                return (want, 0, want);
+            }
+            fe.recv_matching(deadline(SHORT), |f| {
+                ours(f).map(|t| t.flags.ack).unwrap_or(false)
+            })
+            .and_then(|f| ours(&f))
+            .map(|t| (t.ack, t.window as u32, want))
+            .expect("no ACK from netfence")
         };
-        fe.send_frame(&seg(*seq, rcv, flags, &data));
-        sent.extend_from_slice(&data);
-        *seq = seq.wrapping_add(n as u32);
-        let want = *seq;
-        // The ACK that follows (it may not cover everything; take the first one after).
-        fe.recv_matching(deadline(SHORT), |f| {
-            ours(f).map(|t| t.flags.ack).unwrap_or(false)
-        })
-        .and_then(|f| ours(&f))
-        .map(|t| (t.ack, t.window as u32, want))
-        .expect("no ACK from netfence")
-    };
     let mut rounds = 0;
+    // Two segments per round: netfence acknowledges every second full segment at once (the
+    // first alone would wait for the delayed-ACK timer).
     while window >= 3000 {
-        let (ack, win, want) = push(fe, &mut seq, &mut sent, 1460, false);
+        send(fe, &mut seq, &mut sent, 1460, false, false);
+        let (ack, win, want) = send(fe, &mut seq, &mut sent, 1460, false, true);
         assert_eq!(ack, want, "netfence did not take an in-window segment");
         window = win;
         rounds += 1;
@@ -409,13 +417,13 @@ fn fin_on_segment_beyond_window_is_not_taken() {
         window > 200,
         "window closed completely ({window}); cannot place a partial segment"
     );
-    let (ack, win, want) = push(fe, &mut seq, &mut sent, window as usize - 100, false);
+    let (ack, win, want) = send(fe, &mut seq, &mut sent, window as usize - 100, false, true);
     assert_eq!(ack, want);
     assert!(win >= 100, "window {win} after leaving 100 bytes");
     let w = win as usize;
     // The segment under test: w + 1 bytes and FIN.
     let start = seq;
-    let (ack, _, _) = push(fe, &mut seq, &mut sent, w + 1, true);
+    let (ack, _, _) = send(fe, &mut seq, &mut sent, w + 1, true, true);
     let taken = ack.wrapping_sub(start);
     assert!(
         taken <= w as u32,
