@@ -11,7 +11,9 @@
 //!   through the names the guest resolved (`domain_source="dns-cache"` in the log);
 //! - `denied.example` (`deny_domains`) gets NXDOMAIN and is never asked upstream;
 //! - `private.example`, which the upstream answers with 10.0.0.7, gets NXDOMAIN from rebind
-//!   protection (it was asked upstream, the answer was removed), and curl cannot resolve it.
+//!   protection (it was asked upstream, the answer was removed), and curl cannot resolve it;
+//! - the same service answers on the gateway's IPv6 address fd42:6d73:62::1 (what the router
+//!   advertisement's RDNSS option names), once SLAAC has configured the guest.
 //!
 //! Without the guest image this test fails with a message saying how to build it; it never
 //! skips. Nothing leaves the host: every address is documentation space mapped to loopback.
@@ -130,6 +132,15 @@ for n in denied private; do
 curl -sS --max-time 15 -o /dev/null http://$n.example/; rc=$?; echo "CURL-$n rc=$rc"
 [ $rc -eq 6 ] && ok curl-$n || bad curl-$n "rc=$rc, expected 6 (could not resolve host)"
 done
+# The same service on the gateway's IPv6 address (RDNSS), once SLAAC is done (bounded wait).
+for i in $(seq 1 40); do
+  ip -6 addr show dev eth0 | grep 'scope global' | grep -qv tentative && break
+  sleep 0.25
+done
+nslookup allowed.example fd42:6d73:62::1 >/tmp/a6 2>&1; echo "NS6-ALLOWED rc=$?"; cat /tmp/a6
+grep -q 'Address:.*203\.0\.113\.7' /tmp/a6 && ok ns6-allowed || bad ns6-allowed "no 203.0.113.7 over IPv6"
+nslookup denied.example fd42:6d73:62::1 >/tmp/d6 2>&1; echo "NS6-DENIED rc=$?"; cat /tmp/d6
+grep -q NXDOMAIN /tmp/d6 && ok ns6-denied || bad ns6-denied "no NXDOMAIN over IPv6"
 exit 0
 "#
     .to_string()
@@ -268,6 +279,8 @@ nameservers = ["{}"]
         "ns-private-addr",
         "curl-denied",
         "curl-private",
+        "ns6-allowed",
+        "ns6-denied",
     ] {
         assert!(
             console
