@@ -669,6 +669,9 @@ fn send_with_control(
     others
 }
 
+/// What the first control ping follows: nothing (is the raw ping answered at all?).
+const BEFORE_GARBAGE: &str = "nothing yet (the control before any bad packet)";
+
 fn assert_running(nf: &mut Netfence, after: &str) {
     assert!(nf.is_running(), "netfence exited after {after}");
     let panics: Vec<String> = nf
@@ -690,7 +693,7 @@ fn malformed_ipv6_headers_get_no_reply_and_netfence_keeps_serving() {
     let ll = g.link_local6();
     // Control first: a well-formed raw ping of fe80::1 is answered.
     assert!(
-        send_with_control(&mut g, gw, &[], 0x5000, "nothing").is_empty(),
+        send_with_control(&mut g, gw, &[], 0x5000, BEFORE_GARBAGE).is_empty(),
         "unexpected frames before any garbage"
     );
     // Each bad packet is an echo request to fe80::1 with its own ident: a reply names it.
@@ -792,6 +795,10 @@ fn bad_ipv6_checksums_get_no_reply_and_open_no_flow() {
         f[14 + frames6::IPV6_HDR_LEN + at] ^= 0x5a;
         f
     };
+    assert!(
+        send_with_control(&mut g, gw, &[], 0x5000, BEFORE_GARBAGE).is_empty(),
+        "unexpected frames before any bad packet"
+    );
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "ICMPv6 echo to fe80::1, bad checksum",
