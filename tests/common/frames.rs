@@ -484,5 +484,8 @@ pub fn describe(frame: &[u8]) -> String {
             i.src, i.dst, i.msg_type, i.code
         );
     }
+    if let Some(s) = super::frames6::describe6(frame) {
+        return s;
+    }
     format!("{} bytes ethertype={:04x?}", frame.len(), ethertype(frame))
 }

@@ -7,9 +7,12 @@
 //!
 //! Raw-frame helpers ([`Guest::raw_exchange`]) send a hand-built frame and wait for a matching
 //! reply; other frames that arrive meanwhile are kept and handed to smoltcp afterwards.
+//!
+//! IPv6 is static ([`Guest::set_ipv6`]: an address in the prefix, the EUI-64 link-local address
+//! and a default route via a link-local router); ping, TCP and UDP take either family.
 
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -17,8 +20,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::socket::{dhcpv4, icmp, tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
-    IpEndpoint, Ipv4Cidr,
+    DhcpRepr, EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpCidr, IpEndpoint, Ipv4Cidr, Ipv6Cidr,
 };
 
 use super::frontend::Frontend;
@@ -256,6 +259,8 @@ pub struct Guest {
     pub sockets: SocketSet<'static>,
     pub mac: [u8; 6],
     pub lease: Option<Lease>,
+    /// Static IPv6 configuration, if any: (address, prefix length, default router).
+    pub ipv6: Option<(Ipv6Addr, u8, Ipv6Addr)>,
     next_port: u16,
 }
 
@@ -289,6 +294,7 @@ impl Guest {
             sockets: SocketSet::new(Vec::new()),
             mac,
             lease: None,
+            ipv6: None,
             next_port: 49152 + (std::process::id() % 1000) as u16,
         }
     }
@@ -304,6 +310,16 @@ impl Guest {
 
     pub fn gateway(&self) -> Option<Ipv4Addr> {
         self.lease.as_ref().and_then(|l| l.router)
+    }
+
+    /// Our global IPv6 address (after `set_ipv6`).
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.map(|(a, _, _)| a)
+    }
+
+    /// Our link-local IPv6 address (modified EUI-64 of the MAC, as Linux forms it).
+    pub fn link_local6(&self) -> Ipv6Addr {
+        super::frames6::link_local_from_mac(self.mac)
     }
 
     /// One interface poll.
@@ -388,7 +404,7 @@ impl Guest {
 
     fn apply_lease(&mut self, lease: Lease) {
         self.iface.update_ip_addrs(|addrs| {
-            addrs.clear();
+            addrs.retain(|a| !matches!(a, IpCidr::Ipv4(_)));
             addrs.push(IpCidr::Ipv4(lease.address)).unwrap();
         });
         if let Some(r) = lease.router {
@@ -397,6 +413,28 @@ impl Guest {
             self.iface.routes_mut().remove_default_ipv4_route();
         }
         self.lease = Some(lease);
+    }
+
+    /// Configures IPv6 beside whatever IPv4 there is: `addr/prefix_len`, the link-local
+    /// address `fe80::<EUI-64>/64` and a default route via `router` (typically link-local).
+    /// Replaces an earlier IPv6 configuration.
+    pub fn set_ipv6(&mut self, addr: Ipv6Addr, prefix_len: u8, router: Ipv6Addr) {
+        let ll = self.link_local6();
+        self.iface.update_ip_addrs(|addrs| {
+            addrs.retain(|a| !matches!(a, IpCidr::Ipv6(_)));
+            // Link-local first: smoltcp then also prefers it for link-local destinations.
+            addrs
+                .push(IpCidr::Ipv6(Ipv6Cidr::new(ll, 64)))
+                .expect("room for the link-local address (smoltcp iface-max-addr-count)");
+            addrs
+                .push(IpCidr::Ipv6(Ipv6Cidr::new(addr, prefix_len)))
+                .expect("room for the IPv6 address (smoltcp iface-max-addr-count)");
+        });
+        self.iface
+            .routes_mut()
+            .add_default_ipv6_route(router)
+            .expect("room for the IPv6 default route");
+        self.ipv6 = Some((addr, prefix_len, router));
     }
 
     pub fn next_port(&mut self) -> u16 {
@@ -410,8 +448,10 @@ impl Guest {
 
     // ---- ICMP ----------------------------------------------------------------------------------
 
-    /// Sends one echo request to `dst` and waits for the matching reply; returns the RTT.
-    pub fn ping(&mut self, dst: Ipv4Addr, timeout: Duration) -> Result<Duration, String> {
+    /// Sends one echo request (ICMP or ICMPv6) to `dst` and waits for the matching reply;
+    /// returns the RTT.
+    pub fn ping(&mut self, dst: impl Into<IpAddr>, timeout: Duration) -> Result<Duration, String> {
+        let dst: IpAddr = dst.into();
         let ident = self.next_port();
         let mut sock = icmp::Socket::new(
             icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 2048]),
@@ -424,38 +464,50 @@ impl Guest {
         let seq = 1u16;
         let caps = ChecksumCapabilities::default();
         let start = Instant::now();
-        {
-            let repr = Icmpv4Repr::EchoRequest {
-                ident,
-                seq_no: seq,
-                data: &data,
-            };
-            let s = self.sockets.get_mut::<icmp::Socket>(h);
-            let buf = s
-                .send(repr.buffer_len(), IpAddress::Ipv4(dst))
-                .map_err(|e| format!("{e:?}"))?;
-            repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+        let s = self.sockets.get_mut::<icmp::Socket>(h);
+        match dst {
+            IpAddr::V4(dst4) => {
+                let repr = Icmpv4Repr::EchoRequest {
+                    ident,
+                    seq_no: seq,
+                    data: &data,
+                };
+                let buf = s
+                    .send(repr.buffer_len(), IpAddress::Ipv4(dst4))
+                    .map_err(|e| format!("{e:?}"))?;
+                repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+            }
+            IpAddr::V6(dst6) => {
+                // smoltcp re-emits ICMPv6 with the real source address and checksum.
+                let repr = Icmpv6Repr::EchoRequest {
+                    ident,
+                    seq_no: seq,
+                    data: &data,
+                };
+                let buf = s
+                    .send(repr.buffer_len(), IpAddress::Ipv6(dst6))
+                    .map_err(|e| format!("{e:?}"))?;
+                repr.emit(
+                    &Ipv6Addr::UNSPECIFIED,
+                    &dst6,
+                    &mut Icmpv6Packet::new_unchecked(buf),
+                    &caps,
+                );
+            }
         }
         let deadline = start + timeout;
+        let want_from = IpAddress::from(dst);
         let r = self.poll_until(deadline, |g| {
             let s = g.sockets.get_mut::<icmp::Socket>(h);
             while s.can_recv() {
                 let mut buf = [0u8; 2048];
                 let (n, from) = s.recv_slice(&mut buf).ok()?;
-                if from != IpAddress::Ipv4(dst) {
+                if from != want_from {
                     continue;
                 }
-                let Ok(pkt) = Icmpv4Packet::new_checked(&buf[..n]) else {
-                    continue;
-                };
-                if let Ok(Icmpv4Repr::EchoReply {
-                    ident: i,
-                    seq_no,
-                    data: d,
-                }) = Icmpv4Repr::parse(&pkt, &caps)
-                {
+                if let Some((i, seq_no, ok)) = echo_reply_of(dst, &buf[..n], &data) {
                     if i == ident && seq_no == seq {
-                        return Some(d == &data[..]);
+                        return Some(ok);
                     }
                 }
             }
@@ -483,7 +535,9 @@ impl Guest {
         self.raw_wait(deadline, pred)
     }
 
-    /// Waits for a frame `pred` accepts (others are stashed for smoltcp).
+    /// Waits for a frame `pred` accepts (others are stashed for smoltcp). Neighbor
+    /// solicitations for our IPv6 addresses that `pred` does not want are answered here, as
+    /// the guest kernel would, since smoltcp is not polled meanwhile.
     pub fn raw_wait(
         &mut self,
         deadline: Instant,
@@ -493,12 +547,29 @@ impl Guest {
         let found = loop {
             match self.dev.fe.recv_frame(deadline) {
                 Some(f) if pred(&f) => break Some(f),
+                Some(f) if self.answer_neighbor_solicit(&f) => {}
                 Some(f) => kept.push(f),
                 None => break None,
             }
         };
         self.dev.stash.extend(kept);
         found
+    }
+
+    /// If `f` is a neighbor solicitation for one of our IPv6 addresses, sends the
+    /// advertisement and returns true.
+    pub fn answer_neighbor_solicit(&mut self, f: &[u8]) -> bool {
+        let Some(ns) = super::frames6::parse_neighbor_solicit(f) else {
+            return false;
+        };
+        let ours = ns.target == self.link_local6() || Some(ns.target) == self.ip6();
+        if !ours || !ns.checksum_ok {
+            return false;
+        }
+        let to_mac = ns.slla.unwrap_or(ns.ip.eth_src);
+        let na = super::frames6::neighbor_advert_frame(self.mac, to_mac, ns.target, ns.ip.src);
+        self.dev.fe.send_frame(&na);
+        true
     }
 
     /// Collects every frame arriving until the deadline (none are given to smoltcp).
@@ -542,13 +613,17 @@ impl Guest {
     }
 
     /// Starts a connection without waiting (for raw observation of the handshake).
-    pub fn tcp_start(&mut self, dst: Ipv4Addr, port: u16) -> SocketHandle {
+    pub fn tcp_start(&mut self, dst: impl Into<IpAddr>, port: u16) -> SocketHandle {
         let h = self.tcp_socket(TCP_BUF, TCP_BUF);
         let local = self.next_port();
         let cx = self.iface.context();
         self.sockets
             .get_mut::<tcp::Socket>(h)
-            .connect(cx, IpEndpoint::new(IpAddress::Ipv4(dst), port), local)
+            .connect(
+                cx,
+                IpEndpoint::new(IpAddress::from(dst.into()), port),
+                local,
+            )
             .expect("tcp connect");
         h
     }
@@ -556,7 +631,7 @@ impl Guest {
     /// Connects and waits for Established (or an RST, or the deadline).
     pub fn tcp_connect(
         &mut self,
-        dst: Ipv4Addr,
+        dst: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<SocketHandle, ConnectError> {
@@ -748,10 +823,10 @@ impl Guest {
         self.sockets.add(s)
     }
 
-    pub fn udp_send(&mut self, h: SocketHandle, dst: Ipv4Addr, port: u16, data: &[u8]) {
+    pub fn udp_send(&mut self, h: SocketHandle, dst: impl Into<IpAddr>, port: u16, data: &[u8]) {
         self.sockets
             .get_mut::<udp::Socket>(h)
-            .send_slice(data, IpEndpoint::new(IpAddress::Ipv4(dst), port))
+            .send_slice(data, IpEndpoint::new(IpAddress::from(dst.into()), port))
             .expect("udp send");
         self.poll();
     }
@@ -773,6 +848,37 @@ impl Guest {
                 None
             }
         })
+    }
+}
+
+/// (ident, seq, data equals `want`) of an echo reply an ICMP socket received from `from`. The
+/// stack already verified the checksum, and ICMPv6 checksums need our own address, so parsing
+/// here ignores checksums.
+fn echo_reply_of(from: IpAddr, pkt: &[u8], want: &[u8]) -> Option<(u16, u16, bool)> {
+    let caps = ChecksumCapabilities::ignored();
+    match from {
+        IpAddr::V4(_) => {
+            let p = Icmpv4Packet::new_checked(pkt).ok()?;
+            match Icmpv4Repr::parse(&p, &caps).ok()? {
+                Icmpv4Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                } => Some((ident, seq_no, data == want)),
+                _ => None,
+            }
+        }
+        IpAddr::V6(src) => {
+            let p = Icmpv6Packet::new_checked(pkt).ok()?;
+            match Icmpv6Repr::parse(&src, &Ipv6Addr::UNSPECIFIED, &p, &caps).ok()? {
+                Icmpv6Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                } => Some((ident, seq_no, data == want)),
+                _ => None,
+            }
+        }
     }
 }
 

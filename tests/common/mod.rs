@@ -6,7 +6,7 @@
 //! - [`frontend`]: the vhost-user handshake (as cloud-hypervisor does it), send/receive frames,
 //!   malformed descriptor chains.
 //! - [`guest`]: smoltcp `Device` + helpers for DHCP, ping, TCP, UDP; raw-frame exchange.
-//! - [`frames`]: build and parse single frames with `smoltcp::wire`.
+//! - [`frames`], [`frames6`]: build and parse single IPv4 / IPv6 frames with `smoltcp::wire`.
 //! - [`servers`]: loopback TCP/UDP servers for the host side, and a tripwire.
 //!
 //! A test in a few lines:
@@ -32,12 +32,14 @@
 //! on failure the netfence log is printed (the `Netfence` drop does it) and ring state is in
 //! the message (`Frontend::debug_state`).
 //!
-//! The one network rule: tests only ever reach 127.0.0.0/8. "Public" destinations are
-//! documentation addresses (203.0.113.0/24) that netfence's `--map` sends to loopback servers;
-//! destinations that must never be reached are mapped to a [`servers::Tripwire`].
+//! The one network rule: tests only ever reach 127.0.0.0/8 and ::1. "Public" destinations are
+//! documentation addresses (203.0.113.0/24, 2001:db8::/32) that netfence's `--map` sends to
+//! loopback servers; destinations that must never be reached are mapped to a
+//! [`servers::Tripwire`].
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod frames6;
 pub mod frontend;
 pub mod guest;
 pub mod memory;
@@ -45,7 +47,7 @@ pub mod process;
 pub mod servers;
 pub mod virtq;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,6 +65,20 @@ pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
 pub const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 /// A private destination the default policy denies.
 pub const PRIVATE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 3);
+
+/// Slot 0 IPv6 addressing (default ipv6_pool fd42:6d73:62::/48): the guest's on-link prefix,
+/// the gateway's global address (in the policy's `host` group), the gateway's link-local
+/// address (source of router advertisements, the guest's default router) and the address the
+/// harness guest takes in the prefix.
+pub const PREFIX6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 0);
+pub const PREFIX6_LEN: u8 = 64;
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 1);
+pub const GATEWAY6_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+pub const GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 2);
+/// A documentation-range (2001:db8::/32, `public` group) address tests map to loopback.
+pub const PUBLIC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+/// A private (fc00::/7) destination the default policy denies.
+pub const PRIVATE6: Ipv6Addr = Ipv6Addr::new(0xfd12, 0x3456, 0, 0, 0, 0, 0, 1);
 
 /// Generous upper bounds; tests finish far sooner when things work.
 pub const SHORT: Duration = Duration::from_secs(5);
@@ -121,5 +137,14 @@ pub fn guest_up(nf: &Netfence) -> Guest {
     if let Err(e) = g.dhcp(SHORT * 2) {
         panic!("{e}");
     }
+    g
+}
+
+/// A guest that has its DHCP lease and, beside it, static IPv6: [`GUEST6`]/64, its EUI-64
+/// link-local address and a default route via [`GATEWAY6_LL`] (what a dual-stack guest has
+/// after SLAAC; the router advertisement itself is tested separately).
+pub fn guest_up6(nf: &Netfence) -> Guest {
+    let mut g = guest_up(nf);
+    g.set_ipv6(GUEST6, PREFIX6_LEN, GATEWAY6_LL);
     g
 }

@@ -338,6 +338,19 @@ impl Netfence {
         .map(|l| parse_decision(&l))
     }
 
+    /// Blocks until a flow decision line satisfying `pred` appears (e.g. a dst compared as an
+    /// address rather than as text, which IPv6 spellings need).
+    pub fn wait_for_decision_where(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&DecisionLine) -> bool,
+    ) -> Option<DecisionLine> {
+        self.wait_for_line(0, timeout, |l| {
+            l.contains("decision") && l.contains("action=") && pred(&parse_decision(l))
+        })
+        .map(|l| parse_decision(&l))
+    }
+
     /// Every flow decision logged so far.
     pub fn decisions(&self) -> Vec<DecisionLine> {
         self.log

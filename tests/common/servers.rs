@@ -1,8 +1,11 @@
-//! Loopback servers for the host side of flows. Every server binds 127.0.0.1:0, runs on its own
-//! thread with blocking I/O bounded by timeouts, and reports what happened over a channel.
+//! Loopback servers for the host side of flows. Every server binds 127.0.0.1:0 (or [::1]:0 with
+//! the `*6` constructors, for IPv6 flows), runs on its own thread with blocking I/O bounded by
+//! timeouts, and reports what happened over a channel.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -11,6 +14,10 @@ use std::time::Duration;
 
 use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::EventFd;
+
+/// IPv4 and IPv6 loopback addresses servers bind to.
+pub const LOOPBACK4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const LOOPBACK6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
 /// I/O timeout of server threads: long enough for slow CI, bounded so nothing hangs forever.
 pub const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,7 +31,16 @@ pub struct TcpEchoServer {
 
 impl TcpEchoServer {
     pub fn start() -> TcpEchoServer {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        Self::start_on(LOOPBACK4)
+    }
+
+    /// An echo server on [::1].
+    pub fn start6() -> TcpEchoServer {
+        Self::start_on(LOOPBACK6)
+    }
+
+    pub fn start_on(ip: IpAddr) -> TcpEchoServer {
+        let l = TcpListener::bind((ip, 0)).expect("bind echo server");
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -85,6 +101,12 @@ pub struct OneShotServer<T> {
 impl<T: Send + 'static> OneShotServer<T> {
     pub fn start(handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotServer<T> {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind server");
+        Self::start_on(l, handler)
+    }
+
+    /// Like [`start`](Self::start) on [::1].
+    pub fn start6(handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> OneShotServer<T> {
+        let l = TcpListener::bind("[::1]:0").expect("bind server on [::1]");
         Self::start_on(l, handler)
     }
 
@@ -185,7 +207,16 @@ pub struct UdpEchoServer {
 
 impl UdpEchoServer {
     pub fn start() -> UdpEchoServer {
-        let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        Self::start_on(LOOPBACK4)
+    }
+
+    /// A UDP echo server on [::1].
+    pub fn start6() -> UdpEchoServer {
+        Self::start_on(LOOPBACK6)
+    }
+
+    pub fn start_on(ip: IpAddr) -> UdpEchoServer {
+        let s = UdpSocket::bind((ip, 0)).expect("bind udp");
         let addr = s.local_addr().unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500))).ok();
         let received = Arc::new(AtomicUsize::new(0));
@@ -273,6 +304,8 @@ pub fn mismatch(got: &[u8], want: &[u8]) -> Option<String> {
 /// Tests map destinations that must never be reached (denied ones, garbage) to it, so a policy
 /// bug shows up as a count here instead of as traffic leaving the machine.
 pub struct Tripwire {
+    /// The loopback address it listens on (127.0.0.1 or ::1).
+    pub ip: IpAddr,
     pub port: u16,
     pub tcp_accepted: Arc<AtomicUsize>,
     pub udp_received: Arc<AtomicUsize>,
@@ -281,10 +314,19 @@ pub struct Tripwire {
 
 impl Tripwire {
     pub fn start() -> Tripwire {
+        Self::start_on(LOOPBACK4)
+    }
+
+    /// A tripwire on [::1], for IPv6 destinations.
+    pub fn start6() -> Tripwire {
+        Self::start_on(LOOPBACK6)
+    }
+
+    pub fn start_on(ip: IpAddr) -> Tripwire {
         let (l, u) = loop {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind tripwire");
+            let l = TcpListener::bind((ip, 0)).expect("bind tripwire");
             let port = l.local_addr().unwrap().port();
-            if let Ok(u) = UdpSocket::bind(("127.0.0.1", port)) {
+            if let Ok(u) = UdpSocket::bind((ip, port)) {
                 break (l, u);
             }
         };
@@ -314,6 +356,7 @@ impl Tripwire {
             }
         });
         Tripwire {
+            ip,
             port,
             tcp_accepted,
             udp_received,
@@ -323,9 +366,23 @@ impl Tripwire {
 
     /// `--map` arguments sending each of `addrs` (all ports) to the tripwire.
     pub fn map_args(&self, addrs: &[std::net::Ipv4Addr]) -> Vec<String> {
+        let addrs: Vec<IpAddr> = addrs.iter().map(|&a| IpAddr::V4(a)).collect();
+        self.map_args_ip(&addrs)
+    }
+
+    /// `--map` arguments sending each of `addrs` (either family, all ports) to the tripwire;
+    /// IPv6 guest addresses are written in brackets.
+    pub fn map_args_ip(&self, addrs: &[IpAddr]) -> Vec<String> {
+        let host = SocketAddr::new(self.ip, self.port);
         addrs
             .iter()
-            .flat_map(|a| ["--map".to_string(), format!("{a}=127.0.0.1:{}", self.port)])
+            .flat_map(|a| {
+                let guest = match a {
+                    IpAddr::V4(v4) => v4.to_string(),
+                    IpAddr::V6(v6) => format!("[{v6}]"),
+                };
+                ["--map".to_string(), format!("{guest}={host}")]
+            })
             .collect()
     }
 
@@ -341,7 +398,7 @@ impl Drop for Tripwire {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            &SocketAddr::new(self.ip, self.port),
             Duration::from_millis(200),
         );
     }
