@@ -1,5 +1,5 @@
-//! Real-guest DNS test: one QEMU (TCG) boot of the test guest (`scripts/build-guest.sh`,
-//! booted by `scripts/run-guest.sh`) attached to netfence, whose gateway DNS service forwards to
+//! Real-guest DNS test: one QEMU (TCG) boot of the test guest (`common::real_guest`) attached
+//! to netfence, whose gateway DNS service forwards to
 //! a fake upstream nameserver inside this test on 127.0.0.1. The guest's own tools check:
 //!
 //! - DHCP hands out the gateway as resolver: udhcpc's hook writes `nameserver 172.16.0.1` to
@@ -21,96 +21,21 @@
 mod common;
 mod dnsfake;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::process::field;
+use common::real_guest::{
+    assert_checks, boot_guest, crc32, http_server, make_body, require_guest_image, unique_marker,
+};
 use common::{Netfence, TempDir};
 use dnsfake::{write_config, Answer, FakeDns};
 
-/// run-guest.sh kills QEMU after this many seconds.
-const GUEST_TIMEOUT_SECS: u64 = 180;
 /// HTTP body size: many segments, still quick under TCG.
 const BODY_LEN: usize = 150_000;
 const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const PRIVATE_ANSWER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 7);
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("NETFENCE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/guest"))
-}
-
-/// CRC-32 as busybox `crc32` prints it (reflected, polynomial 0xedb88320).
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A printable body that differs on every run.
-fn body_for(marker: &str) -> Vec<u8> {
-    let mut body = format!("netfence dns guest test {marker}\n").into_bytes();
-    let mut rng = common::frames::Rng::new(u64::from(crc32(marker.as_bytes())));
-    while body.len() < BODY_LEN {
-        let v = rng.next_u64();
-        body.push(if body.len() % 80 == 79 {
-            b'\n'
-        } else {
-            b'0' + (v % 75) as u8
-        });
-    }
-    body
-}
-
-/// An HTTP/1.0 server on 127.0.0.1 serving `body` to every request; records the requests.
-fn http_server(body: Arc<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind HTTP server");
-    let port = l.local_addr().unwrap().port();
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let reqs = requests.clone();
-    thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let (body, reqs) = (body.clone(), reqs.clone());
-            thread::spawn(move || {
-                c.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 2048];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 32 * 1024 {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                reqs.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&req).into_owned());
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = c.write_all(head.as_bytes());
-                let _ = c.write_all(&body);
-            });
-        }
-    });
-    (port, requests)
-}
 
 /// The guest's script: every check prints `CHECK-OK name` or `CHECK-FAIL name why`.
 fn guest_script() -> String {
@@ -146,67 +71,11 @@ exit 0
     .to_string()
 }
 
-/// Boots the guest on `socket` with `script`; returns its console (stdout + stderr of
-/// run-guest.sh) and run-guest.sh's exit code.
-fn boot_guest(socket: &std::path::Path, script: &std::path::Path) -> (String, Option<i32>) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut child = Command::new("bash")
-        .arg(root.join("scripts/run-guest.sh"))
-        .arg("--vhost-user")
-        .arg(socket)
-        .arg("--script")
-        .arg(script)
-        .arg("--timeout")
-        .arg(GUEST_TIMEOUT_SECS.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn scripts/run-guest.sh");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        let _ = tx.send(v);
-    });
-    let err_reader = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    // run-guest.sh bounds QEMU itself; this guards against the script hanging.
-    let limit = Duration::from_secs(GUEST_TIMEOUT_SECS + 30);
-    let Ok(out) = rx.recv_timeout(limit) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("scripts/run-guest.sh still running after {limit:?}; killed");
-    };
-    let status = child.wait().expect("wait for run-guest.sh");
-    let err = err_reader.join().unwrap_or_default();
-    let mut console = String::from_utf8_lossy(&out).replace('\r', "");
-    console.push_str(&String::from_utf8_lossy(&err));
-    (console, status.code())
-}
-
 #[test]
 fn real_guest_resolves_through_the_gateway_with_blocking_and_rebind_protection() {
-    let gdir = guest_dir();
-    for f in ["vmlinuz", "initramfs.cpio.gz"] {
-        assert!(
-            gdir.join(f).is_file(),
-            "guest image {} is missing: run scripts/build-guest.sh (scripts/test.sh does it)",
-            gdir.join(f).display()
-        );
-    }
-
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let marker = format!("dns{:x}x{:x}", std::process::id(), nanos & 0xffff_ffff);
-    let body = Arc::new(body_for(&marker));
+    require_guest_image();
+    let marker = unique_marker("dns");
+    let body = Arc::new(make_body("netfence dns guest test", &marker, BODY_LEN));
     let (http_port, requests) = http_server(body.clone());
     let upstream = FakeDns::start(&[
         ("allowed.example", Answer::A(vec![ALLOWED_IP])),
@@ -257,38 +126,23 @@ nameservers = ["{}"]
     );
     println!("{report}");
 
-    assert!(
-        console.contains("NETFENCE-GUEST-END rc=0"),
-        "guest did not finish its script (timeout or crash?)\n{report}"
+    assert_checks(
+        &console,
+        &[
+            "dhcp",
+            "resolv",
+            "ns-allowed",
+            "http",
+            "ns-denied",
+            "ns-private",
+            "ns-private-addr",
+            "curl-denied",
+            "curl-private",
+            "ns6-allowed",
+            "ns6-denied",
+        ],
+        &report,
     );
-    let failed: Vec<&str> = console
-        .lines()
-        .filter(|l| l.contains("CHECK-FAIL"))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "guest checks failed: {failed:?}\n{report}"
-    );
-    for check in [
-        "dhcp",
-        "resolv",
-        "ns-allowed",
-        "http",
-        "ns-denied",
-        "ns-private",
-        "ns-private-addr",
-        "curl-denied",
-        "curl-private",
-        "ns6-allowed",
-        "ns6-denied",
-    ] {
-        assert!(
-            console
-                .lines()
-                .any(|l| l.trim() == format!("CHECK-OK {check}")),
-            "guest check `{check}` did not pass\n{report}"
-        );
-    }
 
     // The HTTP flow: byte-exact, to the resolved address, with the name in the request.
     let expected = format!("BODY crc32={:08x} len={}", crc32(&body), body.len());
@@ -349,10 +203,4 @@ nameservers = ["{}"]
             .any(|l| l.contains("dns: blocked, NXDOMAIN") && l.contains("denied.example")),
         "no NXDOMAIN log line for denied.example\n{report}"
     );
-}
-
-#[test]
-fn crc32_is_the_busybox_one() {
-    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-    assert_eq!(crc32(b""), 0);
 }

@@ -44,6 +44,7 @@ pub mod frontend;
 pub mod guest;
 pub mod memory;
 pub mod process;
+pub mod real_guest;
 pub mod servers;
 pub mod virtq;
 
