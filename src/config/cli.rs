@@ -61,7 +61,13 @@ Policy model (first match wins, per direction; `any` rules count in both):
             --net-rule deny@10.0.0.5 --net-rule allow@10.0.0.0/8
             --net-rule 'allow@[2001:db8::/32]:tcp:443' --net-rule allow@.example.com
             --net-default-egress deny --net-rule allow@api.example.com:tcp:443
-            -p 8080:80 -p 0.0.0.0:5353:53/udp --map 203.0.113.7:80=127.0.0.1:8080"
+            -p 8080:80 -p 0.0.0.0:5353:53/udp --map 203.0.113.7:80=127.0.0.1:8080
+            --map '[2001:db8::7]:443=[::1]:8443' --map 2001:db8::9=::1
+
+Guest addressing (slot N): IPv4 by DHCP, the N-th /30 of ipv4_pool (default 172.16.0.0/12:
+gateway 172.16.0.1, guest 172.16.0.2 for slot 0); IPv6 by SLAAC from router advertisements,
+the N-th /64 of ipv6_pool (default fd42:6d73:62::/48). The gateway's addresses (172.16.0.1,
+fd42:6d73:62::1, fe80::1) are the `host` group, DNS server and default router."
     };
 }
 pub(crate) use net_help_text;
