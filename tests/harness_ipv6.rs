@@ -18,7 +18,8 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::frames6::{self, parse_icmpv6, parse_neighbor_advert, parse_router_advert, parse_tcp6};
+use common::frames::{self, parse_icmp, parse_tcp};
+use common::frames6::{self, parse_neighbor_advert, parse_router_advert};
 use common::process::{field, DecisionLine};
 use common::*;
 use smoltcp::socket::tcp::State;
@@ -48,7 +49,8 @@ fn guest6(nf: &Netfence) -> (Guest, [u8; 6]) {
     (g, gw)
 }
 
-fn is_gateway6(a: Ipv6Addr) -> bool {
+fn is_gateway6(a: impl Into<IpAddr>) -> bool {
+    let a = a.into();
     a == GATEWAY6 || a == GATEWAY6_LL
 }
 
@@ -89,18 +91,18 @@ fn raw_syn6(
     dst: Ipv6Addr,
     port: u16,
     watch: Duration,
-) -> Vec<frames6::Tcp6Info> {
+) -> Vec<frames::TcpInfo> {
     let sport = g.next_port();
-    let syn = frames6::tcp6_syn_frame(g.mac, gw, GUEST6, dst, sport, port, 0x1000_0000);
+    let syn = frames::tcp_syn_frame(g.mac, gw, GUEST6, dst, sport, port, 0x1000_0000);
     let end = Instant::now() + watch;
-    let mut seen: Vec<frames6::Tcp6Info> = Vec::new();
+    let mut seen: Vec<frames::TcpInfo> = Vec::new();
     g.dev.fe.send_frame(&syn);
     while let Some(f) = g.raw_wait(end, |f| {
-        parse_tcp6(f)
+        parse_tcp(f)
             .map(|t| t.src == dst && t.sport == port && t.dport == sport)
             .unwrap_or(false)
     }) {
-        let t = parse_tcp6(&f).unwrap();
+        let t = parse_tcp(&f).unwrap();
         let rst = t.flags.rst;
         seen.push(t);
         if rst {
@@ -487,10 +489,10 @@ fn icmpv6_echo_denied_by_rule_dropped_and_logged() {
 fn icmpv6_echo_denied_with_reject_gets_admin_prohibited() {
     let nf = Netfence::spawn(&icmpv6_deny_args(&["--reject"]));
     let (mut g, gw) = guest6(&nf);
-    let ping = frames6::icmpv6_echo_frame(g.mac, gw, GUEST6, PUBLIC6_PING, 0x6161, 1, b"rejected?");
+    let ping = frames::icmp_echo_frame(g.mac, gw, GUEST6, PUBLIC6_PING, 0x6161, 1, b"rejected?");
     let f = g
         .raw_exchange(&ping, deadline(SHORT), |f| {
-            parse_icmpv6(f)
+            parse_icmp(f)
                 .map(|i| {
                     i.msg_type == frames6::ICMPV6_DST_UNREACHABLE
                         || i.msg_type == frames6::ICMPV6_ECHO_REPLY
@@ -498,7 +500,7 @@ fn icmpv6_echo_denied_with_reject_gets_admin_prohibited() {
                 .unwrap_or(false)
         })
         .expect("no ICMPv6 answer to a rejected echo request");
-    let u = parse_icmpv6(&f).unwrap();
+    let u = parse_icmp(&f).unwrap();
     assert_eq!(
         (u.msg_type, u.code),
         (
@@ -507,7 +509,7 @@ fn icmpv6_echo_denied_with_reject_gets_admin_prohibited() {
         ),
         "want destination unreachable / administratively prohibited: {u:?}"
     );
-    assert!(u.checksum_ok, "{u:?}");
+    assert!(u.checksums_ok, "{u:?}");
     assert_eq!(u.ip.dst, GUEST6, "{u:?}");
     assert_eq!(u.ip.eth_src, gw, "{u:?}");
     assert!(
@@ -524,7 +526,7 @@ fn icmpv6_echo_denied_with_reject_gets_admin_prohibited() {
         .expect("the error quotes the echo request");
     assert_eq!(q.src, GUEST6, "{q:?}");
     assert_eq!(q.dst, PUBLIC6_PING, "{q:?}");
-    assert_eq!(q.next_header, frames6::NH_ICMPV6, "{q:?}");
+    assert_eq!(q.proto, frames6::NH_ICMPV6, "{q:?}");
     assert_eq!(q.echo_ident(), Some(0x6161), "{q:?}");
     let d = decision_to(&nf, IpAddr::V6(PUBLIC6_PING), None).expect("ICMPv6 deny logged");
     assert_eq!(d.action, "deny", "{}", d.line);
@@ -579,7 +581,7 @@ fn private_ipv6_destination_rejected_with_rst() {
         "RST must ACK the SYN: {rst:?}"
     );
     assert_eq!(rst.dst, GUEST6, "{rst:?}");
-    assert!(rst.checksum_ok, "bad checksum on RST: {rst:?}");
+    assert!(rst.checksums_ok, "bad checksum on RST: {rst:?}");
     let d = nf
         .wait_for_decision(&format!("[{PRIVATE6}]:443"), SHORT)
         .expect("decision logged");
@@ -631,8 +633,8 @@ fn is_housekeeping(f: &[u8]) -> bool {
     if frames::parse_arp(f).is_some() {
         return true;
     }
-    match parse_icmpv6(f) {
-        Some(i) => (130..=137).contains(&i.msg_type) || i.msg_type == 143,
+    match parse_icmp(f) {
+        Some(i) => i.ip.src.is_ipv6() && ((130..=137).contains(&i.msg_type) || i.msg_type == 143),
         None => false,
     }
 }
@@ -651,7 +653,7 @@ fn send_with_control(
     if !bad.is_empty() {
         g.dev.fe.send_frame(bad);
     }
-    let control = frames6::icmpv6_echo_frame(g.mac, gw, ll, GATEWAY6_LL, ident, 1, b"control");
+    let control = frames::icmp_echo_frame(g.mac, gw, ll, GATEWAY6_LL, ident, 1, b"control");
     let mut others = Vec::new();
     let got = g.raw_exchange(&control, deadline(SHORT), |f| {
         if frames6::parse_echo_reply6(f).is_some_and(|r| r.ident == ident) {
@@ -697,7 +699,7 @@ fn malformed_ipv6_headers_get_no_reply_and_netfence_keeps_serving() {
         "unexpected frames before any garbage"
     );
     // Each bad packet is an echo request to fe80::1 with its own ident: a reply names it.
-    let echo = |ident: u16| frames6::icmpv6_echo_request(ll, GATEWAY6_LL, ident, 1, b"bad");
+    let echo = |ident: u16| frames::icmp_echo_request(ll, GATEWAY6_LL, ident, 1, b"bad");
     let pkt = |nh: u8, payload: &[u8]| frames6::ipv6_packet(ll, GATEWAY6_LL, nh, 64, payload);
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     let good = pkt(frames6::NH_ICMPV6, &echo(0x5101));
@@ -803,47 +805,47 @@ fn bad_ipv6_checksums_get_no_reply_and_open_no_flow() {
         (
             "ICMPv6 echo to fe80::1, bad checksum",
             corrupt(
-                frames6::icmpv6_echo_frame(me, gw, ll, GATEWAY6_LL, 0x5301, 1, b"x"),
+                frames::icmp_echo_frame(me, gw, ll, GATEWAY6_LL, 0x5301, 1, b"x"),
                 2,
             ),
         ),
         (
             "ICMPv6 echo to fd42:6d73:62::1, bad checksum",
             corrupt(
-                frames6::icmpv6_echo_frame(me, gw, GUEST6, GATEWAY6, 0x5302, 1, b"x"),
+                frames::icmp_echo_frame(me, gw, GUEST6, GATEWAY6, 0x5302, 1, b"x"),
                 2,
             ),
         ),
         (
             "ICMPv6 echo to a public address, bad checksum",
             corrupt(
-                frames6::icmpv6_echo_frame(me, gw, GUEST6, PUBLIC6, 0x5303, 1, b"x"),
+                frames::icmp_echo_frame(me, gw, GUEST6, PUBLIC6, 0x5303, 1, b"x"),
                 2,
             ),
         ),
         (
             "TCP SYN, bad checksum",
             corrupt(
-                frames6::tcp6_syn_frame(me, gw, GUEST6, PUBLIC6, 42001, 80, 7),
+                frames::tcp_syn_frame(me, gw, GUEST6, PUBLIC6, 42001, 80, 7),
                 16,
             ),
         ),
         (
             "UDP, bad checksum",
             corrupt(
-                frames6::udp6_frame(me, gw, GUEST6, PUBLIC6, 42002, 53, b"x"),
+                frames::udp_frame(me, gw, GUEST6, PUBLIC6, 42002, 53, b"x"),
                 6,
             ),
         ),
     ];
     {
         // A zero UDP checksum means "none" over IPv4 but is invalid over IPv6 (RFC 8200 8.1).
-        let mut f = frames6::udp6_frame(me, gw, GUEST6, PUBLIC6, 42003, 53, b"x");
+        let mut f = frames::udp_frame(me, gw, GUEST6, PUBLIC6, 42003, 53, b"x");
         let at = 14 + frames6::IPV6_HDR_LEN + 6;
         f[at..at + 2].copy_from_slice(&[0, 0]);
         cases.push(("UDP, zero checksum", f));
         // UDP length field beyond the payload.
-        let mut f = frames6::udp6_frame(me, gw, GUEST6, PUBLIC6, 42004, 53, b"x");
+        let mut f = frames::udp_frame(me, gw, GUEST6, PUBLIC6, 42004, 53, b"x");
         let at = 14 + frames6::IPV6_HDR_LEN + 4;
         f[at..at + 2].copy_from_slice(&600u16.to_be_bytes());
         cases.push(("UDP length beyond the packet", f));
@@ -1022,9 +1024,9 @@ fn frames6_builders_and_parsers_self_check() {
     assert_eq!((got.target, got.tlla), (GATEWAY6_LL, Some(gw)));
 
     // Echo request and reply.
-    let f = frames6::icmpv6_echo_frame(me, gw, ll, GATEWAY6_LL, 0x1234, 7, b"abc");
-    let got = parse_icmpv6(&f).unwrap();
-    assert!(got.checksum_ok);
+    let f = frames::icmp_echo_frame(me, gw, ll, GATEWAY6_LL, 0x1234, 7, b"abc");
+    let got = parse_icmp(&f).unwrap();
+    assert!(got.checksums_ok);
     assert_eq!((got.msg_type, got.ident, got.seq), (128, 0x1234, 7));
     assert_eq!(got.data, b"abc");
     let reply = Icmpv6Repr::EchoReply {
@@ -1033,7 +1035,7 @@ fn frames6_builders_and_parsers_self_check() {
         data: b"abc",
     };
     let f = frames6::icmpv6_frame(gw, me, GATEWAY6_LL, ll, 64, &reply);
-    assert!(frames6::parse_echo_reply6(&f).is_some_and(|r| r.checksum_ok && r.ident == 0x1234));
+    assert!(frames6::parse_echo_reply6(&f).is_some_and(|r| r.checksums_ok && r.ident == 0x1234));
 
     // Destination unreachable quoting an echo request.
     let quoted = frames6::ipv6_packet(
@@ -1041,7 +1043,7 @@ fn frames6_builders_and_parsers_self_check() {
         PUBLIC6_PING,
         58,
         64,
-        &frames6::icmpv6_echo_request(GUEST6, PUBLIC6_PING, 0x6161, 1, b"q"),
+        &frames::icmp_echo_request(GUEST6, PUBLIC6_PING, 0x6161, 1, b"q"),
     );
     let unreach = Icmpv6Repr::DstUnreachable {
         reason: Icmpv6DstUnreachable::AdminProhibit,
@@ -1056,25 +1058,28 @@ fn frames6_builders_and_parsers_self_check() {
     };
     let f = frames6::icmpv6_frame(gw, me, GATEWAY6, GUEST6, 64, &unreach);
     let got = frames6::parse_unreachable6(&f).expect("unreachable parses");
-    assert!(got.checksum_ok);
+    assert!(got.checksums_ok);
     assert_eq!(got.code, frames6::ICMPV6_CODE_ADMIN_PROHIBITED);
     let q = got.quoted.unwrap();
-    assert_eq!((q.src, q.dst, q.next_header), (GUEST6, PUBLIC6_PING, 58));
+    assert_eq!(
+        (q.src, q.dst, q.proto),
+        (IpAddr::V6(GUEST6), IpAddr::V6(PUBLIC6_PING), 58)
+    );
     assert_eq!(q.echo_ident(), Some(0x6161));
 
     // TCP and UDP, and their checksums detected as bad after a flipped byte.
-    let f = frames6::tcp6_syn_frame(me, gw, GUEST6, PUBLIC6, 40000, 80, 99);
-    let t = parse_tcp6(&f).unwrap();
-    assert!(t.checksum_ok && t.flags.syn && t.seq == 99 && t.dport == 80);
+    let f = frames::tcp_syn_frame(me, gw, GUEST6, PUBLIC6, 40000, 80, 99);
+    let t = parse_tcp(&f).unwrap();
+    assert!(t.checksums_ok && t.flags.syn && t.seq == 99 && t.dport == 80);
     let mut bad = f.clone();
     bad[14 + 40 + 16] ^= 0x5a;
-    assert!(!parse_tcp6(&bad).unwrap().checksum_ok);
-    let f = frames6::udp6_frame(me, gw, GUEST6, PUBLIC6, 40000, 53, b"hello");
-    let u = frames6::parse_udp6(&f).unwrap();
-    assert!(u.checksum_ok && u.payload == b"hello");
+    assert!(!parse_tcp(&bad).unwrap().checksums_ok);
+    let f = frames::udp_frame(me, gw, GUEST6, PUBLIC6, 40000, 53, b"hello");
+    let u = frames::parse_udp(&f).unwrap();
+    assert!(u.checksums_ok && u.payload == b"hello");
     let mut bad = f.clone();
     bad[14 + 40 + 6] ^= 0x5a;
-    assert!(!frames6::parse_udp6(&bad).unwrap().checksum_ok);
+    assert!(!frames::parse_udp(&bad).unwrap().checksums_ok);
 
     // Payload length beyond the frame: not an IPv6 packet to the parser.
     let mut p = frames6::ipv6_packet(GUEST6, PUBLIC6, 17, 64, &[0; 8]);

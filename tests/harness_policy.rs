@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use common::frames::{self, parse_icmp, parse_tcp};
@@ -109,10 +109,13 @@ fn private_udp_rejected_with_icmp_unreachable() {
         })
         .expect("no ICMP unreachable for a rejected UDP datagram");
     let icmp = parse_icmp(&reply).unwrap();
-    assert_eq!(icmp.dst, GUEST_IP);
+    assert_eq!(icmp.ip.dst, GUEST_IP);
     assert!(icmp.checksums_ok);
     let q = icmp.quoted.expect("ICMP error quotes the datagram");
-    assert_eq!(q, (PRIVATE_IP, 17, 40000, 53));
+    assert_eq!(
+        (q.dst, q.proto, q.ports()),
+        (IpAddr::from(PRIVATE_IP), 17, Some((40000, 53)))
+    );
     assert_eq!(trip.hits(), (0, 0), "a denied destination was sent to");
 }
 
@@ -238,6 +241,6 @@ fn icmp_echo_allowed_dropped_and_rejected() {
         })
         .expect("a rejected ping gets ICMP unreachable");
     let icmp = parse_icmp(&reply).unwrap();
-    assert_eq!(icmp.src, GATEWAY);
+    assert_eq!(icmp.ip.src, GATEWAY);
     assert!(icmp.checksums_ok);
 }
