@@ -16,7 +16,7 @@ mod common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::frames::{self, parse_icmp, parse_tcp};
 use common::frames6::{self, parse_neighbor_advert, parse_router_advert};
@@ -25,22 +25,12 @@ use common::*;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::{IpAddress, IpEndpoint};
 
-/// How long "no answer" is watched for.
-const SILENCE: Duration = Duration::from_millis(1500);
-
 /// Router lifetime the spec gives netfence's router advertisements.
 const ROUTER_LIFETIME_SECS: u64 = 1800;
 
 /// Mapped "public" addresses of the UDP and ICMPv6 tests (PUBLIC6, 2001:db8::7, is TCP's).
 const PUBLIC6_UDP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 8);
 const PUBLIC6_PING: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
-
-/// The gateway's MAC, from ARP for 172.16.0.1 (the spec: the same MAC answers for IPv6).
-fn gateway_mac(g: &mut Guest) -> [u8; 6] {
-    g.arp_raw(GATEWAY, SHORT)
-        .expect("ARP reply for the gateway")
-        .sender_mac
-}
 
 /// A dual-stack guest and the gateway MAC.
 fn guest6(nf: &Netfence) -> (Guest, [u8; 6]) {
@@ -81,35 +71,6 @@ fn decision_to(nf: &Netfence, ip: IpAddr, port: Option<u16>) -> Option<DecisionL
 
 fn proto_of(d: &DecisionLine) -> String {
     field(&d.line, "proto").unwrap_or_default()
-}
-
-/// Sends one hand-built SYN from GUEST6 to `[dst]:port` and returns the TCP frames of that
-/// flow seen within `watch` (stopping early at an RST, which ends the flow).
-fn raw_syn6(
-    g: &mut Guest,
-    gw: [u8; 6],
-    dst: Ipv6Addr,
-    port: u16,
-    watch: Duration,
-) -> Vec<frames::TcpInfo> {
-    let sport = g.next_port();
-    let syn = frames::tcp_syn_frame(g.mac, gw, GUEST6, dst, sport, port, 0x1000_0000);
-    let end = Instant::now() + watch;
-    let mut seen: Vec<frames::TcpInfo> = Vec::new();
-    g.dev.fe.send_frame(&syn);
-    while let Some(f) = g.raw_wait(end, |f| {
-        parse_tcp(f)
-            .map(|t| t.src == dst && t.sport == port && t.dport == sport)
-            .unwrap_or(false)
-    }) {
-        let t = parse_tcp(&f).unwrap();
-        let rst = t.flags.rst;
-        seen.push(t);
-        if rst {
-            break;
-        }
-    }
-    seen
 }
 
 // ---- router and neighbor discovery -------------------------------------------------------
@@ -535,33 +496,21 @@ fn icmpv6_echo_denied_with_reject_gets_admin_prohibited() {
 
 // ---- policy ------------------------------------------------------------------------------
 
-/// netfence with PRIVATE6 mapped to an IPv6 tripwire: a wrongly allowed flow would land on
-/// [::1] (and be counted), never leave the machine.
+/// netfence with PRIVATE6 mapped to an IPv6 tripwire.
 fn netfence_with_tripwire6(extra: &[&str]) -> (Netfence, servers::Tripwire) {
-    let trip = servers::Tripwire::start6();
-    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    args.extend(trip.map_args_ip(&[IpAddr::V6(PRIVATE6)]));
-    (Netfence::spawn(&args), trip)
+    denied::netfence_with_tripwire(extra, IpAddr::V6(PRIVATE6))
 }
 
 #[test]
 fn private_ipv6_destination_dropped_silently() {
     let (nf, trip) = netfence_with_tripwire6(&[]);
     let (mut g, gw) = guest6(&nf);
-    let seen = raw_syn6(&mut g, gw, PRIVATE6, 80, SILENCE);
-    assert!(seen.is_empty(), "denied SYN was answered: {seen:?}");
-    let d = nf
-        .wait_for_decision(&format!("[{PRIVATE6}]:80"), SHORT)
-        .expect("decision logged");
-    assert_eq!(d.action, "deny", "{}", d.line);
+    let d = denied::denied_syn_dropped(&nf, &mut g, gw, GUEST6, PRIVATE6, 80);
     assert!(
         d.reason.contains("private"),
         "fc00::/7 is private: {}",
         d.line
     );
-    // A real client retransmits; the flow stays denied and unanswered.
-    let r = g.tcp_connect(PRIVATE6, 80, SILENCE);
-    assert_eq!(r.err(), Some(ConnectError::Timeout(State::SynSent)));
     g.ping(GATEWAY6_LL, SHORT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
@@ -570,26 +519,8 @@ fn private_ipv6_destination_dropped_silently() {
 fn private_ipv6_destination_rejected_with_rst() {
     let (nf, trip) = netfence_with_tripwire6(&["--reject"]);
     let (mut g, gw) = guest6(&nf);
-    let seen = raw_syn6(&mut g, gw, PRIVATE6, 443, SHORT);
-    let rst = seen
-        .first()
-        .unwrap_or_else(|| panic!("no answer to a rejected SYN"));
-    assert!(rst.flags.rst, "answer is not an RST: {rst:?}");
-    assert!(!rst.flags.syn, "rejected SYN got a SYN: {rst:?}");
-    assert!(
-        rst.flags.ack && rst.ack == 0x1000_0001,
-        "RST must ACK the SYN: {rst:?}"
-    );
+    let rst = denied::denied_syn_rejected(&nf, &mut g, gw, GUEST6, PRIVATE6, 443);
     assert_eq!(rst.dst, GUEST6, "{rst:?}");
-    assert!(rst.checksums_ok, "bad checksum on RST: {rst:?}");
-    let d = nf
-        .wait_for_decision(&format!("[{PRIVATE6}]:443"), SHORT)
-        .expect("decision logged");
-    assert_eq!(d.action, "deny", "{}", d.line);
-    match g.tcp_connect(PRIVATE6, 443, SHORT) {
-        Err(ConnectError::Reset { after }) => assert!(after < Duration::from_secs(1)),
-        other => panic!("expected reset, got {other:?}"),
-    }
     assert_eq!(trip.hits(), (0, 0), "a denied destination was connected to");
 }
 
@@ -608,7 +539,7 @@ fn ipv4_mapped_ipv6_destinations_judged_as_ipv4() {
     let (mut g, gw) = guest6(&nf);
     for (v4, group) in cases {
         let dst = v4.to_ipv6_mapped();
-        let seen = raw_syn6(&mut g, gw, dst, 80, SILENCE);
+        let seen = denied::raw_syn(&mut g, gw, GUEST6, dst, 80, SILENCE);
         assert!(seen.is_empty(), "SYN to {dst} was answered: {seen:?}");
         let d = decision_to(&nf, IpAddr::V4(v4), Some(80))
             .unwrap_or_else(|| panic!("no decision logged for [{dst}]:80"));
@@ -674,17 +605,36 @@ fn send_with_control(
 /// What the first control ping follows: nothing (is the raw ping answered at all?).
 const BEFORE_GARBAGE: &str = "nothing yet (the control before any bad packet)";
 
-fn assert_running(nf: &mut Netfence, after: &str) {
-    assert!(nf.is_running(), "netfence exited after {after}");
-    let panics: Vec<String> = nf
-        .log_lines()
-        .into_iter()
-        .filter(|l| l.contains("panicked"))
-        .collect();
+/// Sends a control ping alone (is a raw ping answered at all?), then each bad packet of
+/// `cases` followed by a control ping (idents from `first_ident` on), checking after each that
+/// netfence still runs; then watches [`SILENCE`] for late frames (a SYN-ACK or RST would only
+/// follow a host connect). Returns every frame that answered, described and named by its case
+/// (or "late").
+fn answers_to_bad_packets(
+    nf: &mut Netfence,
+    g: &mut Guest,
+    gw: [u8; 6],
+    cases: &[(&str, Vec<u8>)],
+    first_ident: u16,
+) -> Vec<String> {
     assert!(
-        panics.is_empty(),
-        "netfence panicked after {after}: {panics:?}"
+        send_with_control(g, gw, &[], 0x5000, BEFORE_GARBAGE).is_empty(),
+        "unexpected frames before any bad packet"
     );
+    let mut answered = Vec::new();
+    for (k, (name, f)) in cases.iter().enumerate() {
+        let others = send_with_control(g, gw, f, first_ident + k as u16, name);
+        nf.assert_running(name);
+        for o in others {
+            answered.push(format!("{name}: {}", frames::describe(&o)));
+        }
+    }
+    for f in g.raw_collect(deadline(SILENCE)) {
+        if !is_housekeeping(&f) {
+            answered.push(format!("late: {}", frames::describe(&f)));
+        }
+    }
+    answered
 }
 
 #[test]
@@ -693,11 +643,6 @@ fn malformed_ipv6_headers_get_no_reply_and_netfence_keeps_serving() {
     let (mut g, gw) = guest6(&nf);
     let me = g.mac;
     let ll = g.link_local6();
-    // Control first: a well-formed raw ping of fe80::1 is answered.
-    assert!(
-        send_with_control(&mut g, gw, &[], 0x5000, BEFORE_GARBAGE).is_empty(),
-        "unexpected frames before any garbage"
-    );
     // Each bad packet is an echo request to fe80::1 with its own ident: a reply names it.
     let echo = |ident: u16| frames::icmp_echo_request(ll, GATEWAY6_LL, ident, 1, b"bad");
     let pkt = |nh: u8, payload: &[u8]| frames6::ipv6_packet(ll, GATEWAY6_LL, nh, 64, payload);
@@ -761,20 +706,7 @@ fn malformed_ipv6_headers_get_no_reply_and_netfence_keeps_serving() {
             frames6::eth6(gw, me, &pkt(254, &ext)),
         ));
     }
-    let mut answered = Vec::new();
-    for (k, (name, f)) in cases.iter().enumerate() {
-        let others = send_with_control(&mut g, gw, f, 0x5200 + k as u16, name);
-        assert_running(&mut nf, name);
-        for o in others {
-            answered.push(format!("{name}: {}", frames::describe(&o)));
-        }
-    }
-    // Anything late (nothing here needs a host round trip, but watch anyway).
-    for f in g.raw_collect(deadline(SILENCE)) {
-        if !is_housekeeping(&f) {
-            answered.push(format!("late: {}", frames::describe(&f)));
-        }
-    }
+    let answered = answers_to_bad_packets(&mut nf, &mut g, gw, &cases, 0x5200);
     assert!(
         answered.is_empty(),
         "malformed IPv6 packets were answered: {answered:#?}"
@@ -782,7 +714,7 @@ fn malformed_ipv6_headers_get_no_reply_and_netfence_keeps_serving() {
     // The smoltcp guest still gets through to the gateway.
     g.ping(GATEWAY6_LL, SHORT)
         .unwrap_or_else(|e| panic!("after all the garbage: {e}"));
-    assert_running(&mut nf, "all the garbage");
+    nf.assert_running("all the garbage");
 }
 
 #[test]
@@ -797,10 +729,6 @@ fn bad_ipv6_checksums_get_no_reply_and_open_no_flow() {
         f[14 + frames6::IPV6_HDR_LEN + at] ^= 0x5a;
         f
     };
-    assert!(
-        send_with_control(&mut g, gw, &[], 0x5000, BEFORE_GARBAGE).is_empty(),
-        "unexpected frames before any bad packet"
-    );
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "ICMPv6 echo to fe80::1, bad checksum",
@@ -850,20 +778,7 @@ fn bad_ipv6_checksums_get_no_reply_and_open_no_flow() {
         f[at..at + 2].copy_from_slice(&600u16.to_be_bytes());
         cases.push(("UDP length beyond the packet", f));
     }
-    let mut answered = Vec::new();
-    for (k, (name, f)) in cases.iter().enumerate() {
-        let others = send_with_control(&mut g, gw, f, 0x5400 + k as u16, name);
-        assert_running(&mut nf, name);
-        for o in others {
-            answered.push(format!("{name}: {}", frames::describe(&o)));
-        }
-    }
-    // A SYN-ACK or RST would only follow a host connect: watch a while.
-    for f in g.raw_collect(deadline(SILENCE)) {
-        if !is_housekeeping(&f) {
-            answered.push(format!("late: {}", frames::describe(&f)));
-        }
-    }
+    let answered = answers_to_bad_packets(&mut nf, &mut g, gw, &cases, 0x5400);
     assert!(
         answered.is_empty(),
         "packets with bad checksums were answered: {answered:#?}"
