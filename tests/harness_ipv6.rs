@@ -8,8 +8,9 @@
 //! Written ahead of the IPv6 datapath (test-driven): on a netfence that drops IPv6 these fail.
 //! The guest side is smoltcp with a static address (`guest_up6`: GUEST6/64, its EUI-64
 //! link-local address, default route via fe80::1); protocol details are checked on hand-built
-//! frames parsed with `common::frames6`. "No answer" is watched for [`SILENCE`]; everything
-//! else waits on events with a deadline. Every destination that must not be reached is mapped
+//! frames parsed with `common::frames` (either family) and `common::frames6` (neighbor
+//! discovery); the denied-destination steps are shared with IPv4 (`common::denied`). "No
+//! answer" is watched for [`SILENCE`]; everything else waits on events with a deadline. Every destination that must not be reached is mapped
 //! to a loopback tripwire, so a wrongly allowed flow is counted there and never leaves the host.
 
 mod common;

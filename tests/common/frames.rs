@@ -518,10 +518,7 @@ pub struct TcpInfo {
 }
 
 pub fn parse_tcp(frame: &[u8]) -> Option<TcpInfo> {
-    let ip = parse_ip(frame)?;
-    if ip.proto != PROTO_TCP {
-        return None;
-    }
+    let ip = parse_ip(frame).filter(|ip| ip.proto == PROTO_TCP)?;
     let t = TcpPacket::new_checked(&ip.payload[..]).ok()?;
     Some(TcpInfo {
         src: ip.src,
@@ -556,10 +553,7 @@ pub struct UdpInfo {
 }
 
 pub fn parse_udp(frame: &[u8]) -> Option<UdpInfo> {
-    let ip = parse_ip(frame)?;
-    if ip.proto != PROTO_UDP {
-        return None;
-    }
+    let ip = parse_ip(frame).filter(|ip| ip.proto == PROTO_UDP)?;
     let u = UdpPacket::new_checked(&ip.payload[..]).ok()?;
     Some(UdpInfo {
         src: ip.src,
