@@ -15,16 +15,7 @@ fn assert_alive(nf: &mut Netfence, g: &mut Guest, after: &str) {
     if let Err(e) = g.ping(GATEWAY, SHORT) {
         panic!("gateway stopped answering after {after}: {e}");
     }
-    assert!(nf.is_running(), "netfence exited after {after}");
-    let panics: Vec<String> = nf
-        .log_lines()
-        .into_iter()
-        .filter(|l| l.contains("panicked"))
-        .collect();
-    assert!(
-        panics.is_empty(),
-        "netfence panicked after {after}: {panics:?}"
-    );
+    nf.assert_running(after);
 }
 
 fn bad_chains(opts: FrontendOptions) {

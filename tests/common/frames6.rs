@@ -1,33 +1,31 @@
-//! Raw IPv6 Ethernet frames: builders for single well-formed packets (TCP SYN, UDP, ICMPv6
-//! echo, router and neighbor solicitations, any ICMPv6 message) and parsers for what netfence
-//! sends back (router and neighbor advertisements, echo replies, ICMPv6 errors with the quoted
-//! packet, TCP and UDP). The IPv6 twin of [`super::frames`].
+//! What only IPv6 frames have, beside the family-generic builders and parsers of
+//! [`super::frames`] (IP, TCP, UDP, ICMP and ICMPv6 echo and errors): IPv6 headers with a
+//! chosen hop limit, fragment headers, multicast and link-local addresses, and neighbor
+//! discovery: builders for router and neighbor solicitations, neighbor advertisements and any
+//! ICMPv6 message, parsers for router advertisements (every option, RDNSS included), neighbor
+//! advertisements and solicitations.
 //!
 //! Everything goes through `smoltcp::wire` where it has a type (Ipv6Packet, Icmpv6Repr,
-//! NdiscRepr, NdiscOption, TcpPacket, UdpPacket); the RDNSS option (RFC 8106, type 25), which
-//! smoltcp does not know, is read by hand. Builders always fill checksums; parsers always verify
-//! them and report the result (`checksums_ok`) instead of hiding bad packets, so a test can
-//! say "the reply had a bad checksum" rather than "no reply".
+//! NdiscRepr, NdiscOption); the RDNSS option (RFC 8106, type 25), which smoltcp does not know,
+//! is read by hand. Builders always fill checksums; parsers always verify them and report the
+//! result (`checksum_ok`) instead of hiding bad packets, so a test can say "the reply had a bad
+//! checksum" rather than "no reply".
 
 use std::net::Ipv6Addr;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv6Message, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv6Packet, NdiscNeighborFlags, NdiscOption, NdiscOptionRepr,
-    NdiscPrefixInfoFlags, NdiscRepr, NdiscRouterFlags, RawHardwareAddress, TcpPacket, TcpSeqNumber,
-    UdpPacket,
+    EthernetAddress, Icmpv6Message, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet,
+    NdiscNeighborFlags, NdiscOption, NdiscOptionRepr, NdiscPrefixInfoFlags, NdiscRepr,
+    NdiscRouterFlags, RawHardwareAddress,
 };
 
-use super::frames::{eth, Flags};
+use super::frames::{eth, parse_icmp, parse_ip, IcmpInfo, IpInfo, ETHERTYPE_IPV6};
 
-pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const IPV6_HDR_LEN: usize = 40;
 
 /// IPv6 next-header values used by the tests.
 pub const NH_HOP_BY_HOP: u8 = 0;
-pub const NH_TCP: u8 = 6;
-pub const NH_UDP: u8 = 17;
 pub const NH_FRAGMENT: u8 = 44;
 pub const NH_ICMPV6: u8 = 58;
 pub const NH_NO_NEXT: u8 = 59;
@@ -52,10 +50,6 @@ pub const NDP_OPT_RDNSS: u8 = 25;
 pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// ff02::2, all routers.
 pub const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
-
-pub fn ip6(a: Ipv6Addr) -> IpAddress {
-    IpAddress::Ipv6(a)
-}
 
 /// The Ethernet multicast address of an IPv6 multicast group (33:33 + its last 32 bits).
 pub fn multicast_mac(group: Ipv6Addr) -> [u8; 6] {
@@ -118,90 +112,6 @@ pub fn eth6(dst_mac: [u8; 6], src_mac: [u8; 6], ipv6: &[u8]) -> Vec<u8> {
     eth(dst_mac, src_mac, ETHERTYPE_IPV6, ipv6)
 }
 
-/// A TCP segment between IPv6 addresses (MSS option 1440 on SYN), checksum filled.
-#[allow(clippy::too_many_arguments)]
-pub fn tcp6_segment(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    flags: Flags,
-    window: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let opts: &[u8] = if flags.syn { &[2, 4, 0x05, 0xa0] } else { &[] };
-    let hl = 20 + opts.len();
-    let mut buf = vec![0u8; hl + payload.len()];
-    buf[20..hl].copy_from_slice(opts);
-    buf[hl..].copy_from_slice(payload);
-    let mut p = TcpPacket::new_unchecked(&mut buf[..]);
-    p.set_src_port(sport);
-    p.set_dst_port(dport);
-    p.set_seq_number(TcpSeqNumber(seq as i32));
-    p.set_ack_number(TcpSeqNumber(ack as i32));
-    p.set_header_len(hl as u8);
-    p.clear_flags();
-    p.set_syn(flags.syn);
-    p.set_ack(flags.ack);
-    p.set_rst(flags.rst);
-    p.set_fin(flags.fin);
-    p.set_psh(flags.psh);
-    p.set_window_len(window);
-    p.set_urgent_at(0);
-    p.fill_checksum(&ip6(src), &ip6(dst));
-    buf
-}
-
-/// A whole Ethernet frame carrying one TCP SYN over IPv6.
-#[allow(clippy::too_many_arguments)]
-pub fn tcp6_syn_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    seq: u32,
-) -> Vec<u8> {
-    let seg = tcp6_segment(src, dst, sport, dport, seq, 0, Flags::SYN, 64240, &[]);
-    eth6(dst_mac, src_mac, &ipv6_packet(src, dst, NH_TCP, 64, &seg))
-}
-
-/// A UDP datagram between IPv6 addresses (checksum filled; it is mandatory over IPv6).
-pub fn udp6_datagram(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut buf = vec![0u8; 8 + payload.len()];
-    let mut p = UdpPacket::new_unchecked(&mut buf[..]);
-    p.set_src_port(sport);
-    p.set_dst_port(dport);
-    p.set_len((8 + payload.len()) as u16);
-    p.payload_mut().copy_from_slice(payload);
-    p.fill_checksum(&ip6(src), &ip6(dst));
-    buf
-}
-
-/// A whole Ethernet frame carrying one UDP datagram over IPv6.
-#[allow(clippy::too_many_arguments)]
-pub fn udp6_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let dgram = udp6_datagram(src, dst, sport, dport, payload);
-    eth6(dst_mac, src_mac, &ipv6_packet(src, dst, NH_UDP, 64, &dgram))
-}
-
 /// The bytes of one ICMPv6 message (checksum over the pseudo-header of `src`, `dst`).
 pub fn icmpv6_message(src: Ipv6Addr, dst: Ipv6Addr, repr: &Icmpv6Repr<'_>) -> Vec<u8> {
     let mut buf = vec![0u8; repr.buffer_len()];
@@ -231,57 +141,25 @@ pub fn icmpv6_frame(
     )
 }
 
-/// The ICMPv6 bytes of an echo request (checksum filled).
-pub fn icmpv6_echo_request(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    ident: u16,
-    seq: u16,
-    data: &[u8],
-) -> Vec<u8> {
-    icmpv6_message(
-        src,
-        dst,
-        &Icmpv6Repr::EchoRequest {
-            ident,
-            seq_no: seq,
-            data,
-        },
-    )
-}
-
-/// A whole Ethernet frame carrying one ICMPv6 echo request (hop limit 64).
-#[allow(clippy::too_many_arguments)]
-pub fn icmpv6_echo_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    ident: u16,
-    seq: u16,
-    data: &[u8],
-) -> Vec<u8> {
-    let msg = icmpv6_echo_request(src, dst, ident, seq, data);
-    eth6(
-        dst_mac,
-        src_mac,
-        &ipv6_packet(src, dst, NH_ICMPV6, 64, &msg),
-    )
+/// The source link-layer address option of a solicitation from `src` at `mac`: none when
+/// `src` is unspecified (RFC 4861 4.1 and 4.3 forbid it then).
+fn slla(mac: [u8; 6], src: Ipv6Addr) -> Option<RawHardwareAddress> {
+    (!src.is_unspecified()).then(|| RawHardwareAddress::from(EthernetAddress(mac)))
 }
 
 /// A router solicitation from `src` (a link-local address, or `::`) to ff02::2, hop limit 255.
 /// It carries a source link-layer address option unless `src` is unspecified (RFC 4861 4.1
 /// forbids it then).
 pub fn router_solicit_frame(src_mac: [u8; 6], src: Ipv6Addr) -> Vec<u8> {
-    let lladdr =
-        (!src.is_unspecified()).then(|| RawHardwareAddress::from(EthernetAddress(src_mac)));
     icmpv6_frame(
         src_mac,
         multicast_mac(ALL_ROUTERS),
         src,
         ALL_ROUTERS,
         255,
-        &Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { lladdr }),
+        &Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit {
+            lladdr: slla(src_mac, src),
+        }),
     )
 }
 
@@ -301,8 +179,6 @@ pub fn neighbor_solicit_frame_to(
     dst: Ipv6Addr,
     target: Ipv6Addr,
 ) -> Vec<u8> {
-    let lladdr =
-        (!src.is_unspecified()).then(|| RawHardwareAddress::from(EthernetAddress(src_mac)));
     icmpv6_frame(
         src_mac,
         dst_mac,
@@ -311,7 +187,7 @@ pub fn neighbor_solicit_frame_to(
         255,
         &Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
             target_addr: target,
-            lladdr,
+            lladdr: slla(src_mac, src),
         }),
     )
 }
@@ -329,130 +205,47 @@ pub fn fragment_header(next_header: u8, offset: u16, more: bool, ident: u32) -> 
 // ---- parsing -------------------------------------------------------------------------------
 
 /// One IPv6 packet of a frame, with its Ethernet addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ipv6Info {
-    pub eth_src: [u8; 6],
-    pub eth_dst: [u8; 6],
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub next_header: u8,
-    pub hop_limit: u8,
-    /// Exactly `payload length` bytes (Ethernet padding cut off).
-    pub payload: Vec<u8>,
-}
+pub type Ipv6Info = IpInfo<Ipv6Addr>;
 
 /// The IPv6 packet of a frame; `None` for other ethertypes and for packets whose payload
 /// length does not fit the frame.
 pub fn parse_ipv6(frame: &[u8]) -> Option<Ipv6Info> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv6 {
-        return None;
-    }
-    let p = Ipv6Packet::new_checked(eth.payload()).ok()?;
-    if p.version() != 6 {
-        return None;
-    }
-    Some(Ipv6Info {
-        eth_src: eth.src_addr().0,
-        eth_dst: eth.dst_addr().0,
-        src: p.src_addr(),
-        dst: p.dst_addr(),
-        next_header: u8::from(p.next_header()),
-        hop_limit: p.hop_limit(),
-        payload: p.payload().to_vec(),
-    })
+    parse_ip(frame)?.v6()
 }
 
-/// The start of the packet an ICMPv6 error quotes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Quoted6 {
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub next_header: u8,
-    /// What follows the quoted IPv6 header (possibly truncated).
-    pub l4: Vec<u8>,
+/// An ICMPv6 echo reply (type 129) of a frame.
+pub fn parse_echo_reply6(frame: &[u8]) -> Option<IcmpInfo> {
+    parse_icmp(frame).filter(|i| i.ip.src.is_ipv6() && i.msg_type == ICMPV6_ECHO_REPLY)
 }
 
-impl Quoted6 {
-    /// TCP/UDP ports of the quoted packet (or ICMPv6 type/code + checksum, read the same way).
-    pub fn ports(&self) -> Option<(u16, u16)> {
-        let b = self.l4.get(..4)?;
-        Some((
-            u16::from_be_bytes([b[0], b[1]]),
-            u16::from_be_bytes([b[2], b[3]]),
-        ))
-    }
-
-    /// The echo identifier of a quoted ICMPv6 echo request.
-    pub fn echo_ident(&self) -> Option<u16> {
-        let b = self.l4.get(4..6)?;
-        Some(u16::from_be_bytes([b[0], b[1]]))
-    }
+/// An ICMPv6 destination unreachable (type 1) of a frame.
+pub fn parse_unreachable6(frame: &[u8]) -> Option<IcmpInfo> {
+    parse_icmp(frame).filter(|i| i.ip.src.is_ipv6() && i.msg_type == ICMPV6_DST_UNREACHABLE)
 }
 
-/// Any ICMPv6 message of a frame.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Icmpv6Info {
-    pub ip: Ipv6Info,
-    pub msg_type: u8,
-    pub code: u8,
-    /// Echo request/reply only.
-    pub ident: u16,
-    pub seq: u16,
-    /// Echo data (echo messages only).
-    pub data: Vec<u8>,
-    /// Error messages (types 1-4): the offending packet's header.
-    pub quoted: Option<Quoted6>,
-    pub checksum_ok: bool,
-}
-
-pub fn parse_icmpv6(frame: &[u8]) -> Option<Icmpv6Info> {
+/// The IPv6 packet of a frame that carries an ICMPv6 message of type `ty`, and whether the
+/// message's checksum verified.
+fn icmpv6_of_type(frame: &[u8], ty: Icmpv6Message) -> Option<(Ipv6Info, bool)> {
     let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_ICMPV6 {
+    if ip.proto != NH_ICMPV6 {
         return None;
     }
     let p = Icmpv6Packet::new_checked(&ip.payload[..]).ok()?;
-    let msg_type = u8::from(p.msg_type());
-    let echo = msg_type == ICMPV6_ECHO_REQUEST || msg_type == ICMPV6_ECHO_REPLY;
-    let checksum_ok = p.verify_checksum(&ip.src, &ip.dst);
-    // Errors: 4 bytes of type-specific data, then as much of the packet as fits.
-    let quoted = if (1..=4).contains(&msg_type) {
-        ip.payload.get(8..).and_then(|q| {
-            let h = Ipv6Packet::new_unchecked(q);
-            (q.len() >= IPV6_HDR_LEN && h.version() == 6).then(|| Quoted6 {
-                src: h.src_addr(),
-                dst: h.dst_addr(),
-                next_header: u8::from(h.next_header()),
-                l4: q[IPV6_HDR_LEN..].to_vec(),
-            })
-        })
-    } else {
-        None
-    };
-    Some(Icmpv6Info {
-        msg_type,
-        code: p.msg_code(),
-        ident: if echo { p.echo_ident() } else { 0 },
-        seq: if echo { p.echo_seq_no() } else { 0 },
-        data: if echo {
-            p.payload().to_vec()
-        } else {
-            Vec::new()
-        },
-        quoted,
-        checksum_ok,
-        ip,
-    })
+    if p.msg_type() != ty {
+        return None;
+    }
+    let verified = p.verify_checksum(&ip.src, &ip.dst);
+    Some((ip, verified))
 }
 
-/// An echo reply (type 129) of a frame.
-pub fn parse_echo_reply6(frame: &[u8]) -> Option<Icmpv6Info> {
-    parse_icmpv6(frame).filter(|i| i.msg_type == ICMPV6_ECHO_REPLY)
-}
-
-/// A destination unreachable (type 1) of a frame.
-pub fn parse_unreachable6(frame: &[u8]) -> Option<Icmpv6Info> {
-    parse_icmpv6(frame).filter(|i| i.msg_type == ICMPV6_DST_UNREACHABLE)
+/// The NDP message of an ICMPv6 packet, parsed by smoltcp without its checksum check (so that
+/// a bad checksum is reported rather than hidden).
+fn ndisc_of(ip: &Ipv6Info) -> Option<NdiscRepr<'_>> {
+    let p = Icmpv6Packet::new_checked(&ip.payload[..]).ok()?;
+    match Icmpv6Repr::parse(&ip.src, &ip.dst, &p, &ChecksumCapabilities::ignored()).ok()? {
+        Icmpv6Repr::Ndisc(r) => Some(r),
+        _ => None,
+    }
 }
 
 /// A prefix information option.
@@ -516,16 +309,8 @@ fn mac_of(raw: RawHardwareAddress) -> Option<[u8; 6]> {
 }
 
 pub fn parse_router_advert(frame: &[u8]) -> Option<RouterAdvert> {
-    let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_ICMPV6 {
-        return None;
-    }
-    let p = Icmpv6Packet::new_checked(&ip.payload[..]).ok()?;
-    if p.msg_type() != Icmpv6Message::RouterAdvert {
-        return None;
-    }
-    let repr = Icmpv6Repr::parse(&ip.src, &ip.dst, &p, &ChecksumCapabilities::default());
-    let checksum_ok = p.verify_checksum(&ip.src, &ip.dst) && repr.is_ok();
+    let (ip, verified) = icmpv6_of_type(frame, Icmpv6Message::RouterAdvert)?;
+    let checksum_ok = verified && ndisc_of(&ip).is_some();
     // The fixed part: type, code, checksum, cur hop limit, flags, lifetime, reachable, retrans.
     let b = &ip.payload;
     if b.len() < 16 {
@@ -600,22 +385,12 @@ pub struct NeighborAdvert {
 }
 
 pub fn parse_neighbor_advert(frame: &[u8]) -> Option<NeighborAdvert> {
-    let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_ICMPV6 {
-        return None;
-    }
-    let p = Icmpv6Packet::new_checked(&ip.payload[..]).ok()?;
-    if p.msg_type() != Icmpv6Message::NeighborAdvert {
-        return None;
-    }
-    let verified = p.verify_checksum(&ip.src, &ip.dst);
-    // Parse without the checksum check so that a bad one is reported rather than hidden.
-    let repr = Icmpv6Repr::parse(&ip.src, &ip.dst, &p, &ChecksumCapabilities::ignored()).ok()?;
-    let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+    let (ip, verified) = icmpv6_of_type(frame, Icmpv6Message::NeighborAdvert)?;
+    let NdiscRepr::NeighborAdvert {
         flags,
         target_addr,
         lladdr,
-    }) = repr
+    } = ndisc_of(&ip)?
     else {
         return None;
     };
@@ -641,20 +416,11 @@ pub struct NeighborSolicit {
 }
 
 pub fn parse_neighbor_solicit(frame: &[u8]) -> Option<NeighborSolicit> {
-    let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_ICMPV6 {
-        return None;
-    }
-    let p = Icmpv6Packet::new_checked(&ip.payload[..]).ok()?;
-    if p.msg_type() != Icmpv6Message::NeighborSolicit {
-        return None;
-    }
-    let verified = p.verify_checksum(&ip.src, &ip.dst);
-    let repr = Icmpv6Repr::parse(&ip.src, &ip.dst, &p, &ChecksumCapabilities::ignored()).ok()?;
-    let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+    let (ip, verified) = icmpv6_of_type(frame, Icmpv6Message::NeighborSolicit)?;
+    let NdiscRepr::NeighborSolicit {
         target_addr,
         lladdr,
-    }) = repr
+    } = ndisc_of(&ip)?
     else {
         return None;
     };
@@ -700,115 +466,4 @@ pub fn neighbor_advert_frame(
             lladdr: Some(RawHardwareAddress::from(EthernetAddress(mac))),
         }),
     )
-}
-
-/// A TCP segment over IPv6.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tcp6Info {
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-    pub ack: u32,
-    pub flags: Flags,
-    pub window: u16,
-    pub payload: Vec<u8>,
-    pub checksum_ok: bool,
-}
-
-pub fn parse_tcp6(frame: &[u8]) -> Option<Tcp6Info> {
-    let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_TCP {
-        return None;
-    }
-    let t = TcpPacket::new_checked(&ip.payload[..]).ok()?;
-    Some(Tcp6Info {
-        src: ip.src,
-        dst: ip.dst,
-        sport: t.src_port(),
-        dport: t.dst_port(),
-        seq: t.seq_number().0 as u32,
-        ack: t.ack_number().0 as u32,
-        flags: Flags {
-            syn: t.syn(),
-            ack: t.ack(),
-            rst: t.rst(),
-            fin: t.fin(),
-            psh: t.psh(),
-        },
-        window: t.window_len(),
-        payload: t.payload().to_vec(),
-        checksum_ok: t.verify_checksum(&ip6(ip.src), &ip6(ip.dst)),
-    })
-}
-
-/// A UDP datagram over IPv6.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Udp6Info {
-    pub src: Ipv6Addr,
-    pub dst: Ipv6Addr,
-    pub sport: u16,
-    pub dport: u16,
-    pub payload: Vec<u8>,
-    pub checksum_ok: bool,
-}
-
-pub fn parse_udp6(frame: &[u8]) -> Option<Udp6Info> {
-    let ip = parse_ipv6(frame)?;
-    if ip.next_header != NH_UDP {
-        return None;
-    }
-    let u = UdpPacket::new_checked(&ip.payload[..]).ok()?;
-    Some(Udp6Info {
-        src: ip.src,
-        dst: ip.dst,
-        sport: u.src_port(),
-        dport: u.dst_port(),
-        payload: u.payload().to_vec(),
-        checksum_ok: u.verify_checksum(&ip6(ip.src), &ip6(ip.dst)),
-    })
-}
-
-/// One line describing an IPv6 frame, for failure messages (`None` if not IPv6).
-pub fn describe6(frame: &[u8]) -> Option<String> {
-    if let Some(t) = parse_tcp6(frame) {
-        return Some(format!(
-            "TCP [{}]:{} -> [{}]:{} {:?} seq={} ack={} win={} len={}",
-            t.src,
-            t.sport,
-            t.dst,
-            t.dport,
-            t.flags,
-            t.seq,
-            t.ack,
-            t.window,
-            t.payload.len()
-        ));
-    }
-    if let Some(u) = parse_udp6(frame) {
-        return Some(format!(
-            "UDP [{}]:{} -> [{}]:{} len={}",
-            u.src,
-            u.sport,
-            u.dst,
-            u.dport,
-            u.payload.len()
-        ));
-    }
-    if let Some(i) = parse_icmpv6(frame) {
-        return Some(format!(
-            "ICMPv6 {} -> {} type={} code={} hop_limit={}",
-            i.ip.src, i.ip.dst, i.msg_type, i.code, i.ip.hop_limit
-        ));
-    }
-    parse_ipv6(frame).map(|ip| {
-        format!(
-            "IPv6 {} -> {} next_header={} len={}",
-            ip.src,
-            ip.dst,
-            ip.next_header,
-            ip.payload.len()
-        )
-    })
 }

@@ -6,7 +6,9 @@
 //! - [`frontend`]: the vhost-user handshake (as cloud-hypervisor does it), send/receive frames,
 //!   malformed descriptor chains.
 //! - [`guest`]: smoltcp `Device` + helpers for DHCP, ping, TCP, UDP; raw-frame exchange.
-//! - [`frames`], [`frames6`]: build and parse single IPv4 / IPv6 frames with `smoltcp::wire`.
+//! - [`frames`], [`frames6`]: build and parse single frames of either IP family, and what only
+//!   IPv6 has (neighbor discovery), with `smoltcp::wire`.
+//! - [`denied`]: the denied-destination steps (dropped or rejected SYN) of both families.
 //! - [`servers`]: loopback TCP/UDP servers for the host side, and a tripwire.
 //!
 //! A test in a few lines:
@@ -38,6 +40,7 @@
 //! [`servers::Tripwire`].
 #![allow(dead_code)]
 
+pub mod denied;
 pub mod frames;
 pub mod frames6;
 pub mod frontend;
@@ -84,6 +87,8 @@ pub const PRIVATE6: Ipv6Addr = Ipv6Addr::new(0xfd12, 0x3456, 0, 0, 0, 0, 0, 1);
 /// Generous upper bounds; tests finish far sooner when things work.
 pub const SHORT: Duration = Duration::from_secs(5);
 pub const LONG: Duration = Duration::from_secs(60);
+/// How long "no answer" is watched for.
+pub const SILENCE: Duration = Duration::from_millis(1500);
 
 pub fn deadline(d: Duration) -> Instant {
     Instant::now() + d
@@ -139,6 +144,13 @@ pub fn guest_up(nf: &Netfence) -> Guest {
         panic!("{e}");
     }
     g
+}
+
+/// The gateway's MAC, from ARP for [`GATEWAY`] (the same MAC answers for IPv6).
+pub fn gateway_mac(g: &mut Guest) -> [u8; 6] {
+    g.arp_raw(GATEWAY, SHORT)
+        .expect("ARP reply for the gateway")
+        .sender_mac
 }
 
 /// A guest that has its DHCP lease and, beside it, static IPv6: [`GUEST6`]/64, its EUI-64

@@ -383,6 +383,21 @@ impl Netfence {
         }
     }
 
+    /// Panics unless the child is still running and has logged no panic; `after` names what
+    /// the test did last, for the message.
+    pub fn assert_running(&mut self, after: &str) {
+        assert!(self.is_running(), "netfence exited after {after}");
+        let panics: Vec<String> = self
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("panicked"))
+            .collect();
+        assert!(
+            panics.is_empty(),
+            "netfence panicked after {after}: {panics:?}"
+        );
+    }
+
     /// Waits for the child to exit on its own (stderr EOF is the event), up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         // The stderr reader closes the log at EOF; wait for that, then reap.
