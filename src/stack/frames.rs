@@ -496,33 +496,28 @@ mod tests {
     }
 
     #[test]
-    fn udp_frame_round_trips_through_the_classifier() {
-        let src: SocketAddr = "203.0.113.8:7".parse().unwrap();
-        let dst: SocketAddr = "172.16.0.2:5555".parse().unwrap();
-        let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
-        assert_eq!(
-            classify(&frame),
-            Classified::Udp {
-                src,
-                dst,
-                payload: b"hello"
-            }
-        );
+    fn udp_frames_of_both_families_round_trip_through_the_classifier() {
+        for (src, dst) in [
+            ("203.0.113.8:7", "172.16.0.2:5555"),
+            ("[2001:db8::8]:7", "[fd42:6d73:62::2]:5555"),
+        ] {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
+            assert_eq!(
+                classify(&frame),
+                Classified::Udp {
+                    src,
+                    dst,
+                    payload: b"hello"
+                }
+            );
+        }
     }
 
     #[test]
-    fn ipv6_frames_round_trip_through_the_classifier() {
+    fn ipv6_reset_and_echo_reply_round_trip_through_the_classifier() {
         let src: SocketAddr = "[2001:db8::8]:7".parse().unwrap();
         let dst: SocketAddr = "[fd42:6d73:62::2]:5555".parse().unwrap();
-        let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
-        assert_eq!(
-            classify(&frame),
-            Classified::Udp {
-                src,
-                dst,
-                payload: b"hello"
-            }
-        );
         let syn = TcpHead {
             src: dst,
             dst: "[2001:db8::7]:443".parse().unwrap(),
