@@ -430,16 +430,14 @@ impl Datapath {
         if src.is_unspecified() || src.is_multicast() {
             return;
         }
-        let now = Instant::now();
-        self.introduced
-            .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
+        // A short linear search per frame; housekeeping forgets entries after the refresh time.
         if self.introduced.iter().any(|(a, _)| *a == src) {
             return;
         }
         if self.introduced.len() >= INTRODUCED_ADDRESSES {
             self.introduced.remove(0);
         }
-        self.introduced.push((src, now));
+        self.introduced.push((src, Instant::now()));
         let gateway = self.settings.addrs6.source_for(src);
         let frame = ipv6::guest_introduction(&self.link, src, gateway);
         self.stack.receive(&frame);
@@ -1202,6 +1200,8 @@ impl Datapath {
                     .queue_frame(frames::tcp_reset(&self.link, &head));
             }
         }
+        self.introduced
+            .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
         self.denied
             .retain(|_, at| now.duration_since(*at) < DENIED_MEMORY);
         self.dns_allowed

@@ -13,12 +13,32 @@ use smoltcp::socket::tcp::State;
 
 #[test]
 fn tcp_echo_via_gateway_address() {
-    let echo = TcpEchoServer::start();
+    echo_through_gateway(std::net::IpAddr::V4(GATEWAY));
+}
+
+/// The gateway's IPv6 address is the host's ::1, as its IPv4 address is 127.0.0.1.
+#[test]
+fn tcp_echo_via_gateway_ipv6_address() {
+    echo_through_gateway(std::net::IpAddr::V6(GATEWAY6));
+}
+
+/// Under allow-all, a TCP connection to the gateway address reaches the host's loopback of
+/// the same family, and echoes byte-exact.
+fn echo_through_gateway(gateway: std::net::IpAddr) {
+    let echo = if gateway.is_ipv4() {
+        TcpEchoServer::start()
+    } else {
+        TcpEchoServer::start6()
+    };
     let nf = Netfence::spawn(&["--policy", "allow-all"]);
-    let mut g = guest_up(&nf);
+    let mut g = if gateway.is_ipv4() {
+        guest_up(&nf)
+    } else {
+        guest_up6(&nf)
+    };
     let h = g
-        .tcp_connect(GATEWAY, echo.port(), SHORT)
-        .unwrap_or_else(|e| panic!("connect to gateway:{}: {e:?}", echo.port()));
+        .tcp_connect(gateway, echo.port(), SHORT)
+        .unwrap_or_else(|e| panic!("connect to gateway {gateway} port {}: {e:?}", echo.port()));
     for round in 0..5u64 {
         let msg = pattern(1000 + round as usize * 3000, round);
         g.tcp_send_all(h, &msg, deadline(SHORT)).unwrap();
@@ -33,8 +53,9 @@ fn tcp_echo_via_gateway_address() {
         rest.len()
     );
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let dst = std::net::SocketAddr::new(gateway, echo.port());
     let d = nf
-        .wait_for_decision(&format!("{GATEWAY}:{}", echo.port()), SHORT)
+        .wait_for_decision(&dst.to_string(), SHORT)
         .expect("decision logged");
     assert_eq!(d.action, "allow", "{}", d.line);
 }
