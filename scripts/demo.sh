@@ -11,7 +11,8 @@
 #      web server at 203.0.113.7 (a documentation address) that is really the loopback server;
 #   4. boots a Linux guest under QEMU (TCG) attached to netfence's vhost-user socket; the guest
 #      runs udhcpc, pings its gateway, curls http://203.0.113.7/ (allowed by the default
-#      public-only policy) and http://10.1.2.3/ (a private address: denied);
+#      public-only policy) and http://10.1.2.3/ (a private address: denied), then does the same
+#      over IPv6 (SLAAC address, http://[2001:db8::7]/ mapped to the same server);
 #   5. prints the guest's console and netfence's log as they happen, then a summary.
 # Nothing leaves the machine: the only host-side connection netfence makes goes to 127.0.0.1.
 # Exit status 0 when everything happened as described.
@@ -62,9 +63,10 @@ echo "web server: http://127.0.0.1:$PORT/"
 
 step "starting netfence (default policy public-only; 203.0.113.7:80 mapped to 127.0.0.1:$PORT)"
 SOCK="$WORK/netfence.sock"
-echo "\$ netfence run --socket $SOCK --guest-mac $GUEST_MAC --map 203.0.113.7:80=127.0.0.1:$PORT"
+echo "\$ netfence run --socket $SOCK --guest-mac $GUEST_MAC --map 203.0.113.7:80=127.0.0.1:$PORT --map '[2001:db8::7]:80=127.0.0.1:$PORT'"
 NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" --guest-mac "$GUEST_MAC" \
-    --map "203.0.113.7:80=127.0.0.1:$PORT" >"$WORK/netfence.log" 2>&1 &
+    --map "203.0.113.7:80=127.0.0.1:$PORT" --map "[2001:db8::7]:80=127.0.0.1:$PORT" \
+    >"$WORK/netfence.log" 2>&1 &
 NF_PID=$!
 PIDS+=("$NF_PID")
 # netfence's log, live, next to the guest's console
@@ -89,6 +91,14 @@ echo "guest: \$ curl http://203.0.113.7/   (public address, mapped to the host's
 curl -sS --max-time 20 http://203.0.113.7/ && echo "DEMO allowed ok" || echo "DEMO allowed FAILED"
 echo "guest: \$ curl http://10.1.2.3/   (private address: the public-only policy denies it)"
 curl -sS --connect-timeout 4 --max-time 6 http://10.1.2.3/ && echo "DEMO denied FAILED (it connected)" || echo "DEMO denied ok (curl failed as expected)"
+echo "guest: IPv6 address from netfence's router advertisement (SLAAC)"
+for i in $(seq 1 40); do
+  ip -6 addr show dev eth0 | grep 'scope global' | grep -qv tentative && break
+  sleep 0.25
+done
+ip -6 addr show dev eth0 | grep inet6
+echo "guest: \$ curl 'http://[2001:db8::7]/'   (public IPv6 address, mapped to the same web server)"
+curl -sS -g --max-time 20 'http://[2001:db8::7]/' && echo "DEMO allowed6 ok" || echo "DEMO allowed6 FAILED"
 EOF
 set +e
 scripts/run-guest.sh --vhost-user "$SOCK" --mac "$GUEST_MAC" --script "$WORK/guest.sh" --timeout 120 2>&1 |
@@ -115,6 +125,9 @@ check "guest fetched the host's page via 203.0.113.7 (marker $TOKEN)" grep -q "$
 check "netfence logged: allow 203.0.113.7:80" \
     grep -qE "decision.*action=allow.*203\.0\.113\.7:80" "$WORK/netfence.log"
 check "guest could not reach 10.1.2.3" grep -q "DEMO denied ok" "$WORK/console.log"
+check "guest fetched the same page over IPv6 via [2001:db8::7]" grep -q "DEMO allowed6 ok" "$WORK/console.log"
+check "netfence logged: allow [2001:db8::7]:80" \
+    grep -qE "decision.*action=allow.*\[2001:db8::7\]:80" "$WORK/netfence.log"
 check "netfence logged: deny 10.1.2.3:80" grep -qE "decision.*action=deny.*10\.1\.2\.3:80" "$WORK/netfence.log"
 check "the host web server served the guest" grep -q '"GET / ' "$WORK/http.log"
 echo
