@@ -330,6 +330,30 @@ mod tests {
             let _ = classify(&bytes);
         }
         assert_eq!(classify(&[0u8; 3]), Classified::Drop(DropReason::Malformed));
+        // Garbage behind valid Ethernet + IP version nibbles, every next header of IPv6 and
+        // every protocol of IPv4, with lengths around the header sizes.
+        let mut seed = 0x9e37_79b9u32;
+        for (ethertype, version) in [([0x08, 0x00], 0x45u8), ([0x86, 0xdd], 0x60)] {
+            for proto in 0..=255u8 {
+                for len in [20usize, 40, 41, 48, 60, 64, 100] {
+                    let mut f = vec![0u8; 14 + len];
+                    f[12..14].copy_from_slice(&ethertype);
+                    for b in f[14..].iter_mut() {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 17;
+                        seed ^= seed << 5;
+                        *b = seed as u8;
+                    }
+                    f[14] = version;
+                    if version == 0x60 {
+                        f[14 + 6] = proto;
+                    } else {
+                        f[14 + 9] = proto;
+                    }
+                    let _ = classify(&f);
+                }
+            }
+        }
     }
 
     #[test]
