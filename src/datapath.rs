@@ -627,36 +627,32 @@ impl Datapath {
             self.stack.receive(frame);
             return;
         }
-        let target = self.settings.addrmap.host_target(head.dst);
-        let host = match tcpflow::connect_host(target) {
-            Ok(s) => s,
-            Err(e) => {
-                info!(src = %head.src, dst = %head.dst, host = %target, error = %e, "host connect failed");
-                self.refuse_tcp(&head, frame, &e);
-                return;
-            }
+        let phase = TcpPhase::Connecting {
+            syn_frame: frame.to_vec(),
         };
-        let token = match self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key)) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "cannot watch host socket");
-                self.refuse_tcp(&head, frame, &e);
-                return;
-            }
-        };
-        debug!(src = %head.src, dst = %head.dst, host = %target, "connecting host side");
-        self.flows.tcp.insert(
-            key,
-            TcpFlow::new(
-                token,
-                key,
-                target,
-                host,
-                TcpPhase::Connecting {
-                    syn_frame: frame.to_vec(),
-                },
-            ),
-        );
+        if let Err(e) = self.connect_host_side(key, phase) {
+            self.refuse_tcp(&head, frame, &e);
+        }
+    }
+
+    /// Starts the host side of TCP flow `key` (a non-blocking connect to where the address map
+    /// sends its destination, watched in the flows' epoll) and records the flow in `phase`.
+    /// The error is logged here; the caller fails the guest's side.
+    fn connect_host_side(&mut self, key: FlowKey, phase: TcpPhase) -> io::Result<()> {
+        let (guest, dst) = key;
+        let target = self.settings.addrmap.host_target(dst);
+        let host = tcpflow::connect_host(target).inspect_err(|e| {
+            info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
+        })?;
+        let token = self
+            .flows
+            .register(host.as_raw_fd(), FlowRef::Tcp(key))
+            .inspect_err(|e| warn!(error = %e, "cannot watch host socket"))?;
+        debug!(src = %guest, dst = %dst, host = %target, "connecting host side");
+        self.flows
+            .tcp
+            .insert(key, TcpFlow::new(token, key, target, host, phase));
+        Ok(())
     }
 
     /// The host side could not be reached: fail the guest's connect at once.
@@ -1109,30 +1105,12 @@ impl Datapath {
 
     /// Connects the host side of a TLS flow whose guest handshake is already complete.
     fn connect_after_hello(&mut self, key: FlowKey, handle: smoltcp::iface::SocketHandle) {
-        let (guest, dst) = key;
-        let target = self.settings.addrmap.host_target(dst);
-        let registered = tcpflow::connect_host(target).and_then(|host| {
-            let token = self.flows.register(host.as_raw_fd(), FlowRef::Tcp(key))?;
-            Ok((host, token))
-        });
-        let (host, token) = match registered {
-            Ok(v) => v,
-            Err(e) => {
-                info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
-                self.reset_guest_socket(handle);
-                return;
-            }
-        };
-        self.flows.tcp.insert(
-            key,
-            TcpFlow::new(
-                token,
-                key,
-                target,
-                host,
-                TcpPhase::ConnectingAfterHello { handle },
-            ),
-        );
+        if self
+            .connect_host_side(key, TcpPhase::ConnectingAfterHello { handle })
+            .is_err()
+        {
+            self.reset_guest_socket(handle);
+        }
     }
 
     fn housekeeping(&mut self) {
