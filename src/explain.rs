@@ -20,8 +20,8 @@ use crate::config::{
     self, AddressMapEntry, ConfigError, Destination, NetworkConfig, PolicySpec, PolicyTable, Preset,
 };
 use crate::policy::{
-    canonical, group_of, suffix_matches, Action, CompiledRule, Direction, FlowQuery, Group,
-    HostAddrs, Policy, Protocol,
+    canonical, group_of, preset_rules, suffix_matches, Action, CompiledRule, Direction, FlowQuery,
+    Group, HostAddrs, Policy, Protocol,
 };
 
 fn parse_direction(s: &str) -> Result<Direction, String> {
@@ -207,26 +207,28 @@ pub fn run_lint(a: &LintArgs) -> i32 {
     }
 }
 
-/// The groups a preset blocks for egress (beyond its DNS rules).
-fn preset_blocks(p: Preset) -> &'static [Group] {
-    match p {
-        Preset::PublicOnly => &[
-            Group::Host,
-            Group::Metadata,
-            Group::Loopback,
-            Group::Private,
-            Group::LinkLocal,
-            Group::Multicast,
-        ],
-        Preset::NonLocal => &[
-            Group::Host,
-            Group::Metadata,
-            Group::Loopback,
-            Group::LinkLocal,
-            Group::Multicast,
-        ],
-        Preset::None | Preset::AllowAll => &[],
+/// The groups a preset blocks for egress: every group its rules do not allow whole (its DNS
+/// rules allow only port 53 of `host`). Presets without rules (`none`, `allow-all`) leave
+/// everything to their default, and no custom rule contradicts them.
+fn preset_blocks(p: Preset) -> Vec<Group> {
+    let rules = preset_rules(p);
+    if rules.is_empty() {
+        return Vec::new();
     }
+    let allows_whole = |g: Group| {
+        rules.iter().any(|r| {
+            r.action == Action::Allow
+                && r.destination == Some(Destination::Group(g))
+                && r.protocol.is_none()
+                && r.protocols.is_empty()
+                && r.port.is_none()
+                && r.ports.is_empty()
+        })
+    };
+    Group::ALL
+        .into_iter()
+        .filter(|g| !allows_whole(*g))
+        .collect()
 }
 
 /// Finds rules that can never match (covered by an earlier rule, by `deny_domains`, or ports
@@ -514,6 +516,21 @@ mod tests {
     use super::*;
     use crate::config::{parse_str, Format};
     use clap::Parser;
+
+    #[test]
+    fn preset_blocks_are_the_groups_the_reference_lists() {
+        use Group::*;
+        assert_eq!(
+            preset_blocks(Preset::PublicOnly),
+            vec![Host, Metadata, Loopback, Private, LinkLocal, Multicast]
+        );
+        assert_eq!(
+            preset_blocks(Preset::NonLocal),
+            vec![Host, Metadata, Loopback, LinkLocal, Multicast]
+        );
+        assert!(preset_blocks(Preset::None).is_empty());
+        assert!(preset_blocks(Preset::AllowAll).is_empty());
+    }
 
     #[derive(Parser, Debug)]
     enum Cmd {
