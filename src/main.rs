@@ -2,7 +2,6 @@
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -168,10 +167,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let host = HostAddrs {
-        ipv4: vec![addrs.gateway],
-        ipv6: vec![addrs6.gateway, addrs6.link_local],
-    };
+    let host = config.gateway_addrs(args.slot);
     let policy = match Policy::compile(&config, &host) {
         Ok(p) => Arc::new(p),
         Err(e) => {
@@ -179,14 +175,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let addrmap = Arc::new(AddressMap::new(
-        config.map.clone(),
-        vec![
-            IpAddr::V4(addrs.gateway),
-            IpAddr::V6(addrs6.gateway),
-            IpAddr::V6(addrs6.link_local),
-        ],
-    ));
+    let addrmap = Arc::new(AddressMap::new(config.map.clone(), host.addrs().collect()));
     let dns = match dns_settings(&config, &host) {
         Ok(d) => d,
         Err(e) => {

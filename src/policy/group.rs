@@ -108,6 +108,12 @@ pub struct HostAddrs {
 }
 
 impl HostAddrs {
+    /// Every gateway address, IPv4 first.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.ipv4.iter().map(|a| IpAddr::V4(*a));
+        v4.chain(self.ipv6.iter().map(|a| IpAddr::V6(*a)))
+    }
+
     /// Whether `ip` (already canonical) is one of the gateway addresses.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match canonical(ip) {
