@@ -341,12 +341,16 @@ fn icmpv6_to_guest(
     )
 }
 
-/// The IP header of a guest frame: (header length, src, dst, total length of header + payload).
-fn ip_parts(frame: &[u8]) -> Option<(usize, IpAddr, IpAddr, usize)> {
+/// The IP header of a TCP frame: (header length, src, dst, total length of header + payload).
+/// `None` for anything but TCP.
+fn tcp_ip_parts(frame: &[u8]) -> Option<(usize, IpAddr, IpAddr, usize)> {
     let ip = frame.get(ETH_HDR..)?;
     match ip.first()? >> 4 {
         4 => {
             let p = Ipv4Packet::new_checked(ip).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
             Some((
                 usize::from(p.header_len()),
                 p.src_addr().into(),
@@ -384,7 +388,7 @@ fn set_ip_total_len(ip: &mut [u8], hdr: usize, total: usize) {
 /// Splits a guest TCP segment carrying data and FIN into the same segment without FIN and a
 /// bare FIN at the sequence number after the data. `None` if the frame is not such a segment.
 pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let (ip_hdr, src, dst, ip_total) = ip_parts(frame)?;
+    let (ip_hdr, src, dst, ip_total) = tcp_ip_parts(frame)?;
     let (src, dst) = (IpAddress::from(src), IpAddress::from(dst));
     let tcp = TcpPacket::new_checked(frame.get(ETH_HDR + ip_hdr..ETH_HDR + ip_total)?).ok()?;
     let tcp_hdr = usize::from(tcp.header_len());
@@ -493,6 +497,27 @@ mod tests {
             other => panic!("split frames do not classify as TCP: {other:?}"),
         }
         assert!(split_fin(&data).is_none());
+        // Not TCP: a UDP datagram whose payload would read as a data+FIN segment is left alone.
+        let mut tcp_bytes = vec![0u8; repr.buffer_len()];
+        repr.emit(
+            &mut TcpPacket::new_unchecked(&mut tcp_bytes[..]),
+            &IpAddress::from(src.ip()),
+            &IpAddress::from(dst.ip()),
+            &ChecksumCapabilities::default(),
+        );
+        let udp = udp_to_guest(&l, src, dst, tcp_bytes.len(), false, |b| {
+            b.copy_from_slice(&tcp_bytes)
+        });
+        let mut as_ip = udp.clone();
+        // Make the IP payload start at the TCP bytes: drop the UDP header, as a parser that
+        // ignored the protocol would read it.
+        as_ip.drain(ETH_HDR + 20..ETH_HDR + 28);
+        {
+            let mut ip = Ipv4Packet::new_unchecked(&mut as_ip[ETH_HDR..]);
+            ip.set_total_len((20 + tcp_bytes.len()) as u16);
+            ip.fill_checksum();
+        }
+        assert!(split_fin(&as_ip).is_none(), "a non-TCP packet was split");
     }
 
     #[test]
