@@ -14,8 +14,8 @@
 #   --none              no network device (boot test only)
 # Options:
 #   --timeout SECS      kill QEMU after SECS (default 120): a hung guest cannot hang CI
-#   --mac MAC           guest MAC (default: none given, so QEMU's own default 52:54:00:12:34:56;
-#                       netfence's --guest-mac default is 52:54:00:4e:46:02)
+#   --mac MAC           guest MAC (default 52:54:00:4e:46:02, netfence's --guest-mac default:
+#                       netfence drops frames from any other MAC)
 #   --append ARGS       extra kernel command-line arguments
 #   --passt-pidfile F   write passt's pid to F (bench-guest.sh reads its CPU time)
 #   --qemu-pidfile F    write QEMU's pid to F
@@ -41,7 +41,7 @@ SOCK=""
 SCRIPT_TEXT=""
 HAVE_SCRIPT=0
 TIMEOUT=120
-MAC=""
+MAC="52:54:00:4e:46:02"
 APPEND=""
 PASST_PIDFILE=""
 QEMU_PIDFILE=""

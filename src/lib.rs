@@ -2,22 +2,22 @@
 //! new flow of a guest and carries the allowed ones over ordinary host sockets.
 //!
 //! The path of a frame, module by module:
-//! `device` (virtqueues, descriptor chains) -> `classify` (headers, new-flow detection)
-//! -> `policy` (decision) -> `stack` (smoltcp: ARP, DHCP, gateway ICMP, TCP endpoints)
-//! -> `flow` (tcp/udp/icmp flows to host sockets). `datapath` ties them together per queue pair;
-//! `config` holds the user-facing model, `explain` the check/lint/config subcommands, `dns` the
-//! gateway resolver.
+//! `device` (virtqueues, descriptor chains) -> `link` (classify, source validation, gateway
+//! services) -> `flow` (decide with `policy`, then tcp/udp/icmp flows to host sockets), with
+//! `stack` (smoltcp: the guest-facing TCP endpoints and frame builders) between link and flows.
+//! `server` accepts VMM connections; `config` holds the user-facing model, `explain` the
+//! check/lint/config subcommands, `dns` the gateway resolver, `tls` the ClientHello scanner,
+//! `limits` every bound on guest-driven state, `observe` counters and log gates.
 
-pub mod classify;
 pub mod config;
-pub mod datapath;
 pub mod device;
 pub mod dns;
 pub mod explain;
 pub mod flow;
-pub mod gateway_dns;
+pub mod limits;
+pub mod link;
+pub mod observe;
 pub mod policy;
 pub mod server;
 pub mod stack;
-pub mod timer;
 pub mod tls;

@@ -9,14 +9,15 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use tracing::{error, warn};
 
+use netfence::config::addressing::{Addressing, LinkAddrs, LinkAddrs6};
 use netfence::config::cli::NetworkArgs;
 use netfence::config::NetworkConfig;
-use netfence::datapath::LinkSettings;
 use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
+use netfence::flow::FlowSettings;
+use netfence::limits::{self, Limits};
+use netfence::link::LinkSettings;
 use netfence::policy::{HostAddrs, Policy};
-use netfence::stack::dhcp::LinkAddrs;
-use netfence::stack::ipv6::LinkAddrs6;
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +41,7 @@ enum Command {
     #[command(after_help = "Examples:\n  \
 netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
-netfence run --socket /tmp/nf.sock --policy allow-all --once")]
+netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help = run_after_help())]
     Run(RunArgs),
     /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny).
     Check(netfence::explain::CheckArgs),
@@ -62,7 +63,9 @@ struct RunArgs {
     /// the N-th /64 of ipv6_pool (gateway ::1, advertised to the guest for SLAAC).
     #[arg(long, default_value_t = 0, value_name = "N")]
     slot: u32,
-    /// The guest's MAC address (virtio config space and DHCP).
+    /// The guest's MAC address (virtio config space and DHCP). Enforced: frames from any other
+    /// source MAC are dropped, so the VMM must give the guest this MAC (QEMU `-device
+    /// virtio-net-pci,mac=MAC`, cloud-hypervisor `--net ...,mac=MAC`).
     #[arg(long, value_name = "MAC", default_value = "52:54:00:4e:46:02", value_parser = parse_mac)]
     guest_mac: [u8; 6],
     /// Link MTU offered to the guest (virtio MTU feature and DHCP option 26).
@@ -71,8 +74,25 @@ struct RunArgs {
     /// DHCP lease time in seconds.
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     lease_secs: u32,
+    /// Change one bound on guest-driven state (repeatable), e.g. `--limit tcp-flows=1000`;
+    /// the names and defaults are listed below.
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    limits: Vec<String>,
     #[command(flatten)]
     net: NetworkArgs,
+}
+
+/// The examples and the table of `--limit` names for `run --help`.
+fn run_after_help() -> String {
+    format!(
+        "Examples:\n  \
+netfence run --socket /tmp/netfence.sock\n  \
+netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
+netfence run --socket /tmp/nf.sock --policy allow-all --once\n  \
+netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n\n\
+Limits (--limit NAME=VALUE; counts are per guest, times in seconds):\n{}",
+        limits::help_table()
+    )
 }
 
 /// The gateway's own MAC address (locally administered).
@@ -98,13 +118,22 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// Lines the log writer holds while stderr is slow; beyond them lines are dropped, never
+/// waited for: a guest must not be able to stall its link through the log.
+const LOG_BUFFER_LINES: usize = 16 * 1024;
+
 fn main() -> ExitCode {
+    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("netfence-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -160,13 +189,20 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let addrs = LinkAddrs::for_slot(config.ipv4_pool_or_default(), args.slot);
     let addrs6 = LinkAddrs6::for_slot(config.ipv6_pool_or_default(), args.slot);
-    let (addrs, addrs6) = match (addrs, addrs6) {
-        (Ok(a), Ok(a6)) => (a, a6),
+    let addressing = match (addrs, addrs6) {
+        (Ok(v4), Ok(v6)) => Addressing { v4, v6 },
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("netfence: --slot: {e}");
             return ExitCode::from(2);
         }
     };
+    let mut limits = Limits::default();
+    for assignment in &args.limits {
+        if let Err(e) = limits.apply(assignment) {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let host = config.gateway_addrs(args.slot);
     let policy = match Policy::compile(&config, &host) {
         Ok(p) => Arc::new(p),
@@ -183,7 +219,11 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let settings = LinkSettings {
+    let flows = FlowSettings {
+        policy,
+        addrmap,
+        addressing,
+        mtu: args.mtu,
         dns,
         dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
         tls_ports: config
@@ -191,14 +231,15 @@ fn run(args: RunArgs) -> ExitCode {
             .intercepted_ports
             .clone()
             .unwrap_or_else(|| vec![443]),
-        addrs,
-        addrs6,
+        limits,
+    };
+    let settings = LinkSettings {
+        addressing,
         gateway_mac: GATEWAY_MAC,
         guest_mac: args.guest_mac,
         mtu: args.mtu,
         lease_secs: args.lease_secs,
-        policy,
-        addrmap,
+        flows,
     };
     match netfence::server::serve(&args.socket, args.once, settings) {
         Ok(()) => ExitCode::SUCCESS,

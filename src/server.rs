@@ -18,8 +18,8 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::datapath::{Datapath, LinkSettings};
 use crate::device::{control_shim, DeviceSettings, NetBackend};
+use crate::link::{Link, LinkSettings};
 
 /// Binds `path`, replacing a stale socket file but never any other kind of file.
 fn bind_public(path: &Path) -> Result<UnixListener, String> {
@@ -69,12 +69,12 @@ pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), Stri
     info!(
         "listening on {} (guest {}/{}, gateway {}; IPv6 prefix {}, gateway {} and {})",
         path.display(),
-        settings.addrs.guest,
-        settings.addrs.prefix_len,
-        settings.addrs.gateway,
-        settings.addrs6.prefix,
-        settings.addrs6.gateway,
-        settings.addrs6.link_local
+        settings.addressing.v4.guest,
+        settings.addressing.v4.prefix_len,
+        settings.addressing.v4.gateway,
+        settings.addressing.v6.prefix,
+        settings.addressing.v6.gateway,
+        settings.addressing.v6.link_local
     );
     loop {
         let (vmm, _) = public
@@ -92,15 +92,13 @@ pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), Stri
 }
 
 fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), String> {
-    let datapath =
-        Datapath::new(settings.clone()).map_err(|e| format!("cannot set up datapath: {e}"))?;
+    let link = Link::new(settings.clone()).map_err(|e| format!("cannot set up the link: {e}"))?;
     let device = DeviceSettings {
         guest_mac: settings.guest_mac,
         mtu: settings.mtu,
     };
-    let backend = Arc::new(
-        NetBackend::new(device, datapath).map_err(|e| format!("cannot create backend: {e}"))?,
-    );
+    let backend =
+        Arc::new(NetBackend::new(device, link).map_err(|e| format!("cannot create backend: {e}"))?);
     let mut daemon = VhostUserDaemon::new(
         "netfence".to_string(),
         backend.clone(),
@@ -115,7 +113,7 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), Stri
         for (fd, id) in backend.extra_fds() {
             worker
                 .register_listener(fd, EventSet::IN, u64::from(id))
-                .map_err(|e| format!("cannot watch datapath fd: {e}"))?;
+                .map_err(|e| format!("cannot watch a link fd: {e}"))?;
         }
     }
     // The backend end of the relay: a private socket, connected (queued in its backlog), then

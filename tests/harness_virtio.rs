@@ -29,10 +29,24 @@ fn exercise(opts: FrontendOptions) -> FrontendStats {
         t.join().unwrap();
         got.map(|g| mismatch(&g, &up2))
     });
-    let nf = Netfence::spawn(&[
+    let mut args = vec![
         "--map".to_string(),
         format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
-    ]);
+    ];
+    if !opts
+        .protocol_features
+        .contains(VhostUserProtocolFeatures::CONFIG)
+    {
+        // Without GET_CONFIG the guest uses its own MAC: netfence must be told it (it drops
+        // frames from any other MAC), as the VMM's operator would.
+        let m = opts.fallback_mac;
+        args.push("--guest-mac".to_string());
+        args.push(format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        ));
+    }
+    let nf = Netfence::spawn(&args);
     let mut g = guest_with(&nf, opts);
     g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("{e}"));
     g.ping(GATEWAY, SHORT).unwrap_or_else(|e| panic!("{e}"));

@@ -10,6 +10,7 @@
 //! accepted; the process exits 2 on it. The policy engine ([`crate::policy::Policy`]) compiles
 //! a validated config.
 
+pub mod addressing;
 pub mod cli;
 mod map;
 mod publish;
@@ -521,10 +522,10 @@ impl NetworkConfig {
     /// outside its pool.
     pub fn gateway_addrs(&self, slot: u32) -> crate::policy::HostAddrs {
         let mut h = crate::policy::HostAddrs::default();
-        if let Ok(a) = crate::stack::dhcp::LinkAddrs::for_slot(self.ipv4_pool_or_default(), slot) {
+        if let Ok(a) = addressing::LinkAddrs::for_slot(self.ipv4_pool_or_default(), slot) {
             h.ipv4.push(a.gateway);
         }
-        if let Ok(a) = crate::stack::ipv6::LinkAddrs6::for_slot(self.ipv6_pool_or_default(), slot) {
+        if let Ok(a) = addressing::LinkAddrs6::for_slot(self.ipv6_pool_or_default(), slot) {
             h.ipv6.push(a.gateway);
             h.ipv6.push(a.link_local);
         }

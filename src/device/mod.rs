@@ -1,34 +1,26 @@
-//! The vhost-user-net device: what the VMM negotiates with us and where its events land.
+//! The vhost-user-net device: what the VMM negotiates with us, and the virtqueues.
 //!
 //! The VMM (QEMU, cloud-hypervisor) connects to our socket, negotiates virtio-net features,
 //! shares guest memory and hands us one RX and one TX virtqueue. `vhost-user-backend` runs one
-//! worker thread that waits on the queues' kick eventfds and on our own fds (host sockets,
-//! timer); every event lands in [`NetBackend::handle_event`], which passes it to the
-//! [`Datapath`](crate::datapath::Datapath) of this connection. A new connection gets a new
-//! `NetBackend`, so no state survives a VMM restart.
+//! worker thread that waits on the queues' kick eventfds and on the link's own fds (host
+//! sockets, timer); every event lands in [`vhu_net::NetBackend::handle_event`].
+//!
+//! The device knows nothing of what a frame means. It drains TX chains into frames
+//! ([`virtqueue`]), hands each to the link through the small [`LinkDriver`] interface it owns,
+//! and lets the link write frames for the guest through a [`GuestRx`] port over the RX queue
+//! ([`rx_port`]). The link (`crate::link`) implements `LinkDriver`; the device never imports it.
+//! A new VMM connection gets a new device and a new link, so no state survives a VMM restart.
 
 pub mod control_shim;
+pub mod rx_port;
+pub mod vhu_net;
 pub mod virtqueue;
 
-use std::io;
-use std::sync::Mutex;
+use std::os::fd::RawFd;
 
-use tracing::{debug, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
-};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
-use crate::datapath::Datapath;
+pub use vhu_net::NetBackend;
 
 /// Guest memory as the backend library hands it to us.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -41,13 +33,9 @@ pub const TX_QUEUE: u16 = 1;
 pub const NUM_QUEUES: usize = 2;
 /// Largest virtqueue we accept.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Event id of the nested epoll that holds every host socket of this connection.
+/// Event id of the link's first own fd; the link's fd `i` carries `FIRST_LINK_EVENT + i`.
 /// Ids below `NUM_QUEUES` are the queues; `NUM_QUEUES` itself is the library's exit event.
-pub const FLOWS_EVENT: u16 = NUM_QUEUES as u16 + 1;
-/// Event id of the datapath's timerfd.
-pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
-/// Event id of the DNS service's upstream sockets.
-pub const DNS_EVENT: u16 = NUM_QUEUES as u16 + 3;
+pub const FIRST_LINK_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// What the guest sees of the device, fixed for the life of a connection.
 #[derive(Clone, Debug)]
@@ -56,135 +44,38 @@ pub struct DeviceSettings {
     pub mtu: u16,
 }
 
-/// The `VhostUserBackend` of one VMM connection.
-pub struct NetBackend {
-    settings: DeviceSettings,
-    datapath: Mutex<Datapath>,
-    exit: (EventConsumer, EventNotifier),
+/// What became of a frame offered to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// Written into the guest's receive buffers.
+    Delivered,
+    /// No room now (too few buffers, or the ring is stopped or disabled): keep it and offer it
+    /// again later; the device wakes the link when the guest adds buffers.
+    NoRoom,
+    /// The guest's buffers were unusable; the frame is gone (counted by the device).
+    Dropped,
 }
 
-impl NetBackend {
-    pub fn new(settings: DeviceSettings, datapath: Datapath) -> io::Result<Self> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        Ok(NetBackend {
-            settings,
-            datapath: Mutex::new(datapath),
-            exit,
-        })
-    }
-
-    /// The fds the worker thread must watch besides the queues, with their event ids.
-    pub fn extra_fds(&self) -> Vec<(std::os::fd::RawFd, u16)> {
-        let dp = self.lock();
-        vec![
-            (dp.flows_fd(), FLOWS_EVENT),
-            (dp.timer_fd(), TIMER_EVENT),
-            (dp.dns_fd(), DNS_EVENT),
-        ]
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {
-        // A panic while holding the lock would be a bug; keep serving with what is there.
-        self.datapath.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The virtio-net config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
-    fn config_space(&self) -> [u8; 12] {
-        let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.settings.guest_mac);
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
-        c[10..12].copy_from_slice(&self.settings.mtu.to_le_bytes());
-        c
-    }
+/// The guest's receive queue as the link sees it.
+pub trait GuestRx {
+    fn push(&mut self, frame: &[u8]) -> RxOutcome;
 }
 
-/// The virtio feature bits we offer.
-pub fn offered_features() -> u64 {
-    (1 << VIRTIO_F_VERSION_1)
-        | (1 << VIRTIO_NET_F_MAC)
-        | (1 << VIRTIO_NET_F_MRG_RXBUF)
-        | (1 << VIRTIO_NET_F_STATUS)
-        | (1 << VIRTIO_NET_F_MTU)
-        | (1 << VIRTIO_RING_F_EVENT_IDX)
-        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-}
-
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
-
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
-        offered_features()
-    }
-
-    fn acked_features(&self, features: u64) {
-        debug!(
-            features = format_args!("{features:#x}"),
-            "VMM acked features"
-        );
-        self.lock().set_acked_features(features);
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {
-        // The library applies it to each vring; the datapath asks the vrings.
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.config_space();
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(space.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(space.len());
-        out[..end - start].copy_from_slice(&space[start..end]);
-        out
-    }
-
-    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
-        self.lock().set_memory(mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        vec![(1 << NUM_QUEUES) - 1]
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if evset.contains(EventSet::ERROR) && device_event >= FLOWS_EVENT {
-            warn!(device_event, "error event on a datapath fd");
-        }
-        let [rx, tx] = vrings else {
-            return Ok(());
-        };
-        let mut dp = self.lock();
-        dp.handle_event(device_event, rx, tx);
-        Ok(())
-    }
+/// The link behind a device: one queue pair's worker state (see `crate::link`).
+///
+/// Every method runs on the vring worker thread with the device's lock held, and must return
+/// in bounded time: the worker must come back to its epoll (exit events, the next VMM).
+pub trait LinkDriver: Send + 'static {
+    /// The fds the worker must watch besides the queues (host sockets' epoll, timer, ...).
+    /// Fixed for the life of the link; fd `i` reports as [`LinkDriver::fd_ready`]`(i)`.
+    fn watched_fds(&self) -> Vec<RawFd>;
+    /// One Ethernet frame the guest sent (virtio-net header already removed).
+    fn guest_frame(&mut self, frame: &[u8]);
+    /// The link's fd number `index` is ready.
+    fn fd_ready(&mut self, index: usize);
+    /// Moves data until nothing more can move now; frames for the guest go to `rx`.
+    fn service(&mut self, rx: &mut dyn GuestRx);
+    /// The guest's rings restarted from zero (the guest rebooted or reset its driver): forget
+    /// every flow and every frame queued for the old driver.
+    fn reset(&mut self);
 }

@@ -7,14 +7,12 @@
 //! process's group is inside `net.ipv4.ping_group_range`, which covers both families
 //! (scripts/install-deps.sh sets it).
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-/// Idle time after which an echo session is closed.
-pub const ICMP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+use super::OpenError;
 
 /// (guest source, guest-visible destination, echo identifier)
 pub type EchoKey = (IpAddr, IpAddr, u16);
@@ -27,18 +25,23 @@ pub struct EchoFlow {
     /// Where the host socket is connected (its family decides the ICMP message types).
     pub target: IpAddr,
     pub host: Socket,
+    /// The host socket reported readable and has not yet said `WouldBlock`.
+    pub readable: bool,
     pub last_active: Instant,
 }
 
 /// Opens a non-blocking ICMP (or ICMPv6, for an IPv6 target) datagram socket to `target`.
-pub fn open_host(target: IpAddr) -> io::Result<Socket> {
+pub fn open_host(target: IpAddr) -> Result<Socket, OpenError> {
     let (domain, protocol) = match target {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
     };
-    let socket = Socket::new(domain, Type::DGRAM, Some(protocol))?;
-    socket.set_nonblocking(true)?;
-    socket.connect(&SockAddr::from(SocketAddr::new(target, 0)))?;
+    let socket =
+        Socket::new(domain, Type::DGRAM.cloexec(), Some(protocol)).map_err(OpenError::Socket)?;
+    socket.set_nonblocking(true).map_err(OpenError::Socket)?;
+    socket
+        .connect(&SockAddr::from(SocketAddr::new(target, 0)))
+        .map_err(OpenError::Connect)?;
     Ok(socket)
 }
 
@@ -69,8 +72,8 @@ pub fn parse_echo_reply(target: IpAddr, msg: &[u8]) -> Option<(u16, &[u8])> {
 }
 
 impl EchoFlow {
-    pub fn idle(&self, now: Instant) -> bool {
-        now.duration_since(self.last_active) > ICMP_IDLE_TIMEOUT
+    pub fn idle(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.last_active) > timeout
     }
 }
 

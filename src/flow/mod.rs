@@ -1,119 +1,1055 @@
-//! The flow table: every guest flow that was allowed, with its host socket.
+//! The flows of one link: every guest flow from its first frame to its last byte.
 //!
-//! Host sockets of one link live in one nested epoll instance (edge-triggered), which the vring
-//! worker watches as a single fd; each socket is registered with its flow's token. Flows are
-//! keyed by (guest source, guest-visible destination).
+//! Theory of operation. The link hands [`Flows`] each classified TCP segment, UDP datagram and
+//! echo request. A frame of a known flow follows the flow; the first frame of a new one is
+//! decided once ([`decide`]: policy, DNS names, budgets, bounded memo) and, if allowed, gets a
+//! host socket in the flows' epoll ([`table`]). Then:
+//!
+//! - TCP ([`tcp`]) is a pipeline: the guest end (a smoltcp socket), an optional middle stage
+//!   (the SNI gate on TLS ports under domain rules) and the host end (a host socket).
+//! - UDP ([`udp`]) and echo ([`icmp`]) sessions are one connected host socket each; their
+//!   replies are read only while the guest's queue has room (backpressure, not buffers).
+//! - DNS to the gateway ([`dns_gateway`]) is answered by netfence's own DNS service.
+//!
+//! Host sockets' readiness comes in through [`Flows::host_ready`]; [`Flows::pump`] moves
+//! bytes; [`Flows::housekeeping`] enforces every timeout. Everything a guest can make grow here
+//! has a limit in [`crate::limits::Limits`].
 
 pub mod addrmap;
+pub mod decide;
+pub mod dns_gateway;
 pub mod icmp;
+pub mod table;
 pub mod tcp;
 pub mod udp;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp as stcp;
+use tracing::{debug, info, warn};
+use vmm_sys_util::epoll::EventSet;
 
-pub use tcp::TcpFlow;
-pub use udp::UdpFlow;
+use crate::config::addressing::Addressing;
+use crate::config::DenyAction;
+use crate::dns::{DnsService, DnsSettings};
+use crate::limits::Limits;
+use crate::observe::{Counters, LogGate};
+use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
+use crate::stack::frames::{self, TcpHead, Unreachable};
+use crate::stack::GuestStack;
+use crate::tls::sni::ClientHelloScan;
+
+use self::addrmap::AddressMap;
+use self::decide::{Decider, DecisionEvent, NameSource};
+use self::dns_gateway::GatewayDns;
+use self::icmp::{EchoFlow, EchoKey};
+use self::table::{FlowRef, FlowTable, NewFlow};
+use self::tcp::host_end::{self, HostEnd};
+use self::tcp::sni_gate::{GateStatus, SniGate};
+use self::tcp::{GuestEnd, PumpResult, TcpFlow};
+use self::udp::UdpFlow;
 
 /// (guest source, guest-visible destination)
 pub type FlowKey = (SocketAddr, SocketAddr);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowRef {
-    Tcp(FlowKey),
-    Udp(FlowKey),
-    Echo(icmp::EchoKey),
+/// How long the smoltcp socket of a gracefully closed flow outlives it: longer than smoltcp's
+/// ACK delay (10 ms), so the ACK of the guest's last segment and FIN still goes out.
+const SOCKET_LINGER: Duration = Duration::from_millis(50);
+/// Datagrams read from one host socket per pump before the others get their turn.
+const READS_PER_PUMP: usize = 64;
+
+/// Why a host socket could not be started.
+#[derive(Debug)]
+pub enum OpenError {
+    /// No socket could be made (descriptor or memory limits): not the destination's fault.
+    Socket(io::Error),
+    /// The connect itself failed at once (refused, unreachable, ...).
+    Connect(io::Error),
 }
 
-pub struct FlowTable {
-    pub epoll: Epoll,
-    pub tcp: HashMap<FlowKey, TcpFlow>,
-    pub udp: HashMap<FlowKey, UdpFlow>,
-    pub echo: HashMap<icmp::EchoKey, icmp::EchoFlow>,
-    pub tokens: HashMap<u64, FlowRef>,
-    next_token: u64,
+/// Whether `dst` must never become a host socket's peer, in whatever spelling: unspecified
+/// (which the kernel would take as this host), broadcast or multicast, also when written as an
+/// IPv4-mapped or -compatible IPv6 address.
+fn unroutable(dst: IpAddr) -> bool {
+    match canonical(dst) {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+    }
 }
 
-impl FlowTable {
-    pub fn new() -> io::Result<Self> {
-        Ok(FlowTable {
-            epoll: Epoll::new()?,
-            tcp: HashMap::new(),
-            udp: HashMap::new(),
-            echo: HashMap::new(),
-            tokens: HashMap::new(),
-            next_token: 1,
+/// What the flows of a link need to know, shared by all connections of one netfence process.
+#[derive(Clone)]
+pub struct FlowSettings {
+    pub policy: Arc<Policy>,
+    pub addrmap: Arc<AddressMap>,
+    pub addressing: Addressing,
+    pub mtu: u16,
+    pub dns: DnsSettings,
+    pub dns_intercept_all: bool,
+    /// TCP ports whose first flight (TLS ClientHello) is read for the SNI before any byte goes
+    /// upstream (under domain rules).
+    pub tls_ports: Vec<u16>,
+    pub limits: Limits,
+}
+
+/// The flows of one link.
+pub struct Flows {
+    settings: FlowSettings,
+    table: FlowTable,
+    decider: Decider,
+    dns: GatewayDns,
+    /// smoltcp sockets of closed flows, kept until their last ACK is out (`SOCKET_LINGER`).
+    lingering: Vec<(FlowKey, SocketHandle, Instant)>,
+    /// Drops and refusals by reason.
+    pub counters: Counters,
+    /// Lines about host socket failures (descriptor exhaustion and the like).
+    socket_warnings: LogGate,
+    buf: Vec<u8>,
+    events: Vec<(FlowRef, EventSet)>,
+}
+
+impl Flows {
+    pub fn new(settings: FlowSettings) -> io::Result<Self> {
+        let dns = GatewayDns::new(
+            DnsService::new(settings.dns.clone())?,
+            settings.dns_intercept_all,
+        );
+        let limits = &settings.limits;
+        Ok(Flows {
+            decider: Decider::new(
+                settings.policy.clone(),
+                limits.denied_memo,
+                limits.denied_memo_time,
+                limits.decision_log_rate,
+            ),
+            table: FlowTable::new()?,
+            dns,
+            lingering: Vec::new(),
+            counters: Counters::default(),
+            socket_warnings: LogGate::new(5, Duration::from_secs(10)),
+            buf: vec![0u8; 65_536],
+            events: Vec::new(),
+            settings,
         })
     }
 
-    pub fn epoll_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+    /// The fds to watch: the host sockets' epoll and the DNS service's upstream sockets.
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.table.epoll_fd(), self.dns.service.event_fd()]
     }
 
-    /// Flows that count against `max_connections`.
+    /// Open flows (all kinds, DNS-over-TCP included).
     pub fn len(&self) -> usize {
-        self.tcp.len() + self.udp.len() + self.echo.len()
+        self.table.len() + self.dns.open_tcp_connections()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Registers a host socket and returns the token its events will carry.
-    pub fn register(&mut self, fd: RawFd, flow: FlowRef) -> io::Result<u64> {
-        let token = self.next_token;
-        self.next_token += 1;
-        let events = EventSet::IN
-            | EventSet::OUT
-            | EventSet::READ_HANG_UP
-            | EventSet::HANG_UP
-            | EventSet::ERROR
-            | EventSet::EDGE_TRIGGERED;
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
-        self.tokens.insert(token, flow);
-        Ok(token)
+    /// Flows of each kind: (tcp, udp, echo, dns-over-tcp).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        (
+            self.table.tcp.len(),
+            self.table.udp.len(),
+            self.table.echo.len(),
+            self.dns.open_tcp_connections(),
+        )
     }
 
-    /// Drains the ready host-socket events without blocking.
-    pub fn ready_events(&self, out: &mut Vec<(FlowRef, EventSet)>) {
-        let mut events = [EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(0, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            for ev in &events[..n] {
-                if let Some(flow) = self.tokens.get(&ev.data()) {
-                    out.push((*flow, ev.event_set()));
+    fn reject_mode(&self) -> bool {
+        self.settings.policy.deny_action() == DenyAction::Reject
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// Names the DNS cache holds for `ip`.
+    fn names_for(&self, ip: IpAddr, now: Instant) -> Vec<String> {
+        self.dns.service.cache().names_for(ip, now)
+    }
+
+    /// A host socket could not be made: logged (rate-limited), counted and remembered.
+    fn socket_failed(&mut self, protocol: Protocol, key: FlowKey, error: &io::Error) {
+        let now = Instant::now();
+        self.counters.inc("host-socket-failed");
+        self.decider.remember_refused(protocol, key, now);
+        if let Some(suppressed) = self.socket_warnings.admit(now) {
+            warn!(proto = protocol.name(), src = %key.0, dst = %key.1, error = %error, suppressed,
+                "cannot open a host socket (descriptor limit?); flow refused");
+        }
+    }
+
+    // ---- TCP ----------------------------------------------------------------------------
+
+    /// A TCP segment from the guest.
+    pub fn tcp_segment(&mut self, head: TcpHead, frame: &[u8], stack: &mut GuestStack) {
+        let key = (head.src, head.dst);
+        if self.dns.has_tcp(&key) {
+            stack.receive(frame);
+            return;
+        }
+        if let Some(flow) = self.table.tcp.get_mut(&key) {
+            match &mut flow.guest_end {
+                GuestEnd::Held { syn_frame, syn } => {
+                    if head.rst {
+                        self.close_tcp(&key, "guest reset while connecting", stack);
+                    } else if head.syn && !head.ack {
+                        syn_frame.clear();
+                        syn_frame.extend_from_slice(frame);
+                        *syn = head;
+                    }
+                }
+                GuestEnd::Socket { handle, .. } => {
+                    // smoltcp 0.14 trims a segment to the receive window but still takes its
+                    // FIN, losing the trimmed bytes. When a data+FIN segment may not fit (more
+                    // than half the free buffer: the advertised window can lag behind it), data
+                    // and FIN go in separately: the data first, then a bare FIN after it, which
+                    // smoltcp takes only when all data before it is in (else the guest
+                    // retransmits). A segment that surely fits goes in whole: a bare FIN arriving
+                    // at a window the data just closed would be refused and stall the close.
+                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                    let may_not_fit =
+                        head.payload_len * 2 > sock.recv_capacity() - sock.recv_queue();
+                    if head.fin && head.payload_len > 0 && may_not_fit {
+                        if let Some((data, fin)) = frames::split_fin(frame) {
+                            stack.receive(&data);
+                            stack.receive(&fin);
+                            return;
+                        }
+                    }
+                    stack.receive(frame)
                 }
             }
-            if n < events.len() {
-                return;
+            return;
+        }
+        if head.rst {
+            return;
+        }
+        if !head.syn || head.ack {
+            // A segment of no known connection: reset it, as a closed port would.
+            self.counters.inc("tcp-unknown-flow");
+            stack
+                .port
+                .queue_frame(frames::tcp_reset(&stack.macs, &head));
+            return;
+        }
+        self.expire_lingering(Some(&key), stack);
+        if head.dst.port() == 0 || unroutable(head.dst.ip()) {
+            self.counters.inc("tcp-bad-destination");
+            return;
+        }
+        let now = Instant::now();
+        let to_gateway = self.settings.addressing.is_gateway(head.dst.ip());
+        if self.dns.serves(head.dst, to_gateway) {
+            let (open, cap) = (self.dns.open_tcp_connections(), self.limits().dns_tcp);
+            let capacity = || {
+                if open >= cap {
+                    Err(format!("limit dns-tcp ({cap}) reached"))
+                } else {
+                    Ok(())
+                }
+            };
+            if self
+                .decider
+                .decide_dns(Protocol::Tcp, head.src, head.dst, capacity, now)
+                && open < cap
+            {
+                self.dns.accept_tcp(key, frame, stack);
+            } else {
+                self.counters.inc("tcp-dns-refused");
+                if self.reject_mode() || open >= cap {
+                    stack
+                        .port
+                        .queue_frame(frames::tcp_reset(&stack.macs, &head));
+                }
+            }
+            return;
+        }
+        let gated = self.settings.tls_ports.contains(&head.dst.port())
+            && self.settings.policy.has_domain_rules();
+        let names = self.names_for(head.dst.ip(), now);
+        let table = &self.table;
+        let limits = &self.settings.limits;
+        let max = self.settings.policy.max_connections();
+        let allowed = self.decider.decide(
+            Protocol::Tcp,
+            head.src,
+            head.dst,
+            &names,
+            || table.room_for(NewFlow::Tcp { gated }, limits, max),
+            now,
+        );
+        if !allowed {
+            self.counters.inc("tcp-denied");
+            if self.reject_mode() {
+                stack
+                    .port
+                    .queue_frame(frames::tcp_reset(&stack.macs, &head));
+            }
+            return;
+        }
+        if let Err(e) = self.dial(&head, frame, gated, now) {
+            self.refuse_tcp(&head, frame, &e, stack);
+        }
+    }
+
+    /// Starts the host end of TCP flow `key` and records the flow with its SYN held. The
+    /// error is logged here; the caller fails the guest's side.
+    fn dial(&mut self, head: &TcpHead, syn: &[u8], gated: bool, now: Instant) -> io::Result<()> {
+        let key = (head.src, head.dst);
+        let (guest, dst) = key;
+        let target = self.settings.addrmap.host_target(dst);
+        let socket = match host_end::connect(target) {
+            Ok(s) => s,
+            Err(OpenError::Socket(e)) => {
+                self.socket_failed(Protocol::Tcp, key, &e);
+                return Err(e);
+            }
+            Err(OpenError::Connect(e)) => {
+                info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
+                return Err(e);
+            }
+        };
+        let token = self
+            .table
+            .register(socket.as_raw_fd(), FlowRef::Tcp(key))
+            .inspect_err(|e| warn!(error = %e, "cannot watch host socket"))?;
+        debug!(src = %guest, dst = %dst, host = %target, "connecting host side");
+        let middle = gated.then(|| SniGate::new(now));
+        let host = HostEnd::new(socket, target);
+        self.table.tcp.insert(
+            key,
+            TcpFlow::new(token, *head, host, syn.to_vec(), middle, now),
+        );
+        Ok(())
+    }
+
+    /// The host side could not be reached: fail the guest's connect at once.
+    fn refuse_tcp(
+        &mut self,
+        head: &TcpHead,
+        syn_frame: &[u8],
+        error: &io::Error,
+        stack: &mut GuestStack,
+    ) {
+        let unreachable = matches!(
+            error.raw_os_error(),
+            Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::EAFNOSUPPORT)
+        );
+        let frame = if unreachable {
+            let from = self.settings.addressing.gateway_for(head.src.ip());
+            syn_frame
+                .get(frames::ETH_HDR..)
+                .and_then(|ip| frames::icmp_unreachable(&stack.macs, from, Unreachable::Host, ip))
+        } else {
+            None
+        };
+        let frame = frame.unwrap_or_else(|| frames::tcp_reset(&stack.macs, head));
+        stack.port.queue_frame(frame);
+    }
+
+    fn tcp_host_event(&mut self, key: FlowKey, set: EventSet, stack: &mut GuestStack) {
+        let Some(flow) = self.table.tcp.get_mut(&key) else {
+            return;
+        };
+        if set
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            flow.host.readable = true;
+        }
+        if set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+            flow.host.writable = true;
+        }
+        let GuestEnd::Held {
+            syn_frame,
+            syn: head,
+        } = &mut flow.guest_end
+        else {
+            return;
+        };
+        if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+            return;
+        }
+        let (syn, head) = (std::mem::take(syn_frame), *head);
+        match flow.host.connect_result() {
+            Ok(()) => {
+                let handle = stack.sockets.add(tcp::listening_socket(flow.dst));
+                let now = Instant::now();
+                flow.guest_end = GuestEnd::Socket { handle, since: now };
+                flow.last_active = now;
+                if let Some(gate) = &mut flow.middle {
+                    // The hello's clock starts when the guest can send it.
+                    *gate = SniGate::new(now);
+                }
+                debug!(src = %flow.guest, dst = %flow.dst, "host connected; completing guest handshake");
+                stack.receive(&syn);
+            }
+            Err(e) => {
+                info!(src = %flow.guest, dst = %flow.dst, host = %flow.host.target, error = %e, "host connect failed");
+                self.table.remove_tcp(&key);
+                self.refuse_tcp(&head, &syn, &e, stack);
             }
         }
     }
 
-    pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
-        let flow = self.tcp.remove(key)?;
-        self.tokens.remove(&flow.token);
-        Some(flow)
+    /// Pumps every open TCP flow, opens or closes the SNI gates that are ready, and removes
+    /// the finished flows.
+    fn pump_tcp(&mut self, stack: &mut GuestStack, now: Instant) {
+        let mut done: Vec<(FlowKey, &'static str)> = Vec::new();
+        let mut hellos: Vec<(FlowKey, GateStatus)> = Vec::new();
+        let hello_timeout = self.settings.limits.hello_timeout;
+        for (key, flow) in self.table.tcp.iter_mut() {
+            if let (Some(gate), Some(handle)) = (&flow.middle, flow.handle()) {
+                let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
+                if matches!(sock.state(), stcp::State::Closed | stcp::State::TimeWait) {
+                    done.push((*key, "guest closed before its ClientHello"));
+                    continue;
+                }
+                match gate.poll(sock, now, hello_timeout) {
+                    GateStatus::Waiting => {}
+                    status => hellos.push((*key, status)),
+                }
+                continue;
+            }
+            match flow.pump(&mut stack.sockets, now) {
+                PumpResult::Alive => {}
+                PumpResult::Finished => done.push((*key, "closed")),
+                PumpResult::Aborted(why) => done.push((*key, why)),
+            }
+        }
+        for (key, status) in hellos {
+            self.judge_hello(key, status, stack, now);
+        }
+        if !done.is_empty() {
+            // Let smoltcp send the RSTs/FINs of aborted sockets before they go away.
+            stack.poll();
+        }
+        for (key, why) in done {
+            self.close_tcp(&key, why, stack);
+        }
     }
 
-    pub fn remove_echo(&mut self, key: &icmp::EchoKey) -> Option<icmp::EchoFlow> {
-        let flow = self.echo.remove(key)?;
-        self.tokens.remove(&flow.token);
-        Some(flow)
+    /// The TLS first-flight decision: a denied SNI is denied even if the address was allowed,
+    /// an SNI allowed by a name rule must have been resolved to this address through us, and
+    /// a hello that is not a clean, single-name ClientHello is refused under domain rules.
+    fn judge_hello(
+        &mut self,
+        key: FlowKey,
+        status: GateStatus,
+        stack: &mut GuestStack,
+        now: Instant,
+    ) {
+        let (src, dst) = key;
+        let (sni, verdict): (Option<String>, Result<String, String>) = match status {
+            GateStatus::Waiting => return,
+            GateStatus::TimedOut => (None, Err("no ClientHello in time".to_string())),
+            GateStatus::Ready(ClientHelloScan::Sni(name)) => {
+                let verdict = self.sni_verdict(dst, &name, now);
+                (Some(name), verdict)
+            }
+            // No name to judge: the decision made on the SYN (address and cached names) stands.
+            GateStatus::Ready(ClientHelloScan::NoSni) => (
+                None,
+                Ok("ClientHello without SNI: the SYN's decision stands".to_string()),
+            ),
+            GateStatus::Ready(ClientHelloScan::NotTls) => (None, Err("not TLS".to_string())),
+            GateStatus::Ready(ClientHelloScan::NeedMore) => (
+                None,
+                Err("guest closed before its ClientHello was complete".to_string()),
+            ),
+            GateStatus::Ready(ClientHelloScan::Malformed) => {
+                (None, Err("malformed ClientHello".to_string()))
+            }
+            GateStatus::Ready(ClientHelloScan::TooLarge) => {
+                (None, Err("ClientHello too large".to_string()))
+            }
+        };
+        let names: Vec<String> = sni.into_iter().collect();
+        let (allowed, reason) = match &verdict {
+            Ok(r) => (true, r.as_str()),
+            Err(r) => (false, r.as_str()),
+        };
+        self.decider.record(
+            &DecisionEvent {
+                protocol: Protocol::Tcp,
+                src,
+                dst,
+                allowed,
+                reason,
+                names: &names,
+                source: NameSource::Sni,
+            },
+            now,
+        );
+        let Some(flow) = self.table.tcp.get_mut(&key) else {
+            return;
+        };
+        if allowed {
+            flow.middle = None;
+            flow.last_active = now;
+        } else {
+            self.counters.inc("tls-hello-refused");
+            if let Some(handle) = flow.handle() {
+                stack.sockets.get_mut::<stcp::Socket>(handle).abort();
+            }
+            flow.host.reset_on_close();
+            stack.poll();
+            self.close_tcp(&key, "SNI refused", stack);
+        }
     }
 
-    pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
-        let flow = self.udp.remove(key)?;
-        self.tokens.remove(&flow.token);
-        Some(flow)
+    fn sni_verdict(&self, dst: SocketAddr, name: &str, now: Instant) -> Result<String, String> {
+        let ip = dst.ip();
+        let policy = &self.settings.policy;
+        let domains = [name.to_string()];
+        let decision = policy.decide(&FlowQuery {
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            dst: ip,
+            dst_port: Some(dst.port()),
+            domains: &domains,
+        });
+        if !decision.allowed() {
+            Err(decision.reason.to_string())
+        } else if policy.is_domain_rule(&decision.reason)
+            && !self.dns.service.cache().resolved(name, ip, now)
+        {
+            Err(format!(
+                "SNI {name} was not resolved to {ip} through netfence"
+            ))
+        } else {
+            Ok(decision.reason.to_string())
+        }
+    }
+
+    fn close_tcp(&mut self, key: &FlowKey, why: &str, stack: &mut GuestStack) {
+        if let Some(flow) = self.table.remove_tcp(key) {
+            if let Some(handle) = flow.handle() {
+                let state = stack.sockets.get::<stcp::Socket>(handle).state();
+                if state == stcp::State::TimeWait {
+                    // smoltcp may still owe the guest the (delayed) ACK of its FIN.
+                    self.lingering.push((*key, handle, Instant::now()));
+                } else {
+                    stack.sockets.remove(handle);
+                }
+            }
+            debug!(
+                src = %flow.guest, dst = %flow.dst, why,
+                to_host = flow.bytes_to_host, to_guest = flow.bytes_to_guest,
+                "TCP flow closed"
+            );
+        }
+    }
+
+    /// Aborts a flow both ways (a timeout): RST to the guest, RST to the host.
+    fn abort_tcp(&mut self, key: &FlowKey, why: &'static str, stack: &mut GuestStack) {
+        let Some(flow) = self.table.tcp.get(key) else {
+            return;
+        };
+        flow.host.reset_on_close();
+        match &flow.guest_end {
+            GuestEnd::Socket { handle, .. } => {
+                stack.sockets.get_mut::<stcp::Socket>(*handle).abort();
+                stack.poll();
+            }
+            GuestEnd::Held { syn, .. } => {
+                stack.port.queue_frame(frames::tcp_reset(&stack.macs, syn));
+            }
+        }
+        info!(src = %key.0, dst = %key.1, why, "TCP flow aborted");
+        self.counters.inc(why);
+        self.close_tcp(key, why, stack);
+    }
+
+    /// Removes the lingering sockets whose time is up, and any of `reused` (a new connection
+    /// with the same addresses and ports must not meet the old socket).
+    fn expire_lingering(&mut self, reused: Option<&FlowKey>, stack: &mut GuestStack) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let sockets = &mut stack.sockets;
+        self.lingering.retain(|(key, handle, since)| {
+            let keep = now.duration_since(*since) < SOCKET_LINGER && Some(key) != reused;
+            if !keep {
+                sockets.remove(*handle);
+            }
+            keep
+        });
+    }
+
+    // ---- UDP ----------------------------------------------------------------------------
+
+    /// A UDP datagram from the guest.
+    pub fn udp_datagram(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+        frame: &[u8],
+        stack: &mut GuestStack,
+    ) {
+        let key = (src, dst);
+        let now = Instant::now();
+        let to_gateway = self.settings.addressing.is_gateway(dst.ip());
+        if self.dns.serves(dst, to_gateway) {
+            if self
+                .decider
+                .decide_dns(Protocol::Udp, src, dst, || Ok(()), now)
+            {
+                self.dns
+                    .udp_query(src, dst, payload, &self.settings.policy, stack);
+            } else if self.reject_mode() {
+                self.reject_with_icmp(frame, src.ip(), Unreachable::Port, stack);
+            }
+            return;
+        }
+        if !self.table.udp.contains_key(&key) && !self.open_udp(key, frame, now, stack) {
+            return;
+        }
+        let Some(flow) = self.table.udp.get_mut(&key) else {
+            return;
+        };
+        flow.last_active = now;
+        match flow.host.send(payload) {
+            Ok(_) => flow.datagrams_to_host += 1,
+            Err(e) if udp::is_refused(&e) => {
+                // An earlier datagram met a closed port: say so, as the host would.
+                self.counters.inc("udp-port-unreachable");
+                self.reject_with_icmp(frame, src.ip(), Unreachable::Port, stack);
+            }
+            Err(_) => self.counters.inc("udp-send-failed"),
+        }
+    }
+
+    /// Decides and opens a new UDP session; false when it was not opened.
+    fn open_udp(
+        &mut self,
+        key: FlowKey,
+        frame: &[u8],
+        now: Instant,
+        stack: &mut GuestStack,
+    ) -> bool {
+        let (src, dst) = key;
+        if dst.port() == 0 || unroutable(dst.ip()) {
+            self.counters.inc("udp-bad-destination");
+            return false;
+        }
+        let names = self.names_for(dst.ip(), now);
+        let table = &self.table;
+        let limits = &self.settings.limits;
+        let max = self.settings.policy.max_connections();
+        if !self.decider.decide(
+            Protocol::Udp,
+            src,
+            dst,
+            &names,
+            || table.room_for(NewFlow::Udp, limits, max),
+            now,
+        ) {
+            self.counters.inc("udp-denied");
+            if self.reject_mode() {
+                self.reject_with_icmp(frame, src.ip(), Unreachable::Port, stack);
+            }
+            return false;
+        }
+        let target = self.settings.addrmap.host_target(dst);
+        let host = match udp::open_host(target) {
+            Ok(s) => s,
+            Err(OpenError::Socket(e)) => {
+                self.socket_failed(Protocol::Udp, key, &e);
+                return false;
+            }
+            Err(OpenError::Connect(e)) => {
+                info!(src = %src, dst = %dst, host = %target, error = %e, "host UDP connect failed");
+                self.counters.inc("udp-host-connect-failed");
+                self.reject_with_icmp(frame, src.ip(), Unreachable::Host, stack);
+                return false;
+            }
+        };
+        let Ok(token) = self.table.register(host.as_raw_fd(), FlowRef::Udp(key)) else {
+            self.counters.inc("udp-epoll-failed");
+            return false;
+        };
+        self.table
+            .udp
+            .insert(key, UdpFlow::new(token, src, dst, host, now));
+        true
+    }
+
+    /// Reads replies from the UDP sessions whose sockets are readable, while the guest's queue
+    /// has room.
+    fn pump_udp(&mut self, stack: &mut GuestStack) {
+        let mtu = usize::from(self.settings.mtu);
+        for flow in self.table.udp.values_mut().filter(|f| f.readable) {
+            let max_payload = mtu.saturating_sub(frames::ip_header_len(flow.guest.ip()) + 8);
+            for _ in 0..READS_PER_PUMP {
+                if stack.port.room() == 0 {
+                    // The guest is slow: leave the rest in the host socket (backpressure).
+                    return;
+                }
+                let n = match flow.host.recv(&mut self.buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        flow.readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if udp::is_refused(&e) => {
+                        // The host's port unreachable, relayed to the guest.
+                        self.counters.inc("udp-port-unreachable");
+                        let quote = frames::udp_quote(flow.guest, flow.dst);
+                        let from = self.settings.addressing.gateway_for(flow.guest.ip());
+                        if let Some(f) =
+                            frames::icmp_unreachable(&stack.macs, from, Unreachable::Port, &quote)
+                        {
+                            stack.port.queue_frame(f);
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        self.counters.inc("udp-host-error");
+                        continue;
+                    }
+                };
+                if n > max_payload {
+                    self.counters.inc("udp-reply-too-large");
+                    continue;
+                }
+                flow.last_active = Instant::now();
+                let data = &self.buf[..n];
+                let frame =
+                    frames::udp_to_guest(&stack.macs, flow.dst, flow.guest, n, false, |b| {
+                        b.copy_from_slice(data)
+                    });
+                if stack.port.queue_frame(frame) {
+                    flow.datagrams_to_guest += 1;
+                }
+            }
+        }
+    }
+
+    // ---- ICMP echo ------------------------------------------------------------------------
+
+    /// A ping from the guest to anywhere but the gateway: an ICMP socket on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn echo_request(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+        frame: &[u8],
+        stack: &mut GuestStack,
+    ) {
+        let key = (src, dst, ident);
+        let now = Instant::now();
+        if !self.table.echo.contains_key(&key) && !self.open_echo(key, frame, now, stack) {
+            return;
+        }
+        let Some(flow) = self.table.echo.get_mut(&key) else {
+            return;
+        };
+        flow.last_active = now;
+        if flow
+            .host
+            .send(&icmp::echo_request(flow.target, seq, data))
+            .is_err()
+        {
+            self.counters.inc("icmp-send-failed");
+        }
+    }
+
+    fn open_echo(
+        &mut self,
+        key: EchoKey,
+        frame: &[u8],
+        now: Instant,
+        stack: &mut GuestStack,
+    ) -> bool {
+        let (src, dst, ident) = key;
+        if unroutable(dst) {
+            self.counters.inc("icmp-bad-destination");
+            return false;
+        }
+        let (from, to) = (SocketAddr::new(src, ident), SocketAddr::new(dst, 0));
+        let protocol = match dst {
+            IpAddr::V4(_) => Protocol::Icmpv4,
+            IpAddr::V6(_) => Protocol::Icmpv6,
+        };
+        let names = self.names_for(dst, now);
+        let table = &self.table;
+        let limits = &self.settings.limits;
+        let max = self.settings.policy.max_connections();
+        if !self.decider.decide(
+            protocol,
+            from,
+            to,
+            &names,
+            || table.room_for(NewFlow::Echo, limits, max),
+            now,
+        ) {
+            self.counters.inc("icmp-denied");
+            if self.reject_mode() {
+                self.reject_with_icmp(frame, src, Unreachable::Prohibited, stack);
+            }
+            return false;
+        }
+        let target = self.settings.addrmap.host_target(to).ip();
+        let host = match icmp::open_host(target) {
+            Ok(s) => s,
+            Err(OpenError::Socket(e)) | Err(OpenError::Connect(e)) => {
+                self.counters.inc("icmp-host-socket");
+                self.decider.remember_refused(protocol, (from, to), now);
+                if let Some(suppressed) = self.socket_warnings.admit(now) {
+                    warn!(dst = %dst, error = %e, suppressed,
+                        "cannot open an ICMP socket (is net.ipv4.ping_group_range set?)");
+                }
+                return false;
+            }
+        };
+        let Ok(token) = self.table.register(host.as_raw_fd(), FlowRef::Echo(key)) else {
+            self.counters.inc("icmp-epoll-failed");
+            return false;
+        };
+        self.table.echo.insert(
+            key,
+            EchoFlow {
+                token,
+                guest: src,
+                dst,
+                ident,
+                target,
+                host,
+                readable: false,
+                last_active: now,
+            },
+        );
+        true
+    }
+
+    fn pump_echo(&mut self, stack: &mut GuestStack) {
+        for flow in self.table.echo.values_mut().filter(|f| f.readable) {
+            for _ in 0..READS_PER_PUMP {
+                if stack.port.room() == 0 {
+                    return;
+                }
+                // SAFETY of the cast: recv only writes initialised bytes into the buffer.
+                let buf = unsafe {
+                    &mut *(self.buf.as_mut_slice() as *mut [u8]
+                        as *mut [std::mem::MaybeUninit<u8>])
+                };
+                let n = match flow.host.recv(buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        flow.readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        self.counters.inc("icmp-host-error");
+                        continue;
+                    }
+                };
+                let Some((seq, data)) = icmp::parse_echo_reply(flow.target, &self.buf[..n]) else {
+                    continue;
+                };
+                flow.last_active = Instant::now();
+                let frame = frames::icmp_echo_reply(
+                    &stack.macs,
+                    flow.dst,
+                    flow.guest,
+                    flow.ident,
+                    seq,
+                    data,
+                );
+                stack.port.queue_frame(frame);
+            }
+        }
+    }
+
+    /// Answers a denied packet from `guest` with a destination-unreachable from the gateway.
+    fn reject_with_icmp(
+        &mut self,
+        frame: &[u8],
+        guest: IpAddr,
+        reason: Unreachable,
+        stack: &mut GuestStack,
+    ) {
+        let from = self.settings.addressing.gateway_for(guest);
+        if let Some(f) = frame
+            .get(frames::ETH_HDR..)
+            .and_then(|ip| frames::icmp_unreachable(&stack.macs, from, reason, ip))
+        {
+            stack.port.queue_frame(f);
+        }
+    }
+
+    // ---- Events, pumping, time -------------------------------------------------------------
+
+    /// Host sockets that became ready.
+    pub fn host_ready(&mut self, stack: &mut GuestStack) {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        self.table.ready_events(&mut events);
+        for (flow, set) in events.drain(..) {
+            match flow {
+                FlowRef::Tcp(key) => self.tcp_host_event(key, set, stack),
+                FlowRef::Udp(key) => {
+                    if let Some(f) = self.table.udp.get_mut(&key) {
+                        f.readable = true;
+                    }
+                }
+                FlowRef::Echo(key) => {
+                    if let Some(f) = self.table.echo.get_mut(&key) {
+                        f.readable = true;
+                    }
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    /// Upstream DNS answers and timeouts.
+    pub fn dns_ready(&mut self, stack: &mut GuestStack) {
+        self.dns.poll(&self.settings.policy, stack);
+    }
+
+    /// Moves what can move: TCP both ways, DNS over TCP, UDP and echo replies.
+    pub fn pump(&mut self, stack: &mut GuestStack) {
+        let now = Instant::now();
+        self.expire_lingering(None, stack);
+        self.pump_tcp(stack, now);
+        self.dns.pump_tcp(&self.settings.policy, stack);
+        self.pump_udp(stack);
+        self.pump_echo(stack);
+    }
+
+    /// The next time something here needs attention without an event.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let linger = self
+            .lingering
+            .iter()
+            .map(|(_, _, since)| *since + SOCKET_LINGER)
+            .min();
+        match (linger, self.dns.service.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Enforces every timeout: connects, handshakes, hellos (in `pump`), idle flows.
+    pub fn housekeeping(&mut self, now: Instant, stack: &mut GuestStack) {
+        self.dns_ready(stack);
+        let limits = self.settings.limits.clone();
+        let tracing_flows = tracing::enabled!(tracing::Level::TRACE);
+        let mut aborts: Vec<(FlowKey, &'static str)> = Vec::new();
+        for (key, flow) in self.table.tcp.iter() {
+            match &flow.guest_end {
+                GuestEnd::Held { .. } => {
+                    if now.duration_since(flow.started) > limits.connect_timeout {
+                        aborts.push((*key, "host connect timed out"));
+                    }
+                }
+                GuestEnd::Socket { handle, since } => {
+                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                    let handshaking =
+                        matches!(sock.state(), stcp::State::Listen | stcp::State::SynReceived);
+                    if handshaking && now.duration_since(*since) > limits.handshake_timeout {
+                        aborts.push((*key, "guest handshake timed out"));
+                    } else if now.duration_since(flow.last_active) > limits.tcp_idle {
+                        aborts.push((*key, "TCP flow idle"));
+                    }
+                    if tracing_flows {
+                        tracing::trace!(
+                            src = %flow.guest, dst = %flow.dst, state = %sock.state(),
+                            recv_queue = sock.recv_queue(), send_queue = sock.send_queue(),
+                            readable = flow.host.readable, writable = flow.host.writable,
+                            host_eof = flow.host.eof, host_write_shut = flow.host.write_shut,
+                            guest_fin_seen = flow.guest_fin_seen, gated = flow.middle.is_some(),
+                            "TCP flow state"
+                        );
+                    }
+                }
+            }
+        }
+        for (key, why) in aborts {
+            self.abort_tcp(&key, why, stack);
+        }
+        let idle: Vec<FlowKey> = self
+            .table
+            .udp
+            .iter()
+            .filter(|(_, f)| f.idle(now, limits.udp_idle))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            if let Some(f) = self.table.remove_udp(&key) {
+                debug!(src = %f.guest, dst = %f.dst, "UDP session idle, closed");
+            }
+        }
+        let idle_echo: Vec<EchoKey> = self
+            .table
+            .echo
+            .iter()
+            .filter(|(_, f)| f.idle(now, limits.icmp_idle))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle_echo {
+            self.table.remove_echo(&key);
+        }
+        let expired = self.dns.expire_tcp(now, limits.dns_tcp_idle, stack);
+        self.counters.add("dns-tcp-idle", expired as u64);
+        self.decider.log.flush(now);
+    }
+
+    /// Forgets every flow: the guest's rings restarted. Host connections are reset.
+    pub fn reset(&mut self) {
+        let n = self.table.len();
+        self.table.clear();
+        self.dns.reset();
+        self.lingering.clear();
+        self.decider.clear();
+        if n > 0 {
+            info!(flows = n, "guest restarted: closed its flows");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unroutable;
+
+    #[test]
+    fn unroutable_destinations_in_every_spelling() {
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "255.255.255.255",
+            "::ffff:255.255.255.255",
+            "224.0.0.1",
+            "::ffff:239.1.2.3",
+            "ff02::1",
+        ] {
+            assert!(unroutable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "203.0.113.7",
+            "::ffff:203.0.113.7",
+            "2001:db8::7",
+            "::1",
+            "127.0.0.1",
+        ] {
+            assert!(!unroutable(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

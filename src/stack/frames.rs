@@ -19,9 +19,23 @@ const IPV6_HDR: usize = 40;
 /// Hop limit of the frames we originate (NDP messages use 255, see `ip_frame_with_hop_limit`).
 const HOP_LIMIT: u8 = 64;
 
-/// Link-layer addresses of one guest link.
+/// A TCP segment's header facts the flow table needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpHead {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub syn: bool,
+    pub ack: bool,
+    pub rst: bool,
+    pub fin: bool,
+    pub seq: u32,
+    pub ack_number: u32,
+    pub payload_len: usize,
+}
+
+/// The two Ethernet addresses of one guest link.
 #[derive(Debug, Clone, Copy)]
-pub struct Link {
+pub struct Macs {
     pub gateway_mac: EthernetAddress,
     pub guest_mac: EthernetAddress,
 }
@@ -156,7 +170,7 @@ fn same_family(a: IpAddr, b: IpAddr) -> (IpAddr, IpAddr) {
 /// A UDP datagram from `src` (as the guest will see it) to the guest's `dst`.
 /// `broadcast` sends it to the Ethernet broadcast address (DHCP to an unconfigured client).
 pub fn udp_to_guest(
-    link: &Link,
+    macs: &Macs,
     src: SocketAddr,
     dst: SocketAddr,
     payload_len: usize,
@@ -166,12 +180,12 @@ pub fn udp_to_guest(
     let dst_mac = if broadcast {
         EthernetAddress::BROADCAST
     } else {
-        link.guest_mac
+        macs.guest_mac
     };
     let (src_ip, dst_ip) = same_family(src.ip(), dst.ip());
     ip_frame(
         dst_mac,
-        link.gateway_mac,
+        macs.gateway_mac,
         src_ip,
         dst_ip,
         IpProtocol::Udp,
@@ -194,8 +208,19 @@ pub fn udp_to_guest(
     )
 }
 
+/// The IP packet of an empty UDP datagram from `src` to `dst`: what an ICMP error about a
+/// session quotes when the datagram itself is gone.
+pub fn udp_quote(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let none = Macs {
+        gateway_mac: EthernetAddress([0; 6]),
+        guest_mac: EthernetAddress([0; 6]),
+    };
+    let frame = udp_to_guest(&none, src, dst, 0, false, |_| {});
+    frame[ETH_HDR..].to_vec()
+}
+
 /// A TCP RST answering a segment from the guest (`from` -> `to`) so its connect fails at once.
-pub fn tcp_reset(link: &Link, seg: &crate::classify::TcpHead) -> Vec<u8> {
+pub fn tcp_reset(macs: &Macs, seg: &TcpHead) -> Vec<u8> {
     // RFC 9293: if the segment had ACK, RST seq = its ack; else seq 0 and ACK what it occupied.
     let (seq, ack) = if seg.ack {
         (seg.ack_number, None)
@@ -219,8 +244,8 @@ pub fn tcp_reset(link: &Link, seg: &crate::classify::TcpHead) -> Vec<u8> {
     };
     let (src, dst) = same_family(seg.dst.ip(), seg.src.ip());
     ip_frame(
-        link.guest_mac,
-        link.gateway_mac,
+        macs.guest_mac,
+        macs.gateway_mac,
         src,
         dst,
         IpProtocol::Tcp,
@@ -241,7 +266,7 @@ pub fn tcp_reset(link: &Link, seg: &crate::classify::TcpHead) -> Vec<u8> {
 /// `from` (the gateway address of the packet's family). ICMPv6 quotes as much of the packet as
 /// fits in the minimum MTU (RFC 4443); ICMPv4 the header and 8 bytes.
 pub fn icmp_unreachable(
-    link: &Link,
+    macs: &Macs,
     from: IpAddr,
     reason: Unreachable,
     original: &[u8],
@@ -257,7 +282,7 @@ pub fn icmp_unreachable(
                 header,
                 data: &original[body_start..data_end],
             };
-            Some(icmpv4_to_guest(link, from, header.src_addr.into(), &repr))
+            Some(icmpv4_to_guest(macs, from, header.src_addr.into(), &repr))
         }
         6 => {
             let ip = Ipv6Packet::new_checked(original).ok()?;
@@ -269,7 +294,7 @@ pub fn icmp_unreachable(
                 header,
                 data: &original[IPV6_HDR..data_end],
             };
-            Some(icmpv6_to_guest(link, v6(from), header.src_addr, &repr))
+            Some(icmpv6_to_guest(macs, v6(from), header.src_addr, &repr))
         }
         _ => None,
     }
@@ -277,7 +302,7 @@ pub fn icmp_unreachable(
 
 /// An echo reply from `from` to the guest, ICMP or ICMPv6 by the addresses' family.
 pub fn icmp_echo_reply(
-    link: &Link,
+    macs: &Macs,
     from: IpAddr,
     to: IpAddr,
     ident: u16,
@@ -291,7 +316,7 @@ pub fn icmp_echo_reply(
                 seq_no,
                 data,
             };
-            icmpv4_to_guest(link, from.into(), to.into(), &repr)
+            icmpv4_to_guest(macs, from.into(), to.into(), &repr)
         }
         (from, to) => {
             let repr = Icmpv6Repr::EchoReply {
@@ -299,16 +324,16 @@ pub fn icmp_echo_reply(
                 seq_no,
                 data,
             };
-            icmpv6_to_guest(link, v6(from), v6(to), &repr)
+            icmpv6_to_guest(macs, v6(from), v6(to), &repr)
         }
     }
 }
 
 /// An ICMP message from `from` to the guest.
-fn icmpv4_to_guest(link: &Link, from: IpAddr, to: IpAddr, repr: &Icmpv4Repr) -> Vec<u8> {
+fn icmpv4_to_guest(macs: &Macs, from: IpAddr, to: IpAddr, repr: &Icmpv4Repr) -> Vec<u8> {
     ip_frame(
-        link.guest_mac,
-        link.gateway_mac,
+        macs.guest_mac,
+        macs.gateway_mac,
         from,
         to,
         IpProtocol::Icmp,
@@ -322,14 +347,14 @@ fn icmpv4_to_guest(link: &Link, from: IpAddr, to: IpAddr, repr: &Icmpv4Repr) -> 
 
 /// An ICMPv6 message from `from` to the guest.
 fn icmpv6_to_guest(
-    link: &Link,
+    macs: &Macs,
     from: std::net::Ipv6Addr,
     to: std::net::Ipv6Addr,
     repr: &Icmpv6Repr,
 ) -> Vec<u8> {
     ip_frame(
-        link.guest_mac,
-        link.gateway_mac,
+        macs.guest_mac,
+        macs.gateway_mac,
         from.into(),
         to.into(),
         IpProtocol::Icmpv6,
@@ -419,10 +444,10 @@ pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::{classify, Classified, TcpHead};
+    use crate::link::classify::{classify, Classified};
 
-    fn link() -> Link {
-        Link {
+    fn macs() -> Macs {
+        Macs {
             gateway_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
             guest_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
         }
@@ -441,7 +466,7 @@ mod tests {
             ack_number: 0,
             payload_len: 0,
         };
-        let frame = tcp_reset(&link(), &syn);
+        let frame = tcp_reset(&macs(), &syn);
         match classify(&frame) {
             Classified::Tcp(h) => {
                 assert!(h.rst && h.ack);
@@ -471,7 +496,7 @@ mod tests {
             timestamp: None,
             payload: b"abcde",
         };
-        let l = link();
+        let l = macs();
         let frame = ip_frame(
             l.gateway_mac,
             l.guest_mac,
@@ -527,7 +552,7 @@ mod tests {
             ("[2001:db8::8]:7", "[fd42:6d73:62::2]:5555"),
         ] {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-            let frame = udp_to_guest(&link(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
+            let frame = udp_to_guest(&macs(), src, dst, 5, false, |b| b.copy_from_slice(b"hello"));
             assert_eq!(
                 classify(&frame),
                 Classified::Udp {
@@ -554,14 +579,17 @@ mod tests {
             ack_number: 0,
             payload_len: 0,
         };
-        match classify(&tcp_reset(&link(), &syn)) {
+        match classify(&tcp_reset(&macs(), &syn)) {
             Classified::Tcp(h) => assert!(h.rst && h.ack_number == 10 && h.dst == syn.src),
             other => panic!("not a TCP reset: {other:?}"),
         }
-        let reply = icmp_echo_reply(&link(), src.ip(), dst.ip(), 3, 4, b"x");
+        let reply = icmp_echo_reply(&macs(), src.ip(), dst.ip(), 3, 4, b"x");
         assert_eq!(
             classify(&reply),
-            Classified::IcmpOther { dst: dst.ip() },
+            Classified::IcmpOther {
+                src: src.ip(),
+                dst: dst.ip()
+            },
             "an echo reply to the guest is ICMPv6, checksummed"
         );
     }
@@ -570,12 +598,12 @@ mod tests {
     fn ipv6_unreachable_quotes_the_packet_from_the_gateway() {
         let guest: SocketAddr = "[fd42:6d73:62::2]:40000".parse().unwrap();
         let denied: SocketAddr = "[fd12::1]:53".parse().unwrap();
-        let original = udp_to_guest(&link(), guest, denied, 3, false, |b| {
+        let original = udp_to_guest(&macs(), guest, denied, 3, false, |b| {
             b.copy_from_slice(b"abc")
         });
         let gateway: IpAddr = "fd42:6d73:62::1".parse().unwrap();
         let frame = icmp_unreachable(
-            &link(),
+            &macs(),
             gateway,
             Unreachable::Prohibited,
             &original[ETH_HDR..],

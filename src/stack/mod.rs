@@ -9,39 +9,41 @@
 //! checked that they are for the gateway or for a known flow: with AnyIP on, smoltcp would
 //! otherwise answer ARP, neighbour solicitations and pings for every address.
 //!
-//! Frames smoltcp sends go to a bounded queue that the datapath flushes into the RX virtqueue;
-//! when the queue is full smoltcp is told the device is busy and retries later (backpressure).
+//! Frames smoltcp sends, and the frames the link and the flows build themselves
+//! ([`frames`]), go to one bounded queue ([`GuestPort`]) that the link flushes into the RX
+//! virtqueue; when the queue is full smoltcp is told the device is busy and retries later, and
+//! the flows stop reading their host sockets (backpressure).
 
-pub mod dhcp;
 pub mod frames;
-pub mod ipv6;
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
-use self::ipv6::LinkAddrs6;
+use crate::config::addressing::LinkAddrs6;
+
+use self::frames::Macs;
 
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
-
-/// Frames waiting for room in the guest's RX queue, at most.
-pub const TO_GUEST_QUEUE_FRAMES: usize = 1024;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 /// The smoltcp device: one frame in (from the classifier), a bounded queue out (to the guest).
-pub struct GuestLink {
+pub struct GuestPort {
     inbound: Option<Vec<u8>>,
     pub to_guest: VecDeque<Vec<u8>>,
+    /// Most frames `to_guest` holds (`guest-queue-frames`).
+    capacity: usize,
     mtu: usize,
     spare: Vec<Vec<u8>>,
 }
 
-impl GuestLink {
-    fn new(mtu: u16) -> Self {
-        GuestLink {
+impl GuestPort {
+    fn new(mtu: u16, capacity: usize) -> Self {
+        GuestPort {
             inbound: None,
             to_guest: VecDeque::new(),
+            capacity: capacity.max(1),
             mtu: usize::from(mtu) + 14,
             spare: Vec::new(),
         }
@@ -49,11 +51,24 @@ impl GuestLink {
 
     /// Queues a frame built outside smoltcp (DHCP, UDP, resets). Returns false when full.
     pub fn queue_frame(&mut self, frame: Vec<u8>) -> bool {
-        if self.to_guest.len() >= TO_GUEST_QUEUE_FRAMES {
+        if self.to_guest.len() >= self.capacity {
             return false;
         }
         self.to_guest.push_back(frame);
         true
+    }
+
+    /// Frames that still fit in the queue.
+    pub fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.to_guest.len())
+    }
+
+    /// Drops every queued frame (the guest's rings restarted).
+    pub fn clear(&mut self) {
+        while let Some(f) = self.to_guest.pop_front() {
+            self.recycle(f);
+        }
+        self.inbound = None;
     }
 
     /// Hands back a buffer whose frame has been copied to the guest, for reuse.
@@ -65,12 +80,12 @@ impl GuestLink {
     }
 
     pub fn has_room(&self) -> bool {
-        self.to_guest.len() < TO_GUEST_QUEUE_FRAMES
+        self.to_guest.len() < self.capacity
     }
 }
 
 pub struct LinkRx(Vec<u8>);
-pub struct LinkTx<'a>(&'a mut GuestLink);
+pub struct LinkTx<'a>(&'a mut GuestPort);
 
 impl RxToken for LinkRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -88,7 +103,7 @@ impl TxToken for LinkTx<'_> {
     }
 }
 
-impl Device for GuestLink {
+impl Device for GuestPort {
     type RxToken<'a> = LinkRx;
     type TxToken<'a> = LinkTx<'a>;
 
@@ -120,22 +135,25 @@ impl Device for GuestLink {
 pub struct GuestStack {
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
-    pub link: GuestLink,
+    pub port: GuestPort,
+    /// The gateway's and the guest's MAC, for the frames built outside smoltcp.
+    pub macs: Macs,
     epoch: std::time::Instant,
 }
 
 impl GuestStack {
     pub fn new(
-        gateway_mac: [u8; 6],
+        macs: Macs,
         gateway: Ipv4Addr,
         prefix_len: u8,
         addrs6: &LinkAddrs6,
         mtu: u16,
+        queue_frames: usize,
     ) -> Self {
-        let mut link = GuestLink::new(mtu);
+        let mut port = GuestPort::new(mtu, queue_frames);
         let epoch = std::time::Instant::now();
-        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(gateway_mac)));
-        let mut iface = Interface::new(config, &mut link, Instant::from_millis(0));
+        let config = Config::new(HardwareAddress::Ethernet(macs.gateway_mac));
+        let mut iface = Interface::new(config, &mut port, Instant::from_millis(0));
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), prefix_len));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(addrs6.link_local), 64));
@@ -148,9 +166,16 @@ impl GuestStack {
         GuestStack {
             iface,
             sockets: SocketSet::new(Vec::new()),
-            link,
+            port,
+            macs,
             epoch,
         }
+    }
+
+    /// Forgets every socket and every queued frame: the guest's rings restarted (reboot).
+    pub fn reset(&mut self) {
+        self.sockets = SocketSet::new(Vec::new());
+        self.port.clear();
     }
 
     /// smoltcp's clock: milliseconds since this stack was made.
@@ -160,21 +185,21 @@ impl GuestStack {
 
     /// Feeds one classified frame to smoltcp and lets it react.
     pub fn receive(&mut self, frame: &[u8]) {
-        let mut buf = self.link.spare.pop().unwrap_or_default();
+        let mut buf = self.port.spare.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(frame);
-        self.link.inbound = Some(buf);
+        self.port.inbound = Some(buf);
         self.poll();
-        if let Some(buf) = self.link.inbound.take() {
+        if let Some(buf) = self.port.inbound.take() {
             // smoltcp could not take it (queue to the guest full): it is dropped like on a wire.
-            self.link.recycle(buf);
+            self.port.recycle(buf);
         }
     }
 
     /// Lets smoltcp send what its sockets have ready.
     pub fn poll(&mut self) {
         let now = self.now();
-        self.iface.poll(now, &mut self.link, &mut self.sockets);
+        self.iface.poll(now, &mut self.port, &mut self.sockets);
     }
 
     /// How long smoltcp can wait before it needs polling again.

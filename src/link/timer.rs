@@ -1,11 +1,16 @@
-//! A non-blocking timerfd for the datapath's deadlines (smoltcp retransmissions, idle flows).
+//! A non-blocking timerfd for the link's deadlines (smoltcp retransmissions, timeouts).
+//!
+//! The timer is re-armed only when the next deadline moves (an earlier one, or any once the
+//! armed one has passed), not on every event.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Timer {
     fd: OwnedFd,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
 }
 
 impl Timer {
@@ -23,7 +28,21 @@ impl Timer {
         // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
         Ok(Timer {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            armed: None,
         })
+    }
+
+    /// Fires at `deadline` (or within a millisecond of it); a no-op when it is already armed
+    /// for that deadline and it has not passed.
+    pub fn arm_at(&mut self, deadline: Instant, now: Instant) {
+        if let Some(armed) = self.armed {
+            let same = armed.max(deadline) - armed.min(deadline) < Duration::from_millis(1);
+            if armed > now && (same || armed < deadline) {
+                return;
+            }
+        }
+        self.armed = Some(deadline);
+        self.arm(deadline.saturating_duration_since(now));
     }
 
     /// Fires once after `after` (at least 1 ms, so that zero never disarms it).

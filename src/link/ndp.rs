@@ -1,8 +1,7 @@
-//! The gateway's IPv6 side: the guest's /64 and the router advertisements that hand it out.
+//! Neighbour discovery for the gateway: the router advertisements that hand the guest its /64
+//! (see `config::addressing`), and the neighbour advertisements for the gateway's addresses.
 //!
-//! Slot N of `ipv6_pool` gets the N-th /64 of the pool. The gateway owns `prefix::1` (in the
-//! policy's `host` group, like the IPv4 gateway) and the link-local `fe80::1`, from which it
-//! advertises itself as the default router. A guest configures itself by SLAAC from the
+//! The gateway advertises itself from the link-local `fe80::1` as the default router. A guest configures itself by SLAAC from the
 //! advertised prefix (on-link, autonomous), learns the link MTU, and finds the DNS service at
 //! `prefix::1` through the RDNSS option (RFC 8106). This module builds the router and neighbour
 //! advertisements for the gateway's addresses, which smoltcp, being a host stack, does not send
@@ -12,93 +11,33 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
-use ipnet::Ipv6Net;
 use smoltcp::wire::{EthernetAddress, Icmpv6Packet, IpProtocol};
 
-use super::frames::{self, Link};
-
-/// The gateway's link-local address: the guest's default router.
-pub const GATEWAY_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+use crate::config::addressing::LinkAddrs6;
+use crate::stack::frames::{self, Macs};
 /// All-nodes multicast, the destination of unsolicited advertisements.
 pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 
 /// Router lifetime advertised (RFC 4861 default: 3 x the max advertisement interval).
 pub const ROUTER_LIFETIME: Duration = Duration::from_secs(1800);
-/// How often an unsolicited advertisement is sent (a third of the router lifetime).
-pub const ADVERT_INTERVAL: Duration = Duration::from_secs(600);
 /// Prefix lifetimes: the prefix belongs to this link for as long as netfence runs.
 const PREFIX_VALID_SECS: u32 = 86_400;
 const PREFIX_PREFERRED_SECS: u32 = 14_400;
 
-/// IPv6 addresses of one guest link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkAddrs6 {
-    /// The guest's /64.
-    pub prefix: Ipv6Net,
-    /// `prefix::1`, the gateway's global address (DNS service, `host` group).
-    pub gateway: Ipv6Addr,
-    /// `fe80::1`, the gateway's link-local address (router, NDP).
-    pub link_local: Ipv6Addr,
-}
-
-impl LinkAddrs6 {
-    /// The /64 of `slot` in `pool`; an error names the pool and the slot count it allows.
-    pub fn for_slot(pool: Ipv6Net, slot: u32) -> Result<Self, String> {
-        if pool.prefix_len() > 64 {
-            return Err(format!(
-                "ipv6_pool {pool}: prefix must be /64 or shorter (each guest needs a /64)"
-            ));
-        }
-        let bits = 64 - u32::from(pool.prefix_len());
-        if bits < 32 && u64::from(slot) >= 1u64 << bits {
-            return Err(format!(
-                "ipv6_pool {pool} has {} /64s; slot {slot} is outside it",
-                1u64 << bits
-            ));
-        }
-        let base = u128::from(pool.network()) + (u128::from(slot) << 64);
-        let prefix = Ipv6Net::new(Ipv6Addr::from(base), 64).map_err(|e| e.to_string())?;
-        Ok(LinkAddrs6 {
-            prefix,
-            gateway: Ipv6Addr::from(base + 1),
-            link_local: GATEWAY_LINK_LOCAL,
-        })
-    }
-
-    /// Whether `ip` is one of the gateway's own IPv6 addresses.
-    pub fn is_gateway(&self, ip: Ipv6Addr) -> bool {
-        ip == self.gateway || ip == self.link_local
-    }
-
-    /// The gateway address a message to `guest` comes from: link-local to link-local.
-    pub fn source_for(&self, guest: Ipv6Addr) -> Ipv6Addr {
-        if is_link_local(guest) {
-            self.link_local
-        } else {
-            self.gateway
-        }
-    }
-}
-
-/// fe80::/10.
-pub fn is_link_local(ip: Ipv6Addr) -> bool {
-    ip.segments()[0] & 0xffc0 == 0xfe80
-}
-
 /// The Ethernet address an IPv6 destination goes to: 33:33 + low 32 bits for multicast.
-fn dst_mac(link: &Link, dst: Ipv6Addr) -> EthernetAddress {
+fn dst_mac(macs: &Macs, dst: Ipv6Addr) -> EthernetAddress {
     if dst.is_multicast() {
         let o = dst.octets();
         EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
     } else {
-        link.guest_mac
+        macs.guest_mac
     }
 }
 
 /// A router advertisement from `fe80::1` to `dst` (the soliciting guest, or all-nodes):
 /// the gateway's MAC, the link MTU, the guest's prefix (on-link, autonomous) and the DNS
 /// server (RDNSS).
-pub fn router_advert(link: &Link, addrs: &LinkAddrs6, mtu: u16, dst: Ipv6Addr) -> Vec<u8> {
+pub fn router_advert(macs: &Macs, addrs: &LinkAddrs6, mtu: u16, dst: Ipv6Addr) -> Vec<u8> {
     let mut msg = Vec::with_capacity(88);
     // Type, code, checksum (filled below), current hop limit, flags (no DHCPv6).
     msg.extend_from_slice(&[134, 0, 0, 0, 64, 0]);
@@ -107,7 +46,7 @@ pub fn router_advert(link: &Link, addrs: &LinkAddrs6, mtu: u16, dst: Ipv6Addr) -
     msg.extend_from_slice(&0u32.to_be_bytes()); // retrans timer: unspecified
                                                 // Source link-layer address.
     msg.extend_from_slice(&[1, 1]);
-    msg.extend_from_slice(link.gateway_mac.as_bytes());
+    msg.extend_from_slice(macs.gateway_mac.as_bytes());
     // MTU.
     msg.extend_from_slice(&[5, 1, 0, 0]);
     msg.extend_from_slice(&u32::from(mtu).to_be_bytes());
@@ -121,7 +60,7 @@ pub fn router_advert(link: &Link, addrs: &LinkAddrs6, mtu: u16, dst: Ipv6Addr) -
     msg.extend_from_slice(&[25, 3, 0, 0]);
     msg.extend_from_slice(&(ROUTER_LIFETIME.as_secs() as u32).to_be_bytes());
     msg.extend_from_slice(&addrs.gateway.octets());
-    ndp_frame(link, addrs.link_local, dst, &msg)
+    ndp_frame(macs, addrs.link_local, dst, &msg)
 }
 
 /// A neighbour advertisement for the gateway's `target` address, answering a solicitation
@@ -130,7 +69,7 @@ pub fn router_advert(link: &Link, addrs: &LinkAddrs6, mtu: u16, dst: Ipv6Addr) -
 /// netfence answers these itself rather than letting smoltcp do it: smoltcp is a host and
 /// leaves out the Router flag, and a guest that sees its default router's advertisement without
 /// it removes the default route (RFC 4861 7.2.5).
-pub fn neighbor_advert(link: &Link, target: Ipv6Addr, solicitor: Ipv6Addr) -> Vec<u8> {
+pub fn neighbor_advert(macs: &Macs, target: Ipv6Addr, solicitor: Ipv6Addr) -> Vec<u8> {
     let (dst, flags) = if solicitor.is_unspecified() {
         (ALL_NODES, 0xa0) // Router | Override
     } else {
@@ -141,31 +80,31 @@ pub fn neighbor_advert(link: &Link, target: Ipv6Addr, solicitor: Ipv6Addr) -> Ve
     msg.extend_from_slice(&target.octets());
     // Target link-layer address.
     msg.extend_from_slice(&[2, 1]);
-    msg.extend_from_slice(link.gateway_mac.as_bytes());
-    ndp_frame(link, target, dst, &msg)
+    msg.extend_from_slice(macs.gateway_mac.as_bytes());
+    ndp_frame(macs, target, dst, &msg)
 }
 
 /// A neighbour advertisement as if the guest had sent it for its own address `guest`, for
 /// smoltcp's neighbour cache: every guest frame comes from one MAC, so smoltcp need not ask
 /// (with AnyIP its first echo reply to a new address would otherwise be lost while it does).
-pub fn guest_introduction(link: &Link, guest: Ipv6Addr, gateway: Ipv6Addr) -> Vec<u8> {
+pub fn guest_introduction(macs: &Macs, guest: Ipv6Addr, gateway: Ipv6Addr) -> Vec<u8> {
     let mut msg = Vec::with_capacity(32);
     msg.extend_from_slice(&[136, 0, 0, 0, 0x20, 0, 0, 0]); // Override
     msg.extend_from_slice(&guest.octets());
     msg.extend_from_slice(&[2, 1]);
-    msg.extend_from_slice(link.guest_mac.as_bytes());
-    let reversed = Link {
-        gateway_mac: link.guest_mac,
-        guest_mac: link.gateway_mac,
+    msg.extend_from_slice(macs.guest_mac.as_bytes());
+    let reversed = Macs {
+        gateway_mac: macs.guest_mac,
+        guest_mac: macs.gateway_mac,
     };
     ndp_frame(&reversed, guest, gateway, &msg)
 }
 
 /// An NDP message (`msg`, checksum left zero) from `src` to `dst` with hop limit 255.
-fn ndp_frame(link: &Link, src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
+fn ndp_frame(macs: &Macs, src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
     frames::ip_frame_with_hop_limit(
-        dst_mac(link, dst),
-        link.gateway_mac,
+        dst_mac(macs, dst),
+        macs.gateway_mac,
         IpAddr::V6(src),
         IpAddr::V6(dst),
         IpProtocol::Icmpv6,
@@ -181,36 +120,18 @@ fn ndp_frame(link: &Link, src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::addressing::GATEWAY_LINK_LOCAL;
+    use ipnet::Ipv6Net;
     use smoltcp::wire::{
         EthernetFrame, Icmpv6Repr, Ipv6Packet, NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscRepr,
         RawHardwareAddress,
     };
 
-    fn link() -> Link {
-        Link {
+    fn macs() -> Macs {
+        Macs {
             gateway_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
             guest_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
         }
-    }
-
-    #[test]
-    fn slots_are_consecutive_64s_of_the_pool() {
-        let pool: Ipv6Net = "fd42:6d73:62::/48".parse().unwrap();
-        let a = LinkAddrs6::for_slot(pool, 0).unwrap();
-        assert_eq!(a.prefix.to_string(), "fd42:6d73:62::/64");
-        assert_eq!(a.gateway.to_string(), "fd42:6d73:62::1");
-        let b = LinkAddrs6::for_slot(pool, 3).unwrap();
-        assert_eq!(b.prefix.to_string(), "fd42:6d73:62:3::/64");
-        assert_eq!(b.gateway.to_string(), "fd42:6d73:62:3::1");
-        assert!(LinkAddrs6::for_slot(pool, 65_535).is_ok());
-        let e = LinkAddrs6::for_slot(pool, 65_536).unwrap_err();
-        assert!(e.contains("65536 /64s"), "{e}");
-        let e = LinkAddrs6::for_slot("fd00::/96".parse().unwrap(), 0).unwrap_err();
-        assert!(e.contains("/64 or shorter"), "{e}");
-        assert!(a.is_gateway(GATEWAY_LINK_LOCAL) && a.is_gateway(a.gateway));
-        assert!(!a.is_gateway("fd42:6d73:62::2".parse().unwrap()));
-        assert_eq!(a.source_for("fe80::5".parse().unwrap()), GATEWAY_LINK_LOCAL);
-        assert_eq!(a.source_for("fd42:6d73:62::2".parse().unwrap()), a.gateway);
     }
 
     /// An NDP message's (src, dst, hop limit) and its parsed form; the checksum must hold.
@@ -233,7 +154,7 @@ mod tests {
             (solicitor, solicitor, true),
             (Ipv6Addr::UNSPECIFIED, ALL_NODES, false),
         ] {
-            let frame = neighbor_advert(&link(), GATEWAY_LINK_LOCAL, from);
+            let frame = neighbor_advert(&macs(), GATEWAY_LINK_LOCAL, from);
             let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
             let (header, repr) = parse_ndp(eth.payload());
             assert_eq!(header, (GATEWAY_LINK_LOCAL, dst, 255));
@@ -259,7 +180,7 @@ mod tests {
     fn router_advert_parses_with_every_option() {
         let pool: Ipv6Net = "fd42:6d73:62::/48".parse().unwrap();
         let addrs = LinkAddrs6::for_slot(pool, 0).unwrap();
-        let frame = router_advert(&link(), &addrs, 1500, ALL_NODES);
+        let frame = router_advert(&macs(), &addrs, 1500, ALL_NODES);
         let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
         assert_eq!(eth.dst_addr(), EthernetAddress([0x33, 0x33, 0, 0, 0, 1]));
         let (header, repr) = parse_ndp(eth.payload());

@@ -1,55 +1,16 @@
-//! The DHCPv4 server on the gateway: hands the guest its /30.
+//! The DHCPv4 server on the gateway: hands the guest its /30 (see `config::addressing`).
 //!
-//! Slot N of the pool gets the /30 at `pool base + 4N`: the gateway is `+1`, the guest `+2`.
 //! The server answers DISCOVER with OFFER, REQUEST for the guest's address with ACK (anything
 //! else with NAK) and INFORM with ACK; router and DNS are the gateway, the MTU goes in option 26.
 //! There is one guest per link, so there is no lease table: the address is always the same.
 
-use std::net::Ipv4Addr;
-
-use ipnet::Ipv4Net;
+use crate::config::addressing::LinkAddrs;
 use smoltcp::wire::{
     DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress, Ipv4Address,
 };
 
 /// DHCP option 26: interface MTU.
 const OPTION_MTU: u8 = 26;
-
-/// Addresses of one guest link, derived from the pool and the slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkAddrs {
-    pub gateway: Ipv4Addr,
-    pub guest: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl LinkAddrs {
-    /// The /30 of `slot` in `pool`; an error names the pool and the slot count it allows.
-    pub fn for_slot(pool: Ipv4Net, slot: u32) -> Result<Self, String> {
-        if pool.prefix_len() > 30 {
-            return Err(format!(
-                "ipv4_pool {pool}: prefix must be /30 or shorter (each guest needs a /30)"
-            ));
-        }
-        let slots = 1u64 << (30 - pool.prefix_len());
-        if u64::from(slot) >= slots {
-            return Err(format!(
-                "slot {slot} is outside ipv4_pool {pool}, which has slots 0..={}",
-                slots - 1
-            ));
-        }
-        let base = u32::from(pool.network()) + slot * 4;
-        Ok(LinkAddrs {
-            gateway: Ipv4Addr::from(base + 1),
-            guest: Ipv4Addr::from(base + 2),
-            prefix_len: 30,
-        })
-    }
-
-    pub fn netmask(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix_len)))
-    }
-}
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -153,24 +114,4 @@ impl DhcpServer {
 /// smoltcp's DHCP representation carries DNS servers in a fixed-capacity vector.
 fn heapless_dns() -> heapless::Vec<Ipv4Address, { smoltcp::wire::DHCP_MAX_DNS_SERVER_COUNT }> {
     heapless::Vec::new()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_carve_slash_30s() {
-        let pool: Ipv4Net = "172.16.0.0/12".parse().unwrap();
-        let s0 = LinkAddrs::for_slot(pool, 0).unwrap();
-        assert_eq!(s0.gateway, Ipv4Addr::new(172, 16, 0, 1));
-        assert_eq!(s0.guest, Ipv4Addr::new(172, 16, 0, 2));
-        assert_eq!(s0.netmask(), Ipv4Addr::new(255, 255, 255, 252));
-        let s3 = LinkAddrs::for_slot(pool, 3).unwrap();
-        assert_eq!(s3.guest, Ipv4Addr::new(172, 16, 0, 14));
-        let last = LinkAddrs::for_slot(pool, (1 << 18) - 1).unwrap();
-        assert_eq!(last.guest, Ipv4Addr::new(172, 31, 255, 254));
-        assert!(LinkAddrs::for_slot(pool, 1 << 18).is_err());
-        assert!(LinkAddrs::for_slot("10.0.0.0/31".parse().unwrap(), 0).is_err());
-    }
 }

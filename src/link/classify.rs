@@ -12,33 +12,25 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+pub use crate::stack::frames::TcpHead;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet,
     Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
     UdpPacket,
 };
 
-/// A TCP segment's header facts the flow table needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TcpHead {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub syn: bool,
-    pub ack: bool,
-    pub rst: bool,
-    pub fin: bool,
-    pub seq: u32,
-    pub ack_number: u32,
-    pub payload_len: usize,
-}
-
 /// What a guest frame is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Classified<'a> {
-    /// ARP request or reply addressed to `target`.
-    Arp { target: Ipv4Addr, request: bool },
-    /// A DHCP (UDP 68 -> 67) message; the payload is the BOOTP message.
-    Dhcp { payload: &'a [u8] },
+    /// ARP request or reply from `sender` (`sender_mac`) addressed to `target`.
+    Arp {
+        sender: Ipv4Addr,
+        sender_mac: [u8; 6],
+        target: Ipv4Addr,
+        request: bool,
+    },
+    /// A DHCP (UDP 68 -> 67) message from `src`; the payload is the BOOTP message.
+    Dhcp { src: Ipv4Addr, payload: &'a [u8] },
     /// A UDP datagram to anywhere else.
     Udp {
         src: SocketAddr,
@@ -57,7 +49,7 @@ pub enum Classified<'a> {
     },
     /// ICMP/ICMPv6 that is not an echo request (replies, errors, neighbour advertisements from
     /// the guest): for the gateway only.
-    IcmpOther { dst: IpAddr },
+    IcmpOther { src: IpAddr, dst: IpAddr },
     /// An IPv6 router solicitation from `src` (`::` before the guest has an address).
     RouterSolicit { src: Ipv6Addr },
     /// An IPv6 neighbour solicitation from `src` for `target`.
@@ -72,7 +64,10 @@ impl Classified<'_> {
         match self {
             Classified::Udp { src, .. } => Some(src.ip()),
             Classified::Tcp(head) => Some(head.src.ip()),
-            Classified::IcmpEcho { src, .. } => Some(*src),
+            Classified::IcmpEcho { src, .. } | Classified::IcmpOther { src, .. } => Some(*src),
+            Classified::Dhcp { src, .. } | Classified::Arp { sender: src, .. } => {
+                Some(IpAddr::V4(*src))
+            }
             Classified::RouterSolicit { src } | Classified::NeighborSolicit { src, .. } => {
                 Some(IpAddr::V6(*src))
             }
@@ -132,9 +127,13 @@ fn classify_arp(payload: &[u8]) -> Classified<'_> {
     match ArpRepr::parse(&packet) {
         Ok(ArpRepr::EthernetIpv4 {
             operation,
+            source_hardware_addr,
+            source_protocol_addr,
             target_protocol_addr,
             ..
         }) => Classified::Arp {
+            sender: source_protocol_addr,
+            sender_mac: source_hardware_addr.0,
             target: target_protocol_addr,
             request: operation == ArpOperation::Request,
         },
@@ -220,7 +219,9 @@ fn classify_transport<'a>(
             }
             let data = &body[8..usize::from(udp.len()).min(body.len()).max(8)];
             if is_dhcp(&udp) {
-                return Classified::Dhcp { payload: data };
+                if let IpAddr::V4(src) = src {
+                    return Classified::Dhcp { src, payload: data };
+                }
             }
             if not_unicast {
                 return Classified::Drop(DropReason::Broadcast);
@@ -276,7 +277,10 @@ fn classify_icmpv4(src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Classified<'_> 
             data: &body[8..],
         }
     } else {
-        Classified::IcmpOther { dst: dst.into() }
+        Classified::IcmpOther {
+            src: src.into(),
+            dst: dst.into(),
+        }
     }
 }
 
@@ -315,7 +319,10 @@ fn classify_icmpv6(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, body: &[u8]) -> 
             seq: icmp.echo_seq_no(),
             data: &body[8..],
         },
-        _ => Classified::IcmpOther { dst: dst.into() },
+        _ => Classified::IcmpOther {
+            src: src.into(),
+            dst: dst.into(),
+        },
     }
 }
 

@@ -1,14 +1,15 @@
-//! The gateway's DNS service wired to the guest link: UDP and TCP port 53.
+//! The gateway's DNS service as a kind of flow: UDP and TCP port 53, terminated at the gateway.
 //!
 //! `dns::DnsService` does the DNS work (blocking, rebind protection, forwarding, the IP -> names
-//! cache). This module connects it to the datapath: datagrams from the guest become queries and
+//! cache). This module connects it to the guest: datagrams from the guest become queries and
 //! answers become frames from the address the guest asked; DNS over TCP is terminated in a
-//! smoltcp socket (no host socket) with one length-prefix framer per connection. The policy is
-//! the service's judge of names.
+//! smoltcp socket (no host socket) with one length-prefix framer per connection, at most
+//! `dns-tcp` connections per link, each closed after `dns-tcp-idle-secs` without a query. The
+//! policy is the service's judge of names.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -18,7 +19,7 @@ use crate::dns::{ClientKey, DnsService, DomainJudge, TcpDnsFramer, Transport};
 use crate::flow::tcp::listening_socket;
 use crate::flow::FlowKey;
 use crate::policy::Policy;
-use crate::stack::frames::{self, Link};
+use crate::stack::frames;
 use crate::stack::GuestStack;
 
 /// The policy as the DNS service's judge of names and addresses.
@@ -37,6 +38,7 @@ struct DnsTcpConn {
     id: u64,
     handle: SocketHandle,
     framer: TcpDnsFramer,
+    last_active: Instant,
 }
 
 pub struct GatewayDns {
@@ -80,7 +82,6 @@ impl GatewayDns {
         payload: &[u8],
         policy: &Policy,
         stack: &mut GuestStack,
-        link: &Link,
     ) {
         let key = ClientKey {
             src,
@@ -92,7 +93,7 @@ impl GatewayDns {
             .service
             .handle_query(key, payload, &judge, Instant::now())
         {
-            queue_udp_answer(stack, link, dst, src, &answer);
+            queue_udp_answer(stack, dst, src, &answer);
         }
     }
 
@@ -107,9 +108,66 @@ impl GatewayDns {
                 id,
                 handle,
                 framer: TcpDnsFramer::new(),
+                last_active: Instant::now(),
             },
         );
         stack.receive(syn_frame);
+    }
+
+    /// Closes (resets) the DNS-over-TCP connections idle for longer than `idle`; returns how
+    /// many.
+    pub fn expire_tcp(&mut self, now: Instant, idle: Duration, stack: &mut GuestStack) -> usize {
+        let stale: Vec<FlowKey> = self
+            .tcp
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_active) > idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &stale {
+            if let Some(conn) = self.tcp.get(key) {
+                stack.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+            }
+        }
+        if !stale.is_empty() {
+            // Let smoltcp send the resets; `pump_tcp` removes the closed sockets.
+            stack.poll();
+            self.pump_tcp_closed(stack);
+        }
+        stale.len()
+    }
+
+    /// Removes the connections whose socket is closed.
+    fn pump_tcp_closed(&mut self, stack: &mut GuestStack) {
+        let closed: Vec<FlowKey> = self
+            .tcp
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    stack.sockets.get::<tcp::Socket>(c.handle).state(),
+                    tcp::State::Closed | tcp::State::TimeWait
+                )
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in closed {
+            self.remove_tcp(&key, stack);
+        }
+    }
+
+    fn remove_tcp(&mut self, key: &FlowKey, stack: &mut GuestStack) {
+        if let Some(conn) = self.tcp.remove(key) {
+            stack.sockets.remove(conn.handle);
+            self.service.cancel_tcp_client(conn.id);
+        }
+    }
+
+    /// Forgets every DNS-over-TCP connection (the guest restarted; its sockets are gone).
+    pub fn reset(&mut self) {
+        let ids: Vec<u64> = self.tcp.values().map(|c| c.id).collect();
+        for id in ids {
+            self.service.cancel_tcp_client(id);
+        }
+        self.tcp.clear();
     }
 
     /// Reads queries from the TCP connections, answers what can be answered now, and closes
@@ -124,6 +182,7 @@ impl GatewayDns {
                     Ok(n) => n,
                     Err(_) => break,
                 };
+                conn.last_active = Instant::now();
                 let messages = match conn.framer.push(&self.buf[..n]) {
                     Ok(m) => m,
                     Err(e) => {
@@ -155,20 +214,17 @@ impl GatewayDns {
             }
         }
         for key in finished {
-            if let Some(conn) = self.tcp.remove(&key) {
-                stack.sockets.remove(conn.handle);
-                self.service.cancel_tcp_client(conn.id);
-            }
+            self.remove_tcp(&key, stack);
         }
     }
 
     /// Upstream answers and timeouts: delivers whatever is ready.
-    pub fn poll(&mut self, policy: &Policy, stack: &mut GuestStack, link: &Link) {
+    pub fn poll(&mut self, policy: &Policy, stack: &mut GuestStack) {
         let judge = PolicyJudge(policy);
         for (client, answer) in self.service.poll(&judge, Instant::now()) {
             let (src, dst) = (client.src, client.dst);
             match client.transport {
-                Transport::Udp => queue_udp_answer(stack, link, dst, src, &answer),
+                Transport::Udp => queue_udp_answer(stack, dst, src, &answer),
                 Transport::Tcp(id) => {
                     if let Some(conn) = self.tcp.values().find(|c| c.id == id) {
                         let sock = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
@@ -180,17 +236,11 @@ impl GatewayDns {
     }
 }
 
-fn queue_udp_answer(
-    stack: &mut GuestStack,
-    link: &Link,
-    from: SocketAddr,
-    to: SocketAddr,
-    answer: &[u8],
-) {
-    let frame = frames::udp_to_guest(link, from, to, answer.len(), false, |b| {
+fn queue_udp_answer(stack: &mut GuestStack, from: SocketAddr, to: SocketAddr, answer: &[u8]) {
+    let frame = frames::udp_to_guest(&stack.macs, from, to, answer.len(), false, |b| {
         b.copy_from_slice(answer)
     });
-    stack.link.queue_frame(frame);
+    stack.port.queue_frame(frame);
 }
 
 fn send_framed(sock: &mut tcp::Socket<'static>, answer: &[u8]) {

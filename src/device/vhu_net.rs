@@ -1,0 +1,296 @@
+//! `VhostUserBackend` for virtio-net: features, config space, and the worker's events.
+//!
+//! One [`NetBackend`] serves one VMM connection. Its state (the link, guest memory, the
+//! negotiated header layout) sits behind one mutex that the vring worker holds for each event
+//! and that the control thread takes to change memory or stop a ring, so GET_VRING_BASE waits
+//! for a drain in flight and never sees a ring half-used.
+//!
+//! Events: a TX kick drains the TX queue into the link; an RX kick means the guest gave us
+//! buffers; the link's own fds (host sockets, timer) are passed on by index. After each event
+//! the link moves what it can and writes frames for the guest through an [`RxPort`].
+//!
+//! Restarts: when the rings are stopped (GET_VRING_BASE) and later run again from index 0 (a
+//! rebooted guest, a reset driver), or the VMM sends RESET_DEVICE, the link forgets every flow
+//! and queued frame: a new driver must not receive the old one's frames.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::rx_port::RxPort;
+use super::virtqueue;
+use super::{
+    DeviceSettings, GuestMemory, LinkDriver, FIRST_LINK_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES,
+    RX_QUEUE, TX_QUEUE,
+};
+use crate::observe::{Counters, LogGate};
+
+/// What the device counts.
+#[derive(Default, Debug, Clone)]
+pub struct DeviceCounters {
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    /// Malformed descriptor chains, by direction ("tx-bad-chain", "rx-bad-chain").
+    pub drops: Counters,
+}
+
+/// Everything the worker and the control thread share, behind one lock.
+struct DeviceState<L> {
+    link: L,
+    mem: Option<GuestMemory>,
+    hdr_len: usize,
+    mergeable: bool,
+    scratch: Vec<u8>,
+    counters: DeviceCounters,
+    /// A ring was stopped (GET_VRING_BASE); see `check_restart`.
+    stopped: bool,
+    bad_chain_log: LogGate,
+}
+
+/// The `VhostUserBackend` of one VMM connection, over the link `L`.
+pub struct NetBackend<L> {
+    settings: DeviceSettings,
+    state: Mutex<DeviceState<L>>,
+    /// The link's fds, fixed at creation.
+    link_fds: Vec<RawFd>,
+    exit: (EventConsumer, EventNotifier),
+}
+
+impl<L: LinkDriver> NetBackend<L> {
+    pub fn new(settings: DeviceSettings, link: L) -> io::Result<Self> {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let link_fds = link.watched_fds();
+        Ok(NetBackend {
+            settings,
+            link_fds,
+            state: Mutex::new(DeviceState {
+                link,
+                mem: None,
+                hdr_len: 12,
+                mergeable: false,
+                scratch: Vec::with_capacity(virtqueue::MAX_FRAME),
+                counters: DeviceCounters::default(),
+                stopped: false,
+                bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
+            }),
+            exit,
+        })
+    }
+
+    /// The fds the worker thread must watch besides the queues, with their event ids.
+    pub fn extra_fds(&self) -> Vec<(RawFd, u16)> {
+        self.link_fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (*fd, FIRST_LINK_EVENT + i as u16))
+            .collect()
+    }
+
+    /// A copy of the device's counters.
+    pub fn counters(&self) -> DeviceCounters {
+        self.lock().counters.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState<L>> {
+        // A panic while holding the lock would be a bug; keep serving with what is there.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The virtio-net config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+    fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.settings.guest_mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.settings.mtu.to_le_bytes());
+        c
+    }
+}
+
+/// Whether a ring is set up, started and enabled: only then may it be read or written.
+fn running(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
+impl<L: LinkDriver> DeviceState<L> {
+    /// After a stop, the first event that finds both rings running again decides whether the
+    /// driver restarted from scratch (both rings at index 0): then the link is reset.
+    fn check_restart(&mut self, rx: &VringRwLock, tx: &VringRwLock) {
+        if !self.stopped || !running(rx) || !running(tx) {
+            return;
+        }
+        self.stopped = false;
+        let from_zero = [rx, tx].iter().all(|v| {
+            let state = v.get_ref();
+            let q = state.get_queue();
+            q.next_avail() == 0 && q.next_used() == 0
+        });
+        if from_zero {
+            debug!("rings restarted from 0: resetting the link");
+            self.link.reset();
+        }
+    }
+
+    fn handle_event(&mut self, event: u16, rx: &VringRwLock, tx: &VringRwLock) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let mem = mem.memory();
+        self.check_restart(rx, tx);
+        match event {
+            TX_QUEUE if running(tx) => {
+                let hdr_len = self.hdr_len;
+                let link = &mut self.link;
+                let stats = virtqueue::drain_tx(tx, &mem, hdr_len, &mut self.scratch, |frame| {
+                    link.guest_frame(frame)
+                });
+                self.counters.tx_frames += stats.frames;
+                if stats.bad_chains > 0 {
+                    self.counters.drops.add("tx-bad-chain", stats.bad_chains);
+                    if let Some(suppressed) = self.bad_chain_log.admit(Instant::now()) {
+                        warn!(
+                            count = stats.bad_chains,
+                            total = self.counters.drops.get("tx-bad-chain"),
+                            suppressed,
+                            "dropped bad TX descriptor chains"
+                        );
+                    }
+                }
+            }
+            TX_QUEUE | RX_QUEUE => {}
+            id if id >= FIRST_LINK_EVENT => self.link.fd_ready(usize::from(id - FIRST_LINK_EVENT)),
+            _ => {}
+        }
+        let mut port = RxPort::new(rx, &mem, self.hdr_len, self.mergeable);
+        self.link.service(&mut port);
+        self.counters.rx_frames += port.delivered;
+        self.counters.drops.add("rx-bad-chain", port.dropped);
+        port.finish();
+    }
+}
+
+/// The virtio feature bits we offer.
+pub fn offered_features() -> u64 {
+    (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_NET_F_MAC)
+        | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        | (1 << VIRTIO_NET_F_STATUS)
+        | (1 << VIRTIO_NET_F_MTU)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        offered_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(
+            features = format_args!("{features:#x}"),
+            "VMM acked features"
+        );
+        let v1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
+        let mut state = self.lock();
+        state.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        state.hdr_len = virtqueue::header_len(v1 || state.mergeable);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library applies it to each vring; the device asks the vrings.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The vhost crate bounds `size` (at most 256 bytes) before it calls us; the reply must
+        // be exactly `size` bytes, zero beyond the fields we have.
+        let space = self.config_space();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(space.len());
+        let end = start.saturating_add(size as usize).min(space.len());
+        out[..end - start].copy_from_slice(&space[start..end]);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        self.lock().mem = Some(mem);
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        debug!("VMM reset the device: resetting the link");
+        let mut state = self.lock();
+        state.stopped = false;
+        state.link.reset();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Taking the lock waits for an event being handled (a TX drain, an RX fill) to end;
+        // the library has already marked the ring not ready, so no later event touches it.
+        let mut state = self.lock();
+        state.stopped = true;
+        debug!(queue_index, "ring stopped");
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![(1 << NUM_QUEUES) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset.contains(EventSet::ERROR) && device_event >= FIRST_LINK_EVENT {
+            debug!(device_event, "error event on a link fd");
+        }
+        let [rx, tx] = vrings else {
+            return Ok(());
+        };
+        self.lock().handle_event(device_event, rx, tx);
+        Ok(())
+    }
+}

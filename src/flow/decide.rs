@@ -1,0 +1,374 @@
+//! Deciding a new flow: the policy, the names the guest resolved, the link's budgets, and a
+//! bounded memory of what was denied.
+//!
+//! Theory of operation. A flow is decided once, at its first frame. [`Decider::decide`] asks
+//! the compiled policy (with the names the DNS cache holds for the destination, looked up by
+//! the canonical address), then, for an allowed flow, the caller's capacity check (flow
+//! budgets, `max_connections`). A policy denial is remembered in an LRU of `denied-memo`
+//! entries for `denied-memo-secs`, so a guest retransmitting a denied SYN is neither re-judged
+//! nor re-logged; a capacity denial is *not* remembered (the flow may fit a moment later).
+//! Allowed DNS pairs are remembered the same way so DNS traffic is decided once per pair.
+//!
+//! Every decision is logged with its reason, through [`DecisionLog`]: the first decision for a
+//! (protocol, destination, action) is written at once, repeats within the aggregation window are
+//! counted and summarised in one line, and at most `decision-log-rate` lines a second are
+//! written (the rest counted and reported). A guest flooding SYNs gets a few lines, not one per
+//! packet.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use tracing::info;
+
+use crate::policy::{Direction, FlowQuery, Policy, Protocol};
+
+use super::FlowKey;
+
+/// Repeats of one (protocol, destination, action) within this window share one summary line.
+pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(10);
+/// (protocol, destination, action) keys tracked for aggregation at once.
+pub const AGGREGATION_KEYS: usize = 1024;
+
+/// Where the names of a decision came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NameSource {
+    DnsCache,
+    Sni,
+}
+
+impl NameSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            NameSource::DnsCache => "dns-cache",
+            NameSource::Sni => "sni",
+        }
+    }
+}
+
+/// One decision to log.
+pub struct DecisionEvent<'a> {
+    pub protocol: Protocol,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub allowed: bool,
+    pub reason: &'a str,
+    pub names: &'a [String],
+    pub source: NameSource,
+}
+
+/// (protocol, destination, action, where the names came from): the SYN and the SNI decision
+/// of one TLS flow are two decisions.
+type AggKey = (Protocol, SocketAddr, bool, NameSource);
+
+/// The decision log with aggregation and a rate limit.
+pub struct DecisionLog {
+    lines_per_sec: usize,
+    second_start: Option<Instant>,
+    lines_this_second: usize,
+    /// Decisions not written because of the rate limit, since the last report.
+    rate_suppressed: u64,
+    /// Per key: when its line was written, and how many repeats were not.
+    recent: LruCache<AggKey, (Instant, u64)>,
+    /// Lines written in all (for tests and counters).
+    pub lines: u64,
+}
+
+impl DecisionLog {
+    pub fn new(lines_per_sec: usize) -> Self {
+        DecisionLog {
+            lines_per_sec: lines_per_sec.max(1),
+            second_start: None,
+            lines_this_second: 0,
+            rate_suppressed: 0,
+            recent: LruCache::new(NonZeroUsize::new(AGGREGATION_KEYS).expect("nonzero")),
+            lines: 0,
+        }
+    }
+
+    fn rate_allows(&mut self, now: Instant) -> bool {
+        if self
+            .second_start
+            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
+        {
+            self.second_start = Some(now);
+            self.lines_this_second = 0;
+        }
+        if self.lines_this_second < self.lines_per_sec {
+            self.lines_this_second += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Logs `ev` now, or counts it toward a summary.
+    pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
+        let key = (ev.protocol, ev.dst, ev.allowed, ev.source);
+        if let Some((at, repeats)) = self.recent.get_mut(&key) {
+            if now.duration_since(*at) < AGGREGATION_WINDOW {
+                *repeats += 1;
+                return;
+            }
+        }
+        if let Some((old_key, (_, repeats))) = self.recent.pop_entry(&key) {
+            self.summarise(old_key, repeats, now);
+        }
+        if !self.rate_allows(now) {
+            self.rate_suppressed += 1;
+            return;
+        }
+        if let Some((old_key, (_, repeats))) = self.recent.push(key, (now, 0)) {
+            if old_key != key {
+                self.summarise(old_key, repeats, now);
+            }
+        }
+        self.lines += 1;
+        let action = if ev.allowed { "allow" } else { "deny" };
+        let proto = ev.protocol.name();
+        if ev.names.is_empty() {
+            info!(action = %action, proto = %proto, src = %ev.src, dst = %ev.dst, reason = ?ev.reason, "decision");
+        } else {
+            let names = ev.names.join(",");
+            info!(
+                action = %action, proto = %proto, src = %ev.src, dst = %ev.dst, reason = ?ev.reason,
+                domains = %names, domain_source = ev.source.as_str(), "decision"
+            );
+        }
+    }
+
+    /// A summary line for `repeats` decisions of `key` that were not logged one by one.
+    fn summarise(&mut self, key: AggKey, repeats: u64, now: Instant) {
+        if repeats == 0 {
+            return;
+        }
+        if !self.rate_allows(now) {
+            self.rate_suppressed += repeats;
+            return;
+        }
+        self.lines += 1;
+        let (protocol, dst, allowed, _) = key;
+        let action = if allowed { "allow" } else { "deny" };
+        info!(action = %action, proto = %protocol.name(), dst = %dst, repeats, window_secs = AGGREGATION_WINDOW.as_secs(), "decision repeated");
+    }
+
+    /// Writes the summaries of windows that ended, and the rate-limit report.
+    pub fn flush(&mut self, now: Instant) {
+        let ended: Vec<AggKey> = self
+            .recent
+            .iter()
+            .filter(|(_, (at, _))| now.duration_since(*at) >= AGGREGATION_WINDOW)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in ended {
+            if let Some((_, repeats)) = self.recent.pop(&key) {
+                self.summarise(key, repeats, now);
+            }
+        }
+        if self.rate_suppressed > 0 && self.rate_allows(now) {
+            self.lines += 1;
+            info!(
+                suppressed = self.rate_suppressed,
+                limit_per_sec = self.lines_per_sec,
+                "decisions not logged (decision-log-rate)"
+            );
+            self.rate_suppressed = 0;
+        }
+    }
+}
+
+/// What the flow's caller says about room for it.
+pub type Capacity = Result<(), String>;
+
+/// The policy judge of one link, with its memories and its log.
+pub struct Decider {
+    policy: Arc<Policy>,
+    denied: LruCache<(Protocol, FlowKey), Instant>,
+    dns_allowed: LruCache<(Protocol, FlowKey), Instant>,
+    memo_time: Duration,
+    pub log: DecisionLog,
+}
+
+impl Decider {
+    pub fn new(
+        policy: Arc<Policy>,
+        memo_entries: usize,
+        memo_time: Duration,
+        log_rate: usize,
+    ) -> Self {
+        let cap = NonZeroUsize::new(memo_entries.max(1)).expect("nonzero");
+        Decider {
+            policy,
+            denied: LruCache::new(cap),
+            dns_allowed: LruCache::new(cap),
+            memo_time,
+            log: DecisionLog::new(log_rate),
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Denied flows remembered now.
+    pub fn denied_memo_len(&self) -> usize {
+        self.denied.len()
+    }
+
+    fn remembered(
+        memo: &mut LruCache<(Protocol, FlowKey), Instant>,
+        key: &(Protocol, FlowKey),
+        memo_time: Duration,
+        now: Instant,
+    ) -> bool {
+        match memo.get(key) {
+            Some(at) if now.duration_since(*at) < memo_time => true,
+            Some(_) => {
+                memo.pop(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Decides a new flow from `src` to `dst`; `names` are the DNS cache's names for `dst`.
+    /// `capacity` is asked only for a flow the policy allows.
+    pub fn decide(
+        &mut self,
+        protocol: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+        names: &[String],
+        capacity: impl FnOnce() -> Capacity,
+        now: Instant,
+    ) -> bool {
+        let memo = (protocol, (src, dst));
+        if Self::remembered(&mut self.denied, &memo, self.memo_time, now) {
+            return false;
+        }
+        let decision = self.policy.decide(&FlowQuery {
+            direction: Direction::Egress,
+            protocol,
+            dst: dst.ip(),
+            dst_port: Some(dst.port()),
+            domains: names,
+        });
+        let (allowed, reason, remember) = if decision.allowed() {
+            match capacity() {
+                Ok(()) => (true, decision.reason.to_string(), false),
+                Err(why) => (false, why, false),
+            }
+        } else {
+            (false, decision.reason.to_string(), true)
+        };
+        self.log.record(
+            &DecisionEvent {
+                protocol,
+                src,
+                dst,
+                allowed,
+                reason: &reason,
+                names,
+                source: NameSource::DnsCache,
+            },
+            now,
+        );
+        if remember {
+            self.denied.put(memo, now);
+        }
+        allowed
+    }
+
+    /// Remembers a flow as refused without a policy decision (its host socket could not be
+    /// opened): its retransmissions are not retried for `denied-memo-secs`.
+    pub fn remember_refused(&mut self, protocol: Protocol, key: FlowKey, now: Instant) {
+        self.denied.put((protocol, key), now);
+    }
+
+    /// Decides traffic to the DNS service once per (src, dst) pair.
+    pub fn decide_dns(
+        &mut self,
+        protocol: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+        capacity: impl FnOnce() -> Capacity,
+        now: Instant,
+    ) -> bool {
+        let memo = (protocol, (src, dst));
+        if Self::remembered(&mut self.dns_allowed, &memo, self.memo_time, now) {
+            return true;
+        }
+        let allowed = self.decide(protocol, src, dst, &[], capacity, now);
+        if allowed {
+            self.dns_allowed.put(memo, now);
+        }
+        allowed
+    }
+
+    /// Logs a decision made elsewhere (the SNI of a TLS flow).
+    pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
+        self.log.record(ev, now);
+    }
+
+    /// Forgets every memory (the guest restarted).
+    pub fn clear(&mut self) {
+        self.denied.clear();
+        self.dns_allowed.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(dst: &str, allowed: bool) -> DecisionEvent<'static> {
+        DecisionEvent {
+            protocol: Protocol::Tcp,
+            src: "172.16.0.2:4000".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            allowed,
+            reason: "test",
+            names: &[],
+            source: NameSource::DnsCache,
+        }
+    }
+
+    #[test]
+    fn repeats_are_aggregated_and_summarised_once() {
+        let mut log = DecisionLog::new(1000);
+        let t0 = Instant::now();
+        for _ in 0..500 {
+            log.record(&ev("203.0.113.7:80", false), t0);
+        }
+        assert_eq!(log.lines, 1);
+        log.flush(t0 + AGGREGATION_WINDOW);
+        assert_eq!(log.lines, 2, "one summary line for the 499 repeats");
+        log.flush(t0 + AGGREGATION_WINDOW * 2);
+        assert_eq!(log.lines, 2, "nothing more to summarise");
+    }
+
+    #[test]
+    fn distinct_destinations_are_rate_limited() {
+        let mut log = DecisionLog::new(10);
+        let t0 = Instant::now();
+        for port in 0..10_000u32 {
+            let dst = format!("203.0.113.{}:{}", port % 250, 1000 + port / 250);
+            log.record(&ev(&dst, false), t0);
+        }
+        assert!(log.lines <= 10, "{} lines", log.lines);
+        log.flush(t0 + Duration::from_secs(1));
+        assert!(log.lines <= 20, "{} lines", log.lines);
+    }
+
+    #[test]
+    fn aggregation_keys_are_bounded() {
+        let mut log = DecisionLog::new(usize::MAX);
+        let t0 = Instant::now();
+        for port in 0..5000u16 {
+            log.record(&ev(&format!("203.0.113.7:{port}"), true), t0);
+        }
+        assert!(log.recent.len() <= AGGREGATION_KEYS);
+    }
+}

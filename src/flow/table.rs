@@ -1,0 +1,185 @@
+//! The flow table of one link: every flow that was allowed, with its host socket and budget.
+//!
+//! Host sockets of one link live in one nested epoll instance (edge-triggered), which the vring
+//! worker watches as a single fd; each socket is registered with its flow's token. Flows are
+//! keyed by (guest source, guest-visible destination); echo sessions by (source, destination,
+//! identifier). Each kind has its own budget (`tcp-flows`, `udp-flows`, `icmp-flows`, plus
+//! `tcp-connecting` and `tls-hellos` for the TCP flows in those stages), and the policy's
+//! `max_connections` bounds them together: [`FlowTable::room_for`] says whether one more fits.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::icmp::{EchoFlow, EchoKey};
+use super::tcp::TcpFlow;
+use super::udp::UdpFlow;
+use super::FlowKey;
+use crate::limits::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowRef {
+    Tcp(FlowKey),
+    Udp(FlowKey),
+    Echo(EchoKey),
+}
+
+/// A kind of flow that needs room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewFlow {
+    /// A TCP flow whose host connect starts now; `gated`: it will wait for a ClientHello.
+    Tcp {
+        gated: bool,
+    },
+    Udp,
+    Echo,
+}
+
+pub struct FlowTable {
+    epoll: Epoll,
+    pub tcp: HashMap<FlowKey, TcpFlow>,
+    pub udp: HashMap<FlowKey, UdpFlow>,
+    pub echo: HashMap<EchoKey, EchoFlow>,
+    tokens: HashMap<u64, FlowRef>,
+    next_token: u64,
+}
+
+impl FlowTable {
+    pub fn new() -> io::Result<Self> {
+        Ok(FlowTable {
+            epoll: Epoll::new()?,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            echo: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 1,
+        })
+    }
+
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Flows that count against `max_connections`.
+    pub fn len(&self) -> usize {
+        self.tcp.len() + self.udp.len() + self.echo.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// TCP flows whose host connect is in progress.
+    pub fn tcp_connecting(&self) -> usize {
+        self.tcp.values().filter(|f| f.is_dialing()).count()
+    }
+
+    /// TCP flows held at the SNI gate.
+    pub fn tls_hellos(&self) -> usize {
+        self.tcp.values().filter(|f| f.middle.is_some()).count()
+    }
+
+    /// Whether one more flow of `kind` fits the link's budgets; the error is the reason logged.
+    pub fn room_for(
+        &self,
+        kind: NewFlow,
+        limits: &Limits,
+        max_connections: Option<usize>,
+    ) -> Result<(), String> {
+        let full = |name: &str, limit: usize| Err(format!("limit {name} ({limit}) reached"));
+        if let Some(max) = max_connections {
+            if self.len() >= max {
+                return Err(format!("max_connections ({max}) reached"));
+            }
+        }
+        match kind {
+            NewFlow::Tcp { gated } => {
+                if self.tcp.len() >= limits.tcp_flows {
+                    return full("tcp-flows", limits.tcp_flows);
+                }
+                if self.tcp_connecting() >= limits.tcp_connecting {
+                    return full("tcp-connecting", limits.tcp_connecting);
+                }
+                if gated && self.tls_hellos() >= limits.tls_hellos {
+                    return full("tls-hellos", limits.tls_hellos);
+                }
+            }
+            NewFlow::Udp if self.udp.len() >= limits.udp_flows => {
+                return full("udp-flows", limits.udp_flows)
+            }
+            NewFlow::Echo if self.echo.len() >= limits.icmp_flows => {
+                return full("icmp-flows", limits.icmp_flows)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Registers a host socket and returns the token its events will carry.
+    pub fn register(&mut self, fd: RawFd, flow: FlowRef) -> io::Result<u64> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let events = EventSet::IN
+            | EventSet::OUT
+            | EventSet::READ_HANG_UP
+            | EventSet::HANG_UP
+            | EventSet::ERROR
+            | EventSet::EDGE_TRIGGERED;
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
+        self.tokens.insert(token, flow);
+        Ok(token)
+    }
+
+    /// Drains the ready host-socket events without blocking.
+    pub fn ready_events(&self, out: &mut Vec<(FlowRef, EventSet)>) {
+        let mut events = [EpollEvent::default(); 64];
+        // Bounded: at most as many rounds as there are sockets, plus one.
+        for _ in 0..=self.tokens.len() / events.len() + 1 {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for ev in &events[..n] {
+                if let Some(flow) = self.tokens.get(&ev.data()) {
+                    out.push((*flow, ev.event_set()));
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
+        let flow = self.tcp.remove(key)?;
+        self.tokens.remove(&flow.token);
+        Some(flow)
+    }
+
+    pub fn remove_echo(&mut self, key: &EchoKey) -> Option<EchoFlow> {
+        let flow = self.echo.remove(key)?;
+        self.tokens.remove(&flow.token);
+        Some(flow)
+    }
+
+    pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
+        let flow = self.udp.remove(key)?;
+        self.tokens.remove(&flow.token);
+        Some(flow)
+    }
+
+    /// Closes every flow (their sockets leave the epoll as they close).
+    pub fn clear(&mut self) {
+        for flow in self.tcp.values() {
+            flow.host.reset_on_close();
+        }
+        self.tcp.clear();
+        self.udp.clear();
+        self.echo.clear();
+        self.tokens.clear();
+    }
+}

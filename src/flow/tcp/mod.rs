@@ -1,0 +1,229 @@
+//! A guest TCP connection carried over a host TCP socket, as a pipeline of stages:
+//! guest end <-> optional middle stage <-> host end.
+//!
+//! Theory of operation. The guest's SYN is held while netfence connects the host end
+//! ([`host_end`], non-blocking); the connect counts against `tcp-connecting` and times out after
+//! `connect-timeout-secs`. Only when the host side is connected does the guest end (a smoltcp
+//! socket listening on the guest's destination) receive the held SYN, so the guest's handshake
+//! completes exactly when the far end accepted; a refusal becomes an RST (or an ICMP
+//! unreachable) to the guest instead. A guest that then never completes its handshake loses the
+//! flow after `handshake-timeout-secs`.
+//!
+//! Then bytes move both ways with no buffer of our own: host -> guest reads the host socket
+//! straight into smoltcp's send buffer only while it has room, guest -> host writes smoltcp's
+//! receive buffer straight into the host socket only while it accepts. A full buffer on either
+//! side closes the TCP window on the other (backpressure). FIN becomes shutdown(SHUT_WR) and
+//! back; an RST or a socket error on either side aborts the other side.
+//!
+//! A middle stage sits between the two ends when the flow needs one: today the SNI gate
+//! ([`sni_gate`]), which holds the guest's first bytes until the TLS server name is judged.
+//! While a middle stage is in place the ends do not move bytes; the flow engine asks the stage.
+
+pub mod host_end;
+pub mod sni_gate;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use smoltcp::iface::{SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{IpAddress, IpListenEndpoint};
+
+use self::host_end::HostEnd;
+use self::sni_gate::SniGate;
+use crate::stack::frames::TcpHead;
+
+/// Bytes of smoltcp buffer per direction per connection: the most a flow holds.
+pub const TCP_BUFFER_BYTES: usize = 512 * 1024;
+
+/// The guest end of a flow.
+pub enum GuestEnd {
+    /// The guest's SYN (the frame and its header), held while the host end connects.
+    Held { syn_frame: Vec<u8>, syn: TcpHead },
+    /// A smoltcp socket terminates the guest's connection; `since` it received the SYN.
+    Socket {
+        handle: SocketHandle,
+        since: Instant,
+    },
+}
+
+pub struct TcpFlow {
+    pub token: u64,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
+    pub host: HostEnd,
+    pub guest_end: GuestEnd,
+    /// The middle stage, while there is one.
+    pub middle: Option<SniGate>,
+    pub started: Instant,
+    /// The last time a byte moved either way (or the flow changed stage).
+    pub last_active: Instant,
+    /// The guest's FIN was seen (its data ends where the receive buffer ends).
+    pub guest_fin_seen: bool,
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
+}
+
+/// What happened to a flow in one pump.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PumpResult {
+    Alive,
+    /// Both sides are done; remove the flow.
+    Finished,
+    /// One side failed; the other was reset.
+    Aborted(&'static str),
+}
+
+/// A smoltcp socket listening on the guest's destination, ready for the held SYN.
+pub fn listening_socket(dst: SocketAddr) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
+    let tx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
+    let mut socket = tcp::Socket::new(rx, tx);
+    socket.set_nagle_enabled(false);
+    // smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
+    // halves the frames sent while the guest uploads. A closed flow's socket lingers a little
+    // so that its last delayed ACK still goes out (see the flow engine's `close_tcp`).
+    let endpoint = IpListenEndpoint {
+        addr: Some(IpAddress::from(dst.ip())),
+        port: dst.port(),
+    };
+    // Listening fails only for port 0, which the classifier never lets through as a new flow.
+    let _ = socket.listen(endpoint);
+    socket
+}
+
+enum ReadStep {
+    Data(usize),
+    Again,
+    Eof,
+    Failed,
+}
+
+impl TcpFlow {
+    /// A flow whose host end is connecting and whose guest SYN is held.
+    pub fn new(
+        token: u64,
+        syn: TcpHead,
+        host: HostEnd,
+        syn_frame: Vec<u8>,
+        middle: Option<SniGate>,
+        now: Instant,
+    ) -> Self {
+        TcpFlow {
+            token,
+            guest: syn.src,
+            dst: syn.dst,
+            host,
+            guest_end: GuestEnd::Held { syn_frame, syn },
+            middle,
+            started: now,
+            last_active: now,
+            guest_fin_seen: false,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
+        }
+    }
+
+    /// Whether the host connect is still in progress.
+    pub fn is_dialing(&self) -> bool {
+        matches!(self.guest_end, GuestEnd::Held { .. })
+    }
+
+    /// The guest end's socket, once it exists.
+    pub fn handle(&self) -> Option<SocketHandle> {
+        match self.guest_end {
+            GuestEnd::Socket { handle, .. } => Some(handle),
+            GuestEnd::Held { .. } => None,
+        }
+    }
+
+    /// Moves bytes both ways as far as both sides allow, and propagates FIN and RST.
+    pub fn pump(&mut self, sockets: &mut SocketSet<'static>, now: Instant) -> PumpResult {
+        let Some(handle) = self.handle() else {
+            return PumpResult::Alive;
+        };
+        if self.middle.is_some() {
+            return PumpResult::Alive;
+        }
+        let sock = sockets.get_mut::<tcp::Socket>(handle);
+        let moved_before = self.bytes_to_host + self.bytes_to_guest;
+
+        // Guest -> host.
+        while self.host.writable && sock.can_recv() {
+            let host = &mut self.host.socket;
+            let result = sock.recv(|buf| match host.write(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match result {
+                Ok(Ok(n)) => self.bytes_to_host += n as u64,
+                Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => self.host.writable = false,
+                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Ok(Err(_)) | Err(_) => {
+                    sock.abort();
+                    return PumpResult::Aborted("host write failed");
+                }
+            }
+        }
+
+        // Host -> guest.
+        while self.host.readable && !self.host.eof && sock.can_send() {
+            let host = &mut self.host.socket;
+            let step = sock.send(|buf| match host.read(buf) {
+                Ok(0) => (0, ReadStep::Eof),
+                Ok(n) => (n, ReadStep::Data(n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => (0, ReadStep::Again),
+                Err(e) if e.kind() == ErrorKind::Interrupted => (0, ReadStep::Data(0)),
+                Err(_) => (0, ReadStep::Failed),
+            });
+            match step {
+                Ok(ReadStep::Data(n)) => self.bytes_to_guest += n as u64,
+                Ok(ReadStep::Again) => self.host.readable = false,
+                Ok(ReadStep::Eof) => {
+                    self.host.eof = true;
+                    sock.close();
+                }
+                Ok(ReadStep::Failed) | Err(_) => {
+                    sock.abort();
+                    return PumpResult::Aborted("host connection reset");
+                }
+            }
+        }
+        if self.bytes_to_host + self.bytes_to_guest != moved_before {
+            self.last_active = now;
+        }
+
+        // The guest sent FIN and everything before it reached the host: half-close the host.
+        if matches!(
+            sock.state(),
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+        ) {
+            self.guest_fin_seen = true;
+        }
+        if self.guest_fin_seen && !sock.can_recv() {
+            self.host.shutdown_write();
+        }
+
+        match sock.state() {
+            // Done once the guest's last bytes are on the host socket.
+            tcp::State::TimeWait if self.host.write_shut => PumpResult::Finished,
+            tcp::State::Closed if self.guest_fin_seen => {
+                if self.host.write_shut {
+                    PumpResult::Finished
+                } else {
+                    PumpResult::Alive
+                }
+            }
+            tcp::State::Closed => {
+                // The guest reset the connection: reset the host side too.
+                self.host.reset_on_close();
+                PumpResult::Aborted("guest reset")
+            }
+            _ => PumpResult::Alive,
+        }
+    }
+}

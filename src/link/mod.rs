@@ -1,0 +1,377 @@
+//! One guest link: what one queue pair's worker owns, between the device and the flows.
+//!
+//! The device ([`crate::device`]) hands the link every frame the guest sent and every ready
+//! fd, through the [`LinkDriver`] interface it owns. The link:
+//!
+//! 1. validates and classifies the frame ([`classify`], [`guard`]): malformed, spoofed and
+//!    unwanted frames are counted and dropped here, and nothing passes under `none`;
+//! 2. answers what the gateway itself serves: ARP and neighbour discovery ([`ndp`]), DHCP
+//!    ([`dhcp`]), router advertisements, pings to the gateway (smoltcp);
+//! 3. gives TCP, UDP and echo traffic to the flows ([`crate::flow`]), which decide new flows
+//!    and carry them over host sockets;
+//! 4. after each event, [`Link::service`] moves bytes until nothing more can move and writes the
+//!    frames for the guest into its receive queue (the device's [`GuestRx`]).
+//!
+//! Nothing blocks and nothing loops unbounded: a side that cannot take more simply stops being
+//! read. Time-based work (smoltcp retransmissions, timeouts) runs from one timerfd ([`timer`]).
+
+pub mod classify;
+pub mod dhcp;
+pub mod guard;
+pub mod ndp;
+pub mod timer;
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::EthernetAddress;
+use tracing::{debug, warn};
+
+use crate::config::addressing::Addressing;
+use crate::device::{GuestRx, LinkDriver, RxOutcome};
+use crate::flow::{FlowSettings, Flows};
+use crate::observe::{Counters, LogGate};
+use crate::stack::frames::{self, Macs};
+use crate::stack::GuestStack;
+
+use self::classify::{classify, Classified, DropReason};
+use self::dhcp::DhcpServer;
+use self::guard::SourceGuard;
+use self::timer::Timer;
+
+/// Housekeeping (timeouts, log summaries) runs at least this often.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Rounds of pump/flush per service call: bounded, so the worker always gets back to epoll.
+const SERVICE_ROUNDS: usize = 64;
+/// Guest IPv6 addresses remembered as introduced to smoltcp (its neighbour cache holds 8).
+const INTRODUCED_ADDRESSES: usize = 8;
+/// How often an address is introduced again (smoltcp forgets a neighbour after 60 s).
+const INTRODUCTION_REFRESH: Duration = Duration::from_secs(30);
+
+/// The link's fds, in [`LinkDriver::watched_fds`] order.
+const FD_FLOWS: usize = 0;
+const FD_TIMER: usize = 1;
+const FD_DNS: usize = 2;
+
+/// Everything a link needs to know, shared by all connections of one netfence process.
+#[derive(Clone)]
+pub struct LinkSettings {
+    pub addressing: Addressing,
+    pub gateway_mac: [u8; 6],
+    pub guest_mac: [u8; 6],
+    pub mtu: u16,
+    pub lease_secs: u32,
+    pub flows: FlowSettings,
+}
+
+/// The link of one VMM connection.
+pub struct Link {
+    settings: LinkSettings,
+    stack: GuestStack,
+    flows: Flows,
+    dhcp: DhcpServer,
+    guard: SourceGuard,
+    timer: Timer,
+    /// Frames dropped here, by reason.
+    pub counters: Counters,
+    spoof_log: LogGate,
+    /// When the last router advertisement went out; `None` until the guest solicits one
+    /// (a guest that never does has no IPv6 and gets no unsolicited ones).
+    last_advert: Option<Instant>,
+    last_housekeeping: Instant,
+    /// Guest IPv6 addresses smoltcp has been told the MAC of (see `introduce_guest`).
+    introduced: Vec<(Ipv6Addr, Instant)>,
+}
+
+impl Link {
+    pub fn new(settings: LinkSettings) -> io::Result<Self> {
+        let macs = Macs {
+            gateway_mac: EthernetAddress(settings.gateway_mac),
+            guest_mac: EthernetAddress(settings.guest_mac),
+        };
+        let addressing = settings.addressing;
+        let stack = GuestStack::new(
+            macs,
+            addressing.v4.gateway,
+            addressing.v4.prefix_len,
+            &addressing.v6,
+            settings.mtu,
+            settings.flows.limits.guest_queue_frames,
+        );
+        let dhcp = DhcpServer {
+            addrs: addressing.v4,
+            mtu: settings.mtu,
+            lease_secs: settings.lease_secs,
+        };
+        Ok(Link {
+            flows: Flows::new(settings.flows.clone())?,
+            stack,
+            dhcp,
+            guard: SourceGuard {
+                guest_mac: settings.guest_mac,
+                addressing,
+            },
+            timer: Timer::new()?,
+            counters: Counters::default(),
+            spoof_log: LogGate::new(3, Duration::from_secs(60)),
+            last_advert: None,
+            last_housekeeping: Instant::now(),
+            introduced: Vec::new(),
+            settings,
+        })
+    }
+
+    /// The flows of this link (for counters).
+    pub fn flows(&self) -> &Flows {
+        &self.flows
+    }
+
+    fn count_drop(&mut self, reason: &'static str) {
+        self.counters.inc(reason);
+        debug!(reason, "dropped guest frame");
+    }
+
+    fn guest_frame(&mut self, frame: &[u8]) {
+        if !self.settings.flows.policy.network_enabled() {
+            // `none`: no network at all, not even the gateway's own services.
+            self.count_drop("network-none");
+            return;
+        }
+        let classified = classify(frame);
+        if let Err(reason) = self.guard.check(frame, &classified) {
+            self.counters.inc(reason);
+            if let Some(suppressed) = self.spoof_log.admit(Instant::now()) {
+                let mac = frame
+                    .get(6..12)
+                    .map(|m| EthernetAddress::from_bytes(m).to_string())
+                    .unwrap_or_default();
+                warn!(reason, source_mac = %mac, source_ip = ?classified.source(), suppressed,
+                    guest_mac = %EthernetAddress(self.settings.guest_mac),
+                    "dropped a guest frame with a source that is not the guest's (does the VMM give the guest --guest-mac?)");
+            }
+            return;
+        }
+        if let Some(IpAddr::V6(src)) = classified.source() {
+            self.introduce_guest(src);
+        }
+        let addressing = self.settings.addressing;
+        match classified {
+            Classified::Arp { target, .. } => {
+                if target == addressing.v4.gateway {
+                    self.stack.receive(frame);
+                } else {
+                    self.count_drop("arp-not-gateway");
+                }
+            }
+            Classified::Dhcp { payload, .. } => self.dhcp(payload),
+            Classified::IcmpEcho { dst, .. } if addressing.is_gateway(dst) => {
+                self.stack.receive(frame)
+            }
+            Classified::IcmpEcho {
+                src,
+                dst,
+                ident,
+                seq,
+                data,
+            } => self
+                .flows
+                .echo_request(src, dst, ident, seq, data, frame, &mut self.stack),
+            Classified::IcmpOther { dst, .. } if addressing.is_gateway(dst) => {
+                self.stack.receive(frame)
+            }
+            Classified::IcmpOther { .. } => self.count_drop("icmp-other"),
+            Classified::NeighborSolicit { src, target } if addressing.v6.is_gateway(target) => {
+                let advert = ndp::neighbor_advert(&self.stack.macs, target, src);
+                self.stack.port.queue_frame(advert);
+            }
+            // smoltcp with AnyIP would claim every address; only the gateway's are ours.
+            Classified::NeighborSolicit { .. } => self.count_drop("ndp-not-gateway"),
+            Classified::RouterSolicit { src } => self.router_solicit(src),
+            Classified::Tcp(head) => self.flows.tcp_segment(head, frame, &mut self.stack),
+            Classified::Udp { src, dst, payload } => {
+                self.flows
+                    .udp_datagram(src, dst, payload, frame, &mut self.stack)
+            }
+            Classified::Drop(reason) => self.count_drop(reason.as_str()),
+        }
+    }
+
+    fn dhcp(&mut self, payload: &[u8]) {
+        let Some(reply) = self.dhcp.handle(payload) else {
+            self.count_drop("dhcp-ignored");
+            return;
+        };
+        let addrs = self.settings.addressing.v4;
+        let to = if reply.broadcast {
+            std::net::Ipv4Addr::BROADCAST
+        } else {
+            addrs.guest
+        };
+        let frame = frames::udp_to_guest(
+            &self.stack.macs,
+            SocketAddr::from((addrs.gateway, 67)),
+            SocketAddr::from((to, 68)),
+            reply.payload.len(),
+            reply.broadcast,
+            |b| b.copy_from_slice(&reply.payload),
+        );
+        debug!(guest = %addrs.guest, "DHCP reply");
+        self.stack.port.queue_frame(frame);
+    }
+
+    /// Tells smoltcp the guest's MAC for a guest IPv6 address it has not seen yet.
+    fn introduce_guest(&mut self, src: Ipv6Addr) {
+        if src.is_unspecified() || src.is_multicast() {
+            return;
+        }
+        // A short linear search per frame; housekeeping forgets entries after the refresh time.
+        if self.introduced.iter().any(|(a, _)| *a == src) {
+            return;
+        }
+        if self.introduced.len() >= INTRODUCED_ADDRESSES {
+            self.introduced.remove(0);
+        }
+        self.introduced.push((src, Instant::now()));
+        let gateway = self.settings.addressing.v6.source_for(src);
+        let frame = ndp::guest_introduction(&self.stack.macs, src, gateway);
+        self.stack.receive(&frame);
+    }
+
+    /// Answers a router solicitation with an advertisement of the guest's /64.
+    fn router_solicit(&mut self, src: Ipv6Addr) {
+        let to = if src.is_unspecified() {
+            ndp::ALL_NODES
+        } else {
+            src
+        };
+        self.send_router_advert(to);
+    }
+
+    fn send_router_advert(&mut self, to: Ipv6Addr) {
+        let addrs6 = self.settings.addressing.v6;
+        let frame = ndp::router_advert(&self.stack.macs, &addrs6, self.settings.mtu, to);
+        debug!(to = %to, prefix = %addrs6.prefix, "router advertisement");
+        self.last_advert = Some(Instant::now());
+        self.stack.port.queue_frame(frame);
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        self.last_housekeeping = now;
+        if self
+            .last_advert
+            .is_some_and(|at| now.duration_since(at) >= self.settings.flows.limits.ra_interval)
+        {
+            self.send_router_advert(ndp::ALL_NODES);
+        }
+        self.flows.housekeeping(now, &mut self.stack);
+        self.introduced
+            .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
+    }
+
+    /// Copies queued frames into the guest's RX buffers; returns how many were delivered.
+    fn flush(&mut self, rx: &mut dyn GuestRx) -> usize {
+        let mut delivered = 0;
+        while let Some(frame) = self.stack.port.to_guest.front() {
+            match rx.push(frame) {
+                RxOutcome::Delivered => delivered += 1,
+                RxOutcome::Dropped => self.counters.inc("rx-dropped"),
+                RxOutcome::NoRoom => break,
+            }
+            if let Some(frame) = self.stack.port.to_guest.pop_front() {
+                self.stack.port.recycle(frame);
+            }
+        }
+        delivered
+    }
+
+    /// Moves data until nothing more can move (or the round budget is spent), then arms the
+    /// timer for the next deadline.
+    fn service(&mut self, rx: &mut dyn GuestRx) {
+        let now = Instant::now();
+        if now.duration_since(self.last_housekeeping) >= HOUSEKEEPING {
+            // Under a constant stream of events the timer may never fire: do it here.
+            self.housekeeping(now);
+        }
+        for _ in 0..SERVICE_ROUNDS {
+            self.flows.pump(&mut self.stack);
+            self.stack.poll();
+            let before = self.stack.port.to_guest.len();
+            let delivered = self.flush(rx);
+            if delivered == 0 && before == self.stack.port.to_guest.len() {
+                break;
+            }
+            if !self.stack.port.to_guest.is_empty() && delivered == 0 {
+                break;
+            }
+        }
+        let now = Instant::now();
+        let mut deadline = self.last_housekeeping + HOUSEKEEPING;
+        if let Some(d) = self.stack.poll_delay() {
+            deadline = deadline.min(now + d);
+        }
+        if let Some(d) = self.flows.next_deadline() {
+            deadline = deadline.min(d);
+        }
+        self.timer.arm_at(deadline, now);
+    }
+}
+
+impl LinkDriver for Link {
+    fn watched_fds(&self) -> Vec<RawFd> {
+        let [flows, dns] = self.flows.fds();
+        let mut fds = vec![0; 3];
+        fds[FD_FLOWS] = flows;
+        fds[FD_TIMER] = self.timer.as_raw_fd();
+        fds[FD_DNS] = dns;
+        fds
+    }
+
+    fn guest_frame(&mut self, frame: &[u8]) {
+        Link::guest_frame(self, frame);
+    }
+
+    fn fd_ready(&mut self, index: usize) {
+        match index {
+            FD_FLOWS => self.flows.host_ready(&mut self.stack),
+            FD_TIMER => {
+                self.timer.consume();
+                let now = Instant::now();
+                if now.duration_since(self.last_housekeeping) >= HOUSEKEEPING {
+                    self.housekeeping(now);
+                }
+                self.flows.dns_ready(&mut self.stack);
+            }
+            FD_DNS => self.flows.dns_ready(&mut self.stack),
+            _ => {}
+        }
+    }
+
+    fn service(&mut self, rx: &mut dyn GuestRx) {
+        Link::service(self, rx);
+    }
+
+    fn reset(&mut self) {
+        self.flows.reset();
+        self.stack.reset();
+        self.introduced.clear();
+        self.last_advert = None;
+    }
+}
+
+/// The drop reasons of the classifier, for documentation and tests.
+pub fn drop_reasons() -> impl Iterator<Item = &'static str> {
+    [
+        DropReason::Malformed,
+        DropReason::BadChecksum,
+        DropReason::Fragment,
+        DropReason::Broadcast,
+        DropReason::UnknownEtherType,
+        DropReason::UnknownProtocol,
+        DropReason::ExtensionHeader,
+        DropReason::UnexpectedNdp,
+    ]
+    .into_iter()
+    .map(DropReason::as_str)
+}
