@@ -15,6 +15,7 @@ pub mod device;
 pub mod dns;
 pub mod explain;
 pub mod flow;
+pub mod fragments;
 pub mod gateway_dns;
 pub mod policy;
 pub mod server;
