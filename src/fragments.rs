@@ -491,6 +491,7 @@ pub struct Reassembler {
 }
 
 impl Reassembler {
+    /// An empty reassembler bounded by `limits`.
     pub fn new(limits: ReassemblyLimits) -> Self {
         Reassembler {
             limits: ReassemblyLimits {
@@ -505,6 +506,7 @@ impl Reassembler {
         }
     }
 
+    /// The limits in force (the timeout capped at an hour).
     pub fn limits(&self) -> &ReassemblyLimits {
         &self.limits
     }
@@ -683,6 +685,7 @@ impl Reassembler {
         self.datagrams.len()
     }
 
+    /// No datagram in progress.
     pub fn is_empty(&self) -> bool {
         self.datagrams.is_empty()
     }
