@@ -2,13 +2,16 @@
 //!
 //! Every frame from the TX queue passes through [`classify`] before anything acts on it. The
 //! parsing is smoltcp's `wire` module (bounds-checked, borrowing, no allocation); checksums are
-//! verified here so that later stages can trust the headers. The result tells the datapath where
+//! verified here so that later stages can trust the headers. The result tells the link where
 //! the frame goes: the gateway's own stack (ARP, neighbour discovery, ICMP to the gateway, TCP
 //! of known flows), the DHCP server, the router advertiser, the flows, or a counted drop.
+//! [`guard`](super::guard) then checks that the frame's sources are the guest's.
 //!
-//! IPv4 and IPv6 classify into the same variants. IPv6 packets whose next header is not TCP,
-//! UDP or ICMPv6 (extension headers, fragments) are dropped: guests do not need them for
-//! unicast traffic, and a policy must not be bypassed by hiding the transport header.
+//! IPv4 and IPv6 classify into the same variants. Fragments are put back together before they
+//! get here ([`fragments`](super::fragments)), so the whole datagram is judged and a transport
+//! header can never hide in a later fragment; a fragment that still reaches the classifier is
+//! dropped. IPv6 packets whose next header is not TCP, UDP or ICMPv6 (extension headers) are
+//! dropped: guests do not need them for unicast traffic.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

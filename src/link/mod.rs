@@ -17,6 +17,7 @@
 
 pub mod classify;
 pub mod dhcp;
+pub mod fragments;
 pub mod guard;
 pub mod ndp;
 pub mod timer;
@@ -38,6 +39,7 @@ use crate::stack::GuestStack;
 
 use self::classify::{classify, Classified, DropReason};
 use self::dhcp::DhcpServer;
+use self::fragments::{Reassembler, Reassembly, ReassemblyLimits};
 use self::guard::SourceGuard;
 use self::timer::Timer;
 
@@ -73,6 +75,8 @@ pub struct Link {
     flows: Flows,
     dhcp: DhcpServer,
     guard: SourceGuard,
+    /// IPv4 and IPv6 fragments being put back together (bounded by the fragment limits).
+    fragments: Reassembler,
     timer: Timer,
     /// Frames dropped here, by reason.
     pub counters: Counters,
@@ -105,7 +109,15 @@ impl Link {
             mtu: settings.mtu,
             lease_secs: settings.lease_secs,
         };
+        let limits = &settings.flows.limits;
+        let fragments = Reassembler::new(ReassemblyLimits {
+            max_datagrams: limits.fragment_datagrams,
+            max_bytes: limits.fragment_bytes,
+            timeout: limits.fragment_timeout,
+            ..ReassemblyLimits::default()
+        });
         Ok(Link {
+            fragments,
             flows: Flows::new(settings.flows.clone())?,
             stack,
             dhcp,
@@ -139,6 +151,29 @@ impl Link {
             self.count_drop("network-none");
             return;
         }
+        let reassembled;
+        let frame = if fragments::is_fragment(frame) {
+            // Every fragment must come from the guest's MAC; the IP source is part of the
+            // reassembly key and is checked on the whole datagram below.
+            if frame.get(6..12) != Some(&self.settings.guest_mac[..]) {
+                self.counters.inc(guard::reasons::MAC);
+                return;
+            }
+            match self.fragments.push(frame, Instant::now()) {
+                Reassembly::Complete(whole) => {
+                    self.counters.inc("fragments-reassembled");
+                    reassembled = whole;
+                    &reassembled[..]
+                }
+                Reassembly::Pending => return,
+                Reassembly::Dropped(why) => {
+                    self.count_drop(why.as_str());
+                    return;
+                }
+            }
+        } else {
+            frame
+        };
         let classified = classify(frame);
         if let Err(reason) = self.guard.check(frame, &classified) {
             self.counters.inc(reason);
@@ -266,6 +301,10 @@ impl Link {
             self.send_router_advert(ndp::ALL_NODES);
         }
         self.flows.housekeeping(now, &mut self.stack);
+        let expired = self.fragments.expire(now) as u64;
+        self.counters.add("fragment-timeout", expired);
+        let evicted = self.fragments.take_evicted() as u64;
+        self.counters.add("fragment-evicted", evicted);
         self.introduced
             .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
     }
@@ -311,7 +350,10 @@ impl Link {
         if let Some(d) = self.stack.poll_delay() {
             deadline = deadline.min(now + d);
         }
-        if let Some(d) = self.flows.next_deadline() {
+        for d in [self.flows.next_deadline(), self.fragments.next_deadline()]
+            .into_iter()
+            .flatten()
+        {
             deadline = deadline.min(d);
         }
         self.timer.arm_at(deadline, now);
@@ -354,6 +396,7 @@ impl LinkDriver for Link {
 
     fn reset(&mut self) {
         self.flows.reset();
+        self.fragments = Reassembler::new(self.fragments.limits().clone());
         self.stack.reset();
         self.introduced.clear();
         self.last_advert = None;
