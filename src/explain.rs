@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::policy::{
     canonical, group_of, preset_rules, suffix_matches, Action, CompiledRule, Direction, FlowQuery,
-    Group, HostAddrs, Policy, Protocol,
+    Group, HostAddrs, Protocol,
 };
 
 fn parse_direction(s: &str) -> Result<Direction, String> {
@@ -133,7 +133,7 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
         // Allowed (rules with ports then do not match), but worth saying.
     }
     let host = cfg.gateway_addrs(a.slot);
-    let policy = Policy::compile(&cfg, &host)?;
+    let policy = cfg.compile_policy(&host)?;
     let q = FlowQuery {
         direction: a.direction,
         protocol: a.protocol,
@@ -234,7 +234,7 @@ fn preset_blocks(p: Preset) -> Vec<Group> {
 /// Finds rules that can never match (covered by an earlier rule, by `deny_domains`, or ports
 /// on an ICMP-only rule) and custom rules that contradict the preset.
 pub fn lint(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Vec<Finding>, ConfigError> {
-    let policy = Policy::compile(cfg, host)?;
+    let policy = cfg.compile_policy(host)?;
     let eff = cfg.effective_policy();
     let rules = policy.rules();
     let mut out = Vec::new();
@@ -955,8 +955,8 @@ mod tests {
             again.validate().unwrap();
             assert_eq!(again.deny_action, cfg.deny_action);
             assert_eq!(again.ports, cfg.ports);
-            let p1 = Policy::compile(&cfg, &host()).unwrap();
-            let p2 = Policy::compile(&again, &host()).unwrap();
+            let p1 = cfg.compile_policy(&host()).unwrap();
+            let p2 = again.compile_policy(&host()).unwrap();
             for (dir, proto, dst, port, names) in QUERIES {
                 let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
                 let q = FlowQuery {

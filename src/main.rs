@@ -14,7 +14,7 @@ use netfence::config::NetworkConfig;
 use netfence::datapath::LinkSettings;
 use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
-use netfence::policy::{HostAddrs, Policy};
+use netfence::policy::HostAddrs;
 use netfence::stack::dhcp::LinkAddrs;
 use netfence::stack::ipv6::LinkAddrs6;
 
@@ -168,7 +168,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let host = config.gateway_addrs(args.slot);
-    let policy = match Policy::compile(&config, &host) {
+    let policy = match config.compile_policy(&host) {
         Ok(p) => Arc::new(p),
         Err(e) => {
             eprintln!("netfence: {e}");
