@@ -132,7 +132,9 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
     if !a.protocol.is_icmp() && port.is_none() {
         // Allowed (rules with ports then do not match), but worth saying.
     }
-    let host = cfg.gateway_addrs(a.slot);
+    let host = cfg
+        .gateway_addrs(a.slot)
+        .with_local(crate::policy::LocalAddrs::System);
     let policy = cfg.compile_policy(&host)?;
     let q = FlowQuery {
         direction: a.direction,
@@ -352,27 +354,9 @@ fn rule_covers(i: &CompiledRule, j: &CompiledRule, host: &HostAddrs) -> bool {
     dest_covered_by(&i.dest, &j.dest, host)
 }
 
-fn net(s: &str) -> IpNet {
-    s.parse().expect("static CIDR")
-}
-
-/// The fixed ranges of a group (not `host`, not `public`).
+/// The fixed ranges of a group (not `host`, not `public`): the policy's address table.
 fn group_nets(g: Group) -> Vec<IpNet> {
-    let v: &[&str] = match g {
-        Group::Private => &[
-            "10.0.0.0/8",
-            "172.16.0.0/12",
-            "192.168.0.0/16",
-            "100.64.0.0/10",
-            "fc00::/7",
-        ],
-        Group::Loopback => &["127.0.0.0/8", "::1/128"],
-        Group::LinkLocal => &["169.254.0.0/16", "fe80::/10"],
-        Group::Metadata => &["169.254.169.254/32"],
-        Group::Multicast => &["224.0.0.0/4", "ff00::/8"],
-        Group::Host | Group::Public => &[],
-    };
-    v.iter().map(|s| net(s)).collect()
+    crate::policy::ranges::group_nets(g)
 }
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {

@@ -14,7 +14,7 @@ use netfence::config::NetworkConfig;
 use netfence::datapath::LinkSettings;
 use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
-use netfence::policy::HostAddrs;
+use netfence::policy::{HostAddrs, LocalAddrs};
 use netfence::stack::dhcp::LinkAddrs;
 use netfence::stack::ipv6::LinkAddrs6;
 
@@ -167,7 +167,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let host = config.gateway_addrs(args.slot);
+    let host = config
+        .gateway_addrs(args.slot)
+        .with_local(LocalAddrs::System);
     let policy = match config.compile_policy(&host) {
         Ok(p) => Arc::new(p),
         Err(e) => {

@@ -9,6 +9,7 @@ fn host() -> HostAddrs {
     HostAddrs {
         ipv4: vec![Ipv4Addr::new(172, 16, 0, 1)],
         ipv6: vec!["fd42:6d73:62::1".parse().unwrap()],
+        ..HostAddrs::default()
     }
 }
 

@@ -13,9 +13,9 @@
 //! table's, then the top-level `rules`, the command line's `--net-rule`s last).
 //! [`Policy::decide`] then judges a [`FlowQuery`]:
 //!
-//! 1. The destination is canonicalised (`::ffff:10.0.0.1` is `10.0.0.1`). The unspecified
-//!    addresses and, for egress, the IPv4 broadcast address are denied outright. Under the
-//!    `none` preset everything is denied.
+//! 1. The destination is canonicalised (`::ffff:10.0.0.1`, `64:ff9b::a00:1` and
+//!    `2002:a00:1::` are `10.0.0.1`). The addresses in no group (unspecified, 0.0.0.0/8,
+//!    255.255.255.255) are denied outright. Under the `none` preset everything is denied.
 //! 2. Egress to a name in `deny_domains` / `deny_domain_suffixes` is denied.
 //! 3. The first rule whose direction (`any` counts for both), destination, protocol and port
 //!    all match decides.
@@ -25,19 +25,29 @@
 //! Every [`Decision`] carries a [`Reason`] that says which of these produced it; its `Display`
 //! is what the decision log and `netfence check` print.
 
+mod canonical;
 mod domains;
 mod group;
+pub mod local;
+pub mod ranges;
 pub mod rule;
 #[cfg(test)]
 mod tests;
 mod vocab;
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::net::IpAddr;
 
-pub use group::{canonical, group_names, group_of, Group, HostAddrs};
+use ipnet::IpNet;
+
+pub use canonical::{canonical, embedded_ipv4};
+pub use group::{group_names, group_of, Group, HostAddrs};
+pub use local::LocalAddrs;
 pub use rule::{parse_cidr, parse_domain, Destination, PortRange, RuleDirection, RuleSpec};
 pub use vocab::{Action, DenyAction, Direction, Preset, Protocol};
+
+use ranges::{NoGroup, RangeClass};
 
 /// A new flow to judge.
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +93,8 @@ pub enum Reason {
     NetworkDisabled,
     /// 0.0.0.0 or :: (never reaches a host socket).
     Unspecified,
+    /// 0.0.0.0/8 other than 0.0.0.0 ("this network"; never reaches a host socket).
+    ThisNetwork,
     /// 255.255.255.255.
     Broadcast,
 }
@@ -121,6 +133,7 @@ impl fmt::Display for Reason {
             Reason::Default { direction, action } => write!(f, "default {direction} {action}"),
             Reason::NetworkDisabled => f.write_str("preset none: networking disabled"),
             Reason::Unspecified => f.write_str("unspecified address"),
+            Reason::ThisNetwork => f.write_str("this-network address (0.0.0.0/8)"),
             Reason::Broadcast => f.write_str("broadcast address"),
         }
     }
@@ -188,7 +201,15 @@ impl CompiledRule {
         }
     }
 
-    fn matches(&self, q: &FlowQuery, dst: IpAddr, group: Option<Group>, names: &[String]) -> bool {
+    /// Whether this rule matches `q`, whose destination is judged as `dst` (canonical) and
+    /// whose group `group` computes (only when a group rule asks: it may probe the kernel).
+    fn matches(
+        &self,
+        q: &FlowQuery,
+        dst: IpAddr,
+        group: &dyn Fn() -> Option<Group>,
+        names: &[String],
+    ) -> bool {
         if !self.applies_to(q.direction) {
             return false;
         }
@@ -201,7 +222,7 @@ impl CompiledRule {
                 _ => return false,
             }
         }
-        dest_matches(&self.dest, dst, group, names)
+        dest_matches(&self.dest, q.dst, dst, group, names)
     }
 
     fn reason(&self) -> Reason {
@@ -213,15 +234,28 @@ impl CompiledRule {
     }
 }
 
-fn dest_matches(d: &Destination, dst: IpAddr, group: Option<Group>, names: &[String]) -> bool {
+/// `written` is the destination as the guest wrote it, `dst` its canonical form.
+fn dest_matches(
+    d: &Destination,
+    written: IpAddr,
+    dst: IpAddr,
+    group: &dyn Fn() -> Option<Group>,
+    names: &[String],
+) -> bool {
     match d {
         Destination::Any => true,
         Destination::Ip(ip) => canonical(*ip) == dst,
-        Destination::Cidr(net) => net.contains(&dst),
-        Destination::Group(g) => group == Some(*g),
+        Destination::Cidr(net) => cidr_matches(net, written),
+        Destination::Group(g) => group() == Some(*g),
         Destination::Domain(n) => names.iter().any(|x| x == n),
         Destination::Suffix(s) => names.iter().any(|x| suffix_matches(x, s)),
     }
+}
+
+/// A CIDR rule covers an address judged as the IPv4 address it carries, and also the address
+/// as written (an IPv6 range rule such as `[2002::/16]` means what it says).
+fn cidr_matches(net: &IpNet, written: IpAddr) -> bool {
+    net.contains(&canonical(written)) || net.contains(&written)
 }
 
 /// `name` is `suffix` itself or a subdomain of it (both normalised).
@@ -339,11 +373,12 @@ impl Policy {
             reason,
         };
         let dst = canonical(q.dst);
-        if dst.is_unspecified() {
-            return deny(Reason::Unspecified);
-        }
-        if q.direction == Direction::Egress && dst == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
-            return deny(Reason::Broadcast);
+        if let RangeClass::NoGroup(why) = ranges::classify(dst) {
+            return deny(match why {
+                NoGroup::Unspecified => Reason::Unspecified,
+                NoGroup::ThisNetwork => Reason::ThisNetwork,
+                NoGroup::Broadcast => Reason::Broadcast,
+            });
         }
         if self.preset == Some(Preset::None) {
             return deny(Reason::NetworkDisabled);
@@ -354,8 +389,13 @@ impl Policy {
                 return deny(r);
             }
         }
-        let group = group_of(dst, &self.host);
-        if let Some(rule) = self.rules.iter().find(|r| r.matches(q, dst, group, &names)) {
+        let group_cell = OnceCell::new();
+        let group = || *group_cell.get_or_init(|| group_of(q.dst, &self.host));
+        if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|r| r.matches(q, dst, &group, &names))
+        {
             return Decision {
                 action: rule.action,
                 reason: rule.reason(),
@@ -369,7 +409,7 @@ impl Policy {
             Some(preset) if from_preset => Reason::Preset {
                 preset,
                 direction: q.direction,
-                group,
+                group: group(),
                 action,
             },
             _ => Reason::Default {
@@ -427,13 +467,13 @@ impl Policy {
     /// Whether an egress allow rule names `ip` exactly or a CIDR containing it (rebind
     /// protection lets such answers through).
     pub fn explicitly_allows_ip(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let judged = canonical(ip);
         self.rules.iter().any(|r| {
             r.action == Action::Allow
                 && r.egress
                 && match &r.dest {
-                    Destination::Ip(x) => canonical(*x) == ip,
-                    Destination::Cidr(net) => net.contains(&ip),
+                    Destination::Ip(x) => canonical(*x) == judged,
+                    Destination::Cidr(net) => cidr_matches(net, ip),
                     _ => false,
                 }
         })
