@@ -1047,6 +1047,7 @@ impl Datapath {
                     continue
                 }
                 ClientHelloScan::Sni(name) => Some(name),
+                // lead: wire NoSni, Malformed(_), Ambiguous(_) and TooLarge (today all "no name").
                 _ => None,
             };
             self.hellos.remove(&key);
