@@ -22,7 +22,8 @@ use super::ranges::{self, RangeClass};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Group {
-    /// The host machine, reached through the gateway addresses (`host.microsandbox.internal`).
+    /// The host machine: the gateway addresses (`host.microsandbox.internal`) and the host's own
+    /// addresses (its interfaces' addresses, which reach services bound to 0.0.0.0 or [::]).
     Host,
     /// Cloud metadata endpoints (169.254.169.254).
     Metadata,
