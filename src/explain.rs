@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::policy::{
     canonical, group_of, preset_rules, suffix_matches, Action, CompiledRule, Direction, FlowQuery,
-    Group, HostAddrs, Policy, Protocol,
+    Group, HostAddrs, Protocol,
 };
 
 fn parse_direction(s: &str) -> Result<Direction, String> {
@@ -132,8 +132,10 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
     if !a.protocol.is_icmp() && port.is_none() {
         // Allowed (rules with ports then do not match), but worth saying.
     }
-    let host = cfg.gateway_addrs(a.slot);
-    let policy = Policy::compile(&cfg, &host)?;
+    let host = cfg
+        .gateway_addrs(a.slot)
+        .with_local(crate::policy::LocalAddrs::System);
+    let policy = cfg.compile_policy(&host)?;
     let q = FlowQuery {
         direction: a.direction,
         protocol: a.protocol,
@@ -234,7 +236,7 @@ fn preset_blocks(p: Preset) -> Vec<Group> {
 /// Finds rules that can never match (covered by an earlier rule, by `deny_domains`, or ports
 /// on an ICMP-only rule) and custom rules that contradict the preset.
 pub fn lint(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Vec<Finding>, ConfigError> {
-    let policy = Policy::compile(cfg, host)?;
+    let policy = cfg.compile_policy(host)?;
     let eff = cfg.effective_policy();
     let rules = policy.rules();
     let mut out = Vec::new();
@@ -352,27 +354,9 @@ fn rule_covers(i: &CompiledRule, j: &CompiledRule, host: &HostAddrs) -> bool {
     dest_covered_by(&i.dest, &j.dest, host)
 }
 
-fn net(s: &str) -> IpNet {
-    s.parse().expect("static CIDR")
-}
-
-/// The fixed ranges of a group (not `host`, not `public`).
+/// The fixed ranges of a group (not `host`, not `public`): the policy's address table.
 fn group_nets(g: Group) -> Vec<IpNet> {
-    let v: &[&str] = match g {
-        Group::Private => &[
-            "10.0.0.0/8",
-            "172.16.0.0/12",
-            "192.168.0.0/16",
-            "100.64.0.0/10",
-            "fc00::/7",
-        ],
-        Group::Loopback => &["127.0.0.0/8", "::1/128"],
-        Group::LinkLocal => &["169.254.0.0/16", "fe80::/10"],
-        Group::Metadata => &["169.254.169.254/32"],
-        Group::Multicast => &["224.0.0.0/4", "ff00::/8"],
-        Group::Host | Group::Public => &[],
-    };
-    v.iter().map(|s| net(s)).collect()
+    crate::policy::ranges::group_nets(g)
 }
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -955,8 +939,8 @@ mod tests {
             again.validate().unwrap();
             assert_eq!(again.deny_action, cfg.deny_action);
             assert_eq!(again.ports, cfg.ports);
-            let p1 = Policy::compile(&cfg, &host()).unwrap();
-            let p2 = Policy::compile(&again, &host()).unwrap();
+            let p1 = cfg.compile_policy(&host()).unwrap();
+            let p2 = again.compile_policy(&host()).unwrap();
             for (dir, proto, dst, port, names) in QUERIES {
                 let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
                 let q = FlowQuery {

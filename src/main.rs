@@ -17,7 +17,7 @@ use netfence::flow::addrmap::AddressMap;
 use netfence::flow::FlowSettings;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
-use netfence::policy::{HostAddrs, Policy};
+use netfence::policy::{HostAddrs, LocalAddrs};
 
 #[derive(Parser)]
 #[command(
@@ -203,8 +203,10 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let host = config.gateway_addrs(args.slot);
-    let policy = match Policy::compile(&config, &host) {
+    let host = config
+        .gateway_addrs(args.slot)
+        .with_local(LocalAddrs::System);
+    let policy = match config.compile_policy(&host) {
         Ok(p) => Arc::new(p),
         Err(e) => {
             eprintln!("netfence: {e}");

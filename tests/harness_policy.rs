@@ -186,3 +186,62 @@ fn icmp_echo_allowed_dropped_and_rejected() {
     assert_eq!(icmp.ip.src, GATEWAY);
     assert!(icmp.checksums_ok);
 }
+
+/// A documentation address that the namespace test below makes one of the host's own.
+const HOST_OWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+
+/// The host's own non-loopback addresses are the `host` group, not `public`: netfence runs in
+/// a user and network namespace of the test's own where 192.0.2.50 is an address of `lo` (a
+/// service bound to 0.0.0.0 there would answer on it). Under the default policy a guest's SYN
+/// to 192.0.2.50:80 is denied as `host` and dropped; had netfence dialled it, the refused
+/// connection would have answered the guest with an RST. The vhost-user socket is a filesystem
+/// path, so the harness reaches it from outside the namespace.
+#[test]
+fn host_own_address_is_host_not_public() {
+    let setup =
+        format!("ip link set lo up && ip addr add {HOST_OWN}/32 dev lo && exec \"$0\" \"$@\"");
+    // The namespace has no route to the host's resolvers; an upstream on the namespace's own
+    // loopback keeps DNS set-up from failing (nothing answers there, nothing needs to).
+    let dir = TempDir::new("netfence-netns-cfg");
+    let cfg = dir.path().join("netfence.toml");
+    std::fs::write(&cfg, "[dns]\nnameservers = [\"127.0.0.1\"]\n").unwrap();
+    let nf = Netfence::builder()
+        .arg("--config")
+        .arg(cfg.display().to_string())
+        .wrapper(&[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--net",
+            "sh",
+            "-c",
+            &setup,
+        ])
+        .spawn();
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let d = denied::denied_syn_dropped(&nf, &mut g, gw, GUEST_IP, HOST_OWN, 80);
+    assert_eq!(d.reason, "preset public-only: host blocked", "{}", d.line);
+}
+
+/// The counterpart: outside such a namespace 192.0.2.50 is not the host's, so it is public and
+/// allowed (mapped to a loopback echo server), which shows the namespace test can fail.
+#[test]
+fn same_address_elsewhere_is_public() {
+    let echo = servers::TcpEchoServer::start();
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{HOST_OWN}=127.0.0.1:{}", echo.port()),
+    ]);
+    let mut g = guest_up(&nf);
+    let h = g
+        .tcp_connect(HOST_OWN, 80, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    g.tcp_send_all(h, b"ping", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(h, 4, deadline(SHORT)).unwrap(), b"ping");
+    let d = nf
+        .wait_for_decision(&format!("{HOST_OWN}:80"), SHORT)
+        .expect("decision logged");
+    assert_eq!(d.action, "allow", "{}", d.line);
+    assert!(d.line.contains("allow@public"), "{}", d.line);
+}

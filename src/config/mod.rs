@@ -7,14 +7,16 @@
 //! merged on top by [`cli::NetworkArgs::resolve`]; [`NetworkConfig::validate`] checks what the
 //! types alone cannot (ICMP in ingress rules, reversed port ranges, domain names, duplicate
 //! bindings...). Every error is a [`ConfigError`] naming the field path, the value and what is
-//! accepted; the process exits 2 on it. The policy engine ([`crate::policy::Policy`]) compiles
-//! a validated config.
+//! accepted; the process exits 2 on it. [`NetworkConfig::compile_policy`] validates and hands
+//! the policy engine ([`crate::policy::Policy`]) its parts; `config` depends on `policy`, never
+//! the reverse.
 
 pub mod addressing;
 pub mod cli;
 mod map;
+#[cfg(test)]
+mod policy_tests;
 mod publish;
-mod rule;
 #[cfg(test)]
 mod tests;
 
@@ -29,9 +31,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use map::AddressMapEntry;
 pub use publish::{PortProtocol, PublishSpec};
-pub use rule::{parse_cidr, parse_domain, Destination, PortRange, RuleDirection, RuleSpec};
+// The policy vocabulary, under the names config users have always imported.
+pub use crate::policy::{
+    parse_cidr, parse_domain, DenyAction, Destination, PortRange, Preset, RuleDirection, RuleSpec,
+};
 
-use crate::policy::Action;
+use crate::policy::{Action, HostAddrs, Policy, PolicyParts};
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -97,74 +102,6 @@ impl std::error::Error for ConfigError {}
 // Model
 // ---------------------------------------------------------------------------------------------
 
-/// A canned policy shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Preset {
-    /// Nothing in or out.
-    None,
-    /// DNS to the gateway, then public egress; private, loopback, link-local, metadata, host
-    /// and multicast blocked. The default.
-    PublicOnly,
-    /// Everything, the host included.
-    AllowAll,
-    /// DNS to the gateway, public and private/LAN egress; loopback, link-local, metadata, host
-    /// and multicast blocked.
-    NonLocal,
-}
-
-impl Preset {
-    pub const ALL: [Preset; 4] = [
-        Preset::None,
-        Preset::PublicOnly,
-        Preset::AllowAll,
-        Preset::NonLocal,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::None => "none",
-            Preset::PublicOnly => "public-only",
-            Preset::AllowAll => "allow-all",
-            Preset::NonLocal => "non-local",
-        }
-    }
-}
-
-impl fmt::Display for Preset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Preset {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let n = s.trim().to_ascii_lowercase().replace('_', "-");
-        Preset::ALL
-            .into_iter()
-            .find(|p| p.name() == n)
-            .ok_or_else(|| {
-                format!(
-                    "unknown policy preset `{s}`; expected none, public-only, allow-all or non-local \
-                     (or a table {{ default_egress, default_ingress, rules }})"
-                )
-            })
-    }
-}
-
-impl Serialize for Preset {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for Preset {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
-    }
-}
-
 /// The `policy` table: per-direction defaults and ordered rules. `preset` is a netfence
 /// extension so that a preset and explicit defaults can be combined (the command line does).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,17 +157,6 @@ impl<'de> Deserialize<'de> for PolicySpec {
         }
         d.deserialize_any(V)
     }
-}
-
-/// What a denied flow gets. The reference denies silently; `reject` makes clients fail fast.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DenyAction {
-    /// Drop silently (the default).
-    #[default]
-    Drop,
-    /// Answer with TCP RST or ICMP unreachable.
-    Reject,
 }
 
 /// Action when a secret placeholder is sent to a host outside the secret's allow list.
@@ -498,6 +424,30 @@ impl NetworkConfig {
         }
     }
 
+    /// Validates the config and compiles its policy. `host` are the gateway addresses (and how
+    /// the host's own addresses are recognised): the `host` group.
+    pub fn compile_policy(&self, host: &HostAddrs) -> Result<Policy, ConfigError> {
+        self.validate()?;
+        let eff = self.effective_policy();
+        let parts = PolicyParts {
+            preset: eff.preset,
+            default_egress: eff.default_egress,
+            default_ingress: eff.default_ingress,
+            preset_egress_default: eff.preset.is_some() && !eff.explicit_egress,
+            preset_ingress_default: eff.preset.is_some() && !eff.explicit_ingress,
+            rules: eff.rules,
+            deny_domains: self.deny_domains.clone(),
+            deny_suffixes: self
+                .deny_domain_suffixes
+                .iter()
+                .map(|d| strip_suffix_marker(d).to_string())
+                .collect(),
+            deny_action: self.deny_action,
+            max_connections: self.max_connections,
+        };
+        Ok(Policy::new(parts, host))
+    }
+
     /// The IPv4 pool, default 172.16.0.0/12.
     pub fn ipv4_pool_or_default(&self) -> Ipv4Net {
         self.ipv4_pool.unwrap_or_else(|| {
@@ -520,8 +470,8 @@ impl NetworkConfig {
     /// the slot's /30 in `ipv4_pool` (base + 4*slot + 1), `::1` of the slot's /64 in
     /// `ipv6_pool`, and the gateway's link-local fe80::1. A family is empty when the slot lies
     /// outside its pool.
-    pub fn gateway_addrs(&self, slot: u32) -> crate::policy::HostAddrs {
-        let mut h = crate::policy::HostAddrs::default();
+    pub fn gateway_addrs(&self, slot: u32) -> HostAddrs {
+        let mut h = HostAddrs::default();
         if let Ok(a) = addressing::LinkAddrs::for_slot(self.ipv4_pool_or_default(), slot) {
             h.ipv4.push(a.gateway);
         }

@@ -1081,3 +1081,34 @@ destination = "host"
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// A map entry covers its guest address in every spelling policy judges as that address
+/// (mapped, NAT64, 6to4), and two entries for spellings of one address are duplicates.
+#[test]
+fn map_covers_every_spelling_of_its_key() {
+    let e: AddressMapEntry = "203.0.113.7=127.0.0.1:8080".parse().unwrap();
+    for dst in [
+        "203.0.113.7:80",
+        "[::ffff:203.0.113.7]:80",
+        "[64:ff9b::cb00:7107]:80",
+        "[64:ff9b:1:cb00:71:700::]:80",
+        "[2002:cb00:7107::1]:80",
+    ] {
+        assert_eq!(
+            e.map(dst.parse().unwrap()),
+            Some("127.0.0.1:8080".parse().unwrap()),
+            "{dst}"
+        );
+    }
+    assert_eq!(e.map("[2001:db8::cb00:7107]:80".parse().unwrap()), None);
+    let cfg = NetworkConfig {
+        map: vec![
+            "203.0.113.7=127.0.0.1".parse().unwrap(),
+            "64:ff9b::cb00:7107=::1".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let err = cfg.validate().unwrap_err();
+    assert_eq!(err.field, "map[1]");
+    assert!(err.message.contains("already mapped by map[0]"), "{err}");
+}

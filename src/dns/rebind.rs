@@ -2,64 +2,32 @@
 //!
 //! A name an attacker controls can be pointed at the sandbox host's own services, the cloud
 //! metadata endpoint or the operator's LAN ("DNS rebinding"). With protection on, A/AAAA records
-//! in these ranges are removed from upstream answers (unless a policy rule explicitly allows the
-//! address). IPv6 forms that embed an IPv4 address (mapped `::ffff:a.b.c.d`, the deprecated
-//! compatible `::a.b.c.d`, and NAT64 `64:ff9b::a.b.c.d`) are judged by the embedded address.
+//! with an address outside the `public` group are removed from upstream answers (unless a policy
+//! rule explicitly allows the address). The ranges are the policy's own address table
+//! ([`crate::policy::ranges`]), so the filter and the policy agree on every address: private,
+//! loopback, link-local, metadata, multicast, the addresses in no group (0.0.0.0/8,
+//! 255.255.255.255, ::), and the host's own addresses (a domain rule must not lead the guest to
+//! the host's public address). IPv6 forms that embed an IPv4 address (mapped, compatible, NAT64,
+//! 6to4) are judged by the embedded address ([`crate::policy::canonical`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-/// True when `ip` lies in private, shared (CGNAT), loopback, link-local, metadata, unspecified
-/// or broadcast space.
+use crate::policy::{group_of, Group, HostAddrs, LocalAddrs};
+
+/// True when `ip` is not in the `public` group: in a private, loopback, link-local, metadata or
+/// multicast range, in no group at all, or one of this host's own addresses.
 pub fn is_rebind_protected(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4_protected(v4),
-        IpAddr::V6(v6) => v6_protected(v6),
-    }
-}
-
-fn v4_protected(ip: Ipv4Addr) -> bool {
-    let [a, b, _, _] = ip.octets();
-    a == 0                                   // 0.0.0.0/8 "this network" (reaches the host)
-        || a == 10                           // 10.0.0.0/8
-        || (a == 172 && (b & 0xf0) == 16)    // 172.16.0.0/12
-        || (a == 192 && b == 168)            // 192.168.0.0/16
-        || (a == 100 && (b & 0xc0) == 64)    // 100.64.0.0/10 shared / CGNAT (Alibaba metadata)
-        || a == 127                          // 127.0.0.0/8 loopback
-        || (a == 169 && b == 254)            // 169.254.0.0/16 link-local, cloud metadata
-        || ip.is_broadcast()
-}
-
-fn v6_protected(ip: Ipv6Addr) -> bool {
-    let seg = ip.segments();
-    if ip.is_unspecified() || ip.is_loopback() {
-        return true;
-    }
-    if (seg[0] & 0xfe00) == 0xfc00 {
-        // fc00::/7 unique local (includes fd00:ec2::254, a metadata address)
-        return true;
-    }
-    if (seg[0] & 0xffc0) == 0xfe80 || (seg[0] & 0xffc0) == 0xfec0 {
-        // fe80::/10 link-local, fec0::/10 deprecated site-local
-        return true;
-    }
-    let embedded = |hi: u16, lo: u16| {
-        let [a, b] = hi.to_be_bytes();
-        let [c, d] = lo.to_be_bytes();
-        Ipv4Addr::new(a, b, c, d)
+    let host = HostAddrs {
+        local: LocalAddrs::System,
+        ..HostAddrs::default()
     };
-    // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible, deprecated)
-    if seg[..5] == [0, 0, 0, 0, 0] && (seg[5] == 0xffff || seg[5] == 0) {
-        return v4_protected(embedded(seg[6], seg[7]));
-    }
-    // 64:ff9b::/96 NAT64 well-known prefix
-    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return v4_protected(embedded(seg[6], seg[7]));
-    }
-    false
+    group_of(ip, &host) != Some(Group::Public)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     fn p(s: &str) -> bool {
@@ -83,6 +51,8 @@ mod tests {
             "169.254.0.1",
             "0.0.0.0",
             "255.255.255.255",
+            "0.1.2.3",
+            "224.0.0.251",
         ] {
             assert!(p(ip), "{ip} should be protected");
         }
@@ -118,6 +88,10 @@ mod tests {
             "::ffff:192.168.0.1",
             "::127.0.0.1",
             "64:ff9b::10.1.2.3",
+            "64:ff9b:1:a01:2:300::",
+            "2002:a00:1::",
+            "2002:a9fe:a9fe::1",
+            "ff02::1",
         ] {
             assert!(p(ip), "{ip} should be protected");
         }
@@ -128,8 +102,58 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::8.8.8.8",
             "fbff::1",
+            "2002:808:808::1",
+            "64:ff9b:1:808:8:800::",
         ] {
             assert!(!p(ip), "{ip} should not be protected");
+        }
+    }
+
+    /// The rebind filter and the policy's groups agree on every address: protected is exactly
+    /// "not in the public group" (no host addresses configured, none of these is the host's).
+    #[test]
+    fn agrees_with_the_policy_groups() {
+        use crate::policy::{group_of, Group, HostAddrs};
+        let none = HostAddrs::default();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let r = next();
+            let v4 = Ipv4Addr::from((r >> 32) as u32);
+            let [a, b, c, d] = v4.octets();
+            let hi = (next() as u128) << 64 | next() as u128;
+            let samples: [IpAddr; 6] = [
+                IpAddr::V4(v4),
+                IpAddr::V6(v4.to_ipv6_mapped()),
+                IpAddr::V6(Ipv6Addr::from(
+                    0x0064_ff9b_u128 << 96 | u128::from(u32::from(v4)),
+                )),
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2002,
+                    u16::from_be_bytes([a, b]),
+                    u16::from_be_bytes([c, d]),
+                    0,
+                    0,
+                    0,
+                    0,
+                    1,
+                )),
+                IpAddr::V6(Ipv6Addr::from(hi)),
+                // the top bits of IPv6 space where the special ranges live
+                IpAddr::V6(Ipv6Addr::from(hi | 0xfc00u128 << 112)),
+            ];
+            for ip in samples {
+                assert_eq!(
+                    is_rebind_protected(ip),
+                    group_of(ip, &none) != Some(Group::Public),
+                    "{ip}"
+                );
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::config::AddressMapEntry;
+use crate::policy::canonical;
 
 #[derive(Debug, Clone)]
 pub struct AddressMap {
@@ -25,7 +26,10 @@ impl AddressMap {
         if let Some(mapped) = self.entries.iter().find_map(|e| e.map(dst)) {
             return mapped;
         }
-        if self.gateways.contains(&dst.ip()) {
+        // Any spelling of a gateway address (IPv4-mapped, NAT64, ...) is the gateway, as the
+        // policy judges it.
+        let ip = canonical(dst.ip());
+        if self.gateways.iter().any(|g| canonical(*g) == ip) {
             let loopback = match dst {
                 SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
@@ -39,6 +43,19 @@ impl AddressMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_a_gateway_goes_to_loopback() {
+        let map = AddressMap::new(Vec::new(), vec!["172.16.0.1".parse().unwrap()]);
+        for dst in [
+            "[::ffff:172.16.0.1]:80",
+            "[64:ff9b::ac10:1]:80",
+            "172.16.0.1:80",
+        ] {
+            let target = map.host_target(dst.parse().unwrap());
+            assert!(target.ip().is_loopback(), "{dst} -> {target}");
+        }
+    }
 
     #[test]
     fn map_then_gateway_then_identity() {

@@ -464,12 +464,21 @@ impl Flows {
                 None,
                 Err("guest closed before its ClientHello was complete".to_string()),
             ),
-            GateStatus::Ready(ClientHelloScan::Malformed) => {
-                (None, Err("malformed ClientHello".to_string()))
+            // Under domain rules a hello whose name cannot be read for certain is refused:
+            // the name is what the rules judge.
+            GateStatus::Ready(ClientHelloScan::Malformed(why)) => {
+                (None, Err(format!("malformed ClientHello: {why}")))
             }
-            GateStatus::Ready(ClientHelloScan::TooLarge) => {
-                (None, Err("ClientHello too large".to_string()))
+            GateStatus::Ready(ClientHelloScan::Ambiguous(why)) => {
+                (None, Err(format!("ambiguous ClientHello: {why}")))
             }
+            GateStatus::Ready(ClientHelloScan::TooLarge) => (
+                None,
+                Err(format!(
+                    "ClientHello larger than {} bytes",
+                    tcp::sni_gate::MAX_CLIENT_HELLO
+                )),
+            ),
         };
         let names: Vec<String> = sni.into_iter().collect();
         let (allowed, reason) = match &verdict {

@@ -1,7 +1,6 @@
 //! Questions the TLS first-flight check asks of a policy: can a name change a decision here?
 
-use super::{Policy, Reason};
-use crate::config::Destination;
+use super::{Destination, Policy, Reason};
 
 impl Policy {
     /// Whether any rule or deny list names domains, so that a name (from DNS or a TLS SNI) can

@@ -1,14 +1,21 @@
-//! The compiled policy: first match wins, per direction, decided once per new flow.
+//! The policy engine and the vocabulary every other layer shares.
 //!
-//! Theory of operation. [`Policy::compile`] takes a validated [`NetworkConfig`] and lays out
-//! one ordered rule list: the preset's rules first (for `public-only` and `non-local`: DNS to
-//! the gateway over UDP and TCP 53, then the allowed groups), then the `policy` table's rules,
-//! then the top-level `rules` (the command line's `--net-rule`s come last). [`Policy::decide`]
-//! then judges a [`FlowQuery`]:
+//! `policy` depends on nothing else in the crate: `config` (files, command line, validation)
+//! depends on it and hands it a [`PolicyParts`] to build a [`Policy`] from
+//! (`NetworkConfig::compile_policy`). The vocabulary: [`Action`], [`Protocol`], [`Direction`],
+//! [`DenyAction`], [`Preset`], the rule words ([`RuleSpec`], [`Destination`], [`PortRange`],
+//! [`RuleDirection`]), destination [`Group`]s with their address table ([`ranges`]),
+//! [`canonical`] addresses and the host's own addresses ([`LocalAddrs`]).
 //!
-//! 1. The destination is canonicalised (`::ffff:10.0.0.1` is `10.0.0.1`). The unspecified
-//!    addresses and, for egress, the IPv4 broadcast address are denied outright. Under the
-//!    `none` preset everything is denied.
+//! Theory of operation. [`Policy::new`] lays out one ordered rule list: the preset's rules
+//! first (for `public-only` and `non-local`: DNS to the gateway over UDP and TCP 53, then the
+//! allowed groups), then the custom rules in the order `config` gives them (the `policy`
+//! table's, then the top-level `rules`, the command line's `--net-rule`s last).
+//! [`Policy::decide`] then judges a [`FlowQuery`]:
+//!
+//! 1. The destination is canonicalised (`::ffff:10.0.0.1`, `64:ff9b::a00:1` and
+//!    `2002:a00:1::` are `10.0.0.1`). The addresses in no group (unspecified, 0.0.0.0/8,
+//!    255.255.255.255) are denied outright. Under the `none` preset everything is denied.
 //! 2. Egress to a name in `deny_domains` / `deny_domain_suffixes` is denied.
 //! 3. The first rule whose direction (`any` counts for both), destination, protocol and port
 //!    all match decides.
@@ -18,138 +25,29 @@
 //! Every [`Decision`] carries a [`Reason`] that says which of these produced it; its `Display`
 //! is what the decision log and `netfence check` print.
 
+mod canonical;
 mod domains;
 mod group;
+pub mod local;
+pub mod ranges;
+pub mod rule;
 #[cfg(test)]
 mod tests;
+mod vocab;
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use ipnet::IpNet;
 
-pub use group::{canonical, group_names, group_of, Group, HostAddrs};
+pub use canonical::{canonical, embedded_ipv4};
+pub use group::{group_names, group_of, Group, HostAddrs};
+pub use local::LocalAddrs;
+pub use rule::{parse_cidr, parse_domain, Destination, PortRange, RuleDirection, RuleSpec};
+pub use vocab::{Action, DenyAction, Direction, Preset, Protocol};
 
-use crate::config::{
-    ConfigError, DenyAction, Destination, NetworkConfig, PortRange, Preset, RuleDirection, RuleSpec,
-};
-
-/// Direction of a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// From the guest outwards.
-    Egress,
-    /// Into the guest (published ports).
-    Ingress,
-}
-
-impl Direction {
-    pub fn name(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Direction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "egress" | "outbound" | "out" => Ok(Direction::Egress),
-            "ingress" | "inbound" | "in" => Ok(Direction::Ingress),
-            _ => Err(format!(
-                "unknown direction `{s}`; expected egress or ingress"
-            )),
-        }
-    }
-}
-
-/// Transport protocol of a flow or a rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Icmpv4,
-    Icmpv6,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Icmpv4 => "icmpv4",
-            Protocol::Icmpv6 => "icmpv6",
-        }
-    }
-    pub fn is_icmp(self) -> bool {
-        matches!(self, Protocol::Icmpv4 | Protocol::Icmpv6)
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            "icmpv4" => Ok(Protocol::Icmpv4),
-            "icmpv6" => Ok(Protocol::Icmpv6),
-            _ => Err(format!(
-                "unknown protocol `{s}`; expected tcp, udp, icmpv4 or icmpv6"
-            )),
-        }
-    }
-}
-
-/// Allow or deny.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-impl Action {
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-        }
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Action {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "allow" => Ok(Action::Allow),
-            "deny" => Ok(Action::Deny),
-            _ => Err(format!("unknown action `{s}`; expected allow or deny")),
-        }
-    }
-}
+use ranges::{NoGroup, RangeClass};
 
 /// A new flow to judge.
 #[derive(Clone, Copy, Debug)]
@@ -195,6 +93,8 @@ pub enum Reason {
     NetworkDisabled,
     /// 0.0.0.0 or :: (never reaches a host socket).
     Unspecified,
+    /// 0.0.0.0/8 other than 0.0.0.0 ("this network"; never reaches a host socket).
+    ThisNetwork,
     /// 255.255.255.255.
     Broadcast,
 }
@@ -233,6 +133,7 @@ impl fmt::Display for Reason {
             Reason::Default { direction, action } => write!(f, "default {direction} {action}"),
             Reason::NetworkDisabled => f.write_str("preset none: networking disabled"),
             Reason::Unspecified => f.write_str("unspecified address"),
+            Reason::ThisNetwork => f.write_str("this-network address (0.0.0.0/8)"),
             Reason::Broadcast => f.write_str("broadcast address"),
         }
     }
@@ -300,7 +201,15 @@ impl CompiledRule {
         }
     }
 
-    fn matches(&self, q: &FlowQuery, dst: IpAddr, group: Option<Group>, names: &[String]) -> bool {
+    /// Whether this rule matches `q`, whose destination is judged as `dst` (canonical) and
+    /// whose group `group` computes (only when a group rule asks: it may probe the kernel).
+    fn matches(
+        &self,
+        q: &FlowQuery,
+        dst: IpAddr,
+        group: &dyn Fn() -> Option<Group>,
+        names: &[String],
+    ) -> bool {
         if !self.applies_to(q.direction) {
             return false;
         }
@@ -313,7 +222,7 @@ impl CompiledRule {
                 _ => return false,
             }
         }
-        dest_matches(&self.dest, dst, group, names)
+        dest_matches(&self.dest, q.dst, dst, group, names)
     }
 
     fn reason(&self) -> Reason {
@@ -325,15 +234,28 @@ impl CompiledRule {
     }
 }
 
-fn dest_matches(d: &Destination, dst: IpAddr, group: Option<Group>, names: &[String]) -> bool {
+/// `written` is the destination as the guest wrote it, `dst` its canonical form.
+fn dest_matches(
+    d: &Destination,
+    written: IpAddr,
+    dst: IpAddr,
+    group: &dyn Fn() -> Option<Group>,
+    names: &[String],
+) -> bool {
     match d {
         Destination::Any => true,
         Destination::Ip(ip) => canonical(*ip) == dst,
-        Destination::Cidr(net) => net.contains(&dst),
-        Destination::Group(g) => group == Some(*g),
+        Destination::Cidr(net) => cidr_matches(net, written),
+        Destination::Group(g) => group() == Some(*g),
         Destination::Domain(n) => names.iter().any(|x| x == n),
         Destination::Suffix(s) => names.iter().any(|x| suffix_matches(x, s)),
     }
+}
+
+/// A CIDR rule covers an address judged as the IPv4 address it carries, and also the address
+/// as written (an IPv6 range rule such as `[2002::/16]` means what it says).
+fn cidr_matches(net: &IpNet, written: IpAddr) -> bool {
+    net.contains(&canonical(written)) || net.contains(&written)
 }
 
 /// `name` is `suffix` itself or a subdomain of it (both normalised).
@@ -387,37 +309,61 @@ pub struct Policy {
     host: HostAddrs,
 }
 
+/// What a policy is built from: the policy part of a validated configuration with everything
+/// implicit made explicit. `config` fills it in (`NetworkConfig::compile_policy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyParts {
+    /// The preset in force; its rules come first.
+    pub preset: Option<Preset>,
+    pub default_egress: Action,
+    pub default_ingress: Action,
+    /// Whether each default is the preset's own (so reasons name the preset).
+    pub preset_egress_default: bool,
+    pub preset_ingress_default: bool,
+    /// The custom rules, in order, after the preset's.
+    pub rules: Vec<RuleSpec>,
+    /// Exact names whose flows and resolution are denied (any case, trailing dot allowed).
+    pub deny_domains: Vec<String>,
+    /// Suffixes (without a leading `.` or `*.`) whose apex and subdomains are denied.
+    pub deny_suffixes: Vec<String>,
+    pub deny_action: DenyAction,
+    pub max_connections: Option<usize>,
+}
+
 impl Policy {
-    /// Validates `cfg` and compiles its policy. `host` are the gateway addresses.
-    pub fn compile(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Policy, ConfigError> {
-        cfg.validate()?;
-        let eff = cfg.effective_policy();
+    /// Builds the policy from its parts. `host` are the gateway addresses and how the host's
+    /// own addresses are recognised (the `host` group).
+    pub fn new(parts: PolicyParts, host: &HostAddrs) -> Policy {
         let mut rules = Vec::new();
-        if let Some(p) = eff.preset {
+        if let Some(p) = parts.preset {
             for spec in preset_rules(p) {
                 rules.push(CompiledRule::new(rules.len() + 1, Some(p), spec));
             }
         }
-        for spec in eff.rules {
+        for spec in parts.rules {
             rules.push(CompiledRule::new(rules.len() + 1, None, spec));
         }
-        Ok(Policy {
-            preset: eff.preset,
-            default_egress: eff.default_egress,
-            default_ingress: eff.default_ingress,
-            preset_egress_default: eff.preset.is_some() && !eff.explicit_egress,
-            preset_ingress_default: eff.preset.is_some() && !eff.explicit_ingress,
+        Policy {
+            preset: parts.preset,
+            default_egress: parts.default_egress,
+            default_ingress: parts.default_ingress,
+            preset_egress_default: parts.preset_egress_default,
+            preset_ingress_default: parts.preset_ingress_default,
             rules,
-            deny_domains: cfg.deny_domains.iter().map(|d| normalize_name(d)).collect(),
-            deny_suffixes: cfg
-                .deny_domain_suffixes
+            deny_domains: parts
+                .deny_domains
                 .iter()
-                .map(|d| normalize_name(crate::config::strip_suffix_marker(d)))
+                .map(|d| normalize_name(d))
                 .collect(),
-            deny_action: cfg.deny_action,
-            max_connections: cfg.max_connections,
+            deny_suffixes: parts
+                .deny_suffixes
+                .iter()
+                .map(|d| normalize_name(d))
+                .collect(),
+            deny_action: parts.deny_action,
+            max_connections: parts.max_connections,
             host: host.clone(),
-        })
+        }
     }
 
     /// Judges one new flow.
@@ -427,11 +373,12 @@ impl Policy {
             reason,
         };
         let dst = canonical(q.dst);
-        if dst.is_unspecified() {
-            return deny(Reason::Unspecified);
-        }
-        if q.direction == Direction::Egress && dst == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
-            return deny(Reason::Broadcast);
+        if let RangeClass::NoGroup(why) = ranges::classify(dst) {
+            return deny(match why {
+                NoGroup::Unspecified => Reason::Unspecified,
+                NoGroup::ThisNetwork => Reason::ThisNetwork,
+                NoGroup::Broadcast => Reason::Broadcast,
+            });
         }
         if self.preset == Some(Preset::None) {
             return deny(Reason::NetworkDisabled);
@@ -442,8 +389,13 @@ impl Policy {
                 return deny(r);
             }
         }
-        let group = group_of(dst, &self.host);
-        if let Some(rule) = self.rules.iter().find(|r| r.matches(q, dst, group, &names)) {
+        let group_cell = OnceCell::new();
+        let group = || *group_cell.get_or_init(|| group_of(q.dst, &self.host));
+        if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|r| r.matches(q, dst, &group, &names))
+        {
             return Decision {
                 action: rule.action,
                 reason: rule.reason(),
@@ -457,7 +409,7 @@ impl Policy {
             Some(preset) if from_preset => Reason::Preset {
                 preset,
                 direction: q.direction,
-                group,
+                group: group(),
                 action,
             },
             _ => Reason::Default {
@@ -515,13 +467,13 @@ impl Policy {
     /// Whether an egress allow rule names `ip` exactly or a CIDR containing it (rebind
     /// protection lets such answers through).
     pub fn explicitly_allows_ip(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let judged = canonical(ip);
         self.rules.iter().any(|r| {
             r.action == Action::Allow
                 && r.egress
                 && match &r.dest {
-                    Destination::Ip(x) => canonical(*x) == ip,
-                    Destination::Cidr(net) => net.contains(&ip),
+                    Destination::Ip(x) => canonical(*x) == judged,
+                    Destination::Cidr(net) => cidr_matches(net, ip),
                     _ => false,
                 }
         })

@@ -147,6 +147,7 @@ pub struct NetfenceBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     wait_listening: bool,
+    wrapper: Vec<String>,
 }
 
 impl NetfenceBuilder {
@@ -165,6 +166,15 @@ impl NetfenceBuilder {
         self
     }
 
+    /// Runs netfence through a wrapper command: `wrapper... <netfence binary> run --socket ...`.
+    /// With `sh -c 'SETUP && exec "$0" "$@"'` the binary and its arguments reach the shell as
+    /// `$0` and `$@`, so SETUP runs first (e.g. inside `unshare`'s new namespaces). The wrapper
+    /// must end in an `exec` of netfence, so that killing the child kills netfence.
+    pub fn wrapper<S: AsRef<str>>(mut self, argv: &[S]) -> Self {
+        self.wrapper = argv.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
     /// Do not wait for `listening on` (for tests of argument errors).
     pub fn no_wait(mut self) -> Self {
         self.wait_listening = false;
@@ -174,7 +184,15 @@ impl NetfenceBuilder {
     pub fn spawn(self) -> Netfence {
         let dir = TempDir::new("netfence");
         let socket = dir.path().join("nf.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netfence"));
+        let binary = env!("CARGO_BIN_EXE_netfence");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("run").arg("--socket").arg(&socket).args(&self.args);
         // Default log level: info, unless the caller's environment or the builder says otherwise.
         if std::env::var_os("RUST_LOG").is_none() {
@@ -283,6 +301,7 @@ impl Netfence {
             args: Vec::new(),
             env: Vec::new(),
             wait_listening: true,
+            wrapper: Vec::new(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! One policy rule as the user writes it: in a config file (the reference's wire names) or on
-//! the command line (`action[:direction]@target[:proto[:ports]]`).
+//! the command line (`action[:direction]@target[:proto[:ports]]`). This is the rule vocabulary
+//! the engine matches on; `config` parses whole files and re-exports these names.
 //!
 //! Parsing is strict: a target that is neither `*`/`any`, an IP, a CIDR without host bits, a
 //! group name, a `.suffix` nor a domain of at least two valid labels is an error, so that a
@@ -13,7 +14,7 @@ use ipnet::IpNet;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::policy::{Action, Group, Protocol};
+use super::{canonical, group_names, Action, Group, Protocol};
 
 /// Which evaluator considers a rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,7 +118,7 @@ impl FromStr for Destination {
             return parse_cidr(unbracketed).map(Destination::Cidr);
         }
         if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-            return Ok(Destination::Ip(crate::policy::canonical(ip)));
+            return Ok(Destination::Ip(canonical(ip)));
         }
         if s.contains(':') {
             return Err(format!("`{raw}` is not a valid IP address"));
@@ -131,7 +132,7 @@ impl FromStr for Destination {
             return Err(format!(
                 "unknown group `{raw}`; groups are: {}; a domain needs at least two labels \
                  (example.com), an IP or CIDR must be written in full",
-                crate::policy::group_names()
+                group_names()
             ));
         }
         parse_domain(s)
@@ -278,7 +279,7 @@ impl TypedDestination {
                 let v = need(self.value)?;
                 let raw = v.trim_start_matches('[').trim_end_matches(']');
                 raw.parse::<IpAddr>()
-                    .map(|ip| Destination::Ip(crate::policy::canonical(ip)))
+                    .map(|ip| Destination::Ip(canonical(ip)))
                     .map_err(|_| format!("`{v}` is not an IP address (kind `ip`)"))
             }
             "cidr" => parse_cidr(&need(self.value)?).map(Destination::Cidr),
