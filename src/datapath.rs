@@ -469,7 +469,9 @@ impl Datapath {
                 return false;
             }
         }
-        let domains = self.dns.service.cache().names_for(dst.ip(), now);
+        // Asked names decide; CNAME targets (aliases) can only deny (see dns::cache).
+        let names = self.dns.service.cache().lookup(dst.ip(), now);
+        let domains = names.asked.clone();
         let query = FlowQuery {
             direction: Direction::Egress,
             protocol,
@@ -477,7 +479,7 @@ impl Datapath {
             dst_port: Some(dst.port()),
             domains: &domains,
         };
-        let decision = self.settings.policy.decide(&query);
+        let decision = names.decide(&self.settings.policy, &query);
         let mut allowed = decision.allowed();
         let mut reason = decision.reason.to_string();
         if allowed {
