@@ -258,31 +258,35 @@ pub fn vet_answer(
             out.bytes = finish(&nx, query, limit, &mut out);
             return out;
         }
+    }
 
-        if rebind_protection {
-            let protected = |ip: IpAddr| is_rebind_protected(ip) && !judge.explicitly_allows_ip(ip);
-            let had_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
-            let mut removed = 0;
-            for section in [
-                &mut answer.answers,
-                &mut answer.authorities,
-                &mut answer.additionals,
-            ] {
-                removed += remove_protected(section, &protected);
-            }
-            if removed > 0 {
-                modified = true;
-                out.rebind_removed = removed;
-                let has_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
-                if had_addresses && !has_addresses {
-                    out.rebind_blocked = true;
-                    let nx = error_reply(&query.message, ResponseCode::NXDomain);
-                    out.bytes = finish(&nx, query, limit, &mut out);
-                    return out;
-                }
+    // Rebind protection, whatever the response code: a record carrying a protected address
+    // never reaches the guest, even beside an error code.
+    if rebind_protection {
+        let protected = |ip: IpAddr| is_rebind_protected(ip) && !judge.explicitly_allows_ip(ip);
+        let had_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
+        let mut removed = 0;
+        for section in [
+            &mut answer.answers,
+            &mut answer.authorities,
+            &mut answer.additionals,
+        ] {
+            removed += remove_protected(section, &protected);
+        }
+        if removed > 0 {
+            modified = true;
+            out.rebind_removed = removed;
+            let has_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
+            if had_addresses && !has_addresses && answer.response_code == ResponseCode::NoError {
+                out.rebind_blocked = true;
+                let nx = error_reply(&query.message, ResponseCode::NXDomain);
+                out.bytes = finish(&nx, query, limit, &mut out);
+                return out;
             }
         }
+    }
 
+    if answer.response_code == ResponseCode::NoError {
         // The names the guest now holds for each address: the question name, and as aliases
         // the CNAME targets followed from it. Records outside that chain bind no name.
         let chain = cname_chain(&query.question.name, &answer.answers);

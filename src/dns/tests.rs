@@ -1477,6 +1477,29 @@ fn address_records_in_every_section_are_vetted() {
     assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 63])]);
 }
 
+/// An error answer carrying addresses anyway: they are vetted too, the code is kept.
+#[test]
+fn addresses_beside_an_error_code_are_vetted() {
+    let j = judge(&[], &[]);
+    for rcode in [ResponseCode::ServFail, ResponseCode::NXDomain] {
+        let q = query_msg(0x67, "err.example.", RecordType::A, None);
+        let mut ans = answer_to(
+            &q,
+            vec![
+                a("err.example.", "10.1.1.1", 60),
+                a("err.example.", "203.0.113.67", 60),
+            ],
+        );
+        ans.metadata.response_code = rcode;
+        let raw = ans.to_vec().unwrap();
+        let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+        let m = decode(&v.bytes);
+        assert_eq!(m.response_code, rcode);
+        assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 67])], "{rcode}");
+        assert!(v.cache.is_empty(), "an error answer binds no name");
+    }
+}
+
 /// HTTPS (65) and SVCB (64) hints: a protected hint address is removed and the rest of the
 /// record kept; a record whose hint is left empty is dropped; explicitly allowed addresses
 /// stay; nothing protected reaches the guest in any section.
