@@ -144,8 +144,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// The gateway DNS service's settings from the `dns` table (nameservers resolved now).
-fn dns_settings(config: &NetworkConfig, host: &HostAddrs) -> Result<DnsSettings, String> {
+/// The gateway DNS service's settings from the `dns` table (nameservers resolved now) and the
+/// link MTU (UDP answers must fit in one frame).
+fn dns_settings(
+    config: &NetworkConfig,
+    host: &HostAddrs,
+    link_mtu: u16,
+) -> Result<DnsSettings, String> {
     let upstreams = match DnsSettings::resolve_upstreams(&config.dns.nameservers) {
         Ok(u) => u,
         // No nameserver configured anywhere: names can still be blocked and host aliases
@@ -161,6 +166,7 @@ fn dns_settings(config: &NetworkConfig, host: &HostAddrs) -> Result<DnsSettings,
         rebind_protection: config.rebind_protection(),
         gateway_v4: host.ipv4.clone(),
         gateway_v6: host.ipv6.clone(),
+        link_mtu,
         ..DnsSettings::default()
     };
     if let Some(ms) = config.dns.query_timeout_ms {
@@ -214,7 +220,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let addrmap = Arc::new(AddressMap::new(config.map.clone(), host.addrs().collect()));
-    let dns = match dns_settings(&config, &host) {
+    let dns = match dns_settings(&config, &host, args.mtu) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("netfence: dns.nameservers: {e}");

@@ -14,6 +14,11 @@
 //!   allowed, an SNI that was not resolved to that address through netfence is reset (no
 //!   domain fronting), and an allowed hello reaches the loopback server byte for byte.
 //!
+//! Issue 9: a cached name is found under any spelling of its address (`[::ffff:a.b.c.d]`); an
+//! answer binds its addresses to the question name only (a CNAME into an allowed name allows
+//! nothing, a deny rule on a CNAME target still denies); rebind protection covers mapped AAAA
+//! and HTTPS hints; upstream queries leave from different ports; UDP answers fit the link MTU.
+//!
 //! Every "public" address is in 203.0.113.0/24 or 198.51.100.0/24 and `--map`ped to a loopback
 //! server, so nothing leaves the host.
 
@@ -21,7 +26,7 @@ mod common;
 mod dnsfake;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::process::field;
@@ -801,4 +806,435 @@ rules = [
         Some("good.example"),
         "{line}"
     );
+}
+
+// ---- issue 9: names bind to the question, canonical lookups, every address vetted ----------
+
+fn rec(name: &str, data: hickory_proto::rr::RData) -> hickory_proto::rr::Record {
+    hickory_proto::rr::Record::from_rdata(
+        hickory_proto::rr::Name::from_ascii(name).expect("record name"),
+        FAKE_TTL,
+        data,
+    )
+}
+
+fn a_rec(name: &str, ip: Ipv4Addr) -> hickory_proto::rr::Record {
+    rec(name, hickory_proto::rr::RData::A(ip.into()))
+}
+
+fn cname_rec(name: &str, target: &str) -> hickory_proto::rr::Record {
+    rec(
+        name,
+        hickory_proto::rr::RData::CNAME(hickory_proto::rr::rdata::CNAME(
+            hickory_proto::rr::Name::from_ascii(target).expect("CNAME target"),
+        )),
+    )
+}
+
+/// A decision whose destination is `ip:port` in any spelling (`[::ffff:a.b.c.d]:p` included),
+/// logged after `mark`.
+fn wait_decision_to(nf: &Netfence, mark: usize, ip: IpAddr, port: u16) -> String {
+    nf.wait_for_line(mark, SHORT, |l| {
+        l.contains("decision")
+            && field(l, "dst")
+                .and_then(|d| d.parse::<std::net::SocketAddr>().ok())
+                .is_some_and(|d| d.ip().to_canonical() == ip.to_canonical() && d.port() == port)
+    })
+    .unwrap_or_else(|| panic!("no decision for {ip}:{port} logged\n{}", nf.log_text()))
+}
+
+/// The guest resolves names over IPv4 and connects to the IPv4-mapped IPv6 spelling of the
+/// address (`[::ffff:203.0.113.7]`): the names cached for 203.0.113.7 are found, so the allow
+/// rule for api.example and the deny rule for tracker.example both apply, and the decision
+/// names the domain.
+#[test]
+fn mapped_ipv6_spelling_of_a_resolved_address_is_judged_by_its_names() {
+    let echo = TcpEchoServer::start();
+    let up = FakeDns::start(&[
+        ("api.example", Answer::A(vec![PUBLIC_IP])),
+        ("tracker.example", Answer::A(vec![PUBLIC_IP3])),
+    ]);
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "deny", destination = "tracker.example", protocols = ["tcp"], ports = [80] }},
+  {{ action = "allow", destination = "api.example" }},
+  {{ action = "allow", destination = "tracker.example" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let mut args = vec!["--reject".to_string()];
+    for ip in [PUBLIC_IP, PUBLIC_IP3] {
+        args.extend(map(&ip.to_string(), echo.port()));
+    }
+    let (nf, _cfg) = spawn_with_config(&toml, &args);
+    let mut g = guest_up(&nf);
+    g.set_ipv6(GUEST6, PREFIX6_LEN, GATEWAY6_LL);
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "api.example").message),
+        vec![PUBLIC_IP]
+    );
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "tracker.example").message),
+        vec![PUBLIC_IP3]
+    );
+
+    // Allowed by name through the mapped spelling.
+    let mapped = PUBLIC_IP.to_ipv6_mapped();
+    let mark = nf.log_mark();
+    let h = g.tcp_connect(mapped, 80, SHORT).unwrap_or_else(|e| {
+        panic!(
+            "[{mapped}]:80 (api.example) must be allowed: {e:?}\n{}",
+            nf.log_text()
+        )
+    });
+    g.tcp_send_all(h, b"mapped", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(h, 6, deadline(SHORT)).unwrap(), b"mapped");
+    let line = wait_decision_to(&nf, mark, IpAddr::V4(PUBLIC_IP), 80);
+    assert_eq!(action(&line), "allow", "{line}");
+    assert_eq!(
+        field(&line, "domains").as_deref(),
+        Some("api.example"),
+        "{line}"
+    );
+
+    // Denied by name through the mapped spelling.
+    let mapped3 = PUBLIC_IP3.to_ipv6_mapped();
+    let mark = nf.log_mark();
+    match g.tcp_connect(mapped3, 80, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!(
+            "[{mapped3}]:80 (tracker.example) must be denied: {other:?}\n{}",
+            nf.log_text()
+        ),
+    }
+    let line = wait_decision_to(&nf, mark, IpAddr::V4(PUBLIC_IP3), 80);
+    assert_eq!(action(&line), "deny", "{line}");
+    assert_eq!(
+        field(&line, "domains").as_deref(),
+        Some("tracker.example"),
+        "{line}"
+    );
+    assert_eq!(
+        echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the allowed flow may reach the host side"
+    );
+}
+
+/// Policy: only good.com (by name) is allowed. The guest asks evil.example, whose zone answers
+/// `evil.example CNAME good.com` + `good.com A 203.0.113.9`; and evil2.example, answered with a
+/// bare `good.com A 203.0.113.8`. Neither address counts as good.com: both flows are denied.
+/// The guest's own lookup of good.com (203.0.113.7) is allowed, so the policy does work.
+#[test]
+fn a_cname_into_an_allowed_name_does_not_allow_the_address() {
+    let echo = TcpEchoServer::start();
+    let up = FakeDns::start(&[
+        (
+            "evil.example",
+            Answer::Records(vec![
+                cname_rec("evil.example.", "good.com."),
+                a_rec("good.com.", PUBLIC_IP3),
+            ]),
+        ),
+        (
+            "evil2.example",
+            Answer::Records(vec![a_rec("good.com.", PUBLIC_IP2)]),
+        ),
+        ("good.com", Answer::A(vec![PUBLIC_IP])),
+    ]);
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "allow", destination = "good.com" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let mut args = vec!["--reject".to_string()];
+    for ip in [PUBLIC_IP, PUBLIC_IP2, PUBLIC_IP3] {
+        args.extend(map(&ip.to_string(), echo.port()));
+    }
+    let (nf, _cfg) = spawn_with_config(&toml, &args);
+    let mut g = guest_up(&nf);
+    let a = lookup_ok(&mut g, &nf, "evil.example");
+    assert_eq!(
+        a_records(&a.message),
+        vec![PUBLIC_IP3],
+        "the chain is passed on"
+    );
+    let a = lookup_ok(&mut g, &nf, "evil2.example");
+    assert_eq!(a_records(&a.message), vec![PUBLIC_IP2]);
+
+    for ip in [PUBLIC_IP3, PUBLIC_IP2] {
+        let mark = nf.log_mark();
+        match g.tcp_connect(ip, 80, SHORT) {
+            Err(ConnectError::Reset { .. }) => {}
+            other => panic!(
+                "{ip}:80 came from evil's zone and must be denied: {other:?}\n{}",
+                nf.log_text()
+            ),
+        }
+        let line = wait_decision(&nf, mark, &format!("{ip}:80"), None);
+        assert_eq!(action(&line), "deny", "{line}");
+        assert!(
+            !field(&line, "domains").is_some_and(|d| d.split(',').any(|n| n == "good.com")),
+            "{ip} was judged as good.com: {line}"
+        );
+    }
+
+    // The control: good.com asked by the guest itself.
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "good.com").message),
+        vec![PUBLIC_IP]
+    );
+    let mark = nf.log_mark();
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("good.com:80: {e:?}\n{}", nf.log_text()));
+    g.tcp_send_all(h, b"good", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(h, 4, deadline(SHORT)).unwrap(), b"good");
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:80"), None);
+    assert_eq!(action(&line), "allow", "{line}");
+    assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// The TLS check "SNI resolved to this address through netfence": evil.example (allowed by a
+/// rule, so the SYN passes) CNAMEs to good.com. A hello for good.com to that address is reset:
+/// the guest never asked good.com.
+#[test]
+fn a_cname_target_does_not_count_as_resolved_for_sni() {
+    let up = FakeDns::start(&[(
+        "evil.example",
+        Answer::Records(vec![
+            cname_rec("evil.example.", "good.com."),
+            a_rec("good.com.", PUBLIC_IP),
+        ]),
+    )]);
+    let (server, port) = idle_listener();
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "allow", destination = "evil.example" }},
+  {{ action = "allow", destination = "good.com" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &map(&format!("{PUBLIC_IP}:443"), port));
+    let mut g = guest_up(&nf);
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "evil.example").message),
+        vec![PUBLIC_IP]
+    );
+    let mark = nf.log_mark();
+    let line = hello_is_reset(
+        &mut g,
+        &nf,
+        PUBLIC_IP,
+        &client_hello("good.com"),
+        "good.com",
+    );
+    assert!(
+        field(&line, "reason").is_some_and(|r| r.contains("not resolved")),
+        "{line}"
+    );
+    let syn = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:443"), Some("dns-cache"));
+    assert_eq!(
+        action(&syn),
+        "allow",
+        "the SYN passes as evil.example: {syn}"
+    );
+    assert!(
+        nothing_reached(&server),
+        "a hello for a CNAME target sent bytes to the server"
+    );
+}
+
+/// Deny stays at least as strict: a port-filtered deny rule on a CNAME target (not an NXDOMAIN
+/// at the resolver) still denies flows to the address the chain led to.
+#[test]
+fn a_deny_rule_on_a_cname_target_still_denies() {
+    let echo = TcpEchoServer::start();
+    let up = FakeDns::start(&[(
+        "news.example",
+        Answer::Records(vec![
+            cname_rec("news.example.", "px.tracker.example."),
+            a_rec("px.tracker.example.", PUBLIC_IP3),
+        ]),
+    )]);
+    let toml = format!(
+        r#"[policy]
+default_egress = "deny"
+rules = [
+  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
+  {{ action = "deny", destination = ".tracker.example", protocols = ["tcp"], ports = [80] }},
+  {{ action = "allow", destination = "public" }},
+]
+{}"#,
+        dns_table(&[up.nameserver()], "")
+    );
+    let mut args = vec!["--reject".to_string()];
+    args.extend(map(&PUBLIC_IP3.to_string(), echo.port()));
+    let (nf, _cfg) = spawn_with_config(&toml, &args);
+    let mut g = guest_up(&nf);
+    assert_eq!(
+        a_records(&lookup_ok(&mut g, &nf, "news.example").message),
+        vec![PUBLIC_IP3]
+    );
+    let mark = nf.log_mark();
+    match g.tcp_connect(PUBLIC_IP3, 80, SHORT) {
+        Err(ConnectError::Reset { .. }) => {}
+        other => panic!(
+            "px.tracker.example:80 must be denied: {other:?}\n{}",
+            nf.log_text()
+        ),
+    }
+    let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP3}:80"), None);
+    assert_eq!(action(&line), "deny", "{line}");
+    assert!(
+        line.contains("deny@.tracker.example:tcp:80"),
+        "the reason must name the deny rule: {line}"
+    );
+    // Another port of the same address: the public rule allows it.
+    let h = g
+        .tcp_connect(PUBLIC_IP3, 8080, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", nf.log_text()));
+    g.sockets.remove(h);
+}
+
+/// AAAA answers spelling a private IPv4 address (`::ffff:10.0.0.1`) are removed like A records,
+/// and so are private addresses in HTTPS hints (the rest of the record is kept).
+#[test]
+fn rebind_protection_covers_mapped_aaaa_and_https_hints() {
+    use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SvcParamKey, SvcParamValue, SVCB};
+    use hickory_proto::rr::rdata::HTTPS;
+    use hickory_proto::rr::RData;
+    let mapped_private: std::net::Ipv6Addr = "::ffff:10.0.0.1".parse().unwrap();
+    let https = SVCB::new(
+        1,
+        hickory_proto::rr::Name::root(),
+        vec![
+            (
+                SvcParamKey::Alpn,
+                SvcParamValue::Alpn(Alpn(vec!["h2".into()])),
+            ),
+            (
+                SvcParamKey::Ipv4Hint,
+                SvcParamValue::Ipv4Hint(IpHint(vec![
+                    Ipv4Addr::new(10, 0, 0, 1).into(),
+                    PUBLIC_IP.into(),
+                ])),
+            ),
+            (
+                SvcParamKey::Ipv6Hint,
+                SvcParamValue::Ipv6Hint(IpHint(vec![mapped_private.into(), PUBLIC6.into()])),
+            ),
+        ],
+    );
+    let up = FakeDns::start(&[
+        (
+            "mapped.example",
+            Answer::Records(vec![rec(
+                "mapped.example.",
+                RData::AAAA(mapped_private.into()),
+            )]),
+        ),
+        (
+            "hints.example",
+            Answer::Records(vec![rec("hints.example.", RData::HTTPS(HTTPS(https)))]),
+        ),
+    ]);
+    let (nf, _cfg) = spawn_with_config(&dns_table(&[up.nameserver()], ""), &[]);
+    let mut g = guest_up(&nf);
+
+    let a = udp_lookup(&mut g, GATEWAY, "mapped.example", RecordType::AAAA, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert_eq!(
+        a.message.response_code,
+        ResponseCode::NXDomain,
+        "::ffff:10.0.0.1 reached the guest: {:?}",
+        a.message.answers
+    );
+    assert!(a.message.answers.is_empty());
+
+    let a = udp_lookup(&mut g, GATEWAY, "hints.example", RecordType::HTTPS, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert_eq!(a.message.response_code, ResponseCode::NoError);
+    assert_eq!(a.message.answers.len(), 1, "{:?}", a.message.answers);
+    let RData::HTTPS(HTTPS(got)) = &a.message.answers[0].data else {
+        panic!("not an HTTPS record: {:?}", a.message.answers[0]);
+    };
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for (_, v) in &got.svc_params {
+        match v {
+            SvcParamValue::Ipv4Hint(h) => v4.extend(h.0.iter().map(|a| a.0)),
+            SvcParamValue::Ipv6Hint(h) => v6.extend(h.0.iter().map(|a| a.0)),
+            _ => {}
+        }
+    }
+    assert_eq!(v4, vec![PUBLIC_IP], "only the public hints are left");
+    assert_eq!(v6, vec![PUBLIC6], "only the public hints are left");
+    assert!(got.svc_params.iter().any(|(k, _)| *k == SvcParamKey::Alpn));
+}
+
+/// Each upstream query leaves from its own socket: the fake upstream sees several source ports.
+#[test]
+fn upstream_queries_leave_from_different_ports() {
+    let up = FakeDns::start(&[("port.example", Answer::A(vec![PUBLIC_IP]))]);
+    let (nf, _cfg) = spawn_with_config(&dns_table(&[up.nameserver()], ""), &[]);
+    let mut g = guest_up(&nf);
+    for i in 0..6 {
+        let name = format!("p{i}.port.example");
+        let a = lookup_ok(&mut g, &nf, &name);
+        assert_eq!(a.message.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    let asked = up.asked();
+    assert_eq!(asked.len(), 6, "{asked:?}");
+    let mut ports: Vec<u16> = asked.iter().map(|q| q.from.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert!(
+        ports.len() > 1,
+        "every upstream query left from port {}",
+        ports[0]
+    );
+}
+
+/// `--mtu 576`: a UDP answer must fit one 576-byte IPv4 packet (548 bytes of DNS) even when the
+/// guest's EDNS size would take more; it comes back truncated with TC, and whole over TCP.
+#[test]
+fn udp_answers_fit_the_link_mtu() {
+    let many: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(203, 0, 113, i)).collect();
+    let up = FakeDns::start(&[("big.mtu.example", Answer::A(many.clone()))]);
+    let (nf, _cfg) = spawn_with_config(
+        &dns_table(&[up.nameserver()], ""),
+        &["--mtu".to_string(), "576".to_string()],
+    );
+    let mut g = guest_up(&nf);
+    let q = query(next_id(), "big.mtu.example", RecordType::A, Some(4096));
+    let udp = udp_lookup_raw(&mut g, GATEWAY, &q, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(
+        udp.bytes.len() <= 576 - 28,
+        "a {}-byte UDP answer on a 576-byte link",
+        udp.bytes.len()
+    );
+    assert!(udp.message.truncation, "truncated without TC");
+    assert!(udp.message.answers.is_empty());
+
+    let h = g
+        .tcp_connect(GATEWAY, 53, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let m = tcp_lookup(&mut g, h, "big.mtu.example", RecordType::A, SHORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(!m.truncation);
+    assert_eq!(a_records(&m).len(), many.len());
 }

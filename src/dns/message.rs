@@ -2,15 +2,28 @@
 //! (NXDOMAIN, FORMERR, host aliases), and vetting an upstream answer before the guest sees it
 //! (blocked names in CNAME chains, rebind protection, size limits, cache entries).
 //!
+//! Rebind protection looks at every record that carries an address, in every section: A, AAAA
+//! (judged by [`is_rebind_protected`], which sees through IPv6 spellings of IPv4 addresses),
+//! and the `ipv4hint` / `ipv6hint` SvcParams of SVCB (type 64) and HTTPS (type 65) records.
+//! A protected hint address is removed from its hint and the rest of the record kept (its ALPN
+//! and ECH parameters stay useful); a record whose hint is left empty is dropped, since an
+//! empty hint is invalid (RFC 9460 7.3) and removing the key could break a `mandatory` list.
+//!
+//! Addresses are bound in the cache to the *question* name only; CNAME targets on the way are
+//! bound as aliases (see [`super::cache`]), and records outside the chain from the question
+//! bind nothing.
+//!
 //! Upstream answers that need no change are passed on byte for byte (only the id is put back);
 //! an answer that is changed is re-encoded with hickory-proto.
 
 use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::{SvcParamValue, SVCB};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
+use super::cache::NameRole;
 use super::names::name_to_string;
 use super::rebind::is_rebind_protected;
 use super::DomainJudge;
@@ -187,8 +200,18 @@ pub struct Vetted {
     pub truncated: bool,
     /// The answer exceeded `max_answer_bytes` on a stream transport: replaced by SERVFAIL.
     pub oversize: bool,
-    /// (name, address, ttl) triples the guest now holds.
-    pub cache: Vec<(String, IpAddr, u32)>,
+    /// Names the guest now holds for addresses.
+    pub cache: Vec<NameBinding>,
+}
+
+/// An address the guest received and a name it is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameBinding {
+    /// Normalized.
+    pub name: String,
+    pub ip: IpAddr,
+    pub ttl: u32,
+    pub role: NameRole,
 }
 
 /// Size constraints for an answer on its way to the guest.
@@ -235,40 +258,56 @@ pub fn vet_answer(
             out.bytes = finish(&nx, query, limit, &mut out);
             return out;
         }
+    }
 
-        if rebind_protection {
-            let keep = |rec: &Record| match record_ip(rec) {
-                Some(ip) => !is_rebind_protected(ip) || judge.explicitly_allows_ip(ip),
-                None => true,
-            };
-            let had_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
-            let before = answer.answers.len() + answer.additionals.len();
-            answer.answers.retain(keep);
-            answer.additionals.retain(keep);
-            let removed = before - answer.answers.len() - answer.additionals.len();
-            if removed > 0 {
-                modified = true;
-                out.rebind_removed = removed;
-                let has_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
-                if had_addresses && !has_addresses {
-                    out.rebind_blocked = true;
-                    let nx = error_reply(&query.message, ResponseCode::NXDomain);
-                    out.bytes = finish(&nx, query, limit, &mut out);
-                    return out;
-                }
+    // Rebind protection, whatever the response code: a record carrying a protected address
+    // never reaches the guest, even beside an error code.
+    if rebind_protection {
+        let protected = |ip: IpAddr| is_rebind_protected(ip) && !judge.explicitly_allows_ip(ip);
+        let had_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
+        let mut removed = 0;
+        for section in [
+            &mut answer.answers,
+            &mut answer.authorities,
+            &mut answer.additionals,
+        ] {
+            removed += remove_protected(section, &protected);
+        }
+        if removed > 0 {
+            modified = true;
+            out.rebind_removed = removed;
+            let has_addresses = answer.answers.iter().any(|r| record_ip(r).is_some());
+            if had_addresses && !has_addresses && answer.response_code == ResponseCode::NoError {
+                out.rebind_blocked = true;
+                let nx = error_reply(&query.message, ResponseCode::NXDomain);
+                out.bytes = finish(&nx, query, limit, &mut out);
+                return out;
             }
         }
+    }
 
-        // Names the guest now holds for each address: the query name and the CNAME chain
-        // followed from it. Records outside that chain bind no name.
+    if answer.response_code == ResponseCode::NoError {
+        // The names the guest now holds for each address: the question name, and as aliases
+        // the CNAME targets followed from it. Records outside that chain bind no name.
         let chain = cname_chain(&query.question.name, &answer.answers);
         for rec in &answer.answers {
-            if let Some(ip) = record_ip(rec) {
-                if chain.contains(&rec.name) {
-                    for n in &chain {
-                        out.cache.push((name_to_string(n), ip, rec.ttl));
-                    }
-                }
+            let Some(ip) = record_ip(rec) else { continue };
+            if !chain.contains(&rec.name) {
+                continue;
+            }
+            out.cache.push(NameBinding {
+                name: query.qname.clone(),
+                ip,
+                ttl: rec.ttl,
+                role: NameRole::Asked,
+            });
+            for alias in chain.iter().skip(1) {
+                out.cache.push(NameBinding {
+                    name: name_to_string(alias),
+                    ip,
+                    ttl: rec.ttl,
+                    role: NameRole::Alias,
+                });
             }
         }
     }
@@ -333,6 +372,66 @@ pub fn truncated_reply(answer: &Message, query: &GuestQuery) -> Vec<u8> {
         m.edns = Some(local_edns(query.message.edns.as_ref()));
     }
     encode_or_empty(&m)
+}
+
+/// Removes protected addresses from `records`: A/AAAA records in protected space, and protected
+/// addresses of SVCB/HTTPS hints (a record whose hint is left empty goes). Returns how many
+/// addresses were removed.
+fn remove_protected(records: &mut Vec<Record>, protected: &dyn Fn(IpAddr) -> bool) -> usize {
+    let mut removed = 0;
+    records.retain_mut(|rec| {
+        if let Some(ip) = record_ip(rec) {
+            if protected(ip) {
+                removed += 1;
+                return false;
+            }
+            return true;
+        }
+        match svcb_mut(&mut rec.data) {
+            Some(svcb) => {
+                let (n, keep) = filter_hints(svcb, protected);
+                removed += n;
+                keep
+            }
+            None => true,
+        }
+    });
+    removed
+}
+
+fn svcb_mut(data: &mut RData) -> Option<&mut SVCB> {
+    match data {
+        RData::SVCB(svcb) => Some(svcb),
+        RData::HTTPS(https) => Some(&mut https.0),
+        _ => None,
+    }
+}
+
+/// Removes protected addresses from the hints of `svcb`. Returns how many were removed and
+/// whether the record can stay (false when a hint was emptied).
+fn filter_hints(svcb: &mut SVCB, protected: &dyn Fn(IpAddr) -> bool) -> (usize, bool) {
+    let mut removed = 0;
+    let mut keep = true;
+    for (_, value) in &mut svcb.svc_params {
+        let (before, after) = match value {
+            SvcParamValue::Ipv4Hint(hint) => {
+                let before = hint.0.len();
+                hint.0.retain(|a| !protected(IpAddr::V4(a.0)));
+                (before, hint.0.len())
+            }
+            SvcParamValue::Ipv6Hint(hint) => {
+                let before = hint.0.len();
+                hint.0.retain(|a| !protected(IpAddr::V6(a.0)));
+                (before, hint.0.len())
+            }
+            _ => continue,
+        };
+        removed += before - after;
+        if after == 0 && before > 0 {
+            keep = false;
+        }
+    }
+    (removed, keep)
 }
 
 fn record_ip(rec: &Record) -> Option<IpAddr> {

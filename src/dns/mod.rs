@@ -7,7 +7,8 @@
 //! must go, and a [`DomainJudge`] that knows the policy's domain rules. A query is either
 //! answered at once (NXDOMAIN for a blocked name, the gateway addresses for a host alias,
 //! FORMERR for a malformed message) or forwarded to the first upstream nameserver under a fresh
-//! random id over a connected UDP socket.
+//! random id, from a fresh UDP socket on a random port connected to that upstream (one socket
+//! per attempt, closed when the attempt ends, so at most `max_in_flight` of them).
 //!
 //! The service owns its upstream sockets and watches them with its own epoll instance, whose
 //! single descriptor ([`DnsService::event_fd`]) the queue thread registers once, for `EPOLLIN`,
@@ -16,11 +17,13 @@
 //! by id, upstream address and question (anything else is ignored: anti-spoofing), vets it, and
 //! fails over timed-out queries to the next upstream (SERVFAIL after the last one). Vetting an
 //! answer means: NXDOMAIN when a CNAME in it reaches a blocked name; with rebind protection,
-//! removing A/AAAA records in private/loopback/link-local/metadata space (NXDOMAIN when no
-//! address is left); truncating UDP answers that exceed the client's EDNS size (TC set, the
-//! client retries over TCP). A truncated upstream answer to a TCP client is fetched again over
-//! TCP. Every address the guest receives is recorded in the [`NameCache`], which domain rules
-//! for new flows are judged against.
+//! removing every address in private/loopback/link-local/metadata space (A and AAAA records,
+//! SVCB/HTTPS address hints; NXDOMAIN when no A/AAAA is left); truncating UDP answers that
+//! exceed what reaches the client in one datagram (its EDNS size, `max_answer_bytes`, and one
+//! frame of the link MTU: TC set, the client retries over TCP). A truncated upstream answer to
+//! a TCP client is fetched again over TCP. Every address the guest receives is recorded in the
+//! [`NameCache`] under the name the guest asked (CNAME targets only as aliases, which can deny
+//! but never allow); domain rules for new flows are judged against it.
 //!
 //! Nothing here blocks, spawns or locks: it is driven entirely by the queue thread.
 
@@ -36,7 +39,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-pub use cache::NameCache;
+pub use cache::{CachedNames, NameCache, NameRole};
 pub use framer::{FrameError, TcpDnsFramer};
 pub use names::{normalize_name, DomainSet, StaticJudge};
 pub use rebind::is_rebind_protected;
@@ -52,6 +55,11 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const MAX_IN_FLIGHT_CEILING: usize = 16384;
 /// Default limit of an answer's size (the most DNS over TCP can carry).
 pub const DEFAULT_MAX_ANSWER_BYTES: usize = 65535;
+/// Default link MTU (netfence's `--mtu` default).
+pub const DEFAULT_LINK_MTU: u16 = 1500;
+/// IPv4 + UDP headers, IPv6 + UDP headers: what a UDP answer's frame carries beside it.
+const UDP_IPV4_OVERHEAD: usize = 20 + 8;
+const UDP_IPV6_OVERHEAD: usize = 40 + 8;
 
 /// Configuration of a [`DnsService`].
 #[derive(Clone, Debug)]
@@ -75,6 +83,9 @@ pub struct DnsSettings {
     pub max_answer_bytes: usize,
     /// Addresses kept in the IP -> names cache.
     pub cache_capacity: usize,
+    /// The guest link's MTU: a UDP answer must fit in one IP packet of this size (see
+    /// [`DnsSettings::udp_answer_room`]); a larger one is truncated with TC set.
+    pub link_mtu: u16,
 }
 
 impl Default for DnsSettings {
@@ -89,11 +100,23 @@ impl Default for DnsSettings {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
             cache_capacity: cache::DEFAULT_CACHE_CAPACITY,
+            link_mtu: DEFAULT_LINK_MTU,
         }
     }
 }
 
 impl DnsSettings {
+    /// The largest DNS message that fits in one IP packet of the link MTU to a guest at
+    /// `client` (the answer goes back in the family of the query: 20 or 40 bytes of IP header,
+    /// 8 of UDP).
+    pub fn udp_answer_room(&self, client: IpAddr) -> usize {
+        let overhead = match client {
+            IpAddr::V4(_) => UDP_IPV4_OVERHEAD,
+            IpAddr::V6(_) => UDP_IPV6_OVERHEAD,
+        };
+        usize::from(self.link_mtu).saturating_sub(overhead)
+    }
+
     /// `dns.nameservers` entries (`IP`, `IP:PORT`, `[IPv6]:PORT`, `HOST`, `HOST:PORT`) to
     /// addresses; host names are resolved once, now. Empty: the host's /etc/resolv.conf.
     pub fn resolve_upstreams(entries: &[String]) -> Result<Vec<SocketAddr>, String> {
@@ -148,7 +171,7 @@ pub struct DnsStats {
     pub answered_locally: u64,
     /// NXDOMAIN for a blocked name (in the query or in a CNAME of the answer).
     pub blocked: u64,
-    /// A/AAAA records removed by rebind protection.
+    /// Addresses removed by rebind protection (A/AAAA records, SVCB/HTTPS hint addresses).
     pub rebind_removed: u64,
     /// Answers replaced by NXDOMAIN because rebind protection left no address.
     pub rebind_blocked: u64,
@@ -166,7 +189,7 @@ pub struct DnsStats {
     pub servfail: u64,
     /// Upstream answers delivered to the guest.
     pub answers: u64,
-    /// UDP answers truncated to fit the client's size.
+    /// UDP answers truncated to fit the client's size or the link MTU.
     pub truncated: u64,
     /// TCP answers above `max_answer_bytes` (replaced by SERVFAIL).
     pub oversize: u64,

@@ -1,4 +1,12 @@
 //! [`DnsService`]: the query table, the upstream sockets and their epoll.
+//!
+//! Every upstream attempt goes out from its own UDP socket, bound to port 0 (the kernel picks a
+//! random ephemeral port) and connected to the upstream (the kernel drops datagrams from any
+//! other source, and an ICMP error surfaces as ECONNREFUSED), under a random 16-bit id. The
+//! socket is closed when the attempt ends: answered, timed out (the next upstream gets a fresh
+//! socket), moved to TCP, or cancelled. An off-path spoofer must so guess the port as well as
+//! the id, and there is at most one upstream socket per query in flight, so `max_in_flight`
+//! bounds the descriptors.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
@@ -20,17 +28,22 @@ use super::message::{
 use super::names::normalize_name;
 use super::{ClientKey, DnsSettings, DnsStats, DomainJudge, Transport, MAX_IN_FLIGHT_CEILING};
 
-/// Epoll tokens at or above this are TCP upstream connections; below are upstream indexes.
-const TCP_TOKEN_BASE: u64 = 1 << 32;
-/// Datagrams read from one upstream socket per `poll` (the epoll is level-triggered, so any
+/// Epoll tokens at or above this are TCP upstream connections; below are the UDP sockets of
+/// queries (a serial number above the query id in the low 16 bits).
+const TCP_TOKEN_BASE: u64 = 1 << 62;
+/// Datagrams read from one query's socket per `poll` (the epoll is level-triggered, so any
 /// rest wakes the thread again).
-const RECV_BUDGET: usize = 256;
+const RECV_BUDGET: usize = 16;
 /// Epoll events fetched per wait.
 const EVENT_BATCH: usize = 64;
 
-struct Upstream {
-    addr: SocketAddr,
-    udp: Option<UdpSocket>,
+/// The UDP socket of one upstream attempt of a query.
+struct QuerySocket {
+    sock: UdpSocket,
+    /// Its epoll token.
+    token: u64,
+    /// Index of the upstream it is connected to.
+    upstream: usize,
 }
 
 struct Pending {
@@ -43,6 +56,8 @@ struct Pending {
     /// Upstreams tried so far, minus one.
     attempt: usize,
     deadline: Instant,
+    /// The socket of the current UDP attempt.
+    udp: Option<QuerySocket>,
     /// A TCP connection fetching the answer again after a truncated UDP answer.
     tcp: Option<u64>,
 }
@@ -61,12 +76,13 @@ pub struct DnsService {
     settings: DnsSettings,
     host_aliases: Vec<String>,
     epoll: Epoll,
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<SocketAddr>,
     pending: HashMap<u16, Pending>,
     by_client: HashMap<(ClientKey, u16), u16>,
     deadlines: BTreeSet<(Instant, u16)>,
     tcp: HashMap<u64, TcpUpstream>,
     next_tcp: u64,
+    next_udp: u64,
     preferred: usize,
     rng: IdSource,
     cache: NameCache,
@@ -75,9 +91,8 @@ pub struct DnsService {
 }
 
 impl DnsService {
-    /// Opens a non-blocking UDP socket connected to each upstream. An upstream whose socket
-    /// can't be opened (e.g. no IPv6 on the host) is skipped with a warning; it is an error
-    /// when none is left.
+    /// A service forwarding to `settings.upstreams` (no socket is opened until a query needs
+    /// one). It is an error when there is no upstream.
     pub fn new(mut settings: DnsSettings) -> io::Result<Self> {
         if settings.upstreams.is_empty() {
             return Err(io::Error::new(
@@ -88,29 +103,7 @@ impl DnsService {
         settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT_CEILING);
         settings.max_answer_bytes = settings.max_answer_bytes.clamp(512, 65535);
         let epoll = Epoll::new()?;
-        let mut upstreams = Vec::new();
-        let mut last_err = None;
-        for (i, addr) in settings.upstreams.iter().enumerate() {
-            let udp = match open_udp(*addr) {
-                Ok(sock) => {
-                    epoll.ctl(
-                        ControlOperation::Add,
-                        sock.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, i as u64),
-                    )?;
-                    Some(sock)
-                }
-                Err(e) => {
-                    warn!(upstream = %addr, error = %e, "dns: upstream unusable, skipped");
-                    last_err = Some(e);
-                    None
-                }
-            };
-            upstreams.push(Upstream { addr: *addr, udp });
-        }
-        if upstreams.iter().all(|u| u.udp.is_none()) {
-            return Err(last_err.unwrap_or_else(|| io::Error::other("dns: no usable upstream")));
-        }
+        let upstreams = settings.upstreams.clone();
         let host_aliases = settings
             .host_aliases
             .iter()
@@ -127,6 +120,7 @@ impl DnsService {
             deadlines: BTreeSet::new(),
             tcp: HashMap::new(),
             next_tcp: 0,
+            next_udp: 0,
             preferred: 0,
             rng: IdSource::new(),
             stats: DnsStats::default(),
@@ -156,6 +150,11 @@ impl DnsService {
     /// Queries waiting for an upstream answer.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Upstream sockets open now (UDP and TCP); never more than [`Self::in_flight`].
+    pub fn upstream_sockets(&self) -> usize {
+        self.pending.values().filter(|p| p.udp.is_some()).count() + self.tcp.len()
     }
 
     /// The earliest upstream deadline; call [`Self::poll`] when it has passed.
@@ -238,6 +237,7 @@ impl DnsService {
                 start,
                 attempt: 0,
                 deadline: now,
+                udp: None,
                 tcp: None,
             },
         );
@@ -279,8 +279,8 @@ impl DnsService {
             let token = ev.data();
             if token >= TCP_TOKEN_BASE {
                 self.tcp_event(token, judge, now, &mut out);
-            } else if let Ok(idx) = usize::try_from(token) {
-                self.udp_readable(idx, judge, now, &mut out);
+            } else {
+                self.udp_readable(token, judge, now, &mut out);
             }
         }
         self.expire(now, &mut out);
@@ -290,7 +290,10 @@ impl DnsService {
     fn size_limit(&self, client: &ClientKey, query: &GuestQuery) -> SizeLimit {
         match client.transport {
             Transport::Udp => SizeLimit {
-                max: query.udp_limit.min(self.settings.max_answer_bytes),
+                max: query
+                    .udp_limit
+                    .min(self.settings.max_answer_bytes)
+                    .min(self.settings.udp_answer_room(client.src.ip())),
                 truncate: true,
             },
             Transport::Tcp(_) => SizeLimit {
@@ -341,7 +344,45 @@ impl DnsService {
         if let Some(token) = p.tcp {
             self.drop_tcp(token);
         }
+        if let Some(udp) = &p.udp {
+            self.unwatch(udp);
+        }
         Some(p)
+    }
+
+    /// Closes the socket of query `id`'s current UDP attempt, if any.
+    fn drop_udp(&mut self, id: u16) {
+        if let Some(udp) = self.pending.get_mut(&id).and_then(|p| p.udp.take()) {
+            self.unwatch(&udp);
+        }
+    }
+
+    fn unwatch(&self, udp: &QuerySocket) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            udp.sock.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+
+    /// A fresh socket for query `id`'s attempt at upstream `idx`, watched by the epoll, with the
+    /// query sent on it.
+    fn open_attempt(&mut self, id: u16, idx: usize, wire: &[u8]) -> io::Result<QuerySocket> {
+        let addr = self.upstreams[idx];
+        let sock = open_udp(addr)?;
+        self.next_udp = (self.next_udp + 1) % (TCP_TOKEN_BASE >> 16);
+        let token = (self.next_udp << 16) | u64::from(id);
+        sock.send(wire)?;
+        self.epoll.ctl(
+            ControlOperation::Add,
+            sock.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+        Ok(QuerySocket {
+            sock,
+            token,
+            upstream: idx,
+        })
     }
 
     fn drop_tcp(&mut self, token: u64) {
@@ -364,6 +405,8 @@ impl DnsService {
         out: &mut Vec<(ClientKey, Vec<u8>)>,
     ) {
         let n = self.upstreams.len();
+        // The previous attempt's socket goes before the next one opens.
+        self.drop_udp(id);
         loop {
             let Some(p) = self.pending.get(&id) else {
                 return;
@@ -373,21 +416,18 @@ impl DnsService {
                 return;
             }
             let idx = (p.start + attempt) % n;
-            let up = &self.upstreams[idx];
-            let sent = match &up.udp {
-                Some(sock) => sock.send(&p.wire).map(|_| ()),
-                None => Err(io::Error::other("no socket")),
-            };
-            match sent {
-                Ok(()) => {
+            let wire = p.wire.clone();
+            match self.open_attempt(id, idx, &wire) {
+                Ok(udp) => {
                     if let Some(p) = self.pending.get_mut(&id) {
                         p.attempt = attempt;
+                        p.udp = Some(udp);
                     }
                     self.set_deadline(id, now + self.settings.query_timeout);
                     return;
                 }
                 Err(e) => {
-                    debug!(upstream = %up.addr, error = %e, "dns: send to upstream failed");
+                    debug!(upstream = %self.upstreams[idx], error = %e, "dns: send to upstream failed");
                     self.stats.timeouts += 1;
                     attempt += 1;
                 }
@@ -426,31 +466,33 @@ impl DnsService {
             }
             self.deadlines.remove(&(deadline, id));
             if let Some(p) = self.pending.get(&id) {
-                debug!(name = %p.query.qname, upstream = %self.upstreams[(p.start + p.attempt) % self.upstreams.len()].addr, "dns: upstream timed out");
+                debug!(name = %p.query.qname, upstream = %self.upstreams[(p.start + p.attempt) % self.upstreams.len()], "dns: upstream timed out");
             }
             self.advance(id, now, out);
         }
     }
 
-    /// True when upstream `idx` was already asked for query `p`.
-    fn tried(&self, p: &Pending, idx: usize) -> bool {
-        let n = self.upstreams.len();
-        (idx + n - p.start) % n <= p.attempt
-    }
-
+    /// The socket of a query's UDP attempt is readable.
     fn udp_readable(
         &mut self,
-        idx: usize,
+        token: u64,
         judge: &dyn DomainJudge,
         now: Instant,
         out: &mut Vec<(ClientKey, Vec<u8>)>,
     ) {
+        let id = token as u16;
         for _ in 0..RECV_BUDGET {
-            let Some(up) = self.upstreams.get(idx) else {
+            // The query may be answered, failed over or gone since the event was raised.
+            let Some(udp) = self
+                .pending
+                .get(&id)
+                .and_then(|p| p.udp.as_ref())
+                .filter(|u| u.token == token)
+            else {
                 return;
             };
-            let Some(sock) = &up.udp else { return };
-            let (len, from) = match sock.recv_from(&mut self.buf) {
+            let upstream = self.upstreams[udp.upstream];
+            let (len, from) = match udp.sock.recv_from(&mut self.buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -463,36 +505,22 @@ impl DnsService {
                     ) =>
                 {
                     // An ICMP error for this upstream (nothing listens there, no route): the
-                    // queries waiting on it move on without waiting for their timeout.
-                    debug!(upstream = %up.addr, error = %e, "dns: upstream unreachable, failing over");
-                    self.fail_upstream(idx, now, out);
-                    continue;
+                    // query moves on without waiting for its timeout.
+                    debug!(%upstream, error = %e, "dns: upstream unreachable, failing over");
+                    self.advance(id, now, out);
+                    return;
                 }
                 Err(e) => {
-                    debug!(upstream = %up.addr, error = %e, "dns: upstream receive failed");
+                    debug!(%upstream, error = %e, "dns: upstream receive failed");
                     return;
                 }
             };
-            if !same_addr(from, up.addr) {
+            if !same_addr(from, upstream) {
                 self.stats.mismatched += 1;
                 continue;
             }
             let datagram = self.buf[..len].to_vec();
-            self.upstream_answer(&datagram, Source::Udp(idx), judge, now, out);
-        }
-    }
-
-    /// Every query waiting on UDP upstream `idx` moves on to the next upstream.
-    fn fail_upstream(&mut self, idx: usize, now: Instant, out: &mut Vec<(ClientKey, Vec<u8>)>) {
-        let n = self.upstreams.len();
-        let ids: Vec<u16> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.tcp.is_none() && (p.start + p.attempt) % n == idx)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.advance(id, now, out);
+            self.upstream_answer(&datagram, Source::Udp(token), judge, now, out);
         }
     }
 
@@ -527,7 +555,7 @@ impl DnsService {
             return;
         };
         let source_ok = match source {
-            Source::Udp(idx) => p.tcp.is_none() && self.tried(p, idx),
+            Source::Udp(token) => p.udp.as_ref().is_some_and(|u| u.token == token),
             Source::Tcp(token) => p.tcp == Some(token),
         };
         if !source_ok || question != p.query.question {
@@ -536,7 +564,7 @@ impl DnsService {
             return;
         }
         let upstream_idx = match source {
-            Source::Udp(idx) => idx,
+            Source::Udp(_) => p.udp.as_ref().map_or(0, |u| u.upstream),
             Source::Tcp(token) => self.tcp.get(&token).map_or(0, |c| c.upstream),
         };
         let answer = match decoded {
@@ -579,9 +607,9 @@ impl DnsService {
         } else if vetted.rebind_removed > 0 {
             debug!(name = %p.query.qname, removed = vetted.rebind_removed, "dns: rebind protection removed addresses");
         }
-        for (name, ip, ttl) in &vetted.cache {
-            self.cache
-                .insert(name, *ip, Duration::from_secs(u64::from(*ttl)), now);
+        for b in &vetted.cache {
+            let ttl = Duration::from_secs(u64::from(b.ttl));
+            self.cache.insert_as(&b.name, b.role, b.ip, ttl, now);
         }
         out.push((p.client, vetted.bytes));
     }
@@ -594,7 +622,9 @@ impl DnsService {
         now: Instant,
         out: &mut Vec<(ClientKey, Vec<u8>)>,
     ) {
-        let addr = self.upstreams[idx].addr;
+        let addr = self.upstreams[idx];
+        // The UDP attempt is over; its socket goes.
+        self.drop_udp(id);
         let Some(p) = self.pending.get(&id) else {
             return;
         };
@@ -713,9 +743,10 @@ impl DnsService {
     }
 }
 
+/// Where an upstream message came from: a query's UDP socket or a TCP connection (tokens).
 #[derive(Clone, Copy)]
 enum Source {
-    Udp(usize),
+    Udp(u64),
     Tcp(u64),
 }
 
@@ -723,15 +754,21 @@ fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
+/// A non-blocking UDP socket bound to port 0 of the unspecified address of `addr`'s family
+/// (the kernel picks a random ephemeral port) and connected to `addr`.
 fn open_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let bind: SocketAddr = match addr {
         SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let sock = UdpSocket::bind(bind)?;
-    sock.connect(addr)?;
-    sock.set_nonblocking(true)?;
-    Ok(sock)
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking(),
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.bind(&bind.into())?;
+    sock.connect(&addr.into())?;
+    Ok(sock.into())
 }
 
 fn open_tcp(addr: SocketAddr) -> io::Result<TcpStream> {

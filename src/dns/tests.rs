@@ -8,9 +8,11 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SvcParamKey, SvcParamValue, SVCB};
+use hickory_proto::rr::rdata::HTTPS;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use super::message::{check_query, vet_answer, GuestQuery, QueryCheck, SizeLimit};
+use super::message::{check_query, vet_answer, GuestQuery, NameBinding, QueryCheck, SizeLimit};
 use super::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -82,6 +84,15 @@ fn answer_to(q: &Message, records: Vec<Record>) -> Message {
         m.set_edns(edns);
     }
     m
+}
+
+fn bound(name: &str, ip: IpAddr, ttl: u32, role: NameRole) -> NameBinding {
+    NameBinding {
+        name: name.to_string(),
+        ip,
+        ttl,
+        role,
+    }
 }
 
 fn guest_query(m: &Message) -> GuestQuery {
@@ -583,10 +594,11 @@ fn unchanged_answers_pass_byte_for_byte_with_the_client_id() {
     assert_eq!(&v.bytes[2..], &raw[2..]);
     assert_eq!(
         v.cache,
-        vec![(
-            "pub.example".to_string(),
+        vec![bound(
+            "pub.example",
             IpAddr::from([198, 51, 100, 4]),
-            120
+            120,
+            NameRole::Asked
         )]
     );
 }
@@ -633,7 +645,7 @@ fn cname_chain_to_a_private_address_is_nxdomain() {
 }
 
 #[test]
-fn cache_entries_follow_the_cname_chain_from_the_query_name() {
+fn cache_binds_the_question_name_and_cname_targets_only_as_aliases() {
     let j = judge(&[], &[]);
     let q = query_msg(5, "WWW.Shop.Example.", RecordType::A, None);
     let ans = answer_to(
@@ -651,10 +663,85 @@ fn cache_entries_follow_the_cname_chain_from_the_query_name() {
     assert_eq!(
         v.cache,
         vec![
-            ("www.shop.example".to_string(), ip, 30),
-            ("shop.cdn.example".to_string(), ip, 30)
+            bound("www.shop.example", ip, 30, NameRole::Asked),
+            bound("shop.cdn.example", ip, 30, NameRole::Alias),
         ]
     );
+}
+
+/// Question `evil.example`; the attacker's zone answers with a CNAME to good.com and good.com's
+/// address, or with good.com records outright. Neither makes the address count as good.com.
+#[test]
+fn an_answer_cannot_bind_an_address_to_a_name_the_guest_did_not_ask() {
+    let j = judge(&[], &[]);
+    let good = IpAddr::from([203, 0, 113, 9]);
+    let q = query_msg(0x51, "evil.example.", RecordType::A, None);
+    let answers = [
+        vec![
+            cname("evil.example.", "good.com."),
+            a("good.com.", "203.0.113.9", 300),
+        ],
+        vec![a("good.com.", "203.0.113.9", 300)],
+        vec![
+            a("good.com.", "203.0.113.9", 300),
+            a("evil.example.", "203.0.113.9", 300),
+        ],
+    ];
+    for records in answers {
+        let ans = answer_to(&q, records.clone());
+        let raw = ans.to_vec().unwrap();
+        let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+        let mut cache = NameCache::new(8);
+        let now = Instant::now();
+        for b in &v.cache {
+            assert_ne!(
+                (b.name.as_str(), b.role),
+                ("good.com", NameRole::Asked),
+                "{records:?}"
+            );
+            cache.insert_as(&b.name, b.role, b.ip, Duration::from_secs(300), now);
+        }
+        assert!(!cache.resolved("good.com", good, now), "{records:?}");
+        assert!(
+            !cache.names_for(good, now).contains(&"good.com".to_string()),
+            "{records:?}"
+        );
+    }
+}
+
+/// The same through the service: the cache it fills does not call the address good.com.
+#[test]
+fn the_service_binds_answers_to_the_question_only() {
+    let up = FakeUpstream::new();
+    let mut svc = DnsService::new(settings(vec![up.addr()])).unwrap();
+    let j = judge(&[], &[]);
+    svc.handle_query(
+        client(1),
+        &query_bytes(0x52, "evil.example.", RecordType::A),
+        &j,
+        Instant::now(),
+    );
+    let (f, from) = up.recv();
+    up.reply(
+        &answer_to(
+            &f,
+            vec![
+                cname("evil.example.", "good.com."),
+                a("good.com.", "203.0.113.9", 300),
+            ],
+        ),
+        from,
+    );
+    let out = drive(&mut svc, &j, Duration::from_secs(5));
+    assert_eq!(
+        ips(&decode(&out[0].1)),
+        vec![IpAddr::from([203, 0, 113, 9])]
+    );
+    let now = Instant::now();
+    let good = IpAddr::from([203, 0, 113, 9]);
+    assert_eq!(svc.cache().names_for(good, now), vec!["evil.example"]);
+    assert!(!svc.cache().resolved("good.com", good, now));
+    assert_eq!(svc.cache().lookup(good, now).aliases, vec!["good.com"]);
 }
 
 #[test]
@@ -781,11 +868,12 @@ fn clients_with_the_same_id_do_not_collide_upstream() {
         &j,
         now,
     );
-    let (f1, from) = up.recv();
-    let (f2, _) = up.recv();
+    let (f1, from1) = up.recv();
+    let (f2, from2) = up.recv();
     assert_ne!(f1.id, f2.id, "upstream ids must be distinct");
+    assert_ne!(from1, from2, "each query has its own socket");
     // Answer in reverse order.
-    for f in [&f2, &f1] {
+    for (f, from) in [(&f2, from2), (&f1, from1)] {
         let name = f.queries[0].name.to_ascii();
         let ip = if name.starts_with("one") {
             "203.0.113.1"
@@ -924,8 +1012,10 @@ fn timeout_fails_over_to_the_second_upstream() {
     assert!(silent.recv_within(Duration::ZERO).is_none());
 }
 
+/// A timed-out attempt's socket is closed (one socket per query in flight): a late answer
+/// from the first upstream goes nowhere, the second upstream's answer is delivered.
 #[test]
-fn a_late_answer_from_the_first_upstream_is_still_accepted() {
+fn a_timed_out_attempt_is_closed_and_the_next_upstream_answers() {
     let slow = FakeUpstream::new();
     let other = FakeUpstream::new();
     let mut svc = DnsService::new(settings(vec![slow.addr(), other.addr()])).unwrap();
@@ -937,20 +1027,28 @@ fn a_late_answer_from_the_first_upstream_is_still_accepted() {
         &j,
         t0,
     );
-    let (q1, from) = slow.recv();
+    let (q1, from1) = slow.recv();
     // Time passes (a clock the test controls): fail over.
     let later = t0 + svc.settings().query_timeout + Duration::from_millis(1);
     assert!(svc.poll(&j, later).is_empty());
-    let (_q2, _) = other.recv();
+    assert_eq!(svc.upstream_sockets(), 1);
+    let (q2, from2) = other.recv();
+    assert_ne!(from1, from2, "the second attempt has a fresh socket");
+    assert_eq!(q1.id, q2.id);
     slow.reply(
-        &answer_to(&q1, vec![a("late.example.", "203.0.113.31", 60)]),
-        from,
+        &answer_to(&q1, vec![a("late.example.", "198.51.100.31", 60)]),
+        from1,
+    );
+    other.reply(
+        &answer_to(&q2, vec![a("late.example.", "203.0.113.31", 60)]),
+        from2,
     );
     let out = drive(&mut svc, &j, Duration::from_secs(5));
     assert_eq!(
         ips(&decode(&out[0].1)),
         vec![IpAddr::from([203, 0, 113, 31])]
     );
+    assert_eq!(svc.upstream_sockets(), 0);
 }
 
 #[test]
@@ -1241,18 +1339,431 @@ fn a_closed_tcp_client_cancels_its_queries() {
     assert_eq!(svc.in_flight(), 2);
     svc.cancel_tcp_client(3);
     assert_eq!(svc.in_flight(), 1);
-    let (f1, from) = up.recv();
-    let (f2, _) = up.recv();
-    for f in [f1, f2] {
+    assert_eq!(
+        svc.upstream_sockets(),
+        1,
+        "the cancelled query's socket is closed"
+    );
+    // Each query went out from its own socket; answer both where they came from.
+    for _ in 0..2 {
+        let (f, from) = up.recv();
         let name = f.queries[0].name.to_ascii();
         up.reply(&answer_to(&f, vec![a(&name, "203.0.113.9", 60)]), from);
     }
     let out = drive(&mut svc, &j, Duration::from_secs(5));
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0, client(3));
+    assert_eq!(decode(&out[0].1).response_code, ResponseCode::NoError);
 }
 
 #[test]
 fn new_rejects_no_upstreams() {
     assert!(DnsService::new(DnsSettings::default()).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// rebind protection of every record that carries an address
+
+fn svcb_params(v4: &[&str], v6: &[&str]) -> Vec<(SvcParamKey, SvcParamValue)> {
+    let mut params = vec![(
+        SvcParamKey::Alpn,
+        SvcParamValue::Alpn(Alpn(vec!["h2".to_string()])),
+    )];
+    if !v4.is_empty() {
+        let hint = v4
+            .iter()
+            .map(|s| Ipv4Addr::from_str(s).unwrap().into())
+            .collect();
+        params.push((SvcParamKey::Ipv4Hint, SvcParamValue::Ipv4Hint(IpHint(hint))));
+    }
+    if !v6.is_empty() {
+        let hint = v6
+            .iter()
+            .map(|s| Ipv6Addr::from_str(s).unwrap().into())
+            .collect();
+        params.push((SvcParamKey::Ipv6Hint, SvcParamValue::Ipv6Hint(IpHint(hint))));
+    }
+    params
+}
+
+fn https(name: &str, v4: &[&str], v6: &[&str]) -> Record {
+    let svcb = SVCB::new(1, Name::root(), svcb_params(v4, v6));
+    Record::from_rdata(
+        Name::from_ascii(name).unwrap(),
+        300,
+        RData::HTTPS(HTTPS(svcb)),
+    )
+}
+
+fn svcb(name: &str, v4: &[&str], v6: &[&str]) -> Record {
+    let svcb = SVCB::new(
+        1,
+        Name::from_ascii("svc.example.").unwrap(),
+        svcb_params(v4, v6),
+    );
+    Record::from_rdata(Name::from_ascii(name).unwrap(), 300, RData::SVCB(svcb))
+}
+
+/// Every hint address of the SVCB/HTTPS records in `records`.
+fn hint_ips(records: &[Record]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for r in records {
+        let svcb = match &r.data {
+            RData::HTTPS(h) => &h.0,
+            RData::SVCB(s) => s,
+            _ => continue,
+        };
+        for (_, v) in &svcb.svc_params {
+            match v {
+                SvcParamValue::Ipv4Hint(h) => out.extend(h.0.iter().map(|a| IpAddr::V4(a.0))),
+                SvcParamValue::Ipv6Hint(h) => out.extend(h.0.iter().map(|a| IpAddr::V6(a.0))),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// AAAA records whose address spells a protected IPv4 address are removed like A records.
+#[test]
+fn aaaa_embedding_a_private_ipv4_is_removed() {
+    let j = judge(&[], &[]);
+    for embedded in ["::ffff:10.0.0.1", "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe"] {
+        let q = query_msg(0x61, "mapped.example.", RecordType::AAAA, None);
+        let ans = answer_to(&q, vec![aaaa("mapped.example.", embedded)]);
+        let raw = ans.to_vec().unwrap();
+        let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+        assert!(v.rebind_blocked, "{embedded} passed");
+        assert_eq!(
+            decode(&v.bytes).response_code,
+            ResponseCode::NXDomain,
+            "{embedded}"
+        );
+        assert!(v.cache.is_empty(), "{embedded}");
+    }
+    // Mixed with a public AAAA: only the embedded private one goes.
+    let q = query_msg(0x62, "mixed6.example.", RecordType::AAAA, None);
+    let ans = answer_to(
+        &q,
+        vec![
+            aaaa("mixed6.example.", "::ffff:10.0.0.1"),
+            aaaa("mixed6.example.", "2001:db8::5"),
+        ],
+    );
+    let raw = ans.to_vec().unwrap();
+    let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+    assert_eq!(v.rebind_removed, 1);
+    assert_eq!(
+        ips(&decode(&v.bytes)),
+        vec![IpAddr::from_str("2001:db8::5").unwrap()]
+    );
+}
+
+/// Address records in the authority section are vetted too.
+#[test]
+fn address_records_in_every_section_are_vetted() {
+    let j = judge(&[], &[]);
+    let q = query_msg(0x63, "ns.example.", RecordType::A, None);
+    let mut ans = answer_to(&q, vec![a("ns.example.", "203.0.113.63", 60)]);
+    ans.authorities.push(a("glue.example.", "192.168.0.1", 60));
+    ans.additionals
+        .push(aaaa("glue.example.", "::ffff:169.254.169.254"));
+    let raw = ans.to_vec().unwrap();
+    let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+    assert_eq!(v.rebind_removed, 2);
+    let m = decode(&v.bytes);
+    assert!(m.authorities.is_empty(), "{:?}", m.authorities);
+    assert!(m.additionals.is_empty(), "{:?}", m.additionals);
+    assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 63])]);
+}
+
+/// An error answer carrying addresses anyway: they are vetted too, the code is kept.
+#[test]
+fn addresses_beside_an_error_code_are_vetted() {
+    let j = judge(&[], &[]);
+    for rcode in [ResponseCode::ServFail, ResponseCode::NXDomain] {
+        let q = query_msg(0x67, "err.example.", RecordType::A, None);
+        let mut ans = answer_to(
+            &q,
+            vec![
+                a("err.example.", "10.1.1.1", 60),
+                a("err.example.", "203.0.113.67", 60),
+            ],
+        );
+        ans.metadata.response_code = rcode;
+        let raw = ans.to_vec().unwrap();
+        let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+        let m = decode(&v.bytes);
+        assert_eq!(m.response_code, rcode);
+        assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 67])], "{rcode}");
+        assert!(v.cache.is_empty(), "an error answer binds no name");
+    }
+}
+
+/// HTTPS (65) and SVCB (64) hints: a protected hint address is removed and the rest of the
+/// record kept; a record whose hint is left empty is dropped; explicitly allowed addresses
+/// stay; nothing protected reaches the guest in any section.
+#[test]
+fn svcb_and_https_hints_are_vetted() {
+    let mut j = judge(&[], &[]);
+    let q = query_msg(0x64, "svc.example.", RecordType::HTTPS, None);
+    let ans = answer_to(
+        &q,
+        vec![
+            https(
+                "svc.example.",
+                &["10.0.0.1", "203.0.113.5"],
+                &["::ffff:10.0.0.1", "2001:db8::5"],
+            ),
+            https("svc.example.", &["203.0.113.6"], &["::1"]),
+        ],
+    );
+    let raw = ans.to_vec().unwrap();
+    let v = vet_answer(&raw, ans.clone(), &guest_query(&q), &j, true, UDP512);
+    assert_eq!(v.rebind_removed, 3);
+    assert!(!v.rebind_blocked);
+    let m = decode(&v.bytes);
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    assert_eq!(
+        m.answers.len(),
+        1,
+        "the record left with an empty hint goes"
+    );
+    assert_eq!(
+        hint_ips(&m.answers),
+        vec![
+            IpAddr::from([203, 0, 113, 5]),
+            IpAddr::from_str("2001:db8::5").unwrap()
+        ]
+    );
+    let RData::HTTPS(kept) = &m.answers[0].data else {
+        panic!("{:?}", m.answers[0]);
+    };
+    assert!(kept
+        .0
+        .svc_params
+        .iter()
+        .any(|(k, _)| *k == SvcParamKey::Alpn));
+
+    // SVCB in the additional section of an A answer, all hints protected: dropped.
+    let q = query_msg(0x65, "svc.example.", RecordType::A, None);
+    let mut ans = answer_to(&q, vec![a("svc.example.", "203.0.113.65", 60)]);
+    ans.additionals
+        .push(svcb("_dns.svc.example.", &["169.254.169.254"], &[]));
+    let raw = ans.to_vec().unwrap();
+    let v = vet_answer(&raw, ans, &guest_query(&q), &j, true, UDP512);
+    let m = decode(&v.bytes);
+    assert!(m.additionals.is_empty(), "{:?}", m.additionals);
+    assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 65])]);
+
+    // Explicitly allowed ranges stay; protection off leaves everything.
+    j.allow_ips.push("10.0.0.0/24".parse().unwrap());
+    let v = vet_answer(
+        &raw_of(&ans_https()),
+        ans_https(),
+        &guest_query(&q_https()),
+        &j,
+        true,
+        UDP512,
+    );
+    assert_eq!(
+        hint_ips(&decode(&v.bytes).answers),
+        vec![IpAddr::from([10, 0, 0, 1])]
+    );
+    let v = vet_answer(
+        &raw_of(&ans_https()),
+        ans_https(),
+        &guest_query(&q_https()),
+        &judge(&[], &[]),
+        false,
+        UDP512,
+    );
+    assert_eq!(v.bytes[2..], raw_of(&ans_https())[2..]);
+}
+
+fn q_https() -> Message {
+    query_msg(0x66, "lan.example.", RecordType::HTTPS, None)
+}
+
+fn ans_https() -> Message {
+    answer_to(&q_https(), vec![https("lan.example.", &["10.0.0.1"], &[])])
+}
+
+fn raw_of(m: &Message) -> Vec<u8> {
+    m.to_vec().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream sockets: a fresh random port per query, bounded by max_in_flight
+
+#[test]
+fn each_query_goes_out_from_its_own_port_with_a_random_id() {
+    let up = FakeUpstream::new();
+    let mut svc = DnsService::new(settings(vec![up.addr()])).unwrap();
+    let j = judge(&[], &[]);
+    let mut ports = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..8u16 {
+        svc.handle_query(
+            client(10),
+            &query_bytes(i, &format!("p{i}.example."), RecordType::A),
+            &j,
+            Instant::now(),
+        );
+        let (f, from) = up.recv();
+        assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
+        ports.push(from.port());
+        ids.push(f.id);
+        // Answered before the next query: a closed socket's port could be reused, so the
+        // ports differ only by the kernel's random choice.
+        up.reply(&answer_to(&f, vec![]), from);
+        drive(&mut svc, &j, Duration::from_secs(5));
+        assert_eq!(
+            svc.upstream_sockets(),
+            0,
+            "the socket closes with the answer"
+        );
+    }
+    let mut distinct = ports.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 1,
+        "every query left from port {}",
+        ports[0]
+    );
+    let mut distinct_ids = ids.clone();
+    distinct_ids.sort_unstable();
+    distinct_ids.dedup();
+    assert!(distinct_ids.len() > 1, "ids {ids:?}");
+    assert_ne!(
+        ids,
+        (ids[0]..ids[0].wrapping_add(8)).collect::<Vec<_>>(),
+        "sequential ids"
+    );
+}
+
+#[test]
+fn upstream_sockets_are_bounded_by_max_in_flight() {
+    let up = FakeUpstream::new();
+    let mut s = settings(vec![up.addr()]);
+    s.max_in_flight = 4;
+    s.query_timeout = Duration::from_millis(300);
+    let mut svc = DnsService::new(s).unwrap();
+    let j = judge(&[], &[]);
+    let now = Instant::now();
+    for i in 0..10u16 {
+        svc.handle_query(
+            client(20 + i),
+            &query_bytes(i, &format!("f{i}.example."), RecordType::A),
+            &j,
+            now,
+        );
+    }
+    assert_eq!(svc.in_flight(), 4);
+    assert_eq!(svc.upstream_sockets(), 4);
+    let st = svc.stats();
+    assert_eq!((st.forwarded, st.dropped_over_limit), (4, 6));
+    // Four queries, from four sockets open at once: four different ports.
+    let mut ports: Vec<u16> = (0..4).map(|_| up.recv().1.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 4);
+    assert!(up.recv_within(Duration::from_millis(50)).is_none());
+    // They time out (one upstream: SERVFAIL) and every socket is closed.
+    let mut answered = 0;
+    while answered < 4 {
+        answered += drive(&mut svc, &j, Duration::from_secs(5)).len();
+    }
+    assert_eq!(svc.in_flight(), 0);
+    assert_eq!(svc.upstream_sockets(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// answers fit one frame of the link MTU
+
+fn v6_client(port: u16) -> ClientKey {
+    ClientKey {
+        src: SocketAddr::from((Ipv6Addr::from_str("fd42::2").unwrap(), port)),
+        dst: SocketAddr::from((Ipv6Addr::from_str("fd42::1").unwrap(), 53)),
+        transport: Transport::Udp,
+    }
+}
+
+#[test]
+fn udp_answer_room_follows_the_mtu_and_family() {
+    let s = DnsSettings {
+        link_mtu: 576,
+        ..DnsSettings::default()
+    };
+    assert_eq!(s.udp_answer_room(IpAddr::from([10, 0, 2, 15])), 548);
+    assert_eq!(s.udp_answer_room(Ipv6Addr::LOCALHOST.into()), 528);
+    assert_eq!(
+        DnsSettings::default().udp_answer_room(IpAddr::from([10, 0, 2, 15])),
+        1472
+    );
+}
+
+/// With a 576-byte MTU, an answer the client's EDNS size (4096) would take is truncated with TC
+/// when it does not fit one frame: 548 bytes over IPv4, 528 over IPv6.
+#[test]
+fn udp_answers_are_truncated_to_the_link_mtu() {
+    // An answer of 529..=548 bytes: fits an IPv4 frame, not an IPv6 one.
+    let q = query_msg(0x71, "mtu.example.", RecordType::A, Some(4096));
+    let mut n = 0;
+    let size = loop {
+        n += 1;
+        let records = (0..n)
+            .map(|i| a("mtu.example.", &format!("203.0.113.{i}"), 60))
+            .collect();
+        let len = answer_to(&q, records).to_vec().unwrap().len();
+        if len > 528 {
+            break len;
+        }
+    };
+    assert!(
+        size <= 548,
+        "no record count gives a 529..=548 byte answer ({size})"
+    );
+    let mid: Vec<Record> = (0..n)
+        .map(|i| a("mtu.example.", &format!("203.0.113.{i}"), 60))
+        .collect();
+    let big: Vec<Record> = (0..60)
+        .map(|i| a("mtu.example.", &format!("203.0.113.{i}"), 60))
+        .collect();
+
+    for (client_key, records, fits) in [
+        (client(1), mid.clone(), true),
+        (v6_client(1), mid, false),
+        (client(2), big.clone(), false),
+        (v6_client(2), big, false),
+    ] {
+        let up = FakeUpstream::new();
+        let mut s = settings(vec![up.addr()]);
+        s.link_mtu = 576;
+        let room = s.udp_answer_room(client_key.src.ip());
+        let mut svc = DnsService::new(s).unwrap();
+        let j = judge(&[], &[]);
+        let query = query_msg(0x72, "mtu.example.", RecordType::A, Some(4096));
+        svc.handle_query(client_key, &query.to_vec().unwrap(), &j, Instant::now());
+        let (f, from) = up.recv();
+        up.reply(&answer_to(&f, records.clone()), from);
+        let out = drive(&mut svc, &j, Duration::from_secs(5));
+        let m = decode(&out[0].1);
+        assert!(
+            out[0].1.len() <= room,
+            "{} bytes for {}",
+            out[0].1.len(),
+            client_key.src
+        );
+        assert_eq!(
+            m.truncation,
+            !fits,
+            "{} records to {}",
+            records.len(),
+            client_key.src
+        );
+        assert_eq!(m.answers.len(), if fits { records.len() } else { 0 });
+        assert_eq!(svc.stats().truncated, u64::from(!fits));
+    }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use tracing::info;
 
+use crate::dns::cache::CachedNames;
 use crate::policy::{Direction, FlowQuery, Policy, Protocol};
 
 use super::FlowKey;
@@ -233,14 +234,15 @@ impl Decider {
         }
     }
 
-    /// Decides a new flow from `src` to `dst`; `names` are the DNS cache's names for `dst`.
+    /// Decides a new flow from `src` to `dst`; `names` are the DNS cache's names for `dst`
+    /// (the names the guest asked decide; CNAME targets on the way can only deny).
     /// `capacity` is asked only for a flow the policy allows.
     pub fn decide(
         &mut self,
         protocol: Protocol,
         src: SocketAddr,
         dst: SocketAddr,
-        names: &[String],
+        names: &CachedNames,
         capacity: impl FnOnce() -> Capacity,
         now: Instant,
     ) -> bool {
@@ -248,13 +250,14 @@ impl Decider {
         if Self::remembered(&mut self.denied, &memo, self.memo_time, now) {
             return false;
         }
-        let decision = self.policy.decide(&FlowQuery {
+        let query = FlowQuery {
             direction: Direction::Egress,
             protocol,
             dst: dst.ip(),
             dst_port: Some(dst.port()),
-            domains: names,
-        });
+            domains: &names.asked,
+        };
+        let decision = names.decide(&self.policy, &query);
         let (allowed, reason, remember) = if decision.allowed() {
             match capacity() {
                 Ok(()) => (true, decision.reason.to_string(), false),
@@ -270,7 +273,7 @@ impl Decider {
                 dst,
                 allowed,
                 reason: &reason,
-                names,
+                names: &names.asked,
                 source: NameSource::DnsCache,
             },
             now,
@@ -300,7 +303,7 @@ impl Decider {
         if Self::remembered(&mut self.dns_allowed, &memo, self.memo_time, now) {
             return true;
         }
-        let allowed = self.decide(protocol, src, dst, &[], capacity, now);
+        let allowed = self.decide(protocol, src, dst, &CachedNames::default(), capacity, now);
         if allowed {
             self.dns_allowed.put(memo, now);
         }

@@ -36,6 +36,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::config::addressing::Addressing;
 use crate::config::DenyAction;
+use crate::dns::cache::CachedNames;
 use crate::dns::{DnsService, DnsSettings};
 use crate::limits::Limits;
 use crate::observe::{Counters, LogGate};
@@ -170,9 +171,9 @@ impl Flows {
         &self.settings.limits
     }
 
-    /// Names the DNS cache holds for `ip`.
-    fn names_for(&self, ip: IpAddr, now: Instant) -> Vec<String> {
-        self.dns.service.cache().names_for(ip, now)
+    /// Names the DNS cache holds for `ip` (looked up by its canonical spelling).
+    fn names_for(&self, ip: IpAddr, now: Instant) -> CachedNames {
+        self.dns.service.cache().lookup(ip, now)
     }
 
     /// A host socket could not be made: logged (rate-limited), counted and remembered.

@@ -1,8 +1,9 @@
 //! DNS test kit shared by `harness_dns.rs` and `guest_dns.rs`:
 //!
 //! - [`FakeDns`]: a fake upstream nameserver on 127.0.0.1 (UDP and TCP on one port) that answers
-//!   from a fixed zone and records every question it was asked; like a real server it truncates
-//!   UDP answers that exceed the client's size (512 bytes, or its EDNS size) and sets TC.
+//!   from a fixed zone (A records, or any records given) and records every question it was
+//!   asked and where from; like a real server it truncates UDP answers that exceed the client's
+//!   size (512 bytes, or its EDNS size) and sets TC.
 //! - [`SilentDns`]: a bound UDP socket that reads queries and never answers (an upstream that
 //!   times out), counting what it received.
 //! - guest-side lookups over the harness guest's smoltcp stack, UDP ([`udp_lookup`]) and DNS
@@ -45,6 +46,10 @@ pub enum Answer {
     NxDomain,
     /// SERVFAIL.
     ServFail,
+    /// NOERROR with exactly these records in the answer section, whatever the question type
+    /// (a CNAME chain, AAAA or HTTPS records, records for other names: what a hostile zone
+    /// can send).
+    Records(Vec<Record>),
 }
 
 /// One question the fake upstream received.
@@ -280,6 +285,7 @@ fn answer(
                 }
             }
         }
+        Some(Answer::Records(records)) => m.answers.extend(records.iter().cloned()),
         Some(Answer::NxDomain) | None => m.metadata.response_code = ResponseCode::NXDomain,
         Some(Answer::ServFail) => m.metadata.response_code = ResponseCode::ServFail,
     }
