@@ -77,14 +77,9 @@ pub struct DnsService {
 impl DnsService {
     /// Opens a non-blocking UDP socket connected to each upstream. An upstream whose socket
     /// can't be opened (e.g. no IPv6 on the host) is skipped with a warning; it is an error
-    /// when none is left.
+    /// when none is left. No upstreams at all is allowed (no nameserver on the host): queries
+    /// that need one get SERVFAIL, blocked names and host aliases are still answered.
     pub fn new(mut settings: DnsSettings) -> io::Result<Self> {
-        if settings.upstreams.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "dns: no upstream nameserver (dns.nameservers and resolv.conf are empty)",
-            ));
-        }
         settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT_CEILING);
         settings.max_answer_bytes = settings.max_answer_bytes.clamp(512, 65535);
         let epoll = Epoll::new()?;
@@ -108,7 +103,7 @@ impl DnsService {
             };
             upstreams.push(Upstream { addr: *addr, udp });
         }
-        if upstreams.iter().all(|u| u.udp.is_none()) {
+        if !upstreams.is_empty() && upstreams.iter().all(|u| u.udp.is_none()) {
             return Err(last_err.unwrap_or_else(|| io::Error::other("dns: no usable upstream")));
         }
         let host_aliases = settings
@@ -217,6 +212,12 @@ impl DnsService {
         if self.by_client.contains_key(&(client, query.id)) {
             self.stats.duplicates += 1;
             return None;
+        }
+        if self.upstreams.is_empty() {
+            self.stats.servfail += 1;
+            debug!(client = %client.src, name = %query.qname, "dns: no upstream nameserver, SERVFAIL");
+            let sf = error_reply(&query.message, ResponseCode::ServFail);
+            return Some(self.finish_local(&sf, &query, limit));
         }
         if self.pending.len() >= self.settings.max_in_flight {
             self.stats.dropped_over_limit += 1;
