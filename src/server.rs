@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -133,7 +133,7 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), Stri
             .map_err(|e| format!("starting the device failed: {e}"))?;
         backend_side
     };
-    let relays = control_shim::relay(vmm, backend_side)
+    let relays = control_shim::relay(vmm, backend_side, backend.num_queues())
         .map_err(|e| format!("cannot start the control relay: {e}"))?;
     let result = daemon.wait();
     for handler in daemon.get_epoll_handlers() {
