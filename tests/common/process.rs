@@ -147,6 +147,8 @@ pub struct NetfenceBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     wait_listening: bool,
+    wrapper: Vec<String>,
+    socket: Option<PathBuf>,
 }
 
 impl NetfenceBuilder {
@@ -165,6 +167,19 @@ impl NetfenceBuilder {
         self
     }
 
+    /// Runs netfence through a wrapper command: `wrapper... NETFENCE_BINARY run --socket ...`,
+    /// e.g. `["sh", "-c", "ulimit -Sn 64 && exec \"$0\" \"$@\""]` (the binary is `$0`).
+    pub fn wrapper<S: AsRef<str>>(mut self, w: &[S]) -> Self {
+        self.wrapper = w.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    /// Listen on `path` instead of `nf.sock` in the instance's scratch directory.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
     /// Do not wait for `listening on` (for tests of argument errors).
     pub fn no_wait(mut self) -> Self {
         self.wait_listening = false;
@@ -173,8 +188,16 @@ impl NetfenceBuilder {
 
     pub fn spawn(self) -> Netfence {
         let dir = TempDir::new("netfence");
-        let socket = dir.path().join("nf.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netfence"));
+        let socket = self.socket.unwrap_or_else(|| dir.path().join("nf.sock"));
+        let binary = env!("CARGO_BIN_EXE_netfence");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("run").arg("--socket").arg(&socket).args(&self.args);
         // Default log level: info, unless the caller's environment or the builder says otherwise.
         if std::env::var_os("RUST_LOG").is_none() {
@@ -283,6 +306,8 @@ impl Netfence {
             args: Vec::new(),
             env: Vec::new(),
             wait_listening: true,
+            wrapper: Vec::new(),
+            socket: None,
         }
     }
 
