@@ -1,14 +1,17 @@
 //! `netfence check`, `lint` and `config`: explain a policy without running a guest.
 //!
 //! - `check` judges one flow and prints the decision and the rule (or default) behind it;
-//!   exit 0 allow, 1 deny.
+//!   exit 0 allow, 1 deny, 3 bad configuration or arguments (1 is taken by "deny", so its
+//!   errors do not use the usual 2).
 //! - `lint` reports rules that can never match because an earlier rule of the same direction
 //!   covers them (preset rules included), rules that contradict the preset, and rules whose
-//!   ports can never match; exit 1 if it finds any.
+//!   ports can never match, and domain rules that cannot match because the policy denies the
+//!   guest DNS at the gateway; exit 1 if it finds any.
 //! - `config` prints the effective configuration (presets expanded, command line merged) as
 //!   TOML that `--config` accepts and that decides every flow the same way.
 //!
-//! All three exit 2 on a configuration error, with the message on stderr.
+//! `lint` and `config` exit 2 on a configuration error, `check` 3, with the message on stderr.
+//! [`PolicySummary`] is the one-line account of the effective policy `run` logs at start.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +24,7 @@ use crate::config::{
 };
 use crate::policy::{
     canonical, group_of, preset_rules, suffix_matches, Action, CompiledRule, Direction, FlowQuery,
-    Group, HostAddrs, Protocol,
+    Group, HostAddrs, Policy, Protocol,
 };
 
 fn parse_direction(s: &str) -> Result<Direction, String> {
@@ -54,12 +57,12 @@ macro_rules! check_examples {
   netfence check --config net.toml egress tcp 203.0.113.7:443 --domain api.example.com
   netfence check --policy non-local egress udp 192.168.1.10:53
   netfence check --net-rule allow:ingress@127.0.0.1 ingress tcp 127.0.0.1:8080
-Exit status: 0 allowed, 1 denied, 2 bad configuration or arguments."
+Exit status: 0 allowed, 1 denied, 3 bad configuration or arguments."
     };
 }
 
 /// Judge one flow: print the decision and the rule or default behind it (exit 0 allow,
-/// 1 deny).
+/// 1 deny, 3 error).
 #[derive(clap::Args, Debug, Clone)]
 #[command(
     after_help = check_examples!(),
@@ -104,12 +107,16 @@ pub struct ConfigArgs {
     pub net: NetworkArgs,
 }
 
+/// The exit code of `check` for a bad configuration or bad arguments (0 and 1 are its answer).
+pub const CHECK_ERROR_EXIT: i32 = 3;
+
 fn fail(e: &ConfigError) -> i32 {
     eprintln!("netfence: {e}");
     e.exit_code()
 }
 
-/// Runs `check`; prints to stdout, returns 0 (allow), 1 (deny) or 2 (bad config/arguments).
+/// Runs `check`; prints to stdout, returns 0 (allow), 1 (deny) or [`CHECK_ERROR_EXIT`] (bad
+/// config/arguments).
 pub fn run_check(a: &CheckArgs) -> i32 {
     match check(a) {
         Ok((text, allowed)) => {
@@ -120,7 +127,10 @@ pub fn run_check(a: &CheckArgs) -> i32 {
                 1
             }
         }
-        Err(e) => fail(&e),
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            CHECK_ERROR_EXIT
+        }
     }
 }
 
@@ -239,6 +249,7 @@ pub fn lint(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Vec<Finding>, Confi
     let policy = cfg.compile_policy(host)?;
     let eff = cfg.effective_policy();
     let rules = policy.rules();
+    let dns_ok = gateway_dns_allowed(&policy);
     let mut out = Vec::new();
     let finding = |r: &CompiledRule, message: String| Finding {
         rule: Some(r.index),
@@ -313,6 +324,13 @@ pub fn lint(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Vec<Finding>, Confi
                 }
             }
         }
+        if r.egress && is_domain(&r.dest) && !dns_ok {
+            out.push(finding(
+                r,
+                format!("can never match: {}", blind_domain_rules(&eff)),
+            ));
+            continue;
+        }
         if let (Some(p), None, Action::Allow, true) = (
             eff.preset,
             r.preset,
@@ -334,6 +352,135 @@ pub fn lint(cfg: &NetworkConfig, host: &HostAddrs) -> Result<Vec<Finding>, Confi
         }
     }
     Ok(out)
+}
+
+fn is_domain(d: &Destination) -> bool {
+    matches!(d, Destination::Domain(_) | Destination::Suffix(_))
+}
+
+/// Whether the guest may ask the gateway's DNS service, the resolver DHCP and router
+/// advertisements hand out: egress UDP to port 53 of a gateway address. Domain rules match
+/// only names the guest resolved through that service (the IP -> names cache; an SNI must
+/// agree with it), so when it is denied they match nothing.
+pub fn gateway_dns_allowed(policy: &Policy) -> bool {
+    let host = policy.host_addrs();
+    let gateways = host
+        .ipv4
+        .iter()
+        .map(|a| IpAddr::V4(*a))
+        .chain(host.ipv6.iter().map(|a| IpAddr::V6(*a)));
+    for dst in gateways {
+        let q = FlowQuery {
+            direction: Direction::Egress,
+            protocol: Protocol::Udp,
+            dst,
+            dst_port: Some(53),
+            domains: &[],
+        };
+        if policy.decide(&q).allowed() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Why domain rules match nothing when [`gateway_dns_allowed`] is false, and the rules to add.
+fn blind_domain_rules(eff: &config::EffectivePolicy) -> String {
+    let mut s = String::from(
+        "the policy denies DNS to the gateway (udp/53 to host), the resolver DHCP gives the \
+         guest, so no name is resolved through netfence for it to match; add \
+         allow@host:udp:53,allow@host:tcp:53 ahead of any rule denying them",
+    );
+    if eff.preset.is_none() {
+        s.push_str(" (rules without --policy replace the public-only preset and its DNS rules)");
+    }
+    s
+}
+
+/// The one-line account of the effective policy that `run` logs at start: preset, defaults,
+/// rule count, what a denied flow gets, DNS interception, and whether domain rules can match.
+#[derive(Clone, Debug)]
+pub struct PolicySummary {
+    text: String,
+    blind: bool,
+}
+
+impl PolicySummary {
+    pub fn new(cfg: &NetworkConfig, policy: &Policy) -> Self {
+        let eff = cfg.effective_policy();
+        if policy.preset() == Some(Preset::None) {
+            return PolicySummary {
+                text: "preset none: no network at all (every rule is ignored)".into(),
+                blind: false,
+            };
+        }
+        let mut parts = Vec::new();
+        parts.push(match eff.preset {
+            Some(p) if eff.implicit_preset => format!("preset {p} (the default)"),
+            Some(p) => format!("preset {p}"),
+            None => "custom policy (no preset)".into(),
+        });
+        parts.push(format!(
+            "default egress {}, ingress {}",
+            policy.default_action(Direction::Egress),
+            policy.default_action(Direction::Ingress)
+        ));
+        let rules = policy.rules();
+        let from_preset = rules.iter().filter(|r| r.preset.is_some()).count();
+        let mut count = format!(
+            "{} rule{}",
+            rules.len(),
+            if rules.len() == 1 { "" } else { "s" }
+        );
+        if from_preset > 0 {
+            count.push_str(&format!(" ({from_preset} from the preset)"));
+        }
+        parts.push(count);
+        parts.push(
+            match policy.deny_action() {
+                config::DenyAction::Drop => "denied flows dropped silently",
+                config::DenyAction::Reject => "denied flows rejected (TCP RST / ICMP unreachable)",
+            }
+            .into(),
+        );
+        parts.push(
+            if cfg.dns.intercept_all.unwrap_or(true) {
+                "DNS to port 53 of any address answered by the gateway"
+            } else {
+                "DNS answered at the gateway's addresses only"
+            }
+            .into(),
+        );
+        let domain_rules = rules
+            .iter()
+            .filter(|r| r.egress && is_domain(&r.dest))
+            .count();
+        let blind = domain_rules > 0 && !gateway_dns_allowed(policy);
+        parts.push(match domain_rules {
+            0 => "domain rules: none".into(),
+            n if blind => format!(
+                "domain rules: {n}, which can never match: {}",
+                blind_domain_rules(&eff)
+            ),
+            n => format!("domain rules: {n}, matched against names resolved at the gateway"),
+        });
+        PolicySummary {
+            text: parts.join("; "),
+            blind,
+        }
+    }
+
+    /// True when the policy has domain rules but denies DNS to the gateway, so they can
+    /// never match (worth a warning).
+    pub fn domain_rules_blind(&self) -> bool {
+        self.blind
+    }
+}
+
+impl fmt::Display for PolicySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// Whether every flow rule `j` matches, rule `i` matches too.
@@ -613,7 +760,7 @@ mod tests {
     }
 
     #[test]
-    fn check_bad_input_exits_2() {
+    fn check_bad_input_exits_3() {
         for argv in [
             &["egress", "tcp", "nowhere:80"][..],
             &["egress", "tcp", "10.0.0.1:0"][..],
@@ -626,9 +773,8 @@ mod tests {
             ][..],
         ] {
             let a = check_args(argv);
-            let e = check(&a).unwrap_err();
-            assert_eq!(e.exit_code(), 2, "{argv:?}");
-            assert_eq!(run_check(&a), 2, "{argv:?}");
+            assert!(check(&a).is_err(), "{argv:?}");
+            assert_eq!(run_check(&a), CHECK_ERROR_EXIT, "{argv:?}");
         }
         let mut all = vec!["netfence", "check", "sideways", "tcp", "10.0.0.1"];
         assert!(Cmd::try_parse_from(&all).is_err());
@@ -672,6 +818,9 @@ mod tests {
         &'static [&'static str],
         &'static [(usize, &'static str)],
     );
+
+    /// A custom policy's DNS rules (what presets other than none and allow-all carry).
+    const DNS: &str = "allow@host:udp:53,allow@host:tcp:53";
 
     #[test]
     fn lint_findings() {
@@ -749,11 +898,29 @@ mod tests {
             (None, &["allow@10.0.0.0/8", "deny@private"], &[]),
             (None, &["allow@224.0.0.0/3", "deny@multicast"], &[]),
             (None, &["allow@0.0.0.0/0", "deny@metadata"], &[(2, "can never match")]),
-            (None, &["allow@.example.com", "deny@api.example.com"], &[(2, "can never match")]),
-            (None, &["allow@.example.com", "deny@.a.example.com"], &[(2, "can never match")]),
-            (None, &["allow@.example.com", "deny@example.com"], &[(2, "can never match")]),
-            (None, &["allow@api.example.com", "deny@.example.com"], &[]),
-            (None, &["allow@api.example.com", "deny@api.example.com:tcp:443"], &[(2, "can never match")]),
+            (None, &[DNS, "allow@.example.com", "deny@api.example.com"], &[(4, "can never match")]),
+            (None, &[DNS, "allow@.example.com", "deny@.a.example.com"], &[(4, "can never match")]),
+            (None, &[DNS, "allow@.example.com", "deny@example.com"], &[(4, "can never match")]),
+            (None, &[DNS, "allow@api.example.com", "deny@.example.com"], &[]),
+            (None, &[DNS, "allow@api.example.com", "deny@api.example.com:tcp:443"], &[(4, "can never match")]),
+            // Domain rules match names the guest resolved at the gateway: a policy that denies
+            // that DNS makes them dead (--net-rule without --policy drops the preset's DNS).
+            (
+                None,
+                &["allow@api.example.com:tcp:443"],
+                &[(1, "can never match: the policy denies DNS to the gateway (udp/53 to host), the resolver DHCP gives the guest, so no name is resolved through netfence for it to match; add allow@host:udp:53,allow@host:tcp:53 ahead of any rule denying them (rules without --policy replace the public-only preset and its DNS rules)")],
+            ),
+            (
+                None,
+                &["allow@public", "deny@.ads.example", "allow@host:tcp:53"],
+                &[(2, "denies DNS to the gateway")],
+            ),
+            (None, &["deny@host:udp", "allow@*:tcp", "allow@x.example"], &[(3, "denies DNS to the gateway")]),
+            (None, &["allow@host:udp:53", "allow@api.example.com:tcp:443"], &[]),
+            (None, &["allow@*:udp:53", "allow@.example.com"], &[]),
+            (Some("public-only"), &["allow@api.example.com"], &[]),
+            (Some("non-local"), &["allow@.example.com:tcp:443"], &[]),
+            (Some("allow-all"), &["deny@evil.example"], &[]),
         ];
         for (preset, rules, want) in cases {
             let got = lint_rules(*preset, rules);
@@ -776,10 +943,13 @@ mod tests {
         )
         .unwrap();
         let f = lint(&cfg, &host()).unwrap();
-        assert_eq!(f.len(), 2, "{f:#?}");
+        assert_eq!(f.len(), 3, "{f:#?}");
         assert_eq!(f[0].rule, Some(1));
         assert_eq!(f[1].rule, Some(2));
         assert!(f[0].message.contains("deny_domains"));
+        // The custom policy denies DNS to the gateway, so the third can't match either.
+        assert_eq!(f[2].rule, Some(3));
+        assert!(f[2].message.contains("denies DNS to the gateway"), "{f:#?}");
 
         let dir = std::env::temp_dir().join(format!("netfence-lint-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -957,6 +1127,75 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn policy_summary_lines() {
+        let cases: &[(&[&str], &str, bool)] = &[
+            (
+                &[],
+                "preset public-only (the default); default egress deny, ingress allow; 3 rules \
+                 (3 from the preset); denied flows dropped silently; DNS to port 53 of any \
+                 address answered by the gateway; domain rules: none",
+                false,
+            ),
+            (
+                &["--net-rule", "allow@api.example.com:tcp:443"],
+                "custom policy (no preset); default egress deny, ingress allow; 1 rule; denied \
+                 flows dropped silently; DNS to port 53 of any address answered by the gateway; \
+                 domain rules: 1, which can never match: the policy denies DNS to the gateway \
+                 (udp/53 to host), the resolver DHCP gives the guest, so no name is resolved \
+                 through netfence for it to match; add allow@host:udp:53,allow@host:tcp:53 ahead \
+                 of any rule denying them (rules without --policy replace the public-only preset \
+                 and its DNS rules)",
+                true,
+            ),
+            (
+                &[
+                    "--policy",
+                    "public-only",
+                    "--net-default-egress",
+                    "deny",
+                    "--net-rule",
+                    "allow@.example.com",
+                    "--reject",
+                ],
+                "preset public-only; default egress deny, ingress allow; 4 rules (3 from the \
+                 preset); denied flows rejected (TCP RST / ICMP unreachable); DNS to port 53 of \
+                 any address answered by the gateway; domain rules: 1, matched against names \
+                 resolved at the gateway",
+                false,
+            ),
+            (
+                &["--policy", "allow-all", "--net-rule", "deny@evil.example"],
+                "preset allow-all; default egress allow, ingress allow; 1 rule; denied flows \
+                 dropped silently; DNS to port 53 of any address answered by the gateway; \
+                 domain rules: 1, matched against names resolved at the gateway",
+                false,
+            ),
+            (
+                &["--no-net", "--net-rule", "allow@x.example"],
+                "preset none: no network at all (every rule is ignored)",
+                false,
+            ),
+        ];
+        for (argv, want, blind) in cases {
+            let mut all = vec!["config"];
+            all.extend_from_slice(argv);
+            let Cmd::Config(a) = parse(&all) else {
+                unreachable!()
+            };
+            let cfg = a.net.resolve().unwrap();
+            let policy = cfg.compile_policy(&host()).unwrap();
+            let summary = PolicySummary::new(&cfg, &policy);
+            assert_eq!(summary.to_string(), *want, "{argv:?}");
+            assert_eq!(summary.domain_rules_blind(), *blind, "{argv:?}");
+        }
+        let cfg = parse_str("[dns]\nintercept_all = false\n", Format::Toml).unwrap();
+        let policy = cfg.compile_policy(&host()).unwrap();
+        assert!(PolicySummary::new(&cfg, &policy)
+            .to_string()
+            .contains("; DNS answered at the gateway's addresses only;"));
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! netfence command line: `run` serves a VMM on a vhost-user socket.
+//! netfence command line: `run` serves a VMM on a vhost-user socket; `check`, `lint` and
+//! `config` explain a policy (src/explain.rs).
 //!
-//! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments.
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments. `check` answers with
+//! its exit code (0 allow, 1 deny), so its errors, clap's included, exit 3 instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use netfence::config::addressing::{Addressing, LinkAddrs, LinkAddrs6};
 use netfence::config::cli::NetworkArgs;
@@ -18,6 +20,7 @@ use netfence::flow::FlowSettings;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
 use netfence::policy::{HostAddrs, LocalAddrs};
+use netfence::server::BindError;
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +46,7 @@ netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help = run_after_help())]
     Run(RunArgs),
-    /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny).
+    /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny, 3 error).
     Check(netfence::explain::CheckArgs),
     /// Find rules that can never match, contradict a preset, or have empty port ranges (exit 1 if any).
     Lint(netfence::explain::LintArgs),
@@ -68,11 +71,12 @@ struct RunArgs {
     /// virtio-net-pci,mac=MAC`, cloud-hypervisor `--net ...,mac=MAC`).
     #[arg(long, value_name = "MAC", default_value = "52:54:00:4e:46:02", value_parser = parse_mac)]
     guest_mac: [u8; 6],
-    /// Link MTU offered to the guest (virtio MTU feature and DHCP option 26).
-    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=65520))]
+    /// Link MTU offered to the guest (virtio MTU feature, DHCP option 26, router
+    /// advertisements): 1280-65520, since IPv6 (always on) needs at least 1280.
+    #[arg(long, default_value_t = 1500, value_parser = parse_mtu)]
     mtu: u16,
-    /// DHCP lease time in seconds.
-    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    /// DHCP lease time in seconds: 1-4294967295.
+    #[arg(long, default_value_t = 3600, value_name = "SECS", value_parser = parse_lease_secs)]
     lease_secs: u32,
     /// Change one bound on guest-driven state (repeatable), e.g. `--limit tcp-flows=1000`;
     /// the names and defaults are listed below.
@@ -97,6 +101,74 @@ Limits (--limit NAME=VALUE; counts are per guest, times in seconds):\n{}",
 
 /// The gateway's own MAC address (locally administered).
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x46, 0x01];
+
+/// The smallest MTU IPv6 allows (RFC 8200 section 5). netfence always serves IPv6 (every
+/// slot has a /64 of `ipv6_pool`; there is no switch to turn it off), so this is the floor.
+const IPV6_MIN_MTU: u16 = 1280;
+/// The largest MTU `--mtu` accepts (unchanged from before the IPv6 floor).
+const MAX_MTU: u16 = 65520;
+
+/// `--mtu`: clap names the flag and the value in front of the message.
+fn parse_mtu(s: &str) -> Result<u16, String> {
+    let accepted = format!("expected {IPV6_MIN_MTU}-{MAX_MTU}");
+    let mtu: u32 = s.parse().map_err(|_| format!("not a number; {accepted}"))?;
+    if mtu < u32::from(IPV6_MIN_MTU) {
+        return Err(format!(
+            "IPv6 is always on and needs a link MTU of at least {IPV6_MIN_MTU}; {accepted}"
+        ));
+    }
+    u16::try_from(mtu)
+        .ok()
+        .filter(|m| *m <= MAX_MTU)
+        .ok_or_else(|| format!("too large; {accepted}"))
+}
+
+/// `--lease-secs`: a lease of 0 seconds would expire as it is granted.
+fn parse_lease_secs(s: &str) -> Result<u32, String> {
+    let accepted = format!("expected 1-{} seconds", u32::MAX);
+    match s.parse::<u32>() {
+        Ok(0) => Err(format!(
+            "a lease of 0 seconds expires as it is granted; {accepted}"
+        )),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("not a number of seconds; {accepted}")),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every guest flow holds a host
+/// socket, and a default soft limit of 1024 would make flows fail long before the per-kind
+/// caps. netfence waits with epoll, so descriptors above 1024 are fine.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`, a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        debug!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            "RLIMIT_NOFILE soft limit already at the hard limit"
+        );
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads `lim`, a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), soft = before, hard = lim.rlim_max, "cannot raise RLIMIT_NOFILE");
+        return;
+    }
+    debug!(
+        from = before,
+        to = lim.rlim_cur,
+        "RLIMIT_NOFILE soft limit raised to the hard limit"
+    );
+}
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
@@ -135,12 +207,29 @@ fn main() -> ExitCode {
         )
         .with_writer(writer)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return argument_error(&e),
+    };
     match cli.command {
         Command::Run(args) => run(args),
         Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
+    }
+}
+
+/// Prints clap's message (help and version too) and picks the exit code: clap's own (0 for
+/// help, 2 for errors), except that errors of `check` exit 3, since 1 means "denied" there.
+fn argument_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    // The top level takes no options but --help and --version, so a subcommand can only be
+    // the first argument.
+    let is_check = std::env::args_os().nth(1).is_some_and(|a| a == "check");
+    if e.use_stderr() && is_check {
+        exit_code(netfence::explain::CHECK_ERROR_EXIT)
+    } else {
+        exit_code(e.exit_code())
     }
 }
 
@@ -156,7 +245,7 @@ fn dns_settings(
         // No nameserver configured anywhere: names can still be blocked and host aliases
         // answered; everything else gets SERVFAIL.
         Err(e) if config.dns.nameservers.is_empty() => {
-            warn!("{e}; DNS queries that need an upstream will fail");
+            warn!("{e}; the gateway DNS answers SERVFAIL to queries that need an upstream");
             Vec::new()
         }
         Err(e) => return Err(e),
@@ -193,6 +282,13 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    let unbuilt = config.unbuilt_features();
+    if !unbuilt.is_empty() {
+        for what in &unbuilt {
+            eprintln!("netfence: {what}");
+        }
+        return ExitCode::from(2);
+    }
     let addrs = LinkAddrs::for_slot(config.ipv4_pool_or_default(), args.slot);
     let addrs6 = LinkAddrs6::for_slot(config.ipv6_pool_or_default(), args.slot);
     let addressing = match (addrs, addrs6) {
@@ -219,6 +315,12 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    let summary = netfence::explain::PolicySummary::new(&config, &policy);
+    if summary.domain_rules_blind() {
+        warn!("effective policy: {summary}");
+    } else {
+        info!("effective policy: {summary}");
+    }
     let addrmap = Arc::new(AddressMap::new(config.map.clone(), host.addrs().collect()));
     let dns = match dns_settings(&config, &host, args.mtu) {
         Ok(d) => d,
@@ -249,7 +351,18 @@ fn run(args: RunArgs) -> ExitCode {
         lease_secs: args.lease_secs,
         flows,
     };
-    match netfence::server::serve(&args.socket, args.once, settings) {
+    raise_nofile_limit();
+    let public = match netfence::server::bind_public(&args.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("netfence: --socket: {e}");
+            return match e {
+                BindError::InUse(_) => ExitCode::from(2),
+                BindError::Failed(_) => ExitCode::from(1),
+            };
+        }
+    };
+    match netfence::server::serve(public, &args.socket, args.once, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -14,26 +14,103 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{control_shim, DeviceSettings, NetBackend};
 use crate::link::{Link, LinkSettings};
 
-/// Binds `path`, replacing a stale socket file but never any other kind of file.
-fn bind_public(path: &Path) -> Result<UnixListener, String> {
-    if let Ok(meta) = fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            let _ = fs::remove_file(path);
-        } else {
-            return Err(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ));
+/// Why [`bind_public`] did not bind.
+#[derive(Debug)]
+pub enum BindError {
+    /// The path is taken: a socket a live process listens on, or a file that is not a socket.
+    /// The user named a path they cannot have (exit 2, like any bad argument).
+    InUse(String),
+    /// The system refused (permissions, no such directory, ...): a runtime failure.
+    Failed(String),
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindError::InUse(m) | BindError::Failed(m) => f.write_str(m),
         }
     }
-    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// Binds the VMM-facing socket at `path`, mode 0600 from its creation on.
+///
+/// An existing socket file is replaced only when it is stale: `connect()` to it fails with
+/// ECONNREFUSED (nobody listens). If the connect succeeds (or the listener's backlog is full)
+/// another process, e.g. another netfence, is serving there and we refuse rather than cut it
+/// off from its next VMM; that process sees a client that connects and leaves at once. Any
+/// other connect error (e.g. EACCES) is refused too. Any other kind of file is never replaced.
+///
+/// The socket is bound under umask 0177, so the kernel creates it 0600 and no moment exists
+/// where it is wider (a chmod after bind would leave one). umask is process-wide: this runs
+/// from `main` before any thread is started, and the old umask is restored right after.
+pub fn bind_public(path: &Path) -> Result<UnixListener, BindError> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(BindError::InUse(format!(
+                "{} exists and is not a socket; refusing to replace it (choose another --socket)",
+                path.display()
+            )));
+        }
+        let in_use = || {
+            BindError::InUse(format!(
+                "{} is in use: another process (another netfence?) is listening on it; \
+                 stop it or choose another --socket",
+                path.display()
+            ))
+        };
+        match probe_connect(path) {
+            Ok(()) => return Err(in_use()),
+            // A listener whose backlog is full: alive too.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(in_use()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("replacing stale socket {}", path.display());
+                fs::remove_file(path).map_err(|e| {
+                    BindError::Failed(format!(
+                        "cannot remove stale socket {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+            Err(e) => {
+                return Err(BindError::Failed(format!(
+                    "{} exists and cannot be probed ({e}); refusing to replace it",
+                    path.display()
+                )))
+            }
+        }
+    }
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above; restores the caller's mask.
+    unsafe { libc::umask(old_mask) };
+    bound.map_err(|e| {
+        let message = format!("cannot listen on {}: {e}", path.display());
+        if e.kind() == io::ErrorKind::AddrInUse {
+            // Another process bound it between our probe and our bind.
+            BindError::InUse(message)
+        } else {
+            BindError::Failed(message)
+        }
+    })
+}
+
+/// Connects to the unix socket at `path` without blocking (a blocking connect would wait
+/// while a live listener's backlog is full) and closes the connection at once.
+fn probe_connect(path: &Path) -> io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::UNIX,
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    socket.connect(&socket2::SockAddr::unix(path)?)
 }
 
 /// A private directory for the backend side of the relay, removed on drop.
@@ -63,9 +140,14 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Serves VMM connections on `path` until an error, or after one connection with `once`.
-pub fn serve(path: &Path, once: bool, settings: LinkSettings) -> Result<(), String> {
-    let public = bind_public(path)?;
+/// Serves VMM connections on `public` (bound at `path` by [`bind_public`]) until an error, or
+/// after one connection with `once`.
+pub fn serve(
+    public: UnixListener,
+    path: &Path,
+    once: bool,
+    settings: LinkSettings,
+) -> Result<(), String> {
     info!(
         "listening on {} (guest {}/{}, gateway {}; IPv6 prefix {}, gateway {} and {})",
         path.display(),
@@ -131,7 +213,7 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), Stri
             .map_err(|e| format!("starting the device failed: {e}"))?;
         backend_side
     };
-    let relays = control_shim::relay(vmm, backend_side)
+    let relays = control_shim::relay(vmm, backend_side, backend.num_queues())
         .map_err(|e| format!("cannot start the control relay: {e}"))?;
     let result = daemon.wait();
     for handler in daemon.get_epoll_handlers() {

@@ -1208,23 +1208,24 @@ fn upstream_queries_leave_from_different_ports() {
     );
 }
 
-/// `--mtu 576`: a UDP answer must fit one 576-byte IPv4 packet (548 bytes of DNS) even when the
-/// guest's EDNS size would take more; it comes back truncated with TC, and whole over TCP.
+/// `--mtu 1280` (the smallest netfence accepts): a UDP answer must fit one 1280-byte IPv4
+/// packet (1252 bytes of DNS) even when the guest's EDNS size would take more; it comes back truncated with TC, and whole over TCP.
 #[test]
 fn udp_answers_fit_the_link_mtu() {
-    let many: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(203, 0, 113, i)).collect();
+    // 120 A records make a ~2 KB answer: more than one 1280-byte frame holds.
+    let many: Vec<Ipv4Addr> = (1..=120).map(|i| Ipv4Addr::new(203, 0, 113, i)).collect();
     let up = FakeDns::start(&[("big.mtu.example", Answer::A(many.clone()))]);
     let (nf, _cfg) = spawn_with_config(
         &dns_table(&[up.nameserver()], ""),
-        &["--mtu".to_string(), "576".to_string()],
+        &["--mtu".to_string(), "1280".to_string()],
     );
     let mut g = guest_up(&nf);
     let q = query(next_id(), "big.mtu.example", RecordType::A, Some(4096));
     let udp = udp_lookup_raw(&mut g, GATEWAY, &q, SHORT)
         .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
     assert!(
-        udp.bytes.len() <= 576 - 28,
-        "a {}-byte UDP answer on a 576-byte link",
+        udp.bytes.len() <= 1280 - 28,
+        "a {}-byte UDP answer on a 1280-byte link",
         udp.bytes.len()
     );
     assert!(udp.message.truncation, "truncated without TC");

@@ -482,6 +482,44 @@ impl NetworkConfig {
         h
     }
 
+    /// The parts of the model that are parsed and validated but not built yet, each with what
+    /// to do instead. `run` refuses a config that uses any of them (exit 2): a user who writes
+    /// `secrets` or `-p` must never believe they are in force.
+    pub fn unbuilt_features(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.ports.is_empty() {
+            out.push(
+                "published ports (-p/--publish, `ports`) are not built yet: remove them"
+                    .to_string(),
+            );
+        }
+        if !self.secrets.is_empty() || self.on_secret_violation.is_some() {
+            out.push(
+                "secrets (`secrets`, `on_secret_violation`) are not built yet: remove them"
+                    .to_string(),
+            );
+        }
+        let tls = &self.tls;
+        let interception_keys = tls.is_enabled()
+            || !tls.bypass.is_empty()
+            || tls.verify_upstream.is_some()
+            || tls.block_quic.is_some()
+            || tls.ca_cert.is_some()
+            || tls.ca_key.is_some()
+            || tls.ca_cn.is_some()
+            || !tls.upstream_ca_certs.is_empty()
+            || self.trust_host_cas.is_some();
+        if interception_keys {
+            out.push(
+                "TLS interception (`[tls]`, `trust_host_cas`) is not built yet: remove it, or \
+                 write `enabled = false` and keep only `intercepted_ports` (the ports whose \
+                 ClientHello name is judged under domain rules; default [443])"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
     /// `dns.rebind_protection`, else the legacy `dns_rebind_protection`, else true.
     pub fn rebind_protection(&self) -> bool {
         self.dns

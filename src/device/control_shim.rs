@@ -135,8 +135,56 @@ fn ack_for(request: u32) -> Message {
     }
 }
 
+/// Ring enable states the VMM sent before SET_FEATURES, by ring index, waiting for that ring's
+/// SET_VRING_KICK. The index comes from the VMM, so only the device's own rings are kept: one
+/// slot per queue, nothing else is ever stored.
+struct EarlyEnables {
+    states: Vec<Option<u32>>,
+}
+
+impl EarlyEnables {
+    fn new(queues: usize) -> Self {
+        EarlyEnables {
+            states: vec![None; queues],
+        }
+    }
+
+    /// Remembers `state` for ring `index`; an index the device does not have is dropped
+    /// (logged at debug) and false returned.
+    fn record(&mut self, index: u32, state: u32) -> bool {
+        match usize::try_from(index)
+            .ok()
+            .and_then(|i| self.states.get_mut(i))
+        {
+            Some(slot) => {
+                *slot = Some(state);
+                true
+            }
+            None => {
+                debug!(
+                    index,
+                    queues = self.states.len(),
+                    "early SET_VRING_ENABLE for a ring the device does not have, dropped"
+                );
+                false
+            }
+        }
+    }
+
+    /// The state remembered for ring `index`, forgotten as it is taken.
+    fn take(&mut self, index: u32) -> Option<u32> {
+        let i = usize::try_from(index).ok()?;
+        self.states.get_mut(i)?.take()
+    }
+}
+
 /// Relays between `vmm` and `backend` until either side closes; returns the two relay threads.
-pub fn relay(vmm: UnixStream, backend: UnixStream) -> io::Result<Vec<JoinHandle<()>>> {
+/// `queues` is the device's queue count: ring indexes at or above it are never remembered.
+pub fn relay(
+    vmm: UnixStream,
+    backend: UnixStream,
+    queues: usize,
+) -> io::Result<Vec<JoinHandle<()>>> {
     let vmm_writer = Arc::new(Mutex::new(vmm.try_clone()?));
     let features_seen = Arc::new(AtomicBool::new(false));
 
@@ -148,8 +196,7 @@ pub fn relay(vmm: UnixStream, backend: UnixStream) -> io::Result<Vec<JoinHandle<
         std::thread::Builder::new()
             .name("netfence-ctl-in".into())
             .spawn(move || {
-                // Ring enable states the VMM sent too early, by ring index.
-                let mut early_enable: std::collections::HashMap<u32, u32> = Default::default();
+                let mut early_enable = EarlyEnables::new(queues);
                 loop {
                     let msg = match read_message(&mut vmm) {
                         Ok(Some(m)) => m,
@@ -173,7 +220,7 @@ pub fn relay(vmm: UnixStream, backend: UnixStream) -> io::Result<Vec<JoinHandle<
                         debug!("answering early SET_VRING_ENABLE (before SET_FEATURES) locally");
                         if let (Some(index), Some(state)) = (msg.payload_u32(0), msg.payload_u32(4))
                         {
-                            early_enable.insert(index, state);
+                            early_enable.record(index, state);
                         }
                         if msg.flags() & FLAG_NEED_REPLY != 0 {
                             let w = vmm_writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,7 +235,7 @@ pub fn relay(vmm: UnixStream, backend: UnixStream) -> io::Result<Vec<JoinHandle<
                     }
                     if request == REQ_SET_VRING_KICK && features_seen.load(Ordering::Acquire) {
                         let index = msg.payload_u32(0).unwrap_or(u32::MAX) & 0xff;
-                        if let Some(state) = early_enable.remove(&index) {
+                        if let Some(state) = early_enable.take(index) {
                             debug!(index, state, "replaying early SET_VRING_ENABLE");
                             if write_message(&backend, &vring_enable(index, state)).is_err() {
                                 break;
@@ -220,4 +267,32 @@ pub fn relay(vmm: UnixStream, backend: UnixStream) -> io::Result<Vec<JoinHandle<
             })?
     };
     Ok(vec![to_backend, to_vmm])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_enables_keep_only_the_device_rings() {
+        let mut e = EarlyEnables::new(2);
+        assert!(e.record(0, 1));
+        assert!(e.record(1, 0));
+        assert!(e.record(1, 1), "a later state replaces the earlier one");
+        for bad in [2, 3, 255, 256, u32::MAX] {
+            assert!(!e.record(bad, 1), "index {bad} was accepted");
+            assert_eq!(e.take(bad), None, "index {bad} was stored");
+        }
+        assert_eq!(e.states.len(), 2, "storage grew");
+        assert_eq!(e.take(0), Some(1));
+        assert_eq!(e.take(0), None, "taken once");
+        assert_eq!(e.take(1), Some(1));
+    }
+
+    #[test]
+    fn no_queues_store_nothing() {
+        let mut e = EarlyEnables::new(0);
+        assert!(!e.record(0, 1));
+        assert_eq!(e.take(0), None);
+    }
 }

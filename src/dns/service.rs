@@ -92,14 +92,9 @@ pub struct DnsService {
 
 impl DnsService {
     /// A service forwarding to `settings.upstreams` (no socket is opened until a query needs
-    /// one). It is an error when there is no upstream.
+    /// one). No upstreams at all is allowed (no nameserver on the host): queries that need one
+    /// get SERVFAIL, blocked names and host aliases are still answered.
     pub fn new(mut settings: DnsSettings) -> io::Result<Self> {
-        if settings.upstreams.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "dns: no upstream nameserver (dns.nameservers and resolv.conf are empty)",
-            ));
-        }
         settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT_CEILING);
         settings.max_answer_bytes = settings.max_answer_bytes.clamp(512, 65535);
         let epoll = Epoll::new()?;
@@ -216,6 +211,12 @@ impl DnsService {
         if self.by_client.contains_key(&(client, query.id)) {
             self.stats.duplicates += 1;
             return None;
+        }
+        if self.upstreams.is_empty() {
+            self.stats.servfail += 1;
+            debug!(client = %client.src, name = %query.qname, "dns: no upstream nameserver, SERVFAIL");
+            let sf = error_reply(&query.message, ResponseCode::ServFail);
+            return Some(self.finish_local(&sf, &query, limit));
         }
         if self.pending.len() >= self.settings.max_in_flight {
             self.stats.dropped_over_limit += 1;

@@ -1356,9 +1356,34 @@ fn a_closed_tcp_client_cancels_its_queries() {
     assert_eq!(decode(&out[0].1).response_code, ResponseCode::NoError);
 }
 
+// ---------------------------------------------------------------------------------------------
+// no upstream at all (empty resolv.conf, no dns.nameservers)
+
 #[test]
-fn new_rejects_no_upstreams() {
-    assert!(DnsService::new(DnsSettings::default()).is_err());
+fn without_upstreams_queries_get_servfail_and_local_answers_still_work() {
+    let mut svc = DnsService::new(settings(Vec::new())).expect("a service without upstreams");
+    let j = judge(&["blocked.example"], &[]);
+    let now = Instant::now();
+    let q = query_bytes(0x4242, "www.example.com.", RecordType::A);
+    let m = decode(
+        &svc.handle_query(client(3000), &q, &j, now)
+            .expect("answered at once"),
+    );
+    assert_eq!(m.id, 0x4242);
+    assert_eq!(m.response_code, ResponseCode::ServFail);
+    assert_eq!(svc.in_flight(), 0);
+    assert_eq!(svc.stats().servfail, 1);
+    assert_eq!(svc.stats().forwarded, 0);
+    assert!(svc.poll(&j, now).is_empty());
+    assert_eq!(svc.next_deadline(), None);
+
+    let q = query_bytes(7, "blocked.example.", RecordType::A);
+    let m = decode(&svc.handle_query(client(3001), &q, &j, now).unwrap());
+    assert_eq!(m.response_code, ResponseCode::NXDomain);
+    let q = query_bytes(8, "host.microsandbox.internal.", RecordType::A);
+    let m = decode(&svc.handle_query(client(3002), &q, &j, now).unwrap());
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    assert!(!m.answers.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ pub struct NetfenceBuilder {
     env: Vec<(String, String)>,
     wait_listening: bool,
     wrapper: Vec<String>,
+    socket: Option<PathBuf>,
 }
 
 impl NetfenceBuilder {
@@ -166,12 +167,19 @@ impl NetfenceBuilder {
         self
     }
 
-    /// Runs netfence through a wrapper command: `wrapper... <netfence binary> run --socket ...`.
-    /// With `sh -c 'SETUP && exec "$0" "$@"'` the binary and its arguments reach the shell as
-    /// `$0` and `$@`, so SETUP runs first (e.g. inside `unshare`'s new namespaces). The wrapper
-    /// must end in an `exec` of netfence, so that killing the child kills netfence.
-    pub fn wrapper<S: AsRef<str>>(mut self, argv: &[S]) -> Self {
-        self.wrapper = argv.iter().map(|s| s.as_ref().to_string()).collect();
+    /// Runs netfence through a wrapper command: `wrapper... NETFENCE_BINARY run --socket ...`,
+    /// e.g. `["sh", "-c", "ulimit -Sn 64 && exec \"$0\" \"$@\""]`: the binary and its
+    /// arguments reach the shell as `$0` and `$@`, so the setup runs first (e.g. inside
+    /// `unshare`'s new namespaces). The wrapper must end in an `exec` of netfence, so that killing
+    /// the child kills netfence.
+    pub fn wrapper<S: AsRef<str>>(mut self, w: &[S]) -> Self {
+        self.wrapper = w.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    /// Listen on `path` instead of `nf.sock` in the instance's scratch directory.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
         self
     }
 
@@ -183,12 +191,12 @@ impl NetfenceBuilder {
 
     pub fn spawn(self) -> Netfence {
         let dir = TempDir::new("netfence");
-        let socket = dir.path().join("nf.sock");
+        let socket = self.socket.unwrap_or_else(|| dir.path().join("nf.sock"));
         let binary = env!("CARGO_BIN_EXE_netfence");
         let mut cmd = match self.wrapper.split_first() {
-            Some((program, wrapper_args)) => {
+            Some((program, rest)) => {
                 let mut c = Command::new(program);
-                c.args(wrapper_args).arg(binary);
+                c.args(rest).arg(binary);
                 c
             }
             None => Command::new(binary),
@@ -302,6 +310,7 @@ impl Netfence {
             env: Vec::new(),
             wait_listening: true,
             wrapper: Vec::new(),
+            socket: None,
         }
     }
 

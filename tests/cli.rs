@@ -1,0 +1,335 @@
+//! The command line as a user meets it, through the real binary: exit codes (`check`: 0 allow,
+//! 1 deny, 3 error; everything else: 0 ok, 1 runtime failure, 2 bad configuration or
+//! arguments), argument errors that name the flag, the value and what is accepted, and the
+//! vhost-user socket path (a live socket is never taken over, a stale one is replaced, the
+//! socket is created 0600).
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use common::*;
+
+/// What a finished `netfence` invocation left behind.
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `netfence args...` to its end (stdin closed); panics if it is still running after
+/// `SHORT` (it is killed then).
+fn netfence(args: &[&str]) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netfence"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn netfence");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        let _ = tx.send((true, s));
+    });
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        let _ = tx2.send((false, s));
+    });
+    // Both pipes reach EOF when the process exits.
+    let (mut out, mut err) = (String::new(), String::new());
+    for _ in 0..2 {
+        match rx.recv_timeout(SHORT) {
+            Ok((true, s)) => out = s,
+            Ok((false, s)) => err = s,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("netfence {args:?} still running after {SHORT:?}; stderr so far: {err}");
+            }
+        }
+    }
+    let status = child.wait().expect("wait for netfence");
+    Outcome {
+        code: status.code(),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+fn assert_exit(o: &Outcome, code: i32, what: &str) {
+    assert_eq!(o.code, Some(code), "{what}: {o}");
+}
+
+// ---- check: 0 allow, 1 deny, 3 error -----------------------------------------------------
+
+#[test]
+fn check_exits_0_allow_1_deny_3_error() {
+    let allow = netfence(&["check", "egress", "tcp", "203.0.113.7:443"]);
+    assert_exit(&allow, 0, "allowed flow");
+    assert!(allow.stdout.starts_with("allow egress tcp"), "{allow}");
+
+    let deny = netfence(&["check", "egress", "tcp", "10.0.0.1:80"]);
+    assert_exit(&deny, 1, "denied flow");
+    assert!(deny.stdout.starts_with("deny egress tcp"), "{deny}");
+
+    // Errors of our own validation.
+    let bad_dst = netfence(&["check", "egress", "tcp", "nowhere:80"]);
+    assert_exit(&bad_dst, 3, "bad destination");
+    assert!(bad_dst.stderr.contains("`nowhere:80`"), "{bad_dst}");
+    let bad_file = netfence(&[
+        "check",
+        "--config",
+        "/nonexistent/netfence.toml",
+        "egress",
+        "tcp",
+        "10.0.0.1:80",
+    ]);
+    assert_exit(&bad_file, 3, "missing config file");
+
+    // Errors clap finds (it would exit 2 by itself): a bad value, a missing argument, an
+    // unknown flag.
+    let bad_proto = netfence(&["check", "egress", "sctp", "10.0.0.1:80"]);
+    assert_exit(&bad_proto, 3, "bad protocol");
+    assert!(
+        bad_proto
+            .stderr
+            .contains("expected tcp, udp, icmpv4 or icmpv6"),
+        "{bad_proto}"
+    );
+    assert_exit(&netfence(&["check", "egress"]), 3, "missing arguments");
+    assert_exit(
+        &netfence(&["check", "--bogus", "egress", "tcp", "10.0.0.1:80"]),
+        3,
+        "unknown flag",
+    );
+    assert_exit(
+        &netfence(&[
+            "check",
+            "--policy",
+            "sideways",
+            "egress",
+            "tcp",
+            "10.0.0.1:80",
+        ]),
+        3,
+        "bad preset",
+    );
+
+    // Help is not an error, and it documents the codes.
+    let help = netfence(&["check", "--help"]);
+    assert_exit(&help, 0, "check --help");
+    assert!(
+        help.stdout
+            .contains("Exit status: 0 allowed, 1 denied, 3 bad configuration or arguments"),
+        "{help}"
+    );
+    let top = netfence(&["--help"]);
+    assert_exit(&top, 0, "--help");
+    assert!(
+        top.stdout.contains("exit 0 allow, 1 deny, 3 error"),
+        "{top}"
+    );
+}
+
+#[test]
+fn other_subcommands_keep_exit_2_for_bad_arguments() {
+    assert_exit(
+        &netfence(&["lint", "--policy", "sideways"]),
+        2,
+        "lint bad preset",
+    );
+    assert_exit(&netfence(&["config", "--bogus"]), 2, "config unknown flag");
+    assert_exit(&netfence(&["run"]), 2, "run without --socket");
+    assert_exit(&netfence(&["chek"]), 2, "unknown subcommand");
+    assert_exit(&netfence(&[]), 2, "no subcommand");
+    assert_exit(&netfence(&["lint"]), 0, "lint of the default policy");
+}
+
+// ---- lint: domain rules without DNS -----------------------------------------------------
+
+#[test]
+fn lint_says_net_rule_without_policy_leaves_domain_rules_blind() {
+    let o = netfence(&["lint", "--net-rule", "allow@api.example.com:tcp:443"]);
+    assert_exit(&o, 1, "lint finds a problem");
+    for needle in [
+        "rule 1 \"allow@api.example.com:tcp:443\": can never match",
+        "denies DNS to the gateway",
+        "add allow@host:udp:53,allow@host:tcp:53",
+        "rules without --policy replace the public-only preset",
+    ] {
+        assert!(o.stdout.contains(needle), "lacks {needle:?}: {o}");
+    }
+    // The fix it names makes the finding go away.
+    let fixed = netfence(&[
+        "lint",
+        "--net-rule",
+        "allow@host:udp:53,allow@host:tcp:53",
+        "--net-rule",
+        "allow@api.example.com:tcp:443",
+    ]);
+    assert_exit(&fixed, 0, "lint after the fix");
+    assert!(fixed.stdout.contains("no problems found"), "{fixed}");
+}
+
+// ---- run: --mtu and --lease-secs ---------------------------------------------------------
+
+#[test]
+fn mtu_below_1280_is_refused_because_ipv6_needs_it() {
+    let dir = TempDir::new("netfence-cli");
+    let sock = dir.path().join("nf.sock");
+    let sock = sock.to_str().unwrap();
+    for v in ["1279", "576", "1000"] {
+        let o = netfence(&["run", "--socket", sock, "--mtu", v]);
+        assert_exit(&o, 2, &format!("--mtu {v}"));
+        for needle in ["--mtu", v, "1280", "IPv6", "65520"] {
+            assert!(
+                o.stderr.contains(needle),
+                "--mtu {v}: lacks {needle:?}: {o}"
+            );
+        }
+        assert!(!sock_exists(Path::new(sock)), "--mtu {v} bound the socket");
+    }
+    // 1280 itself is fine: netfence starts.
+    let nf = Netfence::spawn(&["--mtu", "1280"]);
+    drop(nf);
+}
+
+#[test]
+fn lease_secs_zero_is_refused() {
+    let dir = TempDir::new("netfence-cli");
+    let sock = dir.path().join("nf.sock");
+    let o = netfence(&[
+        "run",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--lease-secs",
+        "0",
+    ]);
+    assert_exit(&o, 2, "--lease-secs 0");
+    for needle in ["--lease-secs", "'0'", "1-4294967295"] {
+        assert!(o.stderr.contains(needle), "lacks {needle:?}: {o}");
+    }
+    let nf = Netfence::spawn(&["--lease-secs", "1"]);
+    drop(nf);
+}
+
+// ---- run: the socket path ----------------------------------------------------------------
+
+fn sock_exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[test]
+fn a_live_socket_is_never_taken_over() {
+    let first = Netfence::spawn::<&str>(&[]);
+    let path = first.socket_path().to_str().unwrap().to_string();
+    let second = netfence(&["run", "--socket", &path]);
+    assert_exit(&second, 2, "second netfence on a live socket");
+    assert!(
+        second.stderr.contains(&path) && second.stderr.contains("in use"),
+        "{second}"
+    );
+    // The first one's socket is still there and still answers.
+    assert!(
+        sock_exists(first.socket_path()),
+        "the live socket was removed"
+    );
+    UnixStream::connect(first.socket_path()).expect("the first netfence still accepts");
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let dir = TempDir::new("netfence-cli");
+    let path = dir.path().join("stale.sock");
+    // A socket file nobody listens on any more (connect gets ECONNREFUSED).
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(sock_exists(&path));
+    let nf = Netfence::builder().socket(&path).spawn();
+    UnixStream::connect(nf.socket_path()).expect("netfence listens on the replaced socket");
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_is_refused() {
+    let dir = TempDir::new("netfence-cli");
+    let path = dir.path().join("file");
+    std::fs::write(&path, "keep me").unwrap();
+    let o = netfence(&["run", "--socket", path.to_str().unwrap()]);
+    assert_exit(&o, 2, "--socket naming a regular file");
+    assert!(o.stderr.contains("is not a socket"), "{o}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+}
+
+#[test]
+fn the_socket_is_created_0600() {
+    // Under the common umask 022, a plain bind would make the socket 0755.
+    let nf = Netfence::builder()
+        .wrapper(&["sh", "-c", "umask 022 && exec \"$0\" \"$@\""])
+        .spawn();
+    let mode = std::fs::metadata(nf.socket_path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {:o}", mode & 0o777);
+}
+
+/// What is parsed but not built yet is refused by `run`, never silently ignored: published
+/// ports, secrets and TLS interception each exit 2 with a line that names them.
+#[test]
+fn unbuilt_features_are_refused_not_ignored() {
+    let dir = TempDir::new("nf-unbuilt");
+    let socket = dir.path().join("nf.sock");
+    let sock = socket.to_str().unwrap();
+    let o = netfence(&["run", "--socket", sock, "-p", "8080:80"]);
+    assert_exit(&o, 2, "-p");
+    assert!(o.stderr.contains("published ports"), "{o}");
+    for (name, toml, word) in [
+        ("ports", "ports = [\"8080:80\"]\n", "published ports"),
+        (
+            "secrets",
+            "[[secrets]]\nenv_var = \"K\"\nvalue = \"v\"\nplaceholder = \"P\"\nallowed_hosts = [\"api.example.com\"]\n",
+            "secrets",
+        ),
+        ("tls", "[tls]\nintercepted_ports = [443]\n", "TLS interception"),
+    ] {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).unwrap();
+        let o = netfence(&["run", "--socket", sock, "--config", cfg.to_str().unwrap()]);
+        assert_exit(&o, 2, name);
+        assert!(o.stderr.contains(word), "{name}: {o}");
+        assert!(!sock_exists(&socket), "{name}: the socket was bound anyway");
+    }
+    // `enabled = false` with only the SNI ports is accepted (it is built): the process starts.
+    let cfg = dir.path().join("sni.toml");
+    std::fs::write(
+        &cfg,
+        "[tls]\nenabled = false\nintercepted_ports = [443, 8443]\n",
+    )
+    .unwrap();
+    let mut nf = Netfence::builder()
+        .args(&["--config", cfg.to_str().unwrap()])
+        .spawn();
+    nf.assert_running("tls.enabled = false");
+}
