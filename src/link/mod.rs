@@ -396,7 +396,7 @@ impl LinkDriver for Link {
 
     fn reset(&mut self) {
         self.flows.reset();
-        self.fragments = Reassembler::new(self.fragments.limits().clone());
+        self.fragments = Reassembler::new(*self.fragments.limits());
         self.stack.reset();
         self.introduced.clear();
         self.last_advert = None;
