@@ -10,6 +10,7 @@
 //!   IPv6 has (neighbor discovery), with `smoltcp::wire`.
 //! - [`denied`]: the denied-destination steps (dropped or rejected SYN) of both families.
 //! - [`servers`]: loopback TCP/UDP servers for the host side, and a tripwire.
+//! - [`dpdk`]: dpdk-testpmd as an independent frontend, a counting UDP sink, CPU use of a process.
 //!
 //! A test in a few lines:
 //!
@@ -41,6 +42,7 @@
 #![allow(dead_code)]
 
 pub mod denied;
+pub mod dpdk;
 pub mod frames;
 pub mod frames6;
 pub mod frontend;

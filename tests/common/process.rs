@@ -268,7 +268,9 @@ impl NetfenceBuilder {
     }
 }
 
-fn read_lines(r: impl Read, log: &SharedLog, prefix: &str) {
+/// Copies `r` line by line (ANSI codes stripped, `prefix` prepended) into `log`; closes the log
+/// at EOF when `prefix` is empty (the stream whose end means "the child exited").
+pub fn read_lines(r: impl Read, log: &SharedLog, prefix: &str) {
     let mut br = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
@@ -393,12 +395,11 @@ impl Netfence {
         self.log.lines()
     }
 
+    /// The whole log for a failure message; runs of lines that differ only in their timestamp
+    /// (a spinning worker logs the same error millions of times) are cut short.
     pub fn log_text(&self) -> String {
         let mut s = format!("---- netfence log (args {:?}) ----\n", self.args);
-        for l in self.log.lines() {
-            s.push_str(&l);
-            s.push('\n');
-        }
+        s.push_str(&collapse_repeats(&self.log.lines(), REPEATS_SHOWN));
         s.push_str("---- end of netfence log ----");
         s
     }
@@ -444,6 +445,46 @@ impl Netfence {
             let _ = c.wait();
         }
     }
+}
+
+/// How many lines of a run of repeated lines [`collapse_repeats`] keeps.
+pub const REPEATS_SHOWN: usize = 3;
+
+/// `lines` joined with newlines, each run of lines equal but for their leading timestamp cut to
+/// its first `keep` lines and a count of the rest.
+pub fn collapse_repeats(lines: &[String], keep: usize) -> String {
+    fn without_timestamp(l: &str) -> &str {
+        // tracing's default format starts with an RFC 3339 timestamp: 2026-01-01T00:00:00.000Z
+        match l.split_once(' ') {
+            Some((first, rest)) if first.len() > 10 && first.as_bytes()[4] == b'-' => rest,
+            _ => l,
+        }
+    }
+    let mut out = String::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let key = without_timestamp(&lines[i]);
+        let run = lines[i..]
+            .iter()
+            .take_while(|l| without_timestamp(l) == key)
+            .count();
+        for l in &lines[i..i + run.min(keep)] {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if run > keep {
+            out.push_str(&format!(
+                "... {} more lines like the one above ({} bytes)\n",
+                run - keep,
+                lines[i + keep..i + run]
+                    .iter()
+                    .map(|l| l.len() + 1)
+                    .sum::<usize>()
+            ));
+        }
+        i += run;
+    }
+    out
 }
 
 fn parse_decision(l: &str) -> DecisionLine {
