@@ -61,7 +61,7 @@ Policy model (first match wins, per direction; `any` rules count in both):
             --net-rule deny@10.0.0.5 --net-rule allow@10.0.0.0/8
             --net-rule 'allow@[2001:db8::/32]:tcp:443' --net-rule allow@.example.com
             --net-default-egress deny --net-rule allow@api.example.com:tcp:443
-            -p 8080:80 -p 0.0.0.0:5353:53/udp --map 203.0.113.7:80=127.0.0.1:8080
+            --map 203.0.113.7:80=127.0.0.1:8080
             --map '[2001:db8::7]:443=[::1]:8443' --map 2001:db8::9=::1
 
 Guest addressing (slot N): IPv4 by DHCP, the N-th /30 of ipv4_pool (default 172.16.0.0/12:
@@ -108,7 +108,8 @@ pub struct NetworkArgs {
     #[arg(long = "max-connections", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Publish a guest port on the host: [BIND:]HOST_PORT:GUEST_PORT[/udp] (BIND default 127.0.0.1)
+    /// Publish a guest port on the host: [BIND:]HOST_PORT:GUEST_PORT[/udp] (BIND default
+    /// 127.0.0.1). Not built yet: `run` refuses it (exit 2); `check`/`config` accept it
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_publish)]
     pub publish: Vec<PublishSpec>,
 

@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -121,6 +121,20 @@ impl<L: LinkDriver> NetBackend<L> {
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&self.settings.mtu.to_le_bytes());
         c
+    }
+}
+
+impl<L> Drop for NetBackend<L> {
+    fn drop(&mut self) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &state.counters;
+        info!(
+            tx_frames = c.tx_frames,
+            rx_frames = c.rx_frames,
+            tx_bad_chains = c.drops.get("tx-bad-chain"),
+            rx_bad_chains = c.drops.get("rx-bad-chain"),
+            "device closed"
+        );
     }
 }
 

@@ -190,6 +190,8 @@ pub struct Decider {
     dns_allowed: LruCache<(Protocol, FlowKey), Instant>,
     memo_time: Duration,
     pub log: DecisionLog,
+    /// New-flow frames answered from the denied memo (not judged again).
+    pub memo_hits: u64,
 }
 
 impl Decider {
@@ -206,6 +208,7 @@ impl Decider {
             dns_allowed: LruCache::new(cap),
             memo_time,
             log: DecisionLog::new(log_rate),
+            memo_hits: 0,
         }
     }
 
@@ -248,6 +251,7 @@ impl Decider {
     ) -> bool {
         let memo = (protocol, (src, dst));
         if Self::remembered(&mut self.denied, &memo, self.memo_time, now) {
+            self.memo_hits += 1;
             return false;
         }
         let query = FlowQuery {
@@ -363,6 +367,38 @@ mod tests {
         assert!(log.lines <= 10, "{} lines", log.lines);
         log.flush(t0 + Duration::from_secs(1));
         assert!(log.lines <= 20, "{} lines", log.lines);
+    }
+
+    #[test]
+    fn the_denied_memo_is_a_bounded_lru_and_capacity_denials_are_not_remembered() {
+        let cfg = crate::config::NetworkConfig::default();
+        let policy = Arc::new(
+            cfg.compile_policy(&crate::policy::HostAddrs::default())
+                .unwrap(),
+        );
+        let mut d = Decider::new(policy, 100, Duration::from_secs(30), 10);
+        let t0 = Instant::now();
+        let src: SocketAddr = "172.16.0.2:4000".parse().unwrap();
+        let names = CachedNames::default();
+        // 100k distinct private destinations, all denied: the memo never grows past 100.
+        for i in 0..100_000u32 {
+            let dst = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80));
+            assert!(!d.decide(Protocol::Tcp, src, dst, &names, || Ok(()), t0));
+            assert!(d.denied_memo_len() <= 100);
+        }
+        // The last one is remembered, the first long forgotten.
+        let last = SocketAddr::from(([10, 1, 134, 159], 80));
+        let first = SocketAddr::from(([10, 0, 0, 0], 80));
+        d.memo_hits = 0;
+        assert!(!d.decide(Protocol::Tcp, src, last, &names, || Ok(()), t0));
+        assert_eq!(d.memo_hits, 1);
+        assert!(!d.decide(Protocol::Tcp, src, first, &names, || Ok(()), t0));
+        assert_eq!(d.memo_hits, 1);
+        // A public destination refused for capacity is not remembered: it passes next time.
+        let public: SocketAddr = "203.0.113.7:80".parse().unwrap();
+        let full = || Err("limit tcp-flows (0) reached".to_string());
+        assert!(!d.decide(Protocol::Tcp, src, public, &names, full, t0));
+        assert!(d.decide(Protocol::Tcp, src, public, &names, || Ok(()), t0));
     }
 
     #[test]

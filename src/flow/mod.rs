@@ -110,6 +110,8 @@ pub struct Flows {
     pub counters: Counters,
     /// Lines about host socket failures (descriptor exhaustion and the like).
     socket_warnings: LogGate,
+    /// Lines about single flows (connect failures, timeouts): a flood gets a few and a count.
+    flow_events: LogGate,
     buf: Vec<u8>,
     events: Vec<(FlowRef, EventSet)>,
 }
@@ -133,6 +135,7 @@ impl Flows {
             lingering: Vec::new(),
             counters: Counters::default(),
             socket_warnings: LogGate::new(5, Duration::from_secs(10)),
+            flow_events: LogGate::new(20, Duration::from_secs(10)),
             buf: vec![0u8; 65_536],
             events: Vec::new(),
             settings,
@@ -161,6 +164,16 @@ impl Flows {
             self.table.echo.len(),
             self.dns.open_tcp_connections(),
         )
+    }
+
+    /// Decision lines written so far (summaries included).
+    pub fn decision_lines(&self) -> u64 {
+        self.decider.log.lines
+    }
+
+    /// New-flow frames answered from the denied memo.
+    pub fn denied_memo_hits(&self) -> u64 {
+        self.decider.memo_hits
     }
 
     fn reject_mode(&self) -> bool {
@@ -314,14 +327,21 @@ impl Flows {
                 return Err(e);
             }
             Err(OpenError::Connect(e)) => {
-                info!(src = %guest, dst = %dst, host = %target, error = %e, "host connect failed");
+                self.counters.inc("tcp-host-connect-failed");
+                if let Some(suppressed) = self.flow_events.admit(now) {
+                    info!(src = %guest, dst = %dst, host = %target, error = %e, suppressed, "host connect failed");
+                }
                 return Err(e);
             }
         };
         let token = self
             .table
             .register(socket.as_raw_fd(), FlowRef::Tcp(key))
-            .inspect_err(|e| warn!(error = %e, "cannot watch host socket"))?;
+            .inspect_err(|e| {
+                if let Some(suppressed) = self.socket_warnings.admit(now) {
+                    warn!(error = %e, suppressed, "cannot watch host socket");
+                }
+            })?;
         debug!(src = %guest, dst = %dst, host = %target, "connecting host side");
         let middle = gated.then(|| SniGate::new(now));
         let host = HostEnd::new(socket, target);
@@ -393,7 +413,10 @@ impl Flows {
                 stack.receive(&syn);
             }
             Err(e) => {
-                info!(src = %flow.guest, dst = %flow.dst, host = %flow.host.target, error = %e, "host connect failed");
+                if let Some(suppressed) = self.flow_events.admit(Instant::now()) {
+                    info!(src = %flow.guest, dst = %flow.dst, host = %flow.host.target, error = %e, suppressed, "host connect failed");
+                }
+                self.counters.inc("tcp-host-connect-failed");
                 self.table.remove_tcp(&key);
                 self.refuse_tcp(&head, &syn, &e, stack);
             }
@@ -573,7 +596,9 @@ impl Flows {
                 stack.port.queue_frame(frames::tcp_reset(&stack.macs, syn));
             }
         }
-        info!(src = %key.0, dst = %key.1, why, "TCP flow aborted");
+        if let Some(suppressed) = self.flow_events.admit(Instant::now()) {
+            info!(src = %key.0, dst = %key.1, why, suppressed, "TCP flow aborted");
+        }
         self.counters.inc(why);
         self.close_tcp(key, why, stack);
     }
@@ -678,7 +703,9 @@ impl Flows {
                 return false;
             }
             Err(OpenError::Connect(e)) => {
-                info!(src = %src, dst = %dst, host = %target, error = %e, "host UDP connect failed");
+                if let Some(suppressed) = self.flow_events.admit(now) {
+                    info!(src = %src, dst = %dst, host = %target, error = %e, suppressed, "host UDP connect failed");
+                }
                 self.counters.inc("udp-host-connect-failed");
                 self.reject_with_icmp(frame, src.ip(), Unreachable::Host, stack);
                 return false;

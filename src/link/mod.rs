@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::EthernetAddress;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::addressing::Addressing;
 use crate::device::{GuestRx, LinkDriver, RxOutcome};
@@ -400,6 +400,26 @@ impl LinkDriver for Link {
         self.stack.reset();
         self.introduced.clear();
         self.last_advert = None;
+    }
+}
+
+impl Drop for Link {
+    /// One line with everything counted on this link, when its VMM connection ends.
+    fn drop(&mut self) {
+        let drops: Vec<String> = self
+            .counters
+            .iter()
+            .chain(self.flows.counters.iter())
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect();
+        let (tcp, udp, echo, dns_tcp) = self.flows.counts();
+        info!(
+            drops = %drops.join(","),
+            decision_lines = self.flows.decision_lines(),
+            denied_memo_hits = self.flows.denied_memo_hits(),
+            open_tcp = tcp, open_udp = udp, open_echo = echo, open_dns_tcp = dns_tcp,
+            "link closed"
+        );
     }
 }
 

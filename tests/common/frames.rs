@@ -190,6 +190,58 @@ pub fn ip_frame(
     eth(dst_mac, src_mac, ethertype_of(src), &packet)
 }
 
+/// Fragments of one IP datagram carrying `l4` (a transport header and payload of `proto`), as
+/// whole Ethernet frames: one per `(offset, len)` piece of `l4` (offsets multiples of 8; the
+/// more-fragments flag is set unless the piece reaches the end). IPv4 pieces carry `ident`'s
+/// low 16 bits, IPv6 pieces a fragment header with `ident`. Pieces may overlap.
+#[allow(clippy::too_many_arguments)]
+pub fn fragment_frames(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    proto: u8,
+    l4: &[u8],
+    ident: u32,
+    pieces: &[(usize, usize)],
+) -> Vec<Vec<u8>> {
+    let (src, dst) = pair(src, dst);
+    pieces
+        .iter()
+        .map(|&(off, len)| {
+            let part = &l4[off..off + len];
+            let more = off + len < l4.len();
+            let packet = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    let mut p = ipv4_packet(s, d, proto, ident as u16, part);
+                    let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+                    ip.clear_flags();
+                    ip.set_more_frags(more);
+                    ip.set_frag_offset(off as u16);
+                    ip.fill_checksum();
+                    p
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    let mut body =
+                        frames6::fragment_header(proto, (off / 8) as u16, more, ident).to_vec();
+                    body.extend_from_slice(part);
+                    frames6::ipv6_packet(s, d, frames6::NH_FRAGMENT, 64, &body)
+                }
+                _ => unreachable!(),
+            };
+            eth(dst_mac, src_mac, ethertype_of(src), &packet)
+        })
+        .collect()
+}
+
+/// `len` bytes split into pieces of at most `piece` bytes (a multiple of 8): `(offset, len)`.
+pub fn even_pieces(len: usize, piece: usize) -> Vec<(usize, usize)> {
+    (0..len)
+        .step_by(piece)
+        .map(|off| (off, piece.min(len - off)))
+        .collect()
+}
+
 /// TCP flags for [`tcp_segment`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flags {
