@@ -212,6 +212,34 @@ impl Datapath {
         self.mem = Some(mem);
     }
 
+    /// Forgets the guest's side of the link, as after a reboot: every flow (its host socket
+    /// closes), every smoltcp socket and frame queued for the guest, DNS-over-TCP connections,
+    /// TLS hellos awaited, and what was learned about the guest (IPv6 neighbours, router
+    /// solicitation). Settings, policy, memory and the negotiated features stay.
+    pub fn reset_link(&mut self) {
+        let flows = self.flows.len();
+        self.flows.tcp.clear();
+        self.flows.udp.clear();
+        self.flows.echo.clear();
+        self.flows.tokens.clear();
+        self.hellos.clear();
+        self.lingering.clear();
+        self.dns.reset_tcp();
+        self.stack = GuestStack::new(
+            self.settings.gateway_mac,
+            self.settings.addrs.gateway,
+            self.settings.addrs.prefix_len,
+            &self.settings.addrs6,
+            self.settings.mtu,
+        );
+        self.link.guest_mac = EthernetAddress(self.settings.guest_mac);
+        self.dns_allowed.clear();
+        self.denied.clear();
+        self.introduced.clear();
+        self.last_advert = None;
+        info!(flows, "link reset: flows closed, queued frames dropped");
+    }
+
     /// One event from the vring worker, then as much work as can be done.
     pub fn handle_event(&mut self, event: u16, rx: &VringRwLock, tx: &VringRwLock) {
         let Some(mem) = self.mem.clone() else {
@@ -298,12 +326,7 @@ impl Datapath {
                     // can repost), ask for a kick, and wait for it. One retry covers buffers
                     // that arrived while notifications were off.
                     virtqueue::signal_if_needed(rx);
-                    if retried
-                        || !matches!(
-                            vhost_user_backend::VringT::enable_notification(rx),
-                            Ok(true)
-                        )
-                    {
+                    if retried || !virtqueue::enable_notification(rx) {
                         break;
                     }
                     retried = true;

@@ -64,6 +64,11 @@ impl GatewayDns {
         dst.port() == 53 && (to_gateway || self.intercept_all)
     }
 
+    /// Forgets every DNS-over-TCP connection (their smoltcp sockets went with a link reset).
+    pub fn reset_tcp(&mut self) {
+        self.tcp.clear();
+    }
+
     pub fn has_tcp(&self, key: &FlowKey) -> bool {
         self.tcp.contains_key(key)
     }

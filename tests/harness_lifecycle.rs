@@ -113,7 +113,7 @@ fn stop_like_qemu_reports_vring_bases() {
     let fe = g.fe();
     let frame = common::frames::garbage_ethernet(fe.guest_mac(), 32 << 10);
     let ((rx_base, tx_base), flood) = fe
-        .during_tx_flood(&frame, 512, |vu| {
+        .during_tx_flood(&frame, 512, |vu, _| {
             for q in [RX_QUEUE, TX_QUEUE] {
                 vu.set_vring_enable(q, false).expect("SET_VRING_ENABLE 0");
             }

@@ -6,27 +6,39 @@
 //! timer); every event lands in [`NetBackend::handle_event`], which passes it to the
 //! [`Datapath`](crate::datapath::Datapath) of this connection. A new connection gets a new
 //! `NetBackend`, so no state survives a VMM restart.
+//!
+//! Ring lifecycle: GET_VRING_BASE stops a ring; [`NetBackend::stop_vring`] then waits for a
+//! `handle_event` that may still be using it, so the base the VMM gets back covers every chain
+//! we took. When the rings come back at index 0 (the guest's driver started over: a reboot),
+//! the link forgets its flows and frames ([`Datapath::reset_link`]); when they come back where
+//! they stopped (the VM was paused), everything carries on. A change of the guest memory map
+//! makes the worker look at the rings again ([`RESCAN_EVENT`]): a kick that came while a ring
+//! was unreachable would otherwise be lost.
 
 pub mod control_shim;
 pub mod virtqueue;
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::datapath::Datapath;
 
@@ -48,6 +60,8 @@ pub const FLOWS_EVENT: u16 = NUM_QUEUES as u16 + 1;
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
 /// Event id of the DNS service's upstream sockets.
 pub const DNS_EVENT: u16 = NUM_QUEUES as u16 + 3;
+/// Event id of our own eventfd that makes the worker look at the rings again.
+pub const RESCAN_EVENT: u16 = NUM_QUEUES as u16 + 4;
 
 /// What the guest sees of the device, fixed for the life of a connection.
 #[derive(Clone, Debug)]
@@ -61,6 +75,11 @@ pub struct NetBackend {
     settings: DeviceSettings,
     datapath: Mutex<Datapath>,
     exit: (EventConsumer, EventNotifier),
+    /// Written when the rings must be looked at again without a kick (memory map changed).
+    rescan: EventFd,
+    /// A ring was stopped (GET_VRING_BASE); decide at the next event whether the rings came
+    /// back from 0 (reset the link) or from where they were.
+    restart_pending: AtomicBool,
 }
 
 impl NetBackend {
@@ -70,6 +89,8 @@ impl NetBackend {
             settings,
             datapath: Mutex::new(datapath),
             exit,
+            rescan: EventFd::new(EFD_NONBLOCK)?,
+            restart_pending: AtomicBool::new(false),
         })
     }
 
@@ -80,7 +101,39 @@ impl NetBackend {
             (dp.flows_fd(), FLOWS_EVENT),
             (dp.timer_fd(), TIMER_EVENT),
             (dp.dns_fd(), DNS_EVENT),
+            (self.rescan.as_raw_fd(), RESCAN_EVENT),
         ]
+    }
+
+    /// After a ring was stopped: once a ring is started again, tells a guest that started over
+    /// (every started ring at avail 0 and used 0, as a rebooted driver sets them up) from a VM
+    /// that resumes where it stopped, and resets the link for the former. Rings that are not
+    /// started yet are not looked at. (A paused VM whose started rings all stopped at a
+    /// multiple of 65536 would be taken for a rebooted one; its flows would be reset.)
+    fn check_restart(&self, vrings: &[VringRwLock], dp: &mut Datapath) {
+        if !self.restart_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut started = 0;
+        let mut from_zero = true;
+        for vring in vrings {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            if queue.ready() {
+                started += 1;
+                from_zero &= queue.next_avail() == 0 && queue.next_used() == 0;
+            }
+        }
+        if started == 0 {
+            return;
+        }
+        self.restart_pending.store(false, Ordering::Release);
+        if from_zero {
+            info!("rings restarted from 0 (guest driver started over): resetting the link");
+            dp.reset_link();
+        } else {
+            debug!("rings resumed where they stopped");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {
@@ -159,6 +212,18 @@ impl VhostUserBackend for NetBackend {
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         self.lock().set_memory(mem);
+        // A kick that came while a ring was outside the old map found nothing to read; with
+        // EVENT_IDX the guest will not kick again for those chains.
+        self.rescan.write(1)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The library has already marked the ring not ready, so no new drain or push starts
+        // on it; a handle_event that is running holds the datapath lock until it is done
+        // (each call is bounded), so once we have the lock nothing uses the ring any more.
+        let _dp = self.lock();
+        debug!(queue_index, "ring stopped");
+        self.restart_pending.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -184,7 +249,13 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         };
         let mut dp = self.lock();
-        dp.handle_event(device_event, rx, tx);
+        self.check_restart(vrings, &mut dp);
+        if device_event == RESCAN_EVENT {
+            let _ = self.rescan.read();
+            dp.handle_event(TX_QUEUE, rx, tx);
+        } else {
+            dp.handle_event(device_event, rx, tx);
+        }
         Ok(())
     }
 }

@@ -1160,15 +1160,15 @@ impl Frontend {
         (at, bytes.len() as u32)
     }
 
-    /// Runs `control` on the control channel while another thread floods the TX ring with
-    /// `frame` (see [`flood_tx`]); `control` starts once the device has taken `under_way`
-    /// chains, and the flood stops when it returns (or panics). Fails if the flood never got
-    /// under way within 5 s.
+    /// Runs `control` (with the control channel and the RX queue) while another thread floods
+    /// the TX ring with `frame` (see [`flood_tx`]); `control` starts once the device has taken
+    /// `under_way` chains, and the flood stops when it returns (or panics). Fails if the flood
+    /// never got under way within 5 s.
     pub fn during_tx_flood<R: Send>(
         &mut self,
         frame: &[u8],
         under_way: u64,
-        control: impl FnOnce(&mut VuFrontend) -> R + Send,
+        control: impl FnOnce(&mut VuFrontend, &mut SplitQueue) -> R + Send,
     ) -> Result<(R, FloodStats), String> {
         /// Raises the stop flag when dropped, also while unwinding: the flood thread must
         /// never outlive a failure in the scope that waits for it.
@@ -1181,7 +1181,7 @@ impl Frontend {
         let (addr, len) = self.stage_tx_frame(frame);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (vu, tx) = (&mut self.vu, &mut self.tx);
+        let (vu, tx, rx) = (&mut self.vu, &mut self.tx, &mut self.rx);
         std::thread::scope(|s| {
             let raise = RaiseOnDrop(&stop);
             let flooder = s.spawn(|| flood_tx(tx, addr, len, &stop, started_tx, under_way));
@@ -1190,7 +1190,7 @@ impl Frontend {
                     "the device did not take {under_way} chains of the flood within 5 s"
                 ));
             }
-            let r = control(vu);
+            let r = control(vu, rx);
             drop(raise);
             let flood = flooder.join().map_err(|_| "flood thread panicked")?;
             Ok((r, flood))
