@@ -4,15 +4,22 @@
 //! datapath: no state survives a VM restart) and is passed to it through the control-channel
 //! relay (see `device::control_shim`) over a private socket in a 0700 directory of our own.
 //! When the VMM goes away the device is torn down and, unless `--once`, the next VMM is served.
+//!
+//! Teardown is bounded: the device's threads are stopped and joined on a helper thread, and the
+//! accept loop waits for that at most [`TEARDOWN_TIMEOUT`] after the VMM hung up. A device that
+//! does not stop in time (a bug) is logged and left behind, with its threads and sockets, rather
+//! than blocking every VMM after it.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -20,6 +27,31 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{control_shim, DeviceSettings, NetBackend};
 use crate::link::{Link, LinkSettings};
+
+/// How long the device of a VMM that hung up may take to stop before it is abandoned.
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Work running on a thread of its own whose result is awaited with a bound.
+struct Background<T> {
+    result: mpsc::Receiver<T>,
+}
+
+impl<T: Send + 'static> Background<T> {
+    fn spawn(name: &str, work: impl FnOnce() -> T + Send + 'static) -> io::Result<Self> {
+        let (done, result) = mpsc::channel();
+        thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let _ = done.send(work());
+            })?;
+        Ok(Background { result })
+    }
+
+    /// The result, if the work finishes within `timeout`; otherwise its thread is left running.
+    fn wait(self, timeout: Duration) -> Option<T> {
+        self.result.recv_timeout(timeout).ok()
+    }
+}
 
 /// Why [`bind_public`] did not bind.
 #[derive(Debug)]
@@ -49,7 +81,8 @@ impl std::fmt::Display for BindError {
 ///
 /// The socket is bound under umask 0177, so the kernel creates it 0600 and no moment exists
 /// where it is wider (a chmod after bind would leave one). umask is process-wide: this runs
-/// from `main` before any thread is started, and the old umask is restored right after.
+/// from `main` before any thread that creates files is started (only the log writer runs), and
+/// the old umask is restored right after.
 pub fn bind_public(path: &Path) -> Result<UnixListener, BindError> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -213,21 +246,57 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), Stri
             .map_err(|e| format!("starting the device failed: {e}"))?;
         backend_side
     };
+    let vmm_side = vmm
+        .try_clone()
+        .map_err(|e| format!("cannot keep a handle on the VMM socket: {e}"))?;
     let relays = control_shim::relay(vmm, backend_side, backend.num_queues())
         .map_err(|e| format!("cannot start the control relay: {e}"))?;
-    let result = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    drop(daemon);
+    // The connection ends from either side: the VMM hangs up (the relay then closes the
+    // backend's end and the daemon's request thread ends), or the daemon drops the connection
+    // (a request it refused; the VMM's socket is then shut down so that the relay ends too).
+    // The device's threads are stopped and joined beside the accept loop, which waits for
+    // that only so long once the relay has ended.
+    let device = Background::spawn("netfence-device", move || {
+        let result = daemon.wait();
+        let _ = vmm_side.shutdown(std::net::Shutdown::Both);
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        drop(daemon);
+        result.map_err(|e| e.to_string())
+    })
+    .map_err(|e| format!("cannot start the device thread: {e}"))?;
     for r in relays {
         let _ = r.join();
     }
+    let result = device.wait(TEARDOWN_TIMEOUT);
     match result {
-        Ok(()) => info!("VMM disconnected"),
+        Some(Ok(())) => info!("VMM disconnected"),
         // The VMM closing its socket (VM shut down or killed) is the normal end of a connection.
-        Err(e) if e.to_string().contains("disconnected") => info!("VMM disconnected"),
-        Err(e) => warn!("VMM connection ended: {e}"),
+        Some(Err(e)) if e.contains("disconnected") => info!("VMM disconnected"),
+        Some(Err(e)) => warn!("VMM connection ended: {e}"),
+        None => error!(
+            "the device of the VMM that left did not stop within {TEARDOWN_TIMEOUT:?}; \
+             abandoning it (its threads and host sockets stay until netfence exits)"
+        ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn background_work_is_awaited_with_a_bound() {
+        let quick = Background::spawn("quick", || 7).unwrap();
+        assert_eq!(quick.wait(Duration::from_secs(5)), Some(7));
+        // Work that never finishes (a device worker that does not stop) is given up on.
+        let (_keep, never) = mpsc::channel::<()>();
+        let stuck = Background::spawn("stuck", move || never.recv()).unwrap();
+        let start = Instant::now();
+        assert_eq!(stuck.wait(Duration::from_millis(100)), None);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
 }

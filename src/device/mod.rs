@@ -33,9 +33,12 @@ pub const TX_QUEUE: u16 = 1;
 pub const NUM_QUEUES: usize = 2;
 /// Largest virtqueue we accept.
 pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Event id of the device's own eventfd that makes the worker look at the rings again (after
+/// the memory map changed). Ids below `NUM_QUEUES` are the queues; `NUM_QUEUES` itself is the
+/// library's exit event.
+pub const RESCAN_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Event id of the link's first own fd; the link's fd `i` carries `FIRST_LINK_EVENT + i`.
-/// Ids below `NUM_QUEUES` are the queues; `NUM_QUEUES` itself is the library's exit event.
-pub const FIRST_LINK_EVENT: u16 = NUM_QUEUES as u16 + 1;
+pub const FIRST_LINK_EVENT: u16 = NUM_QUEUES as u16 + 2;
 
 /// What the guest sees of the device, fixed for the life of a connection.
 #[derive(Clone, Debug)]

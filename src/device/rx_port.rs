@@ -7,7 +7,6 @@
 //! disabled (SET_VRING_ENABLE 0) is never written: every frame meets `NoRoom` until it runs again.
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::virtqueue::{self, RxError};
@@ -48,12 +47,6 @@ impl<'a> RxPort<'a> {
         }
     }
 
-    /// Whether the ring may be written: set up, started and enabled.
-    fn running(&self) -> bool {
-        let state = self.vring.get_ref();
-        state.is_enabled() && state.get_queue().ready()
-    }
-
     /// Signals the guest about what this pass delivered (if it asked to be told).
     pub fn finish(self) {
         if self.delivered == 0 && self.dropped == 0 {
@@ -70,7 +63,7 @@ impl<'a> RxPort<'a> {
 
 impl GuestRx for RxPort<'_> {
     fn push(&mut self, frame: &[u8]) -> RxOutcome {
-        if !self.running() {
+        if !virtqueue::ring_usable(self.vring) {
             return RxOutcome::NoRoom;
         }
         loop {
@@ -85,7 +78,7 @@ impl GuestRx for RxPort<'_> {
                     // can repost), ask for a kick, and wait for it. One retry covers buffers
                     // that arrived while notifications were off.
                     virtqueue::signal_if_needed(self.vring);
-                    if self.retried || !matches!(self.vring.enable_notification(), Ok(true)) {
+                    if self.retried || !virtqueue::enable_notification(self.vring) {
                         return RxOutcome::NoRoom;
                     }
                     self.retried = true;

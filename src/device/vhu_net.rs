@@ -9,12 +9,17 @@
 //! buffers; the link's own fds (host sockets, timer) are passed on by index. After each event
 //! the link moves what it can and writes frames for the guest through an [`RxPort`].
 //!
-//! Restarts: when the rings are stopped (GET_VRING_BASE) and later run again from index 0 (a
-//! rebooted guest, a reset driver), or the VMM sends RESET_DEVICE, the link forgets every flow
-//! and queued frame: a new driver must not receive the old one's frames.
+//! Ring lifecycle: GET_VRING_BASE stops a ring; [`NetBackend::stop_vring`] then waits for an
+//! event being handled that may still use it, so the base the VMM gets back covers every chain
+//! we took. When the rings come back at index 0 (the guest's driver started over: a reboot), or
+//! the VMM sends RESET_DEVICE, the link forgets every flow and queued frame: a new driver must
+//! not receive the old one's frames. When they come back where they stopped (the VM was
+//! paused), everything carries on. A change of the guest memory map makes the worker look at
+//! the rings again ([`RESCAN_EVENT`]): a kick that came while a ring was unreachable would
+//! otherwise be lost.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,12 +38,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::rx_port::RxPort;
 use super::virtqueue;
 use super::{
     DeviceSettings, GuestMemory, LinkDriver, FIRST_LINK_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES,
-    RX_QUEUE, TX_QUEUE,
+    RESCAN_EVENT, RX_QUEUE, TX_QUEUE,
 };
 use crate::observe::{Counters, LogGate};
 
@@ -71,6 +77,8 @@ pub struct NetBackend<L> {
     /// The link's fds, fixed at creation.
     link_fds: Vec<RawFd>,
     exit: (EventConsumer, EventNotifier),
+    /// Written when the rings must be looked at again without a kick (memory map changed).
+    rescan: EventFd,
 }
 
 impl<L: LinkDriver> NetBackend<L> {
@@ -91,16 +99,20 @@ impl<L: LinkDriver> NetBackend<L> {
                 bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
             }),
             exit,
+            rescan: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
     /// The fds the worker thread must watch besides the queues, with their event ids.
     pub fn extra_fds(&self) -> Vec<(RawFd, u16)> {
-        self.link_fds
-            .iter()
-            .enumerate()
-            .map(|(i, fd)| (*fd, FIRST_LINK_EVENT + i as u16))
-            .collect()
+        let mut fds = vec![(self.rescan.as_raw_fd(), RESCAN_EVENT)];
+        fds.extend(
+            self.link_fds
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| (*fd, FIRST_LINK_EVENT + i as u16)),
+        );
+        fds
     }
 
     /// A copy of the device's counters.
@@ -138,28 +150,35 @@ impl<L> Drop for NetBackend<L> {
     }
 }
 
-/// Whether a ring is set up, started and enabled: only then may it be read or written.
-fn running(vring: &VringRwLock) -> bool {
-    let state = vring.get_ref();
-    state.is_enabled() && state.get_queue().ready()
-}
-
 impl<L: LinkDriver> DeviceState<L> {
-    /// After a stop, the first event that finds both rings running again decides whether the
-    /// driver restarted from scratch (both rings at index 0): then the link is reset.
+    /// After a ring was stopped: once a ring is started again, tells a guest that started over
+    /// (every started ring at avail 0 and used 0, as a rebooted driver sets them up) from a VM
+    /// that resumes where it stopped, and resets the link for the former. Rings that are not
+    /// started yet are not looked at. (A paused VM whose started rings all stopped at a
+    /// multiple of 65536 would be taken for a rebooted one; its flows would be reset.)
     fn check_restart(&mut self, rx: &VringRwLock, tx: &VringRwLock) {
-        if !self.stopped || !running(rx) || !running(tx) {
+        if !self.stopped {
+            return;
+        }
+        let mut started = 0;
+        let mut from_zero = true;
+        for vring in [rx, tx] {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            if queue.ready() {
+                started += 1;
+                from_zero &= queue.next_avail() == 0 && queue.next_used() == 0;
+            }
+        }
+        if started == 0 {
             return;
         }
         self.stopped = false;
-        let from_zero = [rx, tx].iter().all(|v| {
-            let state = v.get_ref();
-            let q = state.get_queue();
-            q.next_avail() == 0 && q.next_used() == 0
-        });
         if from_zero {
-            debug!("rings restarted from 0: resetting the link");
+            info!("rings restarted from 0 (guest driver started over): link reset");
             self.link.reset();
+        } else {
+            debug!("rings resumed where they stopped");
         }
     }
 
@@ -169,8 +188,14 @@ impl<L: LinkDriver> DeviceState<L> {
         };
         let mem = mem.memory();
         self.check_restart(rx, tx);
+        // A rescan (the memory map changed) looks at TX as a kick would.
+        let event = if event == RESCAN_EVENT {
+            TX_QUEUE
+        } else {
+            event
+        };
         match event {
-            TX_QUEUE if running(tx) => {
+            TX_QUEUE => {
                 let hdr_len = self.hdr_len;
                 let link = &mut self.link;
                 let stats = virtqueue::drain_tx(tx, &mem, hdr_len, &mut self.scratch, |frame| {
@@ -189,7 +214,7 @@ impl<L: LinkDriver> DeviceState<L> {
                     }
                 }
             }
-            TX_QUEUE | RX_QUEUE => {}
+            RX_QUEUE => {}
             id if id >= FIRST_LINK_EVENT => self.link.fd_ready(usize::from(id - FIRST_LINK_EVENT)),
             _ => {}
         }
@@ -264,7 +289,9 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         self.lock().mem = Some(mem);
-        Ok(())
+        // A kick that came while a ring was outside the old map found nothing to read; with
+        // EVENT_IDX the guest will not kick again for those chains.
+        self.rescan.write(1)
     }
 
     fn reset_device(&self) {
@@ -300,6 +327,9 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     ) -> io::Result<()> {
         if evset.contains(EventSet::ERROR) && device_event >= FIRST_LINK_EVENT {
             debug!(device_event, "error event on a link fd");
+        }
+        if device_event == RESCAN_EVENT {
+            let _ = self.rescan.read();
         }
         let [rx, tx] = vrings else {
             return Ok(());

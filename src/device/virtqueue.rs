@@ -7,16 +7,150 @@
 //!
 //! Bad chains (outside guest memory, looping, shorter than the header, larger than any frame) are
 //! counted and returned to the guest as used with length 0; they never stop the queue.
+//!
+//! A ring is touched only while it is usable: enabled by the VMM, started (it has a kick fd and
+//! was not stopped by GET_VRING_BASE) and with its addresses set. A ring that is not, or whose
+//! available index is nonsense (more chains than the ring holds), ends the call: nothing is
+//! read or written, nothing loops. The guest's next kick (or the VMM restarting the ring) brings
+//! us back. One call takes at most [`TX_CHAINS_PER_CALL`] chains so that a guest that keeps its
+//! TX ring full cannot hold the worker (and the datapath lock) forever; when it stops there, it
+//! kicks the ring itself, so the rest is taken after the worker has served its other events.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use tracing::debug;
-use vhost_user_backend::{VringRwLock, VringT};
+use tracing::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Largest Ethernet frame we accept from or give to the guest (no GSO is offered).
 pub const MAX_FRAME: usize = 65_562;
+
+/// Most TX chains one [`drain_tx`] call takes before it gives the worker back.
+pub const TX_CHAINS_PER_CALL: usize = 256;
+
+/// At most one warning about an unusable ring per this interval: a guest can provoke one with
+/// every kick.
+const RING_WARNING_INTERVAL: Duration = Duration::from_secs(1);
+
+type RingState = VringState<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
+
+/// Why a ring cannot be used right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingUnusable {
+    /// Disabled (SET_VRING_ENABLE 0) or stopped (GET_VRING_BASE): normal, nothing to say.
+    Stopped,
+    /// Started (it has a kick fd) but its addresses were never set (SET_VRING_ADDR).
+    NoAddresses,
+}
+
+/// Whether the device may read or write this ring now (see the module comment).
+fn check_ring(state: &RingState) -> Result<(), RingUnusable> {
+    let queue = state.get_queue();
+    if !state.is_enabled() || !queue.ready() {
+        Err(RingUnusable::Stopped)
+    } else if queue.avail_ring() == 0 {
+        // virtio-queue takes an available ring at 0 for "not set" and refuses to pop from it;
+        // its notification calls would still write the used ring at address 0.
+        Err(RingUnusable::NoAddresses)
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `vring` is usable (enabled, started, addresses set).
+pub fn ring_usable(vring: &VringRwLock) -> bool {
+    check_ring(&vring.get_ref()).is_ok()
+}
+
+/// Logs a ring problem the guest or VMM caused, at most once per [`RING_WARNING_INTERVAL`]
+/// (with the number of occurrences not logged since).
+fn ring_warning(queue: &'static str, problem: &dyn std::fmt::Display) {
+    static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if last
+        .0
+        .is_some_and(|at| now.duration_since(at) < RING_WARNING_INTERVAL)
+    {
+        last.1 += 1;
+        return;
+    }
+    let suppressed = std::mem::take(&mut last.1);
+    last.0 = Some(now);
+    warn!(queue, suppressed, "{queue} ring not used: {problem}");
+}
+
+fn report_unusable(queue: &'static str, why: RingUnusable) {
+    match why {
+        RingUnusable::Stopped => debug!(queue, "ring disabled or stopped; not touched"),
+        RingUnusable::NoAddresses => {
+            ring_warning(queue, &"used before SET_VRING_ADDR, the queue is not ready")
+        }
+    }
+}
+
+/// Pops the next available chain, or reports why the ring cannot be read.
+fn next_chain<'m>(
+    state: &mut RingState,
+    mem: &'m GuestMemoryMmap<()>,
+    queue_name: &'static str,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap<()>>>, ()> {
+    if let Err(why) = check_ring(state) {
+        report_unusable(queue_name, why);
+        return Err(());
+    }
+    match state.get_queue_mut().iter(mem) {
+        Ok(mut avail) => Ok(avail.next()),
+        Err(e) => {
+            // Not ready, an available index more than the ring size ahead, or an available
+            // ring outside guest memory: nothing can be taken until the ring is set up again.
+            ring_warning(queue_name, &e);
+            Err(())
+        }
+    }
+}
+
+/// Re-enables notifications of a usable ring and says whether the guest made more chains
+/// available meanwhile. A ring that is not usable is not written and reports `false`.
+pub fn enable_notification(vring: &VringRwLock) -> bool {
+    let mut state = vring.get_mut();
+    check_ring(&state).is_ok() && matches!(state.enable_notification(), Ok(true))
+}
+
+/// Kicks the ring ourselves, as the guest would: the worker comes back to it after the other
+/// events that are ready. The kick eventfd is the VMM's; a write that could block (a full
+/// counter, or not an eventfd at all) is not attempted, and notifications are re-enabled
+/// instead so that the guest's next kick brings us back.
+fn kick_again(vring: &VringRwLock) {
+    let kicked = {
+        let state = vring.get_ref();
+        state.get_kick().as_ref().is_some_and(|kick| {
+            let fd = kick.as_raw_fd();
+            let mut pollfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no timeout; the fd stays open while we hold the lock.
+            let writable = unsafe { libc::poll(&mut pollfd, 1, 0) } == 1
+                && pollfd.revents & libc::POLLOUT != 0;
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to an fd the vring owns (see above).
+            writable && unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) } == 8
+        })
+    };
+    if !kicked {
+        ring_warning(
+            "TX",
+            &"cannot kick the ring to resume later; waiting for the guest",
+        );
+        let _ = enable_notification(vring);
+    }
+}
 
 /// Length of the virtio-net header in front of every frame.
 pub fn header_len(version_1_or_mrg: bool) -> usize {
@@ -55,10 +189,15 @@ where
 pub struct TxStats {
     pub frames: u64,
     pub bad_chains: u64,
+    /// Chains taken off the ring (frames and bad chains).
+    pub chains: usize,
+    /// The call stopped at [`TX_CHAINS_PER_CALL`] and kicked the ring to come back.
+    pub capped: bool,
 }
 
-/// Reads every available TX chain and calls `on_frame` with each frame (header stripped).
-/// Signals the guest when the used ring changed and it asked for it.
+/// Reads the available TX chains (at most [`TX_CHAINS_PER_CALL`]) and calls `on_frame` with
+/// each frame (header stripped). Signals the guest when the used ring changed and it asked for
+/// it. Returns at once when the ring is not usable or cannot be read.
 pub fn drain_tx(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap<()>,
@@ -68,16 +207,33 @@ pub fn drain_tx(
 ) -> TxStats {
     let mut stats = TxStats::default();
     let mut used_any = false;
-    loop {
-        if vring.disable_notification().is_err() {
-            break;
+    // Set after a round that took nothing although the guest's index said there was more.
+    let mut empty_round = false;
+    'rounds: loop {
+        {
+            let mut state = vring.get_mut();
+            if let Err(why) = check_ring(&state) {
+                report_unusable("TX", why);
+                break;
+            }
+            if state.disable_notification().is_err() {
+                break;
+            }
         }
+        let mut taken = 0usize;
         loop {
-            let chain = {
-                let mut state = vring.get_mut();
-                state.get_queue_mut().pop_descriptor_chain(mem)
+            if stats.chains >= TX_CHAINS_PER_CALL {
+                // Leave notifications off: we come back through our own kick.
+                stats.capped = true;
+                break 'rounds;
+            }
+            let chain = match next_chain(&mut vring.get_mut(), mem, "TX") {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(()) => break 'rounds,
             };
-            let Some(chain) = chain else { break };
+            taken += 1;
+            stats.chains += 1;
             let head = chain.head_index();
             scratch.clear();
             let well_formed = chain_is_well_formed(&chain, true);
@@ -97,9 +253,10 @@ pub fn drain_tx(
                         false
                     }
                 };
-            if vring.add_used(head, 0).is_err() {
+            if let Err(e) = vring.add_used(head, 0) {
+                ring_warning("TX", &e);
                 stats.bad_chains += 1;
-                break;
+                break 'rounds;
             }
             used_any = true;
             if ok {
@@ -109,11 +266,22 @@ pub fn drain_tx(
                 stats.bad_chains += 1;
             }
         }
-        // Re-enable notifications; if the guest added chains meanwhile, go round again.
-        match vring.enable_notification() {
-            Ok(true) => continue,
-            _ => break,
+        // Re-enable notifications; if the guest added chains meanwhile, go round again. A round
+        // that took nothing gets one more look (a chain published between our last pop and
+        // the re-enable), never two: an index that says "more" while nothing can be taken
+        // would otherwise keep us here for ever.
+        if !enable_notification(vring) {
+            break;
         }
+        if taken == 0 {
+            if empty_round {
+                break;
+            }
+            empty_round = true;
+        }
+    }
+    if stats.capped {
+        kick_again(vring);
     }
     if used_any {
         signal_if_needed(vring);
@@ -142,12 +310,15 @@ pub fn push_rx(
 ) -> Result<bool, RxError> {
     let needed = hdr_len + frame.len();
     let mut state = vring.get_mut();
-    let queue = state.get_queue_mut();
+    // A disabled, stopped or unreadable ring has no room: nothing is written to it.
+    if check_ring(&state).is_err() {
+        return Err(RxError::NoBuffers);
+    }
     // Collect chains until they can hold the frame.
     let mut chains = Vec::new();
     let mut capacity = 0usize;
     while capacity < needed {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Ok(Some(chain)) = next_chain(&mut state, mem, "RX") else {
             break;
         };
         let head = chain.head_index();
@@ -171,7 +342,7 @@ pub fn push_rx(
     }
     if capacity < needed {
         for _ in 0..chains.len() {
-            queue.go_to_previous_position();
+            state.get_queue_mut().go_to_previous_position();
         }
         return Err(if chains.is_empty() || mergeable {
             RxError::NoBuffers
@@ -237,9 +408,10 @@ fn publish_used(
     Ok(!earlier.is_empty())
 }
 
-/// Tells the guest about new used entries if it wants to know (EVENT_IDX aware).
+/// Tells the guest about new used entries if it wants to know (EVENT_IDX aware). A ring that is
+/// not usable is left alone.
 pub fn signal_if_needed(vring: &VringRwLock) {
-    if vring.needs_notification().unwrap_or(true) {
+    if ring_usable(vring) && vring.needs_notification().unwrap_or(true) {
         let _ = vring.signal_used_queue();
     }
 }

@@ -123,7 +123,16 @@ pub struct FrontendOptions {
     pub config_len: u32,
     /// MAC the guest uses when the config space is not available.
     pub fallback_mac: [u8; 6],
+    /// Bytes at the start of guest memory kept out of the allocator (before the rings) and
+    /// filled with [`RESERVED_FILL`]: what a backend reads at a ring address it was never given.
+    pub reserve_low: u64,
+    /// How long a vhost-user call waits for the backend's reply before it fails (so that a
+    /// backend that never answers fails a test instead of hanging it).
+    pub reply_timeout: Duration,
 }
+
+/// The byte `FrontendOptions::reserve_low` memory is filled with.
+pub const RESERVED_FILL: u8 = 0x5a;
 
 impl Default for FrontendOptions {
     fn default() -> Self {
@@ -144,6 +153,8 @@ impl Default for FrontendOptions {
             always_kick: false,
             config_len: 12,
             fallback_mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            reserve_low: 0,
+            reply_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -283,6 +294,84 @@ fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e:?}")
 }
 
+/// Bounds every read on the vhost-user socket (SO_RCVTIMEO): a reply that does not come
+/// within `timeout` makes the call fail.
+fn set_reply_timeout(vu: &VuFrontend, timeout: Duration) -> Result<(), String> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt on our own socket with a valid timeval of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            vu.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(format!("SO_RCVTIMEO: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// What [`flood_tx`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FloodStats {
+    /// Chains published.
+    pub published: u64,
+    /// Chains the device returned.
+    pub returned: u64,
+}
+
+/// A guest that transmits as fast as it can: publishes one-descriptor chains of the staged
+/// frame at `addr` (`len` bytes, header included; see [`Frontend::stage_tx_frame`]) whenever
+/// the TX ring has a free descriptor, kicking as the device asks, until `stop` is set. Sends
+/// on `started` once the device has returned `started_after` chains (the flood is under way).
+/// Runs on a thread of its own beside a frontend that keeps the control channel, so it takes
+/// the TX queue alone (see the disjoint borrows in the tests).
+pub fn flood_tx(
+    tx: &mut SplitQueue,
+    addr: GuestAddress,
+    len: u32,
+    stop: &std::sync::atomic::AtomicBool,
+    started: std::sync::mpsc::Sender<()>,
+    started_after: u64,
+) -> FloodStats {
+    let mut stats = FloodStats::default();
+    let mut announced = false;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        while tx.pop_used().is_some() {
+            stats.returned += 1;
+        }
+        if !announced && stats.returned >= started_after {
+            announced = true;
+            let _ = started.send(());
+        }
+        match tx.alloc_descs(1) {
+            Some(ids) => {
+                tx.write_desc(
+                    ids[0],
+                    Desc {
+                        addr: addr.raw_value(),
+                        len,
+                        flags: 0,
+                        next: 0,
+                    },
+                );
+                tx.publish_raw(ids, 0, 0);
+                stats.published += 1;
+                tx.kick_if_needed();
+            }
+            // Ring full: the device has not returned anything yet; look again.
+            None => std::thread::yield_now(),
+        }
+    }
+    stats
+}
+
 impl Frontend {
     /// Connects to `path` with default (cloud-hypervisor-like) options.
     pub fn connect_default(path: &Path) -> Frontend {
@@ -291,7 +380,20 @@ impl Frontend {
 
     /// Connects and runs the whole vhost-user handshake; the device is live on return.
     pub fn connect(path: &Path, opts: FrontendOptions) -> Result<Frontend, String> {
+        let mut fe = Frontend::prepare(path, opts)?;
+        for q in [RX_QUEUE, TX_QUEUE] {
+            fe.setup_vring(q, 0)?;
+        }
+        fe.enable_vrings(true)?;
+        Ok(fe)
+    }
+
+    /// The handshake up to the rings: features, config, memory (ADD_MEM_REG or SET_MEM_TABLE)
+    /// and SET_VRING_NUM for both queues, with the RX buffers posted and the RX kick pending.
+    /// The rings themselves are set up by [`setup_vring`](Self::setup_vring).
+    pub fn prepare(path: &Path, opts: FrontendOptions) -> Result<Frontend, String> {
         let mut vu = VuFrontend::connect(path, 2).map_err(err("connect"))?;
+        set_reply_timeout(&vu, opts.reply_timeout)?;
         let mut hl = Vec::new();
 
         // --- negotiate (CH: negotiate_features_vhost_user) ---
@@ -350,6 +452,10 @@ impl Frontend {
 
         // --- guest side: memory, rings, RX buffers posted before the device starts ---
         let mut mem = GuestMem::new(opts.mem_base, opts.mem_size, opts.mem_regions);
+        if opts.reserve_low > 0 {
+            let low = mem.alloc(opts.reserve_low, 1);
+            mem.fill(low, opts.reserve_low as usize, RESERVED_FILL);
+        }
         let qs = opts.queue_size;
         let mut rx = SplitQueue::new(&mut mem, RX_QUEUE, qs);
         let mut tx = SplitQueue::new(&mut mem, TX_QUEUE, qs);
@@ -428,33 +534,94 @@ impl Frontend {
         for q in [RX_QUEUE, TX_QUEUE] {
             fe.vu.set_vring_num(q, qs).map_err(err("SET_VRING_NUM"))?;
         }
-        for q in [RX_QUEUE, TX_QUEUE] {
-            let (cfg, call, kick) = {
-                let vq = if q == RX_QUEUE { &fe.rx } else { &fe.tx };
-                (vq.config_data(&fe.mem), &vq.call, &vq.kick)
-            };
-            fe.vu
-                .set_vring_addr(q, &cfg)
-                .map_err(err("SET_VRING_ADDR"))?;
-            fe.vu.set_vring_base(q, 0).map_err(err("SET_VRING_BASE"))?;
-            fe.vu
-                .set_vring_call(q, call)
-                .map_err(err("SET_VRING_CALL"))?;
-            fe.vu
-                .set_vring_kick(q, kick)
-                .map_err(err("SET_VRING_KICK"))?;
-            fe.handshake_log
-                .push(format!("vring {q}: NUM {qs} ADDR BASE 0 CALL KICK"));
-        }
-        if backend_acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        Ok(fe)
+    }
+
+    /// SET_VRING_ADDR, SET_VRING_BASE `base`, SET_VRING_CALL and SET_VRING_KICK for queue `q`.
+    pub fn setup_vring(&mut self, q: usize, base: u16) -> Result<(), String> {
+        let (cfg, call, kick) = {
+            let vq = if q == RX_QUEUE { &self.rx } else { &self.tx };
+            (vq.config_data(&self.mem), &vq.call, &vq.kick)
+        };
+        self.vu
+            .set_vring_addr(q, &cfg)
+            .map_err(err("SET_VRING_ADDR"))?;
+        self.vu
+            .set_vring_base(q, base)
+            .map_err(err("SET_VRING_BASE"))?;
+        self.vu
+            .set_vring_call(q, call)
+            .map_err(err("SET_VRING_CALL"))?;
+        self.vu
+            .set_vring_kick(q, kick)
+            .map_err(err("SET_VRING_KICK"))?;
+        self.handshake_log.push(format!(
+            "vring {q}: NUM {} ADDR BASE {base} CALL KICK",
+            self.opts.queue_size
+        ));
+        Ok(())
+    }
+
+    /// SET_VRING_ENABLE for both queues (only with VHOST_USER_F_PROTOCOL_FEATURES acked).
+    pub fn enable_vrings(&mut self, enable: bool) -> Result<(), String> {
+        if self.backend_acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             for q in [RX_QUEUE, TX_QUEUE] {
-                fe.vu
-                    .set_vring_enable(q, true)
+                self.vu
+                    .set_vring_enable(q, enable)
                     .map_err(err("SET_VRING_ENABLE"))?;
             }
-            fe.handshake_log.push("SET_VRING_ENABLE 0,1".to_string());
+            self.handshake_log
+                .push(format!("SET_VRING_ENABLE 0,1 {enable}"));
         }
-        Ok(fe)
+        Ok(())
+    }
+
+    /// Stops queue `q` like a VMM does on VM stop: optionally SET_VRING_ENABLE 0 first, then
+    /// GET_VRING_BASE. Returns the base (the device's next available index).
+    pub fn stop_vring(&mut self, q: usize, disable_first: bool) -> Result<u32, String> {
+        if disable_first {
+            self.vu
+                .set_vring_enable(q, false)
+                .map_err(err("SET_VRING_ENABLE false"))?;
+        }
+        self.vu.get_vring_base(q).map_err(err("GET_VRING_BASE"))
+    }
+
+    /// Starts both rings again where they stopped (the VM resumes): the same rings, the bases
+    /// GET_VRING_BASE returned, call and kick again (the backend let go of them), enable.
+    pub fn resume_vrings(&mut self, rx_base: u32, tx_base: u32) -> Result<(), String> {
+        for (q, base) in [(RX_QUEUE, rx_base), (TX_QUEUE, tx_base)] {
+            self.vu
+                .set_vring_num(q, self.opts.queue_size)
+                .map_err(err("SET_VRING_NUM"))?;
+            self.setup_vring(q, base as u16)?;
+        }
+        self.enable_vrings(true)
+    }
+
+    /// Starts both rings afresh, as a rebooted guest's driver does after the VMM stopped them:
+    /// new zeroed rings, RX buffers posted again, bases 0. Frames not yet read are forgotten.
+    pub fn restart_vrings_fresh(&mut self) -> Result<(), String> {
+        let qs = self.opts.queue_size;
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        self.rx = SplitQueue::new(&mut self.mem, RX_QUEUE, qs);
+        self.tx = SplitQueue::new(&mut self.mem, TX_QUEUE, qs);
+        for vq in [&mut self.rx, &mut self.tx] {
+            vq.event_idx = event_idx;
+            vq.always_kick = self.opts.always_kick;
+        }
+        self.rx_pending.clear();
+        let max_bufs = qs / self.opts.rx_descs_per_buf.max(1);
+        let nbufs = self.opts.rx_buffers.unwrap_or(max_bufs).min(max_bufs);
+        for k in 0..nbufs {
+            self.post_rx_buffer(k as u64);
+        }
+        self.rx.kick.write(1).map_err(err("RX kick"))?;
+        for q in [RX_QUEUE, TX_QUEUE] {
+            self.vu.set_vring_num(q, qs).map_err(err("SET_VRING_NUM"))?;
+            self.setup_vring(q, 0)?;
+        }
+        self.enable_vrings(true)
     }
 
     pub fn mrg_rxbuf(&self) -> bool {
@@ -976,15 +1143,89 @@ impl Frontend {
                 .set_vring_enable(q, false)
                 .map_err(err("SET_VRING_ENABLE false"))?;
         }
-        let rx = self
-            .vu
-            .get_vring_base(RX_QUEUE)
-            .map_err(err("GET_VRING_BASE 0"))?;
-        let tx = self
-            .vu
-            .get_vring_base(TX_QUEUE)
-            .map_err(err("GET_VRING_BASE 1"))?;
+        let rx = self.stop_vring(RX_QUEUE, false)?;
+        let tx = self.stop_vring(TX_QUEUE, false)?;
         Ok((rx, tx))
+    }
+
+    /// Writes header + `frame` into the scratch area once and returns where and how long, for
+    /// chains that all carry the same frame (see [`flood_tx`]).
+    pub fn stage_tx_frame(&mut self, frame: &[u8]) -> (GuestAddress, u32) {
+        let mut bytes = vec![0u8; self.hdr_len()];
+        bytes.extend_from_slice(frame);
+        // The second half of the scratch area; the first is for bad chains and indirect tables.
+        let at = self.scratch.unchecked_add(128 << 10);
+        assert!(bytes.len() <= 64 << 10, "frame too large to stage");
+        self.mem.write(at, &bytes);
+        (at, bytes.len() as u32)
+    }
+
+    /// Runs `control` (with the control channel and the RX queue) while another thread floods
+    /// the TX ring with `frame` (see [`flood_tx`]); `control` starts once the device has taken
+    /// `under_way` chains, and the flood stops when it returns (or panics). Fails if the flood
+    /// never got under way within 5 s.
+    pub fn during_tx_flood<R: Send>(
+        &mut self,
+        frame: &[u8],
+        under_way: u64,
+        control: impl FnOnce(&mut VuFrontend, &mut SplitQueue) -> R + Send,
+    ) -> Result<(R, FloodStats), String> {
+        /// Raises the stop flag when dropped, also while unwinding: the flood thread must
+        /// never outlive a failure in the scope that waits for it.
+        struct RaiseOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for RaiseOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let (addr, len) = self.stage_tx_frame(frame);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (vu, tx, rx) = (&mut self.vu, &mut self.tx, &mut self.rx);
+        std::thread::scope(|s| {
+            let raise = RaiseOnDrop(&stop);
+            let flooder = s.spawn(|| flood_tx(tx, addr, len, &stop, started_tx, under_way));
+            if started_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                return Err(format!(
+                    "the device did not take {under_way} chains of the flood within 5 s"
+                ));
+            }
+            let r = control(vu, rx);
+            drop(raise);
+            let flood = flooder.join().map_err(|_| "flood thread panicked")?;
+            Ok((r, flood))
+        })
+    }
+
+    /// Publishes one single-descriptor TX chain over `len` bytes at guest address `addr` (which
+    /// may lie outside `self.mem`, e.g. in a hot-added region) and kicks. With `bad`, the chain
+    /// is expected back unused (counted as a bad chain sent).
+    pub fn publish_tx_at(&mut self, addr: GuestAddress, len: u32, bad: bool) {
+        self.publish_tx_at_quietly(addr, len, bad);
+        self.tx.kick_if_needed();
+    }
+
+    /// [`Frontend::publish_tx_at`] without a kick: the device finds the chain only when it next
+    /// looks at the ring for another reason.
+    pub fn publish_tx_at_quietly(&mut self, addr: GuestAddress, len: u32, bad: bool) {
+        self.reclaim_tx();
+        let ids = self.tx.alloc_descs(1).expect("a free TX descriptor");
+        self.tx.write_desc(
+            ids[0],
+            Desc {
+                addr: addr.raw_value(),
+                len,
+                flags: 0,
+                next: 0,
+            },
+        );
+        if bad {
+            self.tx.publish_raw(ids, 0, TAG_BAD);
+            self.stats.tx_bad_chains_sent += 1;
+        } else {
+            self.tx.publish_raw(ids, 0, 0);
+            self.stats.tx_frames += 1;
+        }
     }
 
     /// Closes the vhost-user connection (the VMM went away).

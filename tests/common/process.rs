@@ -18,11 +18,19 @@ use super::TempDir;
 /// How long `spawn` waits for `listening on`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Lines kept of a child's output at most; later lines are only counted (a runaway logger
+/// must fail its test, not exhaust the test's memory).
+pub const MAX_KEPT_LINES: usize = 100_000;
+
 #[derive(Default)]
 struct LogState {
     lines: Vec<String>,
     /// The child's stderr reached EOF (it exited or closed stderr).
     closed: bool,
+    /// Bytes of output seen (kept or not).
+    bytes: u64,
+    /// Lines seen beyond `MAX_KEPT_LINES`.
+    dropped_lines: u64,
 }
 
 /// The child's stderr, shared between the reader thread and the test.
@@ -33,9 +41,14 @@ pub struct SharedLog {
 }
 
 impl SharedLog {
-    fn push(&self, line: String) {
+    fn push(&self, line: String, raw_len: usize) {
         let mut st = self.state.lock().unwrap();
-        st.lines.push(line);
+        st.bytes += raw_len as u64;
+        if st.lines.len() < MAX_KEPT_LINES {
+            st.lines.push(line);
+        } else {
+            st.dropped_lines += 1;
+        }
         self.changed.notify_all();
     }
 
@@ -277,10 +290,10 @@ pub fn read_lines(r: impl Read, log: &SharedLog, prefix: &str) {
         buf.clear();
         match br.read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => break,
-            Ok(_) => {
+            Ok(n) => {
                 let s = String::from_utf8_lossy(&buf);
                 let s = s.trim_end_matches(['\n', '\r']);
-                log.push(format!("{prefix}{}", strip_ansi(s)));
+                log.push(format!("{prefix}{}", strip_ansi(s)), n);
             }
         }
     }
@@ -391,6 +404,27 @@ impl Netfence {
             .collect()
     }
 
+    /// Bytes the child has written to stderr and stdout so far (also those past
+    /// [`MAX_KEPT_LINES`]).
+    pub fn log_bytes(&self) -> u64 {
+        self.log.state.lock().unwrap().bytes
+    }
+
+    /// CPU time (user + system, all threads) the child has used so far, from /proc/PID/stat.
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = self.pid().expect("netfence is running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+        // Fields after the command name (which may contain spaces) start after the last ')':
+        // state is field 3, utime field 14 and stime field 15.
+        let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> u64 { fields[i - 3].parse().expect("numeric stat field") };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(14) + ticks(15)) as f64 / hz
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lines()
     }
@@ -400,6 +434,10 @@ impl Netfence {
     pub fn log_text(&self) -> String {
         let mut s = format!("---- netfence log (args {:?}) ----\n", self.args);
         s.push_str(&collapse_repeats(&self.log.lines(), REPEATS_SHOWN));
+        let dropped = self.log.state.lock().unwrap().dropped_lines;
+        if dropped > 0 {
+            s.push_str(&format!("... and {dropped} more lines not kept\n"));
+        }
         s.push_str("---- end of netfence log ----");
         s
     }

@@ -266,6 +266,18 @@ impl SplitQueue {
         self.store16(self.avail.unchecked_add(2), self.next_avail);
     }
 
+    /// Writes avail->idx as given, without publishing anything (a driver that lies about how
+    /// many chains it made available). Our own bookkeeping (`next_avail`) is left alone.
+    pub fn write_avail_idx_raw(&self, idx: u16) {
+        fence(Ordering::Release);
+        self.store16(self.avail.unchecked_add(2), idx);
+    }
+
+    /// avail->idx as it is in guest memory.
+    pub fn avail_idx_raw(&self) -> u16 {
+        self.load16(self.avail.unchecked_add(2))
+    }
+
     /// Notifies the device if it asked for it (EVENT_IDX avail_event, or USED_F_NO_NOTIFY).
     /// Returns whether a kick was sent.
     pub fn kick_if_needed(&mut self) -> bool {
