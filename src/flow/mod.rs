@@ -658,7 +658,11 @@ impl Flows {
             Err(e) if udp::is_refused(&e) => {
                 // An earlier datagram met a closed port: say so, as the host would.
                 self.counters.inc("udp-port-unreachable");
-                self.reject_with_icmp(frame, src.ip(), Unreachable::Port, stack);
+                if let Some(f) = frame.get(frames::ETH_HDR..).and_then(|ip| {
+                    frames::icmp_unreachable(&stack.macs, dst.ip(), Unreachable::Port, ip)
+                }) {
+                    stack.port.queue_frame(f);
+                }
             }
             Err(_) => self.counters.inc("udp-send-failed"),
         }
@@ -740,13 +744,16 @@ impl Flows {
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if udp::is_refused(&e) => {
-                        // The host's port unreachable, relayed to the guest.
+                        // The host's port unreachable, relayed to the guest from the
+                        // destination it used, as a real host would answer.
                         self.counters.inc("udp-port-unreachable");
                         let quote = frames::udp_quote(flow.guest, flow.dst);
-                        let from = self.settings.addressing.gateway_for(flow.guest.ip());
-                        if let Some(f) =
-                            frames::icmp_unreachable(&stack.macs, from, Unreachable::Port, &quote)
-                        {
+                        if let Some(f) = frames::icmp_unreachable(
+                            &stack.macs,
+                            flow.dst.ip(),
+                            Unreachable::Port,
+                            &quote,
+                        ) {
                             stack.port.queue_frame(f);
                         }
                         continue;

@@ -414,7 +414,7 @@ impl Drop for Link {
             .collect();
         let (tcp, udp, echo, dns_tcp) = self.flows.counts();
         info!(
-            drops = %drops.join(","),
+            drops = ?drops.join(","),
             decision_lines = self.flows.decision_lines(),
             denied_memo_hits = self.flows.denied_memo_hits(),
             open_tcp = tcp, open_udp = udp, open_echo = echo, open_dns_tcp = dns_tcp,

@@ -11,16 +11,21 @@
 //! probed address; policy probes only where the answer can change the group (private and
 //! public addresses, not loopback, link-local, multicast, metadata or addresses in no group).
 //!
-//! It fails closed: an error other than "address not available" (no file descriptors left,
-//! say) counts as local, so the flow is judged `host` and a preset blocks it. One caveat: with
+//! It fails closed: an error other than "address not available" counts as local, so the flow
+//! is judged `host` and a preset blocks it. Running out of file descriptors is the likely such
+//! error (a guest holding many flows), and it must not turn every decision into a misleading
+//! "host blocked": the probe keeps one descriptor in reserve and spends it (then takes it back)
+//! when the process has none left. One caveat: with
 //! `net.ipv4.ip_nonlocal_bind` (or the IPv6 twin) set, the kernel binds to any address, so
 //! every probed address counts as local and public egress is judged `host` (closed again).
 //!
 //! [`LocalAddrs`] makes the oracle injectable: `System` for `netfence run` and `check`,
 //! `Fixed` and `None` for tests that must not depend on the machine they run on.
 
+use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Mutex;
 
 /// How the host's own addresses are recognised.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,18 +63,38 @@ pub enum Probe {
     Failed(io::ErrorKind),
 }
 
-/// Asks the kernel whether `ip` is an address of this host (this network namespace) by binding
-/// a UDP socket to it, port 0; the socket is closed before this returns.
-pub fn probe(ip: IpAddr) -> Probe {
+/// A descriptor held in reserve for the probe (`/dev/null`), opened at the first probe.
+static RESERVE: Mutex<Option<File>> = Mutex::new(None);
+
+fn bind_probe(ip: IpAddr) -> Result<Probe, io::Error> {
     match UdpSocket::bind(SocketAddr::new(ip, 0)) {
         Ok(sock) => {
             drop(sock);
-            Probe::Local
+            Ok(Probe::Local)
         }
         Err(e) => match e.raw_os_error() {
-            Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT) => Probe::NotLocal,
-            _ => Probe::Failed(e.kind()),
+            Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT) => Ok(Probe::NotLocal),
+            _ => Err(e),
         },
+    }
+}
+
+/// Asks the kernel whether `ip` is an address of this host (this network namespace) by binding
+/// a UDP socket to it, port 0; the socket is closed before this returns. When the process is
+/// out of descriptors the reserved one is closed for the probe and reopened after it.
+pub fn probe(ip: IpAddr) -> Probe {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|p| p.into_inner());
+    if reserve.is_none() {
+        *reserve = File::open("/dev/null").ok();
+    }
+    match bind_probe(ip) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::EMFILE) && reserve.take().is_some() => {
+            let result = bind_probe(ip).unwrap_or_else(|e| Probe::Failed(e.kind()));
+            *reserve = File::open("/dev/null").ok();
+            result
+        }
+        Err(e) => Probe::Failed(e.kind()),
     }
 }
 
