@@ -939,3 +939,210 @@ fn a_syn_flood_keeps_memory_and_log_bounded() {
     let counts = close_and_count(&nf, g, mark);
     println!("SYN flood counters: {:?}", counts.0);
 }
+
+// ---- the other limits, each shrunk and hit -------------------------------------------------------
+
+/// A listener whose accept queue is full: connects to it hang (SYNs are dropped).
+fn blackhole() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let fillers = (0..2)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    (sock, addr, fillers)
+}
+
+/// `tcp-connecting=2`: a third host connect in progress is refused; `tls-hellos=1`: a second
+/// TLS flow waiting for its ClientHello is refused. Both name the limit.
+#[test]
+fn connecting_and_hello_budgets() {
+    let (_hole, hole_addr, _fill) = blackhole();
+    let tls = TcpListener::bind("127.0.0.1:0").unwrap();
+    // TLS first (its dial completes at once), then the dials that hang.
+    let mut args = vec!["--policy".to_string(), "public-only".to_string()];
+    args.extend(["--net-rule".to_string(), "deny@blocked.example".to_string()]);
+    args.extend(limit("tcp-connecting", "2"));
+    args.extend(limit("tls-hellos", "1"));
+    args.extend(map_arg(SocketAddr::new(PUBLIC_IP.into(), 80), hole_addr));
+    args.extend(map_arg(
+        SocketAddr::new(PUBLIC_IP2.into(), 443),
+        tls.local_addr().unwrap(),
+    ));
+    let nf = Netfence::spawn(&args);
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    // One TLS flow waits at the gate (no hello sent); the second is refused.
+    let first = g
+        .tcp_connect(PUBLIC_IP2, 443, SHORT)
+        .expect("the first TLS flow");
+    let mark = nf.log_mark();
+    let second = g.tcp_start(PUBLIC_IP2, 443);
+    let refused = g.poll_until(deadline(SHORT), |_| {
+        nf.wait_for_line(mark, Duration::ZERO, |l| l.contains("tls-hellos (1)"))
+    });
+    assert!(
+        refused.is_some(),
+        "no tls-hellos refusal\n{}",
+        nf.log_text()
+    );
+    assert_eq!(g.tcp(second).state(), State::SynSent);
+    assert_eq!(g.tcp(first).state(), State::Established);
+    for sport in [41001u16, 41002, 41003] {
+        g.dev.fe.send_frame(&frames::tcp_syn_frame(
+            g.mac, gw, GUEST_IP, PUBLIC_IP, sport, 80, 1,
+        ));
+    }
+    let line = nf
+        .wait_for_line(0, SHORT, |l| l.contains("tcp-connecting (2)"))
+        .unwrap_or_else(|| panic!("no tcp-connecting refusal\n{}", nf.log_text()));
+    assert!(line.contains("src=172.16.0.2:41003"), "{line}");
+}
+
+/// `denied-memo-secs=0.5`: a denied SYN is answered from the memo at once, and judged again
+/// once the memo time has passed.
+#[test]
+fn the_denied_memo_expires() {
+    let nf = Netfence::spawn(&limit("denied-memo-secs", "0.5"));
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let mark = nf.log_mark();
+    let syn = frames::tcp_syn_frame(g.mac, gw, GUEST_IP, PRIVATE_IP, 40100, 80, 1);
+    g.dev.fe.send_frame(&syn);
+    g.dev.fe.send_frame(&syn); // remembered
+    assert!(g.dev.fe.wait_tx_drained(deadline(SHORT)));
+    // Time is what is under test here: let the memo time pass.
+    g.run_for(Duration::from_millis(700));
+    g.dev.fe.send_frame(&syn); // judged again
+    assert!(g.dev.fe.wait_tx_drained(deadline(SHORT)));
+    let counts = close_and_count(&nf, g, mark);
+    assert_eq!(counts.get("denied_memo_hits"), 1, "{:?}", counts.0);
+}
+
+/// The fragment limits: `fragment-datagrams=1` evicts the older of two datagrams in progress,
+/// `fragment-bytes` refuses a datagram larger than the buffer, `fragment-timeout-secs` drops an
+/// incomplete one.
+#[test]
+fn fragment_limits() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut args = limit("fragment-datagrams", "1").to_vec();
+    args.extend(limit("fragment-bytes", "4096"));
+    args.extend(limit("fragment-timeout-secs", "0.5"));
+    args.extend(map_arg(
+        SocketAddr::new(PUBLIC_IP.into(), 7500),
+        sink.local_addr().unwrap(),
+    ));
+    let nf = Netfence::spawn(&args);
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let me = g.mac;
+    let mark = nf.log_mark();
+    let l4 = frames::udp_datagram(GUEST_IP, PUBLIC_IP, 5100, 7500, &pattern(2000, 3));
+    let frags = |ident| {
+        frames::fragment_frames(
+            me,
+            gw,
+            GUEST_IP,
+            PUBLIC_IP,
+            frames::PROTO_UDP,
+            &l4,
+            ident,
+            &frames::even_pieces(l4.len(), 1008),
+        )
+    };
+    let (a, b) = (frags(1), frags(2));
+    assert_eq!(a.len(), 2, "two fragments per datagram");
+    // A's first piece, B's first piece (evicts A), B's last (B completes), A's last (a new,
+    // incomplete datagram: A's first piece is gone).
+    for f in [&a[0], &b[0], &b[1], &a[1]] {
+        g.dev.fe.send_frame(f);
+    }
+    let got = recv_datagram(&sink, SHORT).expect("B completes");
+    assert_eq!(got.len(), 2000);
+    assert!(
+        recv_datagram(&sink, SILENCE).is_none(),
+        "A completed after its eviction"
+    );
+    // Larger than fragment-bytes.
+    let big = frames::udp_datagram(GUEST_IP, PUBLIC_IP, 5101, 7500, &pattern(6000, 4));
+    for f in frames::fragment_frames(
+        me,
+        gw,
+        GUEST_IP,
+        PUBLIC_IP,
+        frames::PROTO_UDP,
+        &big,
+        3,
+        &frames::even_pieces(big.len(), 1400),
+    ) {
+        g.dev.fe.send_frame(&f);
+    }
+    // One piece of a datagram that never completes: it times out.
+    g.dev.fe.send_frame(&frags(4)[0]);
+    assert!(
+        recv_datagram(&sink, SILENCE).is_none(),
+        "a datagram past the limits arrived"
+    );
+    // Time is what is under test: let the reassembly deadline and a housekeeping pass go by.
+    g.run_for(Duration::from_millis(1500));
+    let counts = close_and_count(&nf, g, mark);
+    assert!(counts.get("fragment-evicted") >= 1, "{:?}", counts.0);
+    assert!(counts.get("fragment-buffer-full") >= 1, "{:?}", counts.0);
+    assert!(counts.get("fragment-timeout") >= 1, "{:?}", counts.0);
+}
+
+/// `ra-interval-secs`: after the guest solicited once, unsolicited advertisements follow at the
+/// interval.
+#[test]
+fn router_advertisements_repeat_at_the_interval() {
+    let nf = Netfence::spawn(&limit("ra-interval-secs", "0.5"));
+    let mut g = guest_up(&nf);
+    let me = g.mac;
+    let rs = frames6::router_solicit_frame(me, g.link_local6());
+    let solicited = g.raw_exchange(&rs, deadline(SHORT), |f| {
+        frames6::parse_router_advert(f).is_some()
+    });
+    assert!(solicited.is_some(), "no answer to the solicitation");
+    let started = Instant::now();
+    let unsolicited = g.raw_wait(deadline(SHORT), |f| {
+        frames6::parse_router_advert(f).is_some_and(|ra| ra.ip.dst == frames6::ALL_NODES)
+    });
+    assert!(unsolicited.is_some(), "no unsolicited advertisement");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// `decision-log-rate=5`: 50 SYNs to 50 different denied destinations in a burst write at most
+/// 5 decision lines in that second, then one line that counts the rest.
+#[test]
+fn the_decision_log_is_rate_limited() {
+    let nf = Netfence::spawn(&limit("decision-log-rate", "5"));
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let mark = nf.log_mark();
+    for i in 1..=50u8 {
+        g.dev.fe.send_frame(&frames::tcp_syn_frame(
+            g.mac,
+            gw,
+            GUEST_IP,
+            Ipv4Addr::new(10, 7, 0, i),
+            40200,
+            80,
+            1,
+        ));
+    }
+    let summary = nf
+        .wait_for_line(mark, SHORT, |l| l.contains("decisions not logged"))
+        .unwrap_or_else(|| panic!("no rate-limit summary\n{}", nf.log_text()));
+    let denied_lines = nf
+        .log_lines()
+        .iter()
+        .skip(mark)
+        .filter(|l| l.contains(" decision ") || l.contains(": decision"))
+        .filter(|l| l.contains("10.7.0."))
+        .count();
+    assert!(denied_lines <= 5, "{denied_lines} decision lines");
+    let suppressed: u64 = field(&summary, "suppressed").unwrap().parse().unwrap();
+    assert!(suppressed >= 40, "{summary}");
+}

@@ -1239,3 +1239,114 @@ fn udp_answers_fit_the_link_mtu() {
     assert!(!m.truncation);
     assert_eq!(a_records(&m).len(), many.len());
 }
+
+/// The extensions of a ClientHello record built by [`client_hello`]: (offset of the
+/// extensions' length field, end of the hello).
+fn hello_extensions(rec: &[u8]) -> (usize, usize) {
+    // record header 5, handshake header 4, version 2, random 32
+    let mut at = 5 + 4 + 2 + 32;
+    at += 1 + usize::from(rec[at]); // session id
+    at += 2 + usize::from(u16::from_be_bytes([rec[at], rec[at + 1]])); // cipher suites
+    at += 1 + usize::from(rec[at]); // compression methods
+    (at, rec.len())
+}
+
+/// Rewrites the three length fields (record, handshake, extensions) after `delta` bytes were
+/// added to the extensions.
+fn grow_hello(rec: &mut [u8], ext_len_at: usize, delta: usize) {
+    let add = |b: &mut [u8], n: usize| {
+        let v = b.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x)) + n;
+        let len = b.len();
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = (v >> (8 * (len - 1 - i))) as u8;
+        }
+    };
+    add(&mut rec[3..5], delta);
+    add(&mut rec[6..9], delta);
+    add(&mut rec[ext_len_at..ext_len_at + 2], delta);
+}
+
+/// `client_hello(name)` with its server_name extension in it twice.
+fn hello_with_two_server_names(name: &str) -> Vec<u8> {
+    let mut rec = client_hello(name);
+    let (ext_len_at, end) = hello_extensions(&rec);
+    let mut at = ext_len_at + 2;
+    let sni = loop {
+        assert!(at + 4 <= end, "no server_name extension");
+        let ty = u16::from_be_bytes([rec[at], rec[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([rec[at + 2], rec[at + 3]]));
+        if ty == 0 {
+            break rec[at..at + 4 + len].to_vec();
+        }
+        at += 4 + len;
+    };
+    rec.extend_from_slice(&sni);
+    grow_hello(&mut rec, ext_len_at, sni.len());
+    rec
+}
+
+/// Under domain rules the ClientHello's name is what is judged, so a hello whose name cannot
+/// be read for certain is refused: two server_name extensions (ambiguous), an extensions
+/// length that runs past the hello (malformed). A well-formed hello without SNI (a client
+/// connecting to an IP address) keeps the SYN's decision, and says so in the log.
+#[test]
+fn hellos_whose_name_is_uncertain_are_refused_and_no_sni_is_logged() {
+    let (server, port) = idle_listener();
+    let toml = format!(
+        "deny_domains = [\"evil.example\"]\n{}",
+        dns_table(&[FakeDns::start(&[]).nameserver()], "")
+    );
+    let (nf, _cfg) = spawn_with_config(&toml, &map(&format!("{PUBLIC_IP}:443"), port));
+    let mut g = guest_up(&nf);
+
+    let mut malformed = client_hello("good.example");
+    let (ext_len_at, _) = hello_extensions(&malformed);
+    malformed[ext_len_at] = 0xff;
+    for (what, hello, reason) in [
+        (
+            "two server_name extensions",
+            hello_with_two_server_names("good.example"),
+            "ambiguous ClientHello",
+        ),
+        (
+            "an extensions length past the end",
+            malformed,
+            "malformed ClientHello",
+        ),
+    ] {
+        let mark = nf.log_mark();
+        let h = g.tcp_connect(PUBLIC_IP, 443, SHORT).expect("handshake");
+        g.tcp_send_all(h, &hello, deadline(SHORT)).unwrap();
+        assert!(
+            wait_reset(&mut g, h).is_some(),
+            "a hello with {what} was not reset\n{}",
+            nf.log_text()
+        );
+        let line = wait_decision(&nf, mark, &format!("{PUBLIC_IP}:443"), Some("sni"));
+        assert_eq!(action(&line), "deny", "{what}: {line}");
+        assert!(
+            field(&line, "reason").is_some_and(|r| r.contains(reason)),
+            "{what}: {line}"
+        );
+        g.sockets.remove(h);
+    }
+    assert!(
+        nothing_reached(&server),
+        "an uncertain hello sent bytes upstream"
+    );
+
+    // No SNI at all: allowed, and the log says why.
+    let mark = nf.log_mark();
+    let h = g.tcp_connect(PUBLIC_IP, 443, SHORT).expect("handshake");
+    g.tcp_send_all(h, &client_hello(&PUBLIC_IP.to_string()), deadline(SHORT))
+        .unwrap();
+    let line = g
+        .poll_until(deadline(SHORT), |_| {
+            nf.wait_for_line(mark, Duration::ZERO, |l| {
+                l.contains("decision") && l.contains("domain_source=\"sni\"")
+            })
+        })
+        .unwrap_or_else(|| panic!("no decision on a hello without SNI\n{}", nf.log_text()));
+    assert_eq!(action(&line), "allow", "{line}");
+    assert!(line.contains("without SNI"), "{line}");
+}

@@ -27,6 +27,7 @@ use super::message::{
 };
 use super::names::normalize_name;
 use super::{ClientKey, DnsSettings, DnsStats, DomainJudge, Transport, MAX_IN_FLIGHT_CEILING};
+use crate::observe::LogGate;
 
 /// Epoll tokens at or above this are TCP upstream connections; below are the UDP sockets of
 /// queries (a serial number above the query id in the low 16 bits).
@@ -88,6 +89,9 @@ pub struct DnsService {
     cache: NameCache,
     stats: DnsStats,
     buf: Vec<u8>,
+    /// Lines about single queries (blocked, SERVFAIL, rebinding): a guest asking a blocked name
+    /// a million times gets a few lines and a count, not a line per query.
+    query_log: LogGate,
 }
 
 impl DnsService {
@@ -120,6 +124,7 @@ impl DnsService {
             rng: IdSource::new(),
             stats: DnsStats::default(),
             buf: vec![0u8; 65536],
+            query_log: LogGate::new(20, Duration::from_secs(10)),
         })
     }
 
@@ -189,7 +194,9 @@ impl DnsService {
 
         if let Some(reason) = judge.domain_denied(&query.qname) {
             self.stats.blocked += 1;
-            info!(client = %client.src, name = %query.qname, %reason, "dns: blocked, NXDOMAIN");
+            if let Some(suppressed) = self.query_log.admit(now) {
+                info!(client = %client.src, name = %query.qname, %reason, suppressed, "dns: blocked, NXDOMAIN");
+            }
             let nx = error_reply(&query.message, ResponseCode::NXDomain);
             return Some(self.finish_local(&nx, &query, limit));
         }
@@ -439,7 +446,9 @@ impl DnsService {
     fn servfail(&mut self, id: u16, out: &mut Vec<(ClientKey, Vec<u8>)>) {
         if let Some(p) = self.remove(id) {
             self.stats.servfail += 1;
-            info!(client = %p.client.src, name = %p.query.qname, "dns: no upstream answered, SERVFAIL");
+            if let Some(suppressed) = self.query_log.admit(Instant::now()) {
+                info!(client = %p.client.src, name = %p.query.qname, suppressed, "dns: no upstream answered, SERVFAIL");
+            }
             let m = error_reply(&p.query.message, ResponseCode::ServFail);
             if let Ok(bytes) = m.to_vec() {
                 out.push((p.client, bytes));
@@ -600,11 +609,15 @@ impl DnsService {
         self.stats.rebind_removed += vetted.rebind_removed as u64;
         if let Some((name, reason)) = &vetted.blocked {
             self.stats.blocked += 1;
-            info!(client = %p.client.src, query = %p.query.qname, %name, %reason, "dns: answer reaches a blocked name, NXDOMAIN");
+            if let Some(suppressed) = self.query_log.admit(Instant::now()) {
+                info!(client = %p.client.src, query = %p.query.qname, %name, %reason, suppressed, "dns: answer reaches a blocked name, NXDOMAIN");
+            }
         }
         if vetted.rebind_blocked {
             self.stats.rebind_blocked += 1;
-            info!(client = %p.client.src, name = %p.query.qname, "dns: rebind protection removed every address, NXDOMAIN");
+            if let Some(suppressed) = self.query_log.admit(Instant::now()) {
+                info!(client = %p.client.src, name = %p.query.qname, suppressed, "dns: rebind protection removed every address, NXDOMAIN");
+            }
         } else if vetted.rebind_removed > 0 {
             debug!(name = %p.query.qname, removed = vetted.rebind_removed, "dns: rebind protection removed addresses");
         }

@@ -60,9 +60,9 @@ pub struct DecisionEvent<'a> {
     pub source: NameSource,
 }
 
-/// (protocol, destination, action, where the names came from): the SYN and the SNI decision
-/// of one TLS flow are two decisions.
-type AggKey = (Protocol, SocketAddr, bool, NameSource);
+/// (protocol, destination, action, where the names came from, reason): the SYN and the SNI
+/// decision of one TLS flow are two decisions, and a new reason is always worth a line.
+type AggKey = (Protocol, SocketAddr, bool, NameSource, String);
 
 /// The decision log with aggregation and a rate limit.
 pub struct DecisionLog {
@@ -107,7 +107,13 @@ impl DecisionLog {
 
     /// Logs `ev` now, or counts it toward a summary.
     pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
-        let key = (ev.protocol, ev.dst, ev.allowed, ev.source);
+        let key = (
+            ev.protocol,
+            ev.dst,
+            ev.allowed,
+            ev.source,
+            ev.reason.to_string(),
+        );
         if let Some((at, repeats)) = self.recent.get_mut(&key) {
             if now.duration_since(*at) < AGGREGATION_WINDOW {
                 *repeats += 1;
@@ -121,7 +127,7 @@ impl DecisionLog {
             self.rate_suppressed += 1;
             return;
         }
-        if let Some((old_key, (_, repeats))) = self.recent.push(key, (now, 0)) {
+        if let Some((old_key, (_, repeats))) = self.recent.push(key.clone(), (now, 0)) {
             if old_key != key {
                 self.summarise(old_key, repeats, now);
             }
@@ -129,7 +135,11 @@ impl DecisionLog {
         self.lines += 1;
         let action = if ev.allowed { "allow" } else { "deny" };
         let proto = ev.protocol.name();
-        if ev.names.is_empty() {
+        if ev.names.is_empty() && ev.source == NameSource::Sni {
+            // The TLS decision on a hello without a (readable) name: still say it is that one.
+            info!(action = %action, proto = %proto, src = %ev.src, dst = %ev.dst, reason = ?ev.reason,
+                domain_source = ev.source.as_str(), "decision");
+        } else if ev.names.is_empty() {
             info!(action = %action, proto = %proto, src = %ev.src, dst = %ev.dst, reason = ?ev.reason, "decision");
         } else {
             let names = ev.names.join(",");
@@ -150,9 +160,9 @@ impl DecisionLog {
             return;
         }
         self.lines += 1;
-        let (protocol, dst, allowed, _) = key;
+        let (protocol, dst, allowed, _, reason) = key;
         let action = if allowed { "allow" } else { "deny" };
-        info!(action = %action, proto = %protocol.name(), dst = %dst, repeats, window_secs = AGGREGATION_WINDOW.as_secs(), "decision repeated");
+        info!(action = %action, proto = %protocol.name(), dst = %dst, reason = ?reason, repeats, window_secs = AGGREGATION_WINDOW.as_secs(), "decision repeated");
     }
 
     /// Writes the summaries of windows that ended, and the rate-limit report.
@@ -161,7 +171,7 @@ impl DecisionLog {
             .recent
             .iter()
             .filter(|(_, (at, _))| now.duration_since(*at) >= AGGREGATION_WINDOW)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k.clone())
             .collect();
         for key in ended {
             if let Some((_, repeats)) = self.recent.pop(&key) {

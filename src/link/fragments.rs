@@ -1314,6 +1314,30 @@ mod tests {
     }
 
     #[test]
+    fn one_datagram_at_a_time_evicts_the_older() {
+        for family in FAMILIES {
+            let limits = ReassemblyLimits {
+                max_datagrams: 1,
+                max_bytes: 4096,
+                ..ReassemblyLimits::default()
+            };
+            let mut r = Reassembler::new(limits);
+            let now = Instant::now();
+            let udp = family.udp(2000);
+            let a = family.split(1, &udp, 1008);
+            let b = family.split(2, &udp, 1008);
+            assert_eq!((a.len(), b.len()), (2, 2));
+            assert_eq!(r.push(&a[0], now), Reassembly::Pending);
+            assert_eq!(r.push(&b[0], now + MS), Reassembly::Pending);
+            assert_whole_udp(family, &complete(r.push(&b[1], now + MS)), &udp);
+            assert_eq!(
+                r.push(&a[1], now + MS),
+                Reassembly::Dropped(FragmentDrop::AfterDrop)
+            );
+        }
+    }
+
+    #[test]
     fn a_new_datagram_beyond_max_datagrams_evicts_the_oldest() {
         for family in FAMILIES {
             let limits = ReassemblyLimits {
