@@ -292,36 +292,22 @@ fn fragmented_datagrams_arrive_whole_and_are_judged_whole() {
     let to_7000 = frames::udp_datagram(GUEST_IP, PUBLIC_IP, 5001, 7000, &payload);
     let to_7001 = frames::udp_datagram(GUEST_IP, PUBLIC_IP, 5001, 7001, &payload);
     let ident = 0x3333;
-    let first = frames::fragment_frames(
-        me,
-        gw,
-        GUEST_IP,
-        PUBLIC_IP,
-        frames::PROTO_UDP,
-        &to_7000,
-        ident,
-        &[(0, 16)],
-    );
-    let rewrite = frames::fragment_frames(
-        me,
-        gw,
-        GUEST_IP,
-        PUBLIC_IP,
-        frames::PROTO_UDP,
-        &to_7001,
-        ident,
-        &[(0, 8)],
-    );
-    let rest = frames::fragment_frames(
-        me,
-        gw,
-        GUEST_IP,
-        PUBLIC_IP,
-        frames::PROTO_UDP,
-        &to_7000,
-        ident,
-        &[(16, to_7000.len() - 16)],
-    );
+    // Pieces of one IPv4 UDP datagram from the guest to PUBLIC_IP, all with `ident`.
+    let udp4_pieces = |l4: &[u8], pieces: &[(usize, usize)]| {
+        frames::fragment_frames(
+            me,
+            gw,
+            GUEST_IP,
+            PUBLIC_IP,
+            frames::PROTO_UDP,
+            l4,
+            ident,
+            pieces,
+        )
+    };
+    let first = udp4_pieces(&to_7000, &[(0, 16)]);
+    let rewrite = udp4_pieces(&to_7001, &[(0, 8)]);
+    let rest = udp4_pieces(&to_7000, &[(16, to_7000.len() - 16)]);
     for f in first.iter().chain(&rewrite).chain(&rest) {
         g.dev.fe.send_frame(f);
     }

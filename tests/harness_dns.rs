@@ -482,17 +482,10 @@ fn host_alias_is_answered_locally_with_the_gateway() {
 
 // ---- names in flow decisions ---------------------------------------------------------------
 
-/// default_egress deny; DNS to the gateway and `api.example` allowed. A TCP flow to the
-/// address the guest resolved for api.example is allowed by that rule (the name comes from the
-/// cache); before the lookup, and to an address never resolved, it is denied.
-#[test]
-fn tcp_flow_is_decided_by_the_names_the_guest_resolved() {
-    let echo = TcpEchoServer::start();
-    let up = FakeDns::start(&[
-        ("api.example", Answer::A(vec![PUBLIC_IP])),
-        ("tracker.example", Answer::A(vec![PUBLIC_IP3])),
-    ]);
-    let toml = format!(
+/// default_egress deny; DNS to the gateway allowed; tracker.example denied on tcp/80 and
+/// otherwise allowed, like api.example; `up` is the upstream.
+fn api_and_tracker_policy(up: &FakeDns) -> String {
+    format!(
         r#"[policy]
 default_egress = "deny"
 rules = [
@@ -503,7 +496,20 @@ rules = [
 ]
 {}"#,
         dns_table(&[up.nameserver()], "")
-    );
+    )
+}
+
+/// default_egress deny; DNS to the gateway and `api.example` allowed. A TCP flow to the
+/// address the guest resolved for api.example is allowed by that rule (the name comes from the
+/// cache); before the lookup, and to an address never resolved, it is denied.
+#[test]
+fn tcp_flow_is_decided_by_the_names_the_guest_resolved() {
+    let echo = TcpEchoServer::start();
+    let up = FakeDns::start(&[
+        ("api.example", Answer::A(vec![PUBLIC_IP])),
+        ("tracker.example", Answer::A(vec![PUBLIC_IP3])),
+    ]);
+    let toml = api_and_tracker_policy(&up);
     let mut args = vec!["--reject".to_string()];
     for ip in [PUBLIC_IP, PUBLIC_IP2, PUBLIC_IP3] {
         args.extend(map(&ip.to_string(), echo.port()));
@@ -854,18 +860,7 @@ fn mapped_ipv6_spelling_of_a_resolved_address_is_judged_by_its_names() {
         ("api.example", Answer::A(vec![PUBLIC_IP])),
         ("tracker.example", Answer::A(vec![PUBLIC_IP3])),
     ]);
-    let toml = format!(
-        r#"[policy]
-default_egress = "deny"
-rules = [
-  {{ action = "allow", destination = "host", protocols = ["udp"], ports = [53] }},
-  {{ action = "deny", destination = "tracker.example", protocols = ["tcp"], ports = [80] }},
-  {{ action = "allow", destination = "api.example" }},
-  {{ action = "allow", destination = "tracker.example" }},
-]
-{}"#,
-        dns_table(&[up.nameserver()], "")
-    );
+    let toml = api_and_tracker_policy(&up);
     let mut args = vec!["--reject".to_string()];
     for ip in [PUBLIC_IP, PUBLIC_IP3] {
         args.extend(map(&ip.to_string(), echo.port()));

@@ -1,21 +1,8 @@
 //! Table-driven tests of presets and rule matching: configs compiled into policies.
 
-use std::net::{IpAddr, Ipv4Addr};
-
 use crate::config::{NetworkConfig, PolicySpec, PolicyTable, Preset};
+use crate::policy::tests::{host, ip};
 use crate::policy::*;
-
-fn host() -> HostAddrs {
-    HostAddrs {
-        ipv4: vec![Ipv4Addr::new(172, 16, 0, 1)],
-        ipv6: vec!["fd42:6d73:62::1".parse().unwrap()],
-        ..HostAddrs::default()
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 fn compile(cfg: &NetworkConfig) -> Policy {
     cfg.compile_policy(&host()).unwrap()

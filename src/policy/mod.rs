@@ -32,7 +32,7 @@ pub mod local;
 pub mod ranges;
 pub mod rule;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod vocab;
 
 use std::cell::OnceCell;

@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
 
-fn host() -> HostAddrs {
+/// The gateway addresses of slot 0, for the tests of policy and of compiled configs.
+pub(crate) fn host() -> HostAddrs {
     HostAddrs {
         ipv4: vec![Ipv4Addr::new(172, 16, 0, 1)],
         ipv6: vec!["fd42:6d73:62::1".parse().unwrap()],
@@ -12,7 +13,7 @@ fn host() -> HostAddrs {
     }
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
