@@ -433,6 +433,8 @@ impl Flows {
             if let (Some(gate), Some(handle)) = (&flow.middle, flow.handle()) {
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
                 if matches!(sock.state(), stcp::State::Closed | stcp::State::TimeWait) {
+                    // Nothing went upstream; the host sees a reset, not a clean close.
+                    flow.host.reset_on_close();
                     done.push((*key, "guest closed before its ClientHello"));
                     continue;
                 }
