@@ -18,6 +18,12 @@ pub struct Limits {
     pub tcp_connecting: usize,
     /// TCP flows waiting for their TLS ClientHello (held before any byte goes upstream).
     pub tls_hellos: usize,
+    /// Bytes of buffer per direction of one TCP flow (the guest end's window).
+    pub tcp_buffer_bytes: usize,
+    /// Bytes all TCP flows of the link may hold in each direction together, shared among the
+    /// open flows (each gets at least 16 KiB): a flow past its share is not read from the host
+    /// (toward the guest) and its new data segments wait (toward the host).
+    pub tcp_link_buffer_bytes: usize,
     /// UDP sessions (one host socket each).
     pub udp_flows: usize,
     /// ICMP echo sessions (one host socket each).
@@ -63,6 +69,8 @@ impl Default for Limits {
             tcp_flows: 4096,
             tcp_connecting: 256,
             tls_hellos: 256,
+            tcp_buffer_bytes: 512 * 1024,
+            tcp_link_buffer_bytes: 64 * 1024 * 1024,
             udp_flows: 1024,
             icmp_flows: 64,
             dns_tcp: 32,
@@ -149,6 +157,16 @@ pub const LIMITS: &[LimitSpec] = &[
         "tls-hellos",
         tls_hellos,
         "TCP flows waiting for a TLS ClientHello"
+    ),
+    bytes!(
+        "tcp-buffer-bytes",
+        tcp_buffer_bytes,
+        "buffer per direction of one TCP flow"
+    ),
+    bytes!(
+        "tcp-link-buffer-bytes",
+        tcp_link_buffer_bytes,
+        "bytes all TCP flows hold per direction, shared among them"
     ),
     count!("udp-flows", udp_flows, "UDP sessions"),
     count!("icmp-flows", icmp_flows, "ICMP echo sessions"),

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ fn close_and_count(nf: &Netfence, g: Guest, mark: usize) -> LinkCounts {
         }
     }
     for key in [
+        "tcp_buffered_peak",
         "denied_memo_hits",
         "decision_lines",
         "open_tcp",
@@ -1131,4 +1132,56 @@ fn the_decision_log_is_rate_limited() {
     assert!(denied_lines <= 5, "{denied_lines} decision lines");
     let suppressed: u64 = field(&summary, "suppressed").unwrap().parse().unwrap();
     assert!(suppressed >= 40, "{summary}");
+}
+
+/// `tcp-link-buffer-bytes`: what all TCP flows of a link hold toward a guest that does not read
+/// is bounded link-wide, not by flows x `tcp-buffer-bytes`. Eight host servers push 4 MiB each
+/// at a guest that reads nothing; with 1 MiB per flow and 1 MiB for the link, netfence's peak
+/// stays at the link's budget (eight flows alone would reach 8 MiB).
+#[test]
+fn tcp_buffers_are_bounded_link_wide() {
+    const FLOWS: usize = 8;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(FLOWS) {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 64 << 10];
+                for _ in 0..64 {
+                    if conn.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut args = limit("tcp-buffer-bytes", "1048576").to_vec();
+    args.extend(limit("tcp-link-buffer-bytes", "1048576"));
+    args.extend(map_arg(
+        SocketAddr::new(PUBLIC_IP.into(), 80),
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+    ));
+    let nf = Netfence::spawn(&args);
+    let mut g = guest_up(&nf);
+    let mark = nf.log_mark();
+    let flows: Vec<_> = (0..FLOWS)
+        .map(|_| g.tcp_connect(PUBLIC_IP, 80, SHORT).expect("connect"))
+        .collect();
+    // The guest reads nothing: its receive buffers fill and its windows close.
+    let filled = g.poll_until(deadline(LONG), |g| {
+        let held: usize = flows.iter().map(|&h| g.tcp(h).recv_queue()).sum();
+        (held >= 1 << 18).then_some(())
+    });
+    assert!(filled.is_some(), "the guest never received 256 KiB");
+    // Let netfence fill what it may toward the closed windows.
+    g.run_for(Duration::from_millis(500));
+    let counts = close_and_count(&nf, g, mark);
+    let peak = counts.get("tcp_buffered_peak");
+    println!("tcp_buffered_peak {peak} bytes for {FLOWS} flows");
+    assert!(peak <= 1 << 20, "{peak} bytes held toward the guest");
+    assert!(
+        peak >= 3 << 18,
+        "the budget was never reached ({peak} bytes)"
+    );
 }

@@ -34,6 +34,9 @@ impl DomainJudge for PolicyJudge<'_> {
     }
 }
 
+/// Buffer per direction of a DNS-over-TCP connection: one largest message and its length.
+const DNS_TCP_BUFFER_BYTES: usize = 64 * 1024 + 2;
+
 struct DnsTcpConn {
     id: u64,
     handle: SocketHandle,
@@ -99,7 +102,9 @@ impl GatewayDns {
 
     /// The guest opens DNS over TCP: a smoltcp socket takes the handshake, no host socket.
     pub fn accept_tcp(&mut self, key: FlowKey, syn_frame: &[u8], stack: &mut GuestStack) {
-        let handle = stack.sockets.add(listening_socket(key.1));
+        let handle = stack
+            .sockets
+            .add(listening_socket(key.1, DNS_TCP_BUFFER_BYTES));
         let id = self.next_id;
         self.next_id += 1;
         self.tcp.insert(

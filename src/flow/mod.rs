@@ -61,6 +61,8 @@ pub type FlowKey = (SocketAddr, SocketAddr);
 /// How long the smoltcp socket of a gracefully closed flow outlives it: longer than smoltcp's
 /// ACK delay (10 ms), so the ACK of the guest's last segment and FIN still goes out.
 const SOCKET_LINGER: Duration = Duration::from_millis(50);
+/// The least a TCP flow may hold each way, however many flows share the link's budget.
+const MIN_TCP_SHARE: usize = 16 * 1024;
 /// Datagrams read from one host socket per pump before the others get their turn.
 const READS_PER_PUMP: usize = 64;
 
@@ -114,6 +116,13 @@ pub struct Flows {
     flow_events: LogGate,
     buf: Vec<u8>,
     events: Vec<(FlowRef, EventSet)>,
+    /// What all TCP flows held at the last pump: toward the guest (smoltcp send queues) and
+    /// toward the host (receive queues), and the most either ever was.
+    tcp_to_guest_bytes: usize,
+    tcp_to_host_bytes: usize,
+    pub tcp_buffered_peak: usize,
+    /// What one TCP flow may hold each way now: the link budget shared among the open flows.
+    tcp_share: usize,
 }
 
 impl Flows {
@@ -138,6 +147,10 @@ impl Flows {
             flow_events: LogGate::new(20, Duration::from_secs(10)),
             buf: vec![0u8; 65_536],
             events: Vec::new(),
+            tcp_to_guest_bytes: 0,
+            tcp_to_host_bytes: 0,
+            tcp_buffered_peak: 0,
+            tcp_share: usize::MAX,
             settings,
         })
     }
@@ -221,6 +234,18 @@ impl Flows {
                     }
                 }
                 GuestEnd::Socket { handle, .. } => {
+                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                    let queued = sock.recv_queue();
+                    let link_full =
+                        self.tcp_to_host_bytes > self.settings.limits.tcp_link_buffer_bytes;
+                    if head.payload_len > 0
+                        && (queued >= self.tcp_share || (link_full && queued > 0))
+                    {
+                        // The flow holds its share of the link's budget toward the host: its
+                        // new data waits (the guest retransmits it) until the queue drains.
+                        self.counters.inc("tcp-link-buffer-full");
+                        return;
+                    }
                     // smoltcp 0.14 trims a segment to the receive window but still takes its
                     // FIN, losing the trimmed bytes. When a data+FIN segment may not fit (more
                     // than half the free buffer: the advertised window can lag behind it), data
@@ -401,7 +426,10 @@ impl Flows {
         let (syn, head) = (std::mem::take(syn_frame), *head);
         match flow.host.connect_result() {
             Ok(()) => {
-                let handle = stack.sockets.add(tcp::listening_socket(flow.dst));
+                let handle = stack.sockets.add(tcp::listening_socket(
+                    flow.dst,
+                    self.settings.limits.tcp_buffer_bytes,
+                ));
                 let now = Instant::now();
                 flow.guest_end = GuestEnd::Socket { handle, since: now };
                 flow.last_active = now;
@@ -429,6 +457,12 @@ impl Flows {
         let mut done: Vec<(FlowKey, &'static str)> = Vec::new();
         let mut hellos: Vec<(FlowKey, GateStatus)> = Vec::new();
         let hello_timeout = self.settings.limits.hello_timeout;
+        let share = self.tcp_share;
+        let mut link_room = self
+            .settings
+            .limits
+            .tcp_link_buffer_bytes
+            .saturating_sub(self.tcp_to_guest_bytes);
         for (key, flow) in self.table.tcp.iter_mut() {
             if let (Some(gate), Some(handle)) = (&flow.middle, flow.handle()) {
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
@@ -444,7 +478,14 @@ impl Flows {
                 }
                 continue;
             }
-            match flow.pump(&mut stack.sockets, now) {
+            let held = flow
+                .handle()
+                .map_or(0, |h| stack.sockets.get::<stcp::Socket>(h).send_queue());
+            let granted = share.saturating_sub(held).min(link_room);
+            let mut to_guest_room = granted;
+            let result = flow.pump(&mut stack.sockets, now, &mut to_guest_room);
+            link_room -= granted - to_guest_room;
+            match result {
                 PumpResult::Alive => {}
                 PumpResult::Finished => done.push((*key, "closed")),
                 PumpResult::Aborted(why) => done.push((*key, why)),
@@ -460,6 +501,30 @@ impl Flows {
         for (key, why) in done {
             self.close_tcp(&key, why, stack);
         }
+        self.count_tcp_buffers(stack);
+    }
+
+    /// Sums what the TCP flows' guest ends hold each way (gated flows included) and shares the
+    /// link-wide `tcp-link-buffer-bytes` among the open flows: each may hold its share (at
+    /// least `MIN_TCP_SHARE`, at most its own buffer) in each direction. A flow past its share
+    /// is not read from the host (toward the guest) and its new data from the guest waits
+    /// (toward the host), so one stalled flow cannot take the others' room; and nothing is read
+    /// from the host once the link holds its budget toward the guest, whatever the shares.
+    fn count_tcp_buffers(&mut self, stack: &GuestStack) {
+        let (mut to_guest, mut to_host, mut open) = (0, 0, 0usize);
+        for handle in self.table.tcp.values().filter_map(|f| f.handle()) {
+            let sock = stack.sockets.get::<stcp::Socket>(handle);
+            to_guest += sock.send_queue();
+            to_host += sock.recv_queue();
+            open += 1;
+        }
+        self.tcp_to_guest_bytes = to_guest;
+        self.tcp_to_host_bytes = to_host;
+        self.tcp_buffered_peak = self.tcp_buffered_peak.max(to_guest).max(to_host);
+        let limits = &self.settings.limits;
+        self.tcp_share = (limits.tcp_link_buffer_bytes / open.max(1))
+            .max(MIN_TCP_SHARE)
+            .min(limits.tcp_buffer_bytes);
     }
 
     /// The TLS first-flight decision: a denied SNI is denied even if the address was allowed,

@@ -417,6 +417,7 @@ impl Drop for Link {
             drops = ?drops.join(","),
             decision_lines = self.flows.decision_lines(),
             denied_memo_hits = self.flows.denied_memo_hits(),
+            tcp_buffered_peak = self.flows.tcp_buffered_peak,
             open_tcp = tcp, open_udp = udp, open_echo = echo, open_dns_tcp = dns_tcp,
             "link closed"
         );

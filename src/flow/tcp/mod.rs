@@ -34,9 +34,6 @@ use self::host_end::HostEnd;
 use self::sni_gate::SniGate;
 use crate::stack::frames::TcpHead;
 
-/// Bytes of smoltcp buffer per direction per connection: the most a flow holds.
-pub const TCP_BUFFER_BYTES: usize = 512 * 1024;
-
 /// The guest end of a flow.
 pub enum GuestEnd {
     /// The guest's SYN (the frame and its header), held while the host end connects.
@@ -75,10 +72,11 @@ pub enum PumpResult {
     Aborted(&'static str),
 }
 
-/// A smoltcp socket listening on the guest's destination, ready for the held SYN.
-pub fn listening_socket(dst: SocketAddr) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER_BYTES]);
+/// A smoltcp socket listening on the guest's destination, ready for the held SYN, with
+/// `buffer_bytes` of buffer each way (the most the flow holds; `tcp-buffer-bytes`).
+pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
+    let tx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
     // smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
@@ -138,8 +136,15 @@ impl TcpFlow {
         }
     }
 
-    /// Moves bytes both ways as far as both sides allow, and propagates FIN and RST.
-    pub fn pump(&mut self, sockets: &mut SocketSet<'static>, now: Instant) -> PumpResult {
+    /// Moves bytes both ways as far as both sides allow, and propagates FIN and RST. At most
+    /// `to_guest_room` bytes are read from the host socket (the link-wide budget of bytes held
+    /// toward the guest); what is read is taken off it.
+    pub fn pump(
+        &mut self,
+        sockets: &mut SocketSet<'static>,
+        now: Instant,
+        to_guest_room: &mut usize,
+    ) -> PumpResult {
         let Some(handle) = self.handle() else {
             return PumpResult::Alive;
         };
@@ -168,17 +173,24 @@ impl TcpFlow {
         }
 
         // Host -> guest.
-        while self.host.readable && !self.host.eof && sock.can_send() {
+        while *to_guest_room > 0 && self.host.readable && !self.host.eof && sock.can_send() {
             let host = &mut self.host.socket;
-            let step = sock.send(|buf| match host.read(buf) {
-                Ok(0) => (0, ReadStep::Eof),
-                Ok(n) => (n, ReadStep::Data(n)),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => (0, ReadStep::Again),
-                Err(e) if e.kind() == ErrorKind::Interrupted => (0, ReadStep::Data(0)),
-                Err(_) => (0, ReadStep::Failed),
+            let room = *to_guest_room;
+            let step = sock.send(|buf| {
+                let n = buf.len().min(room);
+                match host.read(&mut buf[..n]) {
+                    Ok(0) => (0, ReadStep::Eof),
+                    Ok(n) => (n, ReadStep::Data(n)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => (0, ReadStep::Again),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => (0, ReadStep::Data(0)),
+                    Err(_) => (0, ReadStep::Failed),
+                }
             });
             match step {
-                Ok(ReadStep::Data(n)) => self.bytes_to_guest += n as u64,
+                Ok(ReadStep::Data(n)) => {
+                    self.bytes_to_guest += n as u64;
+                    *to_guest_room -= n;
+                }
                 Ok(ReadStep::Again) => self.host.readable = false,
                 Ok(ReadStep::Eof) => {
                     self.host.eof = true;
