@@ -93,6 +93,14 @@ fn report_unusable(queue: &'static str, why: RingUnusable) {
     }
 }
 
+/// Whether `head` names a descriptor of the ring. A driver may make any 16-bit value
+/// available; a head beyond the ring can be neither read nor returned (virtio-queue's
+/// `add_used` refuses it and logs an error line of its own for every such entry, outside our
+/// rate limits), so it is counted as a bad chain and left alone.
+fn head_in_ring(state: &RingState, head: u16) -> bool {
+    head < state.get_queue().size()
+}
+
 /// Pops the next available chain, or reports why the ring cannot be read.
 fn next_chain<'m>(
     state: &mut RingState,
@@ -235,6 +243,10 @@ pub fn drain_tx(
             taken += 1;
             stats.chains += 1;
             let head = chain.head_index();
+            if !head_in_ring(&vring.get_ref(), head) {
+                stats.bad_chains += 1;
+                continue;
+            }
             scratch.clear();
             let well_formed = chain_is_well_formed(&chain, true);
             let ok = well_formed
@@ -330,7 +342,9 @@ pub fn push_rx(
                 for (h, _) in &chains {
                     let _ = state.add_used(*h, 0);
                 }
-                let _ = state.add_used(head, 0);
+                if head_in_ring(&state, head) {
+                    let _ = state.add_used(head, 0);
+                }
                 return Err(RxError::BadChain);
             }
         };
