@@ -6,6 +6,7 @@
 //! file's scope; they fail on the current code and pass once it is fixed.
 
 mod common;
+mod dnsfake;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -366,4 +367,68 @@ fn rx_heads_beyond_the_ring_do_not_write_a_log_line_each() {
         nf.log_text()
     );
     assert!(answered > 0, "no ping answered at all");
+}
+
+// ---- DNS messages that make a library log --------------------------------------------------
+
+/// A DNS query for `example.com A` with an OPT record whose one option carries only `carried`, two fewer than it announces (a malformed EDNS option).
+fn query_with_broken_edns_option(id: u16, carried: usize) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    q.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    // OPT: root name, type 41, class = UDP size 1232, TTL 0, rdata.
+    q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0]);
+    q.extend_from_slice(&((4 + carried) as u16).to_be_bytes());
+    // Option 10 (cookie) announcing two bytes more than the record holds.
+    q.extend_from_slice(&[0x00, 0x0a]);
+    q.extend_from_slice(&((carried + 2) as u16).to_be_bytes());
+    q.extend(std::iter::repeat_n(0x41u8, carried));
+    q
+}
+
+/// Attack: the guest sends DNS queries whose EDNS option runs past its record. hickory-proto
+/// parses the query, drops the options and logs a WARN line of its own, with the collected
+/// option bytes in it (several bytes of log per byte of query), once per query, outside
+/// netfence's log gates: a guest writes the host's log at will through its DNS queries.
+///
+/// What must happen: the query is handled (here: forwarded) and no library line per query
+/// reaches the log.
+#[test]
+fn malformed_edns_options_do_not_write_a_log_line_per_query() {
+    let upstream = dnsfake::SilentDns::start();
+    let dir = TempDir::new("netfence-attack-dns");
+    let cfg = dnsfake::write_config(
+        dir.path(),
+        &format!("[dns]\nnameservers = [\"{}\"]\n", upstream.nameserver()),
+    );
+    let nf = Netfence::builder()
+        .arg("--config")
+        .arg(cfg.display().to_string())
+        .spawn();
+    let mut g = guest_up(&nf);
+    let bytes0 = nf.log_bytes();
+    const QUERIES: usize = 100;
+    let gw = gateway_mac(&mut g);
+    let me = g.mac;
+    for i in 0..QUERIES {
+        let q = query_with_broken_edns_option(0x7000 + i as u16, 1000);
+        let port = 30000 + i as u16;
+        g.fe()
+            .send_frame(&frames::udp_frame(me, gw, GUEST_IP, GATEWAY, port, 53, &q));
+    }
+    // Every query was forwarded upstream: netfence has parsed them all.
+    let end = deadline(SHORT);
+    while upstream.received() < QUERIES && Instant::now() < end {
+        g.run_for(Duration::from_millis(20));
+    }
+    assert_eq!(upstream.received(), QUERIES, "queries not forwarded");
+    let lines = count_lines(&nf, "EDNS options");
+    let log = nf.log_bytes() - bytes0;
+    eprintln!("{QUERIES} queries with a broken EDNS option: {lines} library lines, {log} bytes of log");
+    assert!(
+        lines <= 5 && log < 16 * 1024,
+        "{lines} lines ({log} bytes) of log for {QUERIES} DNS queries with a broken EDNS \
+         option: a guest writes the host's log at will"
+    );
 }
