@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::frames;
 use common::*;
 use smoltcp::socket::tcp::State;
+use vhost::vhost_user::VhostUserFrontend;
 
 fn limit(name: &str, value: &str) -> [String; 2] {
     ["--limit".to_string(), format!("{name}={value}")]
@@ -435,4 +436,32 @@ fn malformed_edns_options_do_not_write_a_log_line_per_query() {
         "{lines} lines ({log} bytes) of log for {QUERIES} DNS queries with a broken EDNS \
          option: a guest writes the host's log at will"
     );
+}
+
+// ---- a VMM that lies about its memory --------------------------------------------------------
+
+/// Attack (VMM): ADD_MEM_REG announces a region of 64 MiB whose memory fd holds 1 MiB. The
+/// mapping succeeds (mmap does not check the file size) and the first access past the end of
+/// the file raises SIGBUS, which kills netfence: here the guest points a TX descriptor into
+/// the part of the region that has no file behind it. A VMM that truncates its memory file
+/// after sharing it does the same.
+///
+/// What must happen: a region larger than its file is refused when it is announced (the VMM
+/// gets an error), and netfence keeps serving.
+#[test]
+fn a_memory_region_larger_than_its_file_does_not_kill_netfence() {
+    let mut nf = Netfence::spawn::<&str>(&[]);
+    let mut g = guest_up(&nf);
+    let hot = common::memory::GuestMem::new(1 << 30, 1 << 20, 1);
+    let mut region = hot.region_infos().remove(0);
+    region.memory_size = 64 << 20;
+    let added = g.fe().vu.add_mem_region(&region);
+    eprintln!("ADD_MEM_REG of a region past its file's end: {added:?}");
+    // A frame "in" the region, 8 MiB past the end of its file.
+    let past_eof = vm_memory::GuestAddress((1 << 30) + (8 << 20));
+    g.fe().publish_tx_at(past_eof, 128, true);
+    // Whatever netfence did with it, it must still be there and serve a ping.
+    let alive = g.ping(GATEWAY, SHORT);
+    nf.assert_running("a TX chain into a memory region past its file's end");
+    alive.unwrap_or_else(|e| panic!("no ping after the bad region: {e}\n{}", nf.log_text()));
 }
