@@ -490,3 +490,53 @@ fn a_memory_file_truncated_after_sharing_does_not_kill_netfence() {
     nf.assert_running("a TX chain into memory whose file was truncated");
     alive.unwrap_or_else(|e| panic!("no ping after the truncation: {e}\n{}", nf.log_text()));
 }
+
+// ---- the guest's loopback is not the host's -------------------------------------------------
+
+/// Attack: the reference says `loopback` is the guest's *own* 127.0.0.0/8 and ::1, "not the
+/// host" (allow `host` for that). A policy that allows `loopback` (harmless by that
+/// definition) and denies `host` is what a careful user writes. A real guest never puts 127/8
+/// on the wire, but a malicious one crafts a SYN to 127.0.0.1:PORT (or [::1], or
+/// [::ffff:127.0.0.1]) and netfence, judging it `loopback` and allowed, connects to the
+/// *host's* loopback: every host service bound to localhost is open to the guest.
+///
+/// What must happen: a destination in the guest's own loopback never becomes a host socket,
+/// whatever the policy says about `loopback` (like the unspecified address).
+#[test]
+fn allowing_loopback_does_not_open_the_hosts_loopback() {
+    // Explicitly allowed, and allowed by default beside a rule that denies the host.
+    loopback_stays_the_guests(&["--net-rule", "allow@loopback"]);
+    loopback_stays_the_guests(&["--net-default-egress", "allow", "--net-rule", "deny@host"]);
+}
+
+fn loopback_stays_the_guests(policy: &[&str]) {
+    let trip4 = common::servers::Tripwire::start();
+    let trip6 = common::servers::Tripwire::start6();
+    let nf = Netfence::spawn(policy);
+    let mut g = guest_up6(&nf);
+    let gw = gateway_mac(&mut g);
+    let targets: [(std::net::IpAddr, std::net::IpAddr, u16); 3] = [
+        (GUEST_IP.into(), Ipv4Addr::LOCALHOST.into(), trip4.port),
+        (GUEST6.into(), std::net::Ipv6Addr::LOCALHOST.into(), trip6.port),
+        (
+            GUEST6.into(),
+            Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+            trip4.port,
+        ),
+    ];
+    let mut answered = Vec::new();
+    for (src, dst, port) in targets {
+        let seen = common::denied::raw_syn(&mut g, gw, src, dst, port, SILENCE);
+        if seen.iter().any(|t| t.flags.syn && t.flags.ack) {
+            answered.push(format!("[{dst}]:{port}"));
+        }
+    }
+    let hits = (trip4.hits().0, trip6.hits().0);
+    assert_eq!(
+        hits,
+        (0, 0),
+        "with {policy:?} the guest reached the host's loopback (SYN-ACK from {answered:?})\n{}",
+        nf.log_text()
+    );
+    assert!(answered.is_empty(), "SYN-ACKs from {answered:?}");
+}
