@@ -76,8 +76,7 @@ impl Firehose {
                             Err(e)
                                 if matches!(
                                     e.kind(),
-                                    std::io::ErrorKind::WouldBlock
-                                        | std::io::ErrorKind::TimedOut
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                                 ) => {}
                             Err(_) => break,
                         }
@@ -351,11 +350,10 @@ fn rx_heads_beyond_the_ring_do_not_write_a_log_line_each() {
     let mut answered = 0;
     for seq in 0..(ENTRIES + 40) {
         let ping = frames::icmp_echo_frame(me, gw, GUEST_IP, GATEWAY, 0x4242, seq, b"attack");
-        if g
-            .raw_exchange(&ping, deadline(Duration::from_millis(50)), |f| {
-                frames::parse_icmp(f).is_some_and(|i| i.msg_type == 0 && i.ident == 0x4242)
-            })
-            .is_some()
+        if g.raw_exchange(&ping, deadline(Duration::from_millis(50)), |f| {
+            frames::parse_icmp(f).is_some_and(|i| i.msg_type == 0 && i.ident == 0x4242)
+        })
+        .is_some()
         {
             answered += 1;
         }
@@ -426,11 +424,17 @@ fn malformed_edns_options_do_not_write_a_log_line_per_query() {
     if upstream.received() != QUERIES {
         drop(g);
         nf.wait_for_log("link closed", SHORT);
-        panic!("{} of {QUERIES} queries forwarded\n{}", upstream.received(), nf.log_text());
+        panic!(
+            "{} of {QUERIES} queries forwarded\n{}",
+            upstream.received(),
+            nf.log_text()
+        );
     }
     let lines = count_lines(&nf, "EDNS options");
     let log = nf.log_bytes() - bytes0;
-    eprintln!("{QUERIES} queries with a broken EDNS option: {lines} library lines, {log} bytes of log");
+    eprintln!(
+        "{QUERIES} queries with a broken EDNS option: {lines} library lines, {log} bytes of log"
+    );
     assert!(
         lines <= 5 && log < 16 * 1024,
         "{lines} lines ({log} bytes) of log for {QUERIES} DNS queries with a broken EDNS \
@@ -484,8 +488,11 @@ fn a_memory_file_truncated_after_sharing_does_not_kill_netfence() {
     // SAFETY: ftruncate on the harness's own memfd.
     let r = unsafe { libc::ftruncate(region.mmap_handle, 8 << 20) };
     assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    g.fe()
-        .publish_tx_at(vm_memory::GuestAddress(region.guest_phys_addr + (12 << 20)), 128, true);
+    g.fe().publish_tx_at(
+        vm_memory::GuestAddress(region.guest_phys_addr + (12 << 20)),
+        128,
+        true,
+    );
     let alive = g.ping(GATEWAY, SHORT);
     nf.assert_running("a TX chain into memory whose file was truncated");
     alive.unwrap_or_else(|e| panic!("no ping after the truncation: {e}\n{}", nf.log_text()));
@@ -517,7 +524,11 @@ fn loopback_stays_the_guests(policy: &[&str]) {
     let gw = gateway_mac(&mut g);
     let targets: [(std::net::IpAddr, std::net::IpAddr, u16); 3] = [
         (GUEST_IP.into(), Ipv4Addr::LOCALHOST.into(), trip4.port),
-        (GUEST6.into(), std::net::Ipv6Addr::LOCALHOST.into(), trip6.port),
+        (
+            GUEST6.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+            trip6.port,
+        ),
         (
             GUEST6.into(),
             Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
@@ -539,4 +550,9 @@ fn loopback_stays_the_guests(policy: &[&str]) {
         nf.log_text()
     );
     assert!(answered.is_empty(), "SYN-ACKs from {answered:?}");
+    // Refused as a decision of its own, with the reason said.
+    let d = nf
+        .wait_for_decision(&format!("127.0.0.1:{}", trip4.port), SHORT)
+        .expect("a decision for 127.0.0.1");
+    assert_eq!(d.action, "deny", "{}", d.line);
 }

@@ -164,3 +164,20 @@ pub fn group_of(ip: IpAddr, host: &HostAddrs) -> Option<Group> {
     }
     Some(group)
 }
+
+/// The reason of a flow to the guest's own loopback that the policy allowed.
+pub const GUEST_LOOPBACK: &str =
+    "loopback is the guest's own, never the host's (allow `host` to reach the host)";
+
+/// Whether `ip`, in any spelling, is in the `loopback` group: the guest's *own* 127.0.0.0/8
+/// and ::1 (the reference: "not the host"), which a real guest never puts on the wire. A flow
+/// there is never carried, whatever the policy says about `loopback`: its host socket would
+/// reach the host's loopback, so `allow@loopback` (or a default allow beside `deny@host`)
+/// would open every host service bound to localhost. The host is reached through the
+/// gateway addresses (`host`).
+pub fn guest_loopback(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
