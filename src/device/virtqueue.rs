@@ -169,10 +169,17 @@ pub fn header_len(version_1_or_mrg: bool) -> usize {
     }
 }
 
+/// Most descriptors a chain may have. The virtio spec forbids a chain longer than the queue
+/// (indirect entries included), and virtio-queue accepts indirect tables of 65,535 entries:
+/// without this bound a ring full of such chains of zero-length descriptors costs millions of
+/// descriptor reads per TX kick, with the datapath lock held.
+pub const MAX_CHAIN_DESCRIPTORS: usize = super::MAX_QUEUE_SIZE;
+
 /// Walks a chain and says whether it ends properly: the iterator of virtio-queue stops quietly
 /// on a loop, a `next` out of range, a bad indirect table or a length overflow, which would make
 /// a truncated chain look complete. A chain is accepted only if its last descriptor says "no
-/// next", its length fits a frame, and (for TX) no descriptor is device-writable.
+/// next", it has at most [`MAX_CHAIN_DESCRIPTORS`] descriptors, its length fits a frame, and
+/// (for TX) no descriptor is device-writable.
 fn chain_is_well_formed<M>(chain: &DescriptorChain<M>, transmit: bool) -> bool
 where
     M: std::ops::Deref + Clone,
@@ -181,7 +188,10 @@ where
     let mut seen = false;
     let mut last_has_next = false;
     let mut total: u64 = 0;
-    for desc in chain.clone() {
+    for (count, desc) in chain.clone().enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS {
+            return false;
+        }
         seen = true;
         last_has_next = desc.has_next();
         total += u64::from(desc.len());
