@@ -20,10 +20,6 @@ use common::*;
 use smoltcp::socket::tcp::State;
 use vhost::vhost_user::VhostUserFrontend;
 
-fn limit(name: &str, value: &str) -> [String; 2] {
-    ["--limit".to_string(), format!("{name}={value}")]
-}
-
 /// `--map GUEST_IP=127.0.0.1:PORT` (every port of the guest address to one loopback port).
 fn map_all_ports(guest: Ipv4Addr, port: u16) -> [String; 2] {
     ["--map".to_string(), format!("{guest}=127.0.0.1:{port}")]
@@ -104,38 +100,6 @@ impl Drop for Firehose {
     }
 }
 
-/// A loopback TCP server that accepts and never reads: what the guest sends stays in buffers.
-struct Sinkhole {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-    _keep: Arc<std::sync::Mutex<Vec<TcpStream>>>,
-}
-
-impl Sinkhole {
-    fn start() -> Sinkhole {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind sinkhole");
-        let port = l.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let keep = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (a, k) = (accepted.clone(), keep.clone());
-        thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                // The smallest receive buffer the kernel allows: the guest's bytes pile up in
-                // netfence, not here.
-                let s = socket2::SockRef::from(&c);
-                let _ = s.set_recv_buffer_size(4096);
-                a.fetch_add(1, Ordering::SeqCst);
-                k.lock().unwrap().push(c);
-            }
-        });
-        Sinkhole {
-            port,
-            accepted,
-            _keep: keep,
-        }
-    }
-}
-
 /// Watches `counter` until it has not moved for `quiet` (bounded by `limit`).
 fn wait_until_stalled(counter: &AtomicUsize, quiet: Duration, limit: Duration) {
     let end = Instant::now() + limit;
@@ -179,6 +143,7 @@ fn a_guest_that_withholds_rx_buffers_does_not_make_netfence_spin() {
     }
     // Let data flow a moment so every flow has something in flight, then stop reading.
     g.run_for(Duration::from_millis(300));
+    assert_eq!(hose.accepted.load(Ordering::SeqCst), FLOWS);
     assert!(
         hose.sent.load(Ordering::SeqCst) > 0,
         "the firehose sent nothing"
@@ -620,4 +585,67 @@ fn huge_indirect_chains_do_not_hold_the_worker() {
         took < Duration::from_millis(500),
         "{chains} over-long chains held netfence for {took:?} ({cpu:.2} s of CPU)"
     );
+}
+
+// ---- the same four-tuple again, at once --------------------------------------------------------
+
+/// Attack (or an honest guest with a small port range): the host closes first, so netfence's
+/// side of the flow ends in TIME-WAIT and lingers ~50 ms after the flow is gone; the guest
+/// reconnects at once from the same port to the same destination. The new SYN must meet a new
+/// flow (decided again, a new host connection), not the old socket.
+#[test]
+fn the_same_four_tuple_reconnects_during_the_linger() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let served = thread::spawn(move || {
+        let (mut first, _) = l.accept().expect("first connection");
+        first.write_all(b"first").expect("write");
+        drop(first);
+        let (mut second, _) = l.accept().expect("second connection");
+        second.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut buf = [0u8; 6];
+        second.read_exact(&mut buf).expect("read");
+        second.write_all(&buf).expect("echo");
+    });
+    let nf = Netfence::spawn(&map_all_ports(PUBLIC_IP, port));
+    let mut g = guest_up(&nf);
+    let local = g.next_port();
+    let connect = |g: &mut Guest| {
+        let h = g.tcp_socket(65536, 65536);
+        let cx = g.iface.context();
+        g.sockets
+            .get_mut::<smoltcp::socket::tcp::Socket>(h)
+            .connect(
+                cx,
+                smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(PUBLIC_IP), 80),
+                local,
+            )
+            .expect("connect");
+        h
+    };
+    let h = connect(&mut g);
+    g.tcp_wait_state(h, &[State::Established, State::CloseWait], deadline(SHORT))
+        .expect("first connection established");
+    let (got, fin) = g.tcp_recv_to_eof(h, deadline(SHORT));
+    assert_eq!((&got[..], fin), (&b"first"[..], true));
+    g.tcp(h).close();
+    g.tcp_wait_state(h, &[State::TimeWait, State::Closed], deadline(SHORT))
+        .expect("our side closed");
+    g.sockets.remove(h);
+    // At once, from the same port.
+    let h2 = connect(&mut g);
+    g.poll_until(deadline(SHORT), |g| {
+        matches!(g.tcp(h2).state(), State::Established | State::Closed).then_some(())
+    });
+    assert_eq!(
+        g.tcp(h2).state(),
+        State::Established,
+        "the reconnect from the same port was not established\n{}",
+        nf.log_text()
+    );
+    g.tcp_send_all(h2, b"second", deadline(SHORT))
+        .expect("send");
+    let echoed = g.tcp_recv_exact(h2, 6, deadline(SHORT)).expect("echo");
+    assert_eq!(&echoed, b"second");
+    served.join().expect("server");
 }
