@@ -649,3 +649,46 @@ fn the_same_four_tuple_reconnects_during_the_linger() {
     assert_eq!(&echoed, b"second");
     served.join().expect("server");
 }
+
+// ---- the host's own link-local address -------------------------------------------------------
+
+/// An IPv4 link-local address that the namespace test below makes one of the host's own
+/// (hosts do carry such addresses: Kubernetes' node-local DNS cache binds 169.254.20.10,
+/// zeroconf and container runtimes assign 169.254/16 addresses).
+const HOST_LINK_LOCAL: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 7);
+
+/// Attack: the host's own addresses belong to `host`, but netfence asks the kernel only about
+/// private and public destinations. An IPv4 link-local address of the host is judged
+/// `link-local`, so a policy that allows `link-local` (and denies `host`, as every preset does)
+/// lets the guest reach every host service bound to 0.0.0.0 through it. netfence runs in a
+/// user and network namespace where 169.254.7.7 is an address of `lo`; had it dialled, the
+/// refused connection would answer the guest with an RST.
+///
+/// What must happen: 169.254.7.7 is `host` there, and the SYN is denied (dropped, logged).
+#[test]
+fn the_hosts_own_link_local_address_is_host() {
+    let setup = format!(
+        "ip link set lo up && ip addr add {HOST_LINK_LOCAL}/32 dev lo && exec \"$0\" \"$@\""
+    );
+    let dir = TempDir::new("netfence-attack-netns");
+    let cfg = dir.path().join("netfence.toml");
+    std::fs::write(&cfg, "[dns]\nnameservers = [\"127.0.0.1\"]\n").unwrap();
+    let nf = Netfence::builder()
+        .arg("--config")
+        .arg(cfg.display().to_string())
+        .args(&["--net-rule", "allow@link-local"])
+        .wrapper(&[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--net",
+            "sh",
+            "-c",
+            &setup,
+        ])
+        .spawn();
+    let mut g = guest_up(&nf);
+    let gw = gateway_mac(&mut g);
+    let d = common::denied::denied_syn_dropped(&nf, &mut g, gw, GUEST_IP, HOST_LINK_LOCAL, 80);
+    assert!(d.reason.contains("host"), "{}", d.line);
+}
