@@ -151,7 +151,16 @@ pub fn group_of(ip: IpAddr, host: &HostAddrs) -> Option<Group> {
     if host.contains(ip) {
         return Some(Group::Host);
     }
-    if matches!(group, Group::Private | Group::Public) {
+    // Only where the answer can change the group: private and public addresses, and IPv4
+    // link-local ones (a host can carry one: zeroconf, container runtimes, Kubernetes'
+    // node-local DNS cache at 169.254.20.10). An IPv6 link-local address needs a scope to be
+    // dialled at all, so it never reaches a host service and is not asked about.
+    let may_be_local = match group {
+        Group::Private | Group::Public => true,
+        Group::LinkLocal => judged.is_ipv4(),
+        _ => false,
+    };
+    if may_be_local {
         // A 6to4 or NAT64 address may itself be configured on the host: probe the written
         // form too (a mapped one is the same socket address as the IPv4 one).
         let written_differs = match ip {
