@@ -694,3 +694,86 @@ fn the_hosts_own_link_local_address_is_host() {
     // Not allowed by the link-local rule: judged `host`, which nothing here allows.
     assert!(!d.reason.contains("link-local"), "{}", d.line);
 }
+
+// ---- a ClientHello in tiny pieces -------------------------------------------------------------
+
+/// Sends `bytes` one byte per TCP segment (Nagle off, one byte queued per poll).
+fn send_byte_by_byte(g: &mut Guest, h: smoltcp::iface::SocketHandle, bytes: &[u8]) {
+    g.tcp(h).set_nagle_enabled(false);
+    for (i, b) in bytes.iter().enumerate() {
+        if g.tcp(h).state() != State::Established {
+            return;
+        }
+        g.tcp_send_all(h, std::slice::from_ref(b), deadline(SHORT))
+            .unwrap_or_else(|e| panic!("byte {i}: {e}"));
+        g.poll();
+    }
+    g.poll_until(deadline(SHORT), |g| {
+        let s = g.tcp(h);
+        (s.send_queue() == 0 || s.state() == State::Closed).then_some(())
+    });
+}
+
+/// Attack: the ClientHello arrives one byte per segment (the gate sees every prefix of it:
+/// a record header alone, a handshake header alone, a hello cut inside its extensions). Under
+/// `deny_domains`, a hello for the denied name must still be reset with nothing upstream, and
+/// one for another name must still reach the server byte for byte.
+#[test]
+fn a_client_hello_in_one_byte_segments_is_judged_whole() {
+    let (server, port) = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = l.local_addr().unwrap().port();
+        (l, p)
+    };
+    let dir = TempDir::new("netfence-attack-sni");
+    let cfg = dnsfake::write_config(
+        dir.path(),
+        "deny_domains = [\"evil.example\"]\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n",
+    );
+    let nf = Netfence::builder()
+        .arg("--config")
+        .arg(cfg.display().to_string())
+        .args(&[
+            "--map".to_string(),
+            format!("{PUBLIC_IP}:443=127.0.0.1:{port}"),
+        ])
+        .spawn();
+    let mut g = guest_up(&nf);
+
+    // The denied name: reset, and the server reads nothing.
+    let evil = dnsfake::client_hello("evil.example");
+    let h = g.tcp_connect(PUBLIC_IP, 443, SHORT).expect("handshake");
+    send_byte_by_byte(&mut g, h, &evil);
+    let reset = g.poll_until(deadline(SHORT), |g| {
+        (g.tcp(h).state() == State::Closed).then_some(())
+    });
+    assert!(
+        reset.is_some(),
+        "a hello for evil.example in one-byte segments was not reset"
+    );
+    g.sockets.remove(h);
+    server.set_nonblocking(false).ok();
+    let (mut first, _) = server.accept().expect("the SYN's host connection");
+    first.set_read_timeout(Some(SHORT)).ok();
+    let mut buf = [0u8; 64];
+    let leaked = matches!(first.read(&mut buf), Ok(n) if n > 0);
+    assert!(!leaked, "bytes of a denied hello reached the server");
+
+    // Another name: the whole hello reaches the server unchanged.
+    let good = dnsfake::client_hello("good.example");
+    let want = good.clone();
+    let reader = thread::spawn(move || {
+        let (mut c, _) = server.accept().expect("second connection");
+        c.set_read_timeout(Some(SHORT)).ok();
+        let mut got = vec![0u8; want.len()];
+        c.read_exact(&mut got).map(|_| got == want)
+    });
+    let h = g.tcp_connect(PUBLIC_IP, 443, SHORT).expect("handshake");
+    send_byte_by_byte(&mut g, h, &good);
+    let intact = reader.join().expect("reader");
+    assert!(
+        matches!(intact, Ok(true)),
+        "a hello for good.example in one-byte segments did not reach the server intact: {intact:?}\n{}",
+        nf.log_text()
+    );
+}
