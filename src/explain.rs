@@ -159,9 +159,21 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
         Some(p) => SocketAddr::new(ip, p).to_string(),
         None => ip.to_string(),
     };
+    // As the datapath does: a guest flow to its own loopback is never carried.
+    let never_carried =
+        d.allowed() && a.direction == Direction::Egress && crate::policy::guest_loopback(ip);
+    let (action, reason, allowed) = if never_carried {
+        (
+            crate::policy::Action::Deny,
+            crate::policy::GUEST_LOOPBACK.to_string(),
+            false,
+        )
+    } else {
+        (d.action, d.reason.to_string(), d.allowed())
+    };
     out.push_str(&format!(
         "{} {} {} {}: {}\n",
-        d.action, a.direction, a.protocol, dst, d.reason
+        action, a.direction, a.protocol, dst, reason
     ));
     let group = group_of(ip, &host)
         .map(|g| g.to_string())
@@ -175,7 +187,7 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
             out.push_str(&format!("  host side (map): {h}\n"));
         }
     }
-    Ok((out, d.allowed()))
+    Ok((out, allowed))
 }
 
 /// One problem `lint` found.
@@ -743,6 +755,12 @@ mod tests {
                 &["ingress", "tcp", "127.0.0.1:8080"],
                 "allow ingress tcp 127.0.0.1:8080: preset public-only: ingress allowed\n  group: loopback\n",
                 0,
+            ),
+            (
+                // The guest's own loopback is never carried to the host's, allowed or not.
+                &["--net-rule", "allow@loopback", "egress", "tcp", "127.0.0.1:22"],
+                "deny egress tcp 127.0.0.1:22: loopback is the guest's own, never the host's (allow `host` to reach the host)\n  group: loopback\n",
+                1,
             ),
             (
                 &["--no-net", "ingress", "tcp", "127.0.0.1:8080"],

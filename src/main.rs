@@ -194,6 +194,29 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 /// waited for: a guest must not be able to stall its link through the log.
 const LOG_BUFFER_LINES: usize = 16 * 1024;
 
+/// Libraries that log about the bytes they parse, once per message, outside our log gates:
+/// hickory-proto warns about every malformed EDNS option of a guest's DNS query (with the
+/// option's bytes in the line) and about odd records in upstream answers. A guest would write
+/// the host's log at will through them, so below `error` they are silent unless `RUST_LOG`
+/// names them.
+const QUIET_LIBRARIES: &[&str] = &["hickory_proto"];
+
+/// `RUST_LOG` (default `info`), with [`QUIET_LIBRARIES`] at `error` unless it names them.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG").ok();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for library in QUIET_LIBRARIES {
+        if env.as_deref().is_some_and(|e| e.contains(library)) {
+            continue;
+        }
+        if let Ok(directive) = format!("{library}=error").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 fn main() -> ExitCode {
     let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
@@ -201,10 +224,7 @@ fn main() -> ExitCode {
         .thread_name("netfence-log")
         .finish(std::io::stderr());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .with_writer(writer)
         .init();
     let cli = match Cli::try_parse() {

@@ -33,7 +33,9 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, GuestUsize,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -226,6 +228,58 @@ impl<L: LinkDriver> DeviceState<L> {
     }
 }
 
+/// Whether every byte of `region` has file behind it. The VMM says how large a region is and
+/// mmap believes it: a page past the end of the file raises SIGBUS when it is touched, which
+/// would kill netfence the first time a descriptor (or a ring) points there. Anonymous
+/// regions and files that are not regular files (no size to compare) pass.
+fn backed_to_its_end(region: &vm_memory::GuestRegionMmap<()>) -> bool {
+    let Some(file_offset) = region.file_offset() else {
+        return true;
+    };
+    match file_offset.file().metadata() {
+        Ok(meta) if meta.is_file() => file_offset
+            .start()
+            .checked_add(region.len())
+            .is_some_and(|end| end <= meta.len()),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
+/// Removes from the guest memory map the regions a VMM announced larger than their file
+/// (see [`backed_to_its_end`]), in the map every ring shares, so that nothing ever reads or
+/// writes them: a chain into one is a bad chain. Returns what was refused, for the VMM's error.
+fn drop_regions_past_eof(mem: &GuestMemory) -> Option<String> {
+    let map = mem.memory();
+    let short: Vec<(GuestAddress, GuestUsize)> = map
+        .iter()
+        .filter(|r| !backed_to_its_end(r))
+        .map(|r| (r.start_addr(), r.len()))
+        .collect();
+    if short.is_empty() {
+        return None;
+    }
+    let mut kept = (*map).clone();
+    drop(map);
+    for &(base, len) in &short {
+        if let Ok((rest, _)) = kept.remove_region(base, len) {
+            kept = rest;
+        }
+    }
+    let shared = mem.lock().unwrap_or_else(|p| p.into_inner());
+    shared.replace(kept);
+    let list: Vec<String> = short
+        .iter()
+        .map(|(base, len)| format!("{len:#x} bytes at {:#x}", base.0))
+        .collect();
+    let why = format!(
+        "memory regions larger than their file refused: {}",
+        list.join(", ")
+    );
+    warn!("{why}");
+    Some(why)
+}
+
 /// The virtio feature bits we offer.
 pub fn offered_features() -> u64 {
     (1 << VIRTIO_F_VERSION_1)
@@ -288,10 +342,15 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        let refused = drop_regions_past_eof(&mem);
         self.lock().mem = Some(mem);
         // A kick that came while a ring was outside the old map found nothing to read; with
         // EVENT_IDX the guest will not kick again for those chains.
-        self.rescan.write(1)
+        self.rescan.write(1)?;
+        match refused {
+            None => Ok(()),
+            Some(why) => Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
+        }
     }
 
     fn reset_device(&self) {

@@ -93,6 +93,14 @@ fn report_unusable(queue: &'static str, why: RingUnusable) {
     }
 }
 
+/// Whether `head` names a descriptor of the ring. A driver may make any 16-bit value
+/// available; a head beyond the ring can be neither read nor returned (virtio-queue's
+/// `add_used` refuses it and logs an error line of its own for every such entry, outside our
+/// rate limits), so it is counted as a bad chain and left alone.
+fn head_in_ring(state: &RingState, head: u16) -> bool {
+    head < state.get_queue().size()
+}
+
 /// Pops the next available chain, or reports why the ring cannot be read.
 fn next_chain<'m>(
     state: &mut RingState,
@@ -161,10 +169,17 @@ pub fn header_len(version_1_or_mrg: bool) -> usize {
     }
 }
 
+/// Most descriptors a chain may have. The virtio spec forbids a chain longer than the queue
+/// (indirect entries included), and virtio-queue accepts indirect tables of 65,535 entries:
+/// without this bound a ring full of such chains of zero-length descriptors costs millions of
+/// descriptor reads per TX kick, with the datapath lock held.
+pub const MAX_CHAIN_DESCRIPTORS: usize = super::MAX_QUEUE_SIZE;
+
 /// Walks a chain and says whether it ends properly: the iterator of virtio-queue stops quietly
 /// on a loop, a `next` out of range, a bad indirect table or a length overflow, which would make
 /// a truncated chain look complete. A chain is accepted only if its last descriptor says "no
-/// next", its length fits a frame, and (for TX) no descriptor is device-writable.
+/// next", it has at most [`MAX_CHAIN_DESCRIPTORS`] descriptors, its length fits a frame, and
+/// (for TX) no descriptor is device-writable.
 fn chain_is_well_formed<M>(chain: &DescriptorChain<M>, transmit: bool) -> bool
 where
     M: std::ops::Deref + Clone,
@@ -173,7 +188,10 @@ where
     let mut seen = false;
     let mut last_has_next = false;
     let mut total: u64 = 0;
-    for desc in chain.clone() {
+    for (count, desc) in chain.clone().enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS {
+            return false;
+        }
         seen = true;
         last_has_next = desc.has_next();
         total += u64::from(desc.len());
@@ -235,6 +253,10 @@ pub fn drain_tx(
             taken += 1;
             stats.chains += 1;
             let head = chain.head_index();
+            if !head_in_ring(&vring.get_ref(), head) {
+                stats.bad_chains += 1;
+                continue;
+            }
             scratch.clear();
             let well_formed = chain_is_well_formed(&chain, true);
             let ok = well_formed
@@ -330,7 +352,9 @@ pub fn push_rx(
                 for (h, _) in &chains {
                     let _ = state.add_used(*h, 0);
                 }
-                let _ = state.add_used(head, 0);
+                if head_in_ring(&state, head) {
+                    let _ = state.add_used(head, 0);
+                }
                 return Err(RxError::BadChain);
             }
         };

@@ -24,7 +24,7 @@ use lru::LruCache;
 use tracing::info;
 
 use crate::dns::cache::CachedNames;
-use crate::policy::{Direction, FlowQuery, Policy, Protocol};
+use crate::policy::{guest_loopback, Direction, FlowQuery, Policy, Protocol, GUEST_LOOPBACK};
 
 use super::FlowKey;
 
@@ -272,7 +272,9 @@ impl Decider {
             domains: &names.asked,
         };
         let decision = names.decide(&self.policy, &query);
-        let (allowed, reason, remember) = if decision.allowed() {
+        let (allowed, reason, remember) = if decision.allowed() && guest_loopback(dst.ip()) {
+            (false, GUEST_LOOPBACK.to_string(), true)
+        } else if decision.allowed() {
             match capacity() {
                 Ok(()) => (true, decision.reason.to_string(), false),
                 Err(why) => (false, why, false),
@@ -408,6 +410,43 @@ mod tests {
         let public: SocketAddr = "203.0.113.7:80".parse().unwrap();
         let full = || Err("limit tcp-flows (0) reached".to_string());
         assert!(!d.decide(Protocol::Tcp, src, public, &names, full, t0));
+        assert!(d.decide(Protocol::Tcp, src, public, &names, || Ok(()), t0));
+    }
+
+    #[test]
+    fn the_guests_loopback_is_never_allowed() {
+        use crate::policy::{Action, DenyAction, PolicyParts};
+        // A policy that allows everything still never carries a flow to the guest's loopback.
+        let parts = PolicyParts {
+            preset: None,
+            default_egress: Action::Allow,
+            default_ingress: Action::Allow,
+            preset_egress_default: false,
+            preset_ingress_default: false,
+            rules: Vec::new(),
+            deny_domains: Vec::new(),
+            deny_suffixes: Vec::new(),
+            deny_action: DenyAction::Drop,
+            max_connections: None,
+        };
+        let allow_all = Arc::new(Policy::new(parts, &crate::policy::HostAddrs::default()));
+        let mut d = Decider::new(allow_all, 100, Duration::from_secs(30), 10);
+        let t0 = Instant::now();
+        let src: SocketAddr = "172.16.0.2:4000".parse().unwrap();
+        let names = CachedNames::default();
+        for dst in [
+            "127.0.0.1:22",
+            "127.9.9.9:80",
+            "[::1]:22",
+            "[::ffff:127.0.0.1]:22",
+        ] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            assert!(
+                !d.decide(Protocol::Tcp, src, dst, &names, || Ok(()), t0),
+                "{dst}"
+            );
+        }
+        let public: SocketAddr = "203.0.113.7:80".parse().unwrap();
         assert!(d.decide(Protocol::Tcp, src, public, &names, || Ok(()), t0));
     }
 

@@ -151,7 +151,16 @@ pub fn group_of(ip: IpAddr, host: &HostAddrs) -> Option<Group> {
     if host.contains(ip) {
         return Some(Group::Host);
     }
-    if matches!(group, Group::Private | Group::Public) {
+    // Only where the answer can change the group: private and public addresses, and IPv4
+    // link-local ones (a host can carry one: zeroconf, container runtimes, Kubernetes'
+    // node-local DNS cache at 169.254.20.10). An IPv6 link-local address needs a scope to be
+    // dialled at all, so it never reaches a host service and is not asked about.
+    let may_be_local = match group {
+        Group::Private | Group::Public => true,
+        Group::LinkLocal => judged.is_ipv4(),
+        _ => false,
+    };
+    if may_be_local {
         // A 6to4 or NAT64 address may itself be configured on the host: probe the written
         // form too (a mapped one is the same socket address as the IPv4 one).
         let written_differs = match ip {
@@ -163,4 +172,21 @@ pub fn group_of(ip: IpAddr, host: &HostAddrs) -> Option<Group> {
         }
     }
     Some(group)
+}
+
+/// The reason of a flow to the guest's own loopback that the policy allowed.
+pub const GUEST_LOOPBACK: &str =
+    "loopback is the guest's own, never the host's (allow `host` to reach the host)";
+
+/// Whether `ip`, in any spelling, is in the `loopback` group: the guest's *own* 127.0.0.0/8
+/// and ::1 (the reference: "not the host"), which a real guest never puts on the wire. A flow
+/// there is never carried, whatever the policy says about `loopback`: its host socket would
+/// reach the host's loopback, so `allow@loopback` (or a default allow beside `deny@host`)
+/// would open every host service bound to localhost. The host is reached through the
+/// gateway addresses (`host`).
+pub fn guest_loopback(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
 }

@@ -8,8 +8,9 @@
 //! network namespace (any interface's address, any `local` route), and says `EADDRNOTAVAIL`
 //! otherwise. A UDP socket bound to (address, port 0) and closed at once therefore answers
 //! exactly and as of now: no netlink, no address list to go stale. It costs one socket per
-//! probed address; policy probes only where the answer can change the group (private and
-//! public addresses, not loopback, link-local, multicast, metadata or addresses in no group).
+//! probed address; policy probes only where the answer can change the group (private, public
+//! and IPv4 link-local addresses; not loopback, IPv6 link-local, multicast, metadata or
+//! addresses in no group).
 //!
 //! It fails closed: an error other than "address not available" counts as local, so the flow
 //! is judged `host` and a preset blocks it. Running out of file descriptors is the likely such

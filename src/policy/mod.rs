@@ -42,7 +42,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use canonical::{canonical, embedded_ipv4};
-pub use group::{group_names, group_of, Group, HostAddrs};
+pub use group::{group_names, group_of, guest_loopback, Group, HostAddrs, GUEST_LOOPBACK};
 pub use local::LocalAddrs;
 pub use rule::{parse_cidr, parse_domain, Destination, PortRange, RuleDirection, RuleSpec};
 pub use vocab::{Action, DenyAction, Direction, Preset, Protocol};

@@ -378,8 +378,8 @@ fn no_group_addresses_are_denied_outright() {
     }
 }
 
-/// The host's own addresses (here a fixed list) are `host`, in every spelling; only private
-/// and public addresses are asked about.
+/// The host's own addresses (here a fixed list) are `host`, in every spelling; only private,
+/// public and IPv4 link-local addresses are asked about.
 #[test]
 fn host_own_addresses_are_host() {
     use Group::*;
@@ -411,9 +411,11 @@ fn host_own_addresses_are_host() {
         ("2002:c633:6401::1", Some(Host)),
         ("2002:c633:6401::2", Some(Public)),
         ("198.51.100.1", Some(Public)),
+        // an IPv4 link-local address of the host's own reaches its services too
+        ("169.254.7.7", Some(Host)),
+        ("169.254.7.8", Some(LinkLocal)),
         // groups where the host's addresses do not matter are not asked about
         ("127.0.0.5", Some(Loopback)),
-        ("169.254.7.7", Some(LinkLocal)),
         ("fe80::7", Some(LinkLocal)),
         ("224.0.0.7", Some(Multicast)),
         ("169.254.169.254", Some(Metadata)),

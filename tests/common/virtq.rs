@@ -266,6 +266,13 @@ impl SplitQueue {
         self.store16(self.avail.unchecked_add(2), self.next_avail);
     }
 
+    /// Puts `head` in the next available ring slot and bumps avail->idx, with no bookkeeping
+    /// and no check: a driver that makes a head index available that it never allocated (even
+    /// one beyond the ring). The device must not return it (it cannot), so nothing is freed.
+    pub fn publish_head_unchecked(&mut self, head: u16) {
+        self.publish(head);
+    }
+
     /// Writes avail->idx as given, without publishing anything (a driver that lies about how
     /// many chains it made available). Our own bookkeeping (`next_avail`) is left alone.
     pub fn write_avail_idx_raw(&self, idx: u16) {
