@@ -66,7 +66,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            tcp_flows: 4096,
+            tcp_flows: 1024,
             tcp_connecting: 256,
             tls_hellos: 256,
             tcp_buffer_bytes: 512 * 1024,
@@ -342,6 +342,10 @@ mod tests {
         for spec in LIMITS {
             assert!(help.contains(spec.name), "{}", spec.name);
         }
-        assert!(help.contains("tcp-flows") && help.contains("4096"));
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with("tcp-flows "))
+            .expect("a tcp-flows line");
+        assert!(line.contains(" 1024 "), "{line}");
     }
 }

@@ -192,18 +192,22 @@ fn connect_small(g: &mut Guest, dst: Ipv4Addr, port: u16) -> Option<smoltcp::ifa
 /// Attack: the guest opens many flows to a server that sends without pause and never reads a
 /// byte of them. netfence reads each host socket into the flow's smoltcp send buffer
 /// (`TCP_BUFFER_BYTES`, 512 KiB) until it is full, for every flow; the same holds the other way
-/// for a server that never reads what the guest sends. With the default `tcp-flows` (4096) a
-/// single guest can so make netfence hold 2 GiB per direction.
+/// for a server that never reads what the guest sends. Without a link-wide budget a single guest could so make
+/// netfence hold `tcp-flows` x 512 KiB per direction.
 ///
 /// What must happen: the bytes held for one link have a named budget that does not grow with
-/// the number of flows (the design's "bytes buffered" limit); 256 idle-reading flows stay
+/// the number of flows (`tcp-link-buffer-bytes`, here 16 MiB); 256 idle-reading flows stay
 /// within 64 MiB of netfence's memory.
 #[test]
-#[ignore = "finding: no per-link budget on bytes buffered; 512 KiB per flow per direction x tcp-flows"]
 fn many_flows_that_never_read_do_not_hold_unbounded_memory() {
     const FLOWS: usize = 256;
     let hose = Firehose::start();
-    let nf = Netfence::spawn(&map_all_ports(PUBLIC_IP, hose.port()));
+    let mut args = map_all_ports(PUBLIC_IP, hose.port()).to_vec();
+    args.extend([
+        "--limit".to_string(),
+        "tcp-link-buffer-bytes=16777216".to_string(),
+    ]);
+    let nf = Netfence::spawn(&args);
     let pid = nf.pid().expect("running");
     let mut g = guest_up(&nf);
     let rss0 = rss_kib(pid);
