@@ -191,9 +191,9 @@ fn connect_small(g: &mut Guest, dst: Ipv4Addr, port: u16) -> Option<smoltcp::ifa
 
 /// Attack: the guest opens many flows to a server that sends without pause and never reads a
 /// byte of them. netfence reads each host socket into the flow's smoltcp send buffer
-/// (`TCP_BUFFER_BYTES`, 512 KiB) until it is full, for every flow; the same holds the other way
-/// for a server that never reads what the guest sends. Without a link-wide budget a single guest could so make
-/// netfence hold `tcp-flows` x 512 KiB per direction.
+/// (`tcp-buffer-bytes`, 512 KiB) until it is full, for every flow; the same holds the other way
+/// for a server that never reads what the guest sends. Without a link-wide budget a single
+/// guest could so make netfence hold `tcp-flows` x 512 KiB per direction.
 ///
 /// What must happen: the bytes held for one link have a named budget that does not grow with
 /// the number of flows (`tcp-link-buffer-bytes`, here 16 MiB); 256 idle-reading flows stay
