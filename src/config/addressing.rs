@@ -112,9 +112,10 @@ pub struct Addressing {
 }
 
 impl Addressing {
-    /// Whether `ip` is one of the gateway's own addresses (IPv4, IPv6 global or link-local).
+    /// Whether `ip` is one of the gateway's own addresses (IPv4, IPv6 global or link-local),
+    /// in any spelling the policy judges as one (IPv4-mapped, NAT64, ...).
     pub fn is_gateway(&self, ip: IpAddr) -> bool {
-        match ip {
+        match crate::policy::canonical(ip) {
             IpAddr::V4(v4) => v4 == self.v4.gateway,
             IpAddr::V6(v6) => self.v6.is_gateway(v6),
         }
@@ -132,6 +133,20 @@ impl Addressing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_a_gateway_is_the_gateway() {
+        let a = Addressing {
+            v4: LinkAddrs::for_slot("172.16.0.0/12".parse().unwrap(), 0).unwrap(),
+            v6: LinkAddrs6::for_slot("fd42:6d73:62::/48".parse().unwrap(), 0).unwrap(),
+        };
+        for ip in ["172.16.0.1", "::ffff:172.16.0.1", "64:ff9b::ac10:1", "fe80::1"] {
+            assert!(a.is_gateway(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["172.16.0.2", "::ffff:172.16.0.2", "fd42:6d73:62::2"] {
+            assert!(!a.is_gateway(ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn slots_carve_slash_30s() {
