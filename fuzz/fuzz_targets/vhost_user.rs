@@ -1,0 +1,7 @@
+//! cargo fuzz target `vhost_user`: runs `netfence::fuzzing::target("vhost_user")` (see `src/fuzzing/` for
+//! its input format and the properties it asserts).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    (netfence::fuzzing::target("vhost_user").expect("a fuzz target").run)(data);
+});
