@@ -89,8 +89,8 @@ regression_tests!(
     cli,
 );
 
-/// Every target has a test here, a `cargo fuzz` target file calling its body, and an entry in
-/// `fuzz/Cargo.toml`.
+/// Every target has a test here, a `cargo fuzz` target file calling its body (and naming its
+/// `max_len` for scripts/fuzz.sh), and an entry in `fuzz/Cargo.toml`.
 #[test]
 fn every_target_is_wired() {
     let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).expect("fuzz/Cargo.toml");
@@ -109,6 +109,12 @@ fn every_target_is_wired() {
             source.contains(&format!("target(\"{}\")", t.name)),
             "{} does not run its body",
             file.display()
+        );
+        assert!(
+            source.contains(&format!("libFuzzer -max_len: {} ", t.max_len)),
+            "{} does not give scripts/fuzz.sh the max_len {}",
+            file.display(),
+            t.max_len
         );
         assert!(
             manifest.contains(&format!("name = \"{}\"", t.name)),
