@@ -106,7 +106,7 @@ fn every_target_is_wired() {
         let source =
             std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert!(
-            source.contains(&format!("target(\"{}\")", t.name)),
+            source.contains(&format!("fuzzing::run(\"{}\", data)", t.name)),
             "{} does not run its body",
             file.display()
         );

@@ -582,6 +582,37 @@ fn rebind_keeps_public_addresses_and_explicit_allows() {
     assert_eq!(v.cache.len(), 3);
 }
 
+/// Found by the `dns_answer` fuzz target: an answer whose record name is a compression
+/// pointer into the header's id decoded to one name here and, once the guest's id was put in
+/// its place, to another (or to nothing) at the guest. Such an answer is re-encoded instead.
+#[test]
+fn a_name_pointing_into_the_id_is_re_encoded() {
+    let q = query_msg(0x1201, "www.example.com", RecordType::A, None);
+    // Upstream id 0xab00: the pointer to offset 1 reads a root name there.
+    let mut raw = vec![0xab, 0x00, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+    raw.extend_from_slice(b"\x03www\x07example\x03com\x00\x00\x01\x00\x01");
+    raw.extend_from_slice(&[0xc0, 0x01, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 203, 0, 113, 5]);
+    let upstream = decode(&raw);
+    assert_eq!(upstream.answers[0].name, Name::root());
+    let v = vet_answer(
+        &raw,
+        upstream,
+        &guest_query(&q),
+        &judge(&[], &[]),
+        true,
+        UDP512,
+    );
+    let delivered = Message::from_vec(&v.bytes).expect("the guest can decode the answer");
+    assert_eq!(delivered.id, 0x1201);
+    assert_eq!(delivered.answers.len(), 1);
+    assert_eq!(
+        delivered.answers[0].name,
+        Name::root(),
+        "the name that was vetted"
+    );
+    assert_eq!(ips(&delivered), vec![IpAddr::from([203, 0, 113, 5])]);
+}
+
 #[test]
 fn unchanged_answers_pass_byte_for_byte_with_the_client_id() {
     let j = judge(&[], &[]);

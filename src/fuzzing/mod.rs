@@ -105,6 +105,14 @@ pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
 
+/// Runs the body of the target called `name` on `data` (what the `cargo fuzz` targets do).
+pub fn run(name: &str, data: &[u8]) {
+    match target(name) {
+        Some(t) => (t.run)(data),
+        None => panic!("no fuzz target {name}"),
+    }
+}
+
 /// A reader over fuzz input that never fails: past the end it reads zeros and empty slices.
 pub struct Input<'a> {
     rest: &'a [u8],
