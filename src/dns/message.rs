@@ -113,6 +113,21 @@ fn reply_error_header(id: u16, op_code: OpCode, rd: bool) -> QueryCheck {
     }
 }
 
+/// `reply` (a local error answer) if it has at most `max` bytes, else its header alone with
+/// every count zero: the guest echoed too many questions for one answer (RFC 1035 lets an
+/// error answer leave the question out).
+pub fn header_only_above(reply: Vec<u8>, max: usize) -> Vec<u8> {
+    if reply.len() <= max {
+        return reply;
+    }
+    let mut header = reply;
+    header.truncate(12);
+    if let Some(counts) = header.get_mut(4..12) {
+        counts.fill(0);
+    }
+    header
+}
+
 fn encode_or_empty(m: &Message) -> Vec<u8> {
     m.to_vec().unwrap_or_default()
 }

@@ -395,6 +395,60 @@ fn configured_host_aliases_and_deny_wins_over_alias() {
     assert_eq!(m.response_code, ResponseCode::NXDomain);
 }
 
+/// A FORMERR echoes every question the guest sent; a guest that sends many (in a datagram
+/// reassembled from fragments, or over TCP) must not get an answer over UDP larger than 512
+/// bytes or one frame of the link. Such an error answer keeps only its header. (The
+/// `dns_query` fuzz target's size property, checked by hand with long names.)
+#[test]
+fn error_answers_that_echo_many_questions_fit_the_link() {
+    let mut s = settings(Vec::new());
+    s.link_mtu = 1280;
+    let mut svc = DnsService::new(s).unwrap();
+    let j = judge(&[], &[]);
+    let label = "a".repeat(60);
+    let mut many = query_msg(
+        0x0b0b,
+        &format!("{label}.{label}.test."),
+        RecordType::A,
+        None,
+    );
+    for i in 0..24 {
+        let name = format!("{}{i:02}.{label}.{label}.test.", "b".repeat(58));
+        many.add_query(Query::query(
+            Name::from_ascii(&name).unwrap(),
+            RecordType::A,
+        ));
+    }
+    let wire = many.to_vec().unwrap();
+    assert!(
+        wire.len() > 1232,
+        "the query must not fit the link: {}",
+        wire.len()
+    );
+    let answer = svc
+        .handle_query(client(1), &wire, &j, Instant::now())
+        .unwrap();
+    assert!(answer.len() <= 512, "{} bytes over UDP", answer.len());
+    let m = decode(&answer);
+    assert_eq!((m.id, m.response_code), (0x0b0b, ResponseCode::FormErr));
+    assert!(m.queries.is_empty());
+    // Over TCP it fits max_answer_bytes and keeps the questions.
+    let answer = svc
+        .handle_query(tcp_client(1), &wire, &j, Instant::now())
+        .unwrap();
+    assert_eq!(decode(&answer).queries.len(), 25);
+    // A small error answer is untouched.
+    let mut two = query_msg(8, "a.example.", RecordType::A, None);
+    two.add_query(Query::query(
+        Name::from_ascii("b.example.").unwrap(),
+        RecordType::A,
+    ));
+    let answer = svc
+        .handle_query(client(1), &two.to_vec().unwrap(), &j, Instant::now())
+        .unwrap();
+    assert_eq!(decode(&answer).queries.len(), 2);
+}
+
 #[test]
 fn malformed_queries_get_formerr_or_are_dropped() {
     let (mut svc, up) = local_service();

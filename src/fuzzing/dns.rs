@@ -397,6 +397,16 @@ pub fn query_seeds() -> Vec<Vec<u8>> {
     ));
     let mut status = query_message("example.com", RecordType::A, 8, false);
     status.metadata.op_code = OpCode::Status;
+    // Many long questions: a FORMERR that echoed them all would not fit the link.
+    let label = "a".repeat(60);
+    let mut many = query_message(&format!("{label}.{label}.test"), RecordType::A, 9, false);
+    for i in 0..20 {
+        let name = format!("{}{i:02}.{label}.{label}.test", "b".repeat(58));
+        many.add_query(Query::query(
+            Name::from_ascii(&name).expect("seed name"),
+            RecordType::A,
+        ));
+    }
     let messages = [
         query_bytes(ALIAS, RecordType::A, 1, false),
         query_bytes(ALIAS, RecordType::AAAA, 2, true),
@@ -406,6 +416,7 @@ pub fn query_seeds() -> Vec<Vec<u8>> {
         query_bytes("example.com", RecordType::AXFR, 6, false),
         two.to_vec().expect("seed encodes"),
         status.to_vec().expect("seed encodes"),
+        many.to_vec().expect("seed encodes"),
     ];
     let mut seeds = Vec::new();
     for (i, m) in messages.into_iter().enumerate() {
