@@ -933,6 +933,20 @@ mod tests {
     }
 
     #[test]
+    fn a_links_leaf_cache_is_bounded_by_the_tls_leaf_cache_limit() {
+        let i = unverified(enabled()).unwrap().interception.unwrap();
+        assert_eq!(i.leaf_cache(&Limits::default()).capacity(), 1024);
+        let mut limits = Limits::default();
+        limits.apply("tls-leaf-cache=2").unwrap();
+        let mut leaves = i.leaf_cache(&limits);
+        let now = SystemTime::now();
+        for n in 0..5 {
+            leaves.certified_key(&format!("n{n}.example"), now).unwrap();
+        }
+        assert_eq!((leaves.len(), leaves.capacity()), (2, 2));
+    }
+
+    #[test]
     fn upstream_configs_offer_the_alpn_list_and_are_cached_within_a_bound() {
         let i = unverified(enabled()).unwrap().interception.unwrap();
         let h2 = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
