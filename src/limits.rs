@@ -21,6 +21,10 @@ pub struct Limits {
     /// Leaf certificates kept for intercepted TLS, one per server name (least recently used
     /// evicted).
     pub tls_leaf_cache: usize,
+    /// Intercepted TLS flows in their handshakes at once (their crypto costs the link's thread).
+    pub tls_handshakes: usize,
+    /// An intercepted flow whose handshakes (upstream and guest) are not done by then fails.
+    pub tls_handshake_timeout: Duration,
     /// Bytes of buffer per direction of one TCP flow (the guest end's window).
     pub tcp_buffer_bytes: usize,
     /// Bytes all TCP flows of the link may hold in each direction together, shared among the
@@ -73,6 +77,8 @@ impl Default for Limits {
             tcp_connecting: 256,
             tls_hellos: 256,
             tls_leaf_cache: 1024,
+            tls_handshakes: 64,
+            tls_handshake_timeout: Duration::from_secs(10),
             tcp_buffer_bytes: 512 * 1024,
             tcp_link_buffer_bytes: 64 * 1024 * 1024,
             udp_flows: 1024,
@@ -166,6 +172,16 @@ pub const LIMITS: &[LimitSpec] = &[
         "tls-leaf-cache",
         tls_leaf_cache,
         "leaf certificates cached for TLS interception (one per name)"
+    ),
+    count!(
+        "tls-handshakes",
+        tls_handshakes,
+        "intercepted TLS handshakes at once"
+    ),
+    millis!(
+        "tls-handshake-timeout-secs",
+        tls_handshake_timeout,
+        "intercepted TLS handshake deadline"
     ),
     bytes!(
         "tcp-buffer-bytes",

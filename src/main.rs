@@ -548,8 +548,7 @@ fn run(args: RunArgs) -> ExitCode {
         mtu: args.mtu,
         dns,
         dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
-        // lead: pass tls_settings into FlowSettings
-        tls_ports: tls_settings.intercepted_ports.clone(),
+        tls: tls_settings,
         limits,
     };
     let settings = LinkSettings {

@@ -311,7 +311,7 @@ fn the_socket_is_created_0600() {
 }
 
 /// What is parsed but not built yet is refused by `run`, never silently ignored: published
-/// ports, secrets and TLS interception each exit 2 with a line that names them.
+/// ports and secrets each exit 2 with a line that names them.
 #[test]
 fn unbuilt_features_are_refused_not_ignored() {
     let dir = TempDir::new("nf-unbuilt");
@@ -327,7 +327,6 @@ fn unbuilt_features_are_refused_not_ignored() {
             "[[secrets]]\nenv_var = \"K\"\nvalue = \"v\"\nplaceholder = \"P\"\nallowed_hosts = [\"api.example.com\"]\n",
             "secrets",
         ),
-        ("tls", "[tls]\nintercepted_ports = [443]\n", "TLS interception"),
     ] {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, toml).unwrap();
@@ -519,7 +518,6 @@ fn run_ca_out_without_interception_is_refused() {
 /// With interception, `--ca-out` holds the CA (the configured one when `ca_cert` is set) by the
 /// time the socket exists.
 #[test]
-#[ignore = "lead: enable when interception lands"]
 fn run_ca_out_writes_the_ca_before_the_socket_is_bound() {
     let dir = TempDir::new("nf-ca-out-tls");
     let cert = dir.path().join("ca.pem");

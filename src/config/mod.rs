@@ -503,25 +503,6 @@ impl NetworkConfig {
                     .to_string(),
             );
         }
-        let tls = &self.tls;
-        let interception_keys = tls.is_enabled()
-            || !tls.bypass.is_empty()
-            || tls.verify_upstream.is_some()
-            || tls.block_quic.is_some()
-            || tls.ca_cert.is_some()
-            || tls.ca_key.is_some()
-            || tls.ca_cn.is_some()
-            || !tls.upstream_ca_certs.is_empty()
-            || tls.allow_no_sni.is_some()
-            || self.trust_host_cas.is_some();
-        if interception_keys {
-            out.push(
-                "TLS interception (`[tls]`, `trust_host_cas`) is not built yet: remove it, or \
-                 write `enabled = false` and keep only `intercepted_ports` (the ports whose \
-                 ClientHello name is judged under domain rules; default [443])"
-                    .to_string(),
-            );
-        }
         out
     }
 

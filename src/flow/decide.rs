@@ -300,6 +300,11 @@ impl Decider {
         allowed
     }
 
+    /// Whether a flow is remembered as denied (without counting it as a memo hit).
+    pub fn is_remembered(&mut self, protocol: Protocol, key: FlowKey, now: Instant) -> bool {
+        Self::remembered(&mut self.denied, &(protocol, key), self.memo_time, now)
+    }
+
     /// Remembers a flow as refused without a policy decision (its host socket could not be
     /// opened): its retransmissions are not retried for `denied-memo-secs`.
     pub fn remember_refused(&mut self, protocol: Protocol, key: FlowKey, now: Instant) {

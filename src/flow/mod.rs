@@ -44,6 +44,7 @@ use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
 use crate::stack::frames::{self, TcpHead, Unreachable};
 use crate::stack::GuestStack;
 use crate::tls::sni::ClientHelloScan;
+use crate::tls::{LeafCache, TlsSettings};
 
 use self::addrmap::AddressMap;
 use self::decide::{Decider, DecisionEvent, NameSource};
@@ -51,8 +52,9 @@ use self::dns_gateway::GatewayDns;
 use self::icmp::{EchoFlow, EchoKey};
 use self::table::{FlowRef, FlowTable, NewFlow};
 use self::tcp::host_end::{self, HostEnd};
+use self::tcp::intercept::{InterceptStep, Interceptor};
 use self::tcp::sni_gate::{GateStatus, SniGate};
-use self::tcp::{GuestEnd, PumpResult, TcpFlow};
+use self::tcp::{GuestEnd, Middle, PumpResult, TcpFlow};
 use self::udp::UdpFlow;
 
 /// (guest source, guest-visible destination)
@@ -85,6 +87,15 @@ fn unroutable(dst: IpAddr) -> bool {
     }
 }
 
+/// What a judged ClientHello named, for the interception rules.
+enum HelloName {
+    Sni(String),
+    /// A well-formed hello without a name ("no SNI"), or bytes that are not TLS ("not TLS").
+    Missing(&'static str),
+    /// A hello that could not be read for certain (refused in any case).
+    Unreadable,
+}
+
 /// What the flows of a link need to know, shared by all connections of one netfence process.
 #[derive(Clone)]
 pub struct FlowSettings {
@@ -94,9 +105,9 @@ pub struct FlowSettings {
     pub mtu: u16,
     pub dns: DnsSettings,
     pub dns_intercept_all: bool,
-    /// TCP ports whose first flight (TLS ClientHello) is read for the SNI before any byte goes
-    /// upstream (under domain rules).
-    pub tls_ports: Vec<u16>,
+    /// `[tls]`: the ports whose first flight (TLS ClientHello) is read for the SNI before any
+    /// byte goes upstream (under domain rules, or always with interception), and interception.
+    pub tls: TlsSettings,
     pub limits: Limits,
 }
 
@@ -123,6 +134,8 @@ pub struct Flows {
     pub tcp_buffered_peak: usize,
     /// What one TCP flow may hold each way now: the link budget shared among the open flows.
     tcp_share: usize,
+    /// The link's leaf certificates, with interception on.
+    leaves: Option<LeafCache>,
 }
 
 impl Flows {
@@ -151,6 +164,10 @@ impl Flows {
             tcp_to_host_bytes: 0,
             tcp_buffered_peak: 0,
             tcp_share: usize::MAX,
+            leaves: settings
+                .tls
+                .interception()
+                .map(|i| i.leaf_cache(&settings.limits)),
             settings,
         })
     }
@@ -311,8 +328,12 @@ impl Flows {
             }
             return;
         }
-        let gated = self.settings.tls_ports.contains(&head.dst.port())
-            && self.settings.policy.has_domain_rules();
+        let gated = self
+            .settings
+            .tls
+            .intercepted_ports
+            .contains(&head.dst.port())
+            && (self.settings.policy.has_domain_rules() || self.leaves.is_some());
         let names = self.names_for(head.dst.ip(), now);
         let table = &self.table;
         let limits = &self.settings.limits;
@@ -368,7 +389,7 @@ impl Flows {
                 }
             })?;
         debug!(src = %guest, dst = %dst, host = %target, "connecting host side");
-        let middle = gated.then(|| SniGate::new(now));
+        let middle = gated.then(|| Middle::Gate(SniGate::new(now)));
         let host = HostEnd::new(socket, target);
         self.table.tcp.insert(
             key,
@@ -433,7 +454,7 @@ impl Flows {
                 let now = Instant::now();
                 flow.guest_end = GuestEnd::Socket { handle, since: now };
                 flow.last_active = now;
-                if let Some(gate) = &mut flow.middle {
+                if let Some(Middle::Gate(gate)) = &mut flow.middle {
                     // The hello's clock starts when the guest can send it.
                     *gate = SniGate::new(now);
                 }
@@ -463,8 +484,9 @@ impl Flows {
             .limits
             .tcp_link_buffer_bytes
             .saturating_sub(self.tcp_to_guest_bytes);
+        let mut failed_tls: Vec<(FlowKey, String)> = Vec::new();
         for (key, flow) in self.table.tcp.iter_mut() {
-            if let (Some(gate), Some(handle)) = (&flow.middle, flow.handle()) {
+            if let (Some(Middle::Gate(gate)), Some(handle)) = (&flow.middle, flow.handle()) {
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
                 if matches!(sock.state(), stcp::State::Closed | stcp::State::TimeWait) {
                     // Nothing went upstream; the host sees a reset, not a clean close.
@@ -475,6 +497,28 @@ impl Flows {
                 match gate.poll(sock, now, hello_timeout) {
                     GateStatus::Waiting => {}
                     status => hellos.push((*key, status)),
+                }
+                continue;
+            }
+            let handle = flow.handle();
+            if let (Some(Middle::Tls(tls)), Some(handle)) = (&mut flow.middle, handle) {
+                let (Some(interception), Some(leaves)) =
+                    (self.settings.tls.interception(), self.leaves.as_mut())
+                else {
+                    failed_tls.push((*key, "interception is off".to_string()));
+                    continue;
+                };
+                let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
+                let before = tls.bytes_to_host + tls.bytes_to_guest;
+                match tls.pump(sock, &mut flow.host, interception, leaves) {
+                    InterceptStep::Alive => {}
+                    InterceptStep::Finished => done.push((*key, "closed")),
+                    InterceptStep::Failed(e) => failed_tls.push((*key, e.to_string())),
+                }
+                flow.bytes_to_host = tls.bytes_to_host;
+                flow.bytes_to_guest = tls.bytes_to_guest;
+                if tls.bytes_to_host + tls.bytes_to_guest != before {
+                    flow.last_active = now;
                 }
                 continue;
             }
@@ -493,6 +537,13 @@ impl Flows {
         }
         for (key, status) in hellos {
             self.judge_hello(key, status, stack, now);
+        }
+        for (key, why) in failed_tls {
+            self.counters.inc("tls-intercept-failed");
+            if let Some(suppressed) = self.flow_events.admit(now) {
+                info!(src = %key.0, dst = %key.1, error = %why, suppressed, "intercepted TLS flow failed");
+            }
+            self.abort_flow_now(&key, stack);
         }
         if !done.is_empty() {
             // Let smoltcp send the RSTs/FINs of aborted sockets before they go away.
@@ -538,6 +589,12 @@ impl Flows {
         now: Instant,
     ) {
         let (src, dst) = key;
+        let hello = match &status {
+            GateStatus::Ready(ClientHelloScan::Sni(name)) => HelloName::Sni(name.clone()),
+            GateStatus::Ready(ClientHelloScan::NoSni) => HelloName::Missing("no SNI"),
+            GateStatus::Ready(ClientHelloScan::NotTls) => HelloName::Missing("not TLS"),
+            _ => HelloName::Unreadable,
+        };
         let (sni, verdict): (Option<String>, Result<String, String>) = match status {
             GateStatus::Waiting => return,
             GateStatus::TimedOut => (None, Err("no ClientHello in time".to_string())),
@@ -571,6 +628,7 @@ impl Flows {
                 )),
             ),
         };
+        let (verdict, stage) = self.interception_verdict(&hello, verdict, now);
         let names: Vec<String> = sni.into_iter().collect();
         let (allowed, reason) = match &verdict {
             Ok(r) => (true, r.as_str()),
@@ -592,7 +650,7 @@ impl Flows {
             return;
         };
         if allowed {
-            flow.middle = None;
+            flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
         } else {
             self.counters.inc("tls-hello-refused");
@@ -602,6 +660,55 @@ impl Flows {
             flow.host.reset_on_close();
             stack.poll();
             self.close_tcp(&key, "SNI refused", stack);
+        }
+    }
+
+    /// With interception on, what becomes of a hello the policy judged (`verdict`): a name
+    /// gets an interceptor (unless `tls.bypass` lists it, or `tls-handshakes` are all taken);
+    /// no name, or not TLS, is refused unless `tls.allow_no_sni` relays it as it is. Without
+    /// interception the verdict stands and no stage follows.
+    fn interception_verdict(
+        &self,
+        name: &HelloName,
+        verdict: Result<String, String>,
+        now: Instant,
+    ) -> (Result<String, String>, Option<Box<Interceptor>>) {
+        let Some(interception) = self.settings.tls.interception() else {
+            return (verdict, None);
+        };
+        match (name, verdict) {
+            (HelloName::Sni(name), Ok(reason)) => {
+                if let Some(entry) = interception.bypass_entry(name) {
+                    return (
+                        Ok(format!("{reason}; not intercepted (tls.bypass {entry})")),
+                        None,
+                    );
+                }
+                let cap = self.settings.limits.tls_handshakes;
+                if self.table.tls_handshakes() >= cap {
+                    return (Err(format!("limit tls-handshakes ({cap}) reached")), None);
+                }
+                let stage = Interceptor::new(name, None, false, now);
+                (Ok(format!("{reason}; intercepted")), Some(Box::new(stage)))
+            }
+            (HelloName::Missing(what), _) => {
+                if interception.allow_no_sni {
+                    (
+                        Ok(format!(
+                            "{what} on an intercepted port: relayed unintercepted (tls.allow_no_sni)"
+                        )),
+                        None,
+                    )
+                } else {
+                    (
+                        Err(format!(
+                            "{what} on an intercepted port (tls.allow_no_sni is off)"
+                        )),
+                        None,
+                    )
+                }
+            }
+            (_, verdict) => (verdict, None),
         }
     }
 
@@ -645,6 +752,20 @@ impl Flows {
                 to_host = flow.bytes_to_host, to_guest = flow.bytes_to_guest,
                 "TCP flow closed"
             );
+        }
+    }
+
+    /// Ends a flow whose middle stage failed: the host side is reset, the guest side closed
+    /// after what the stage left for it (a TLS alert) goes out (the socket lingers for that).
+    fn abort_flow_now(&mut self, key: &FlowKey, stack: &mut GuestStack) {
+        let Some(flow) = self.table.remove_tcp(key) else {
+            return;
+        };
+        flow.host.reset_on_close();
+        if let Some(handle) = flow.handle() {
+            stack.sockets.get_mut::<stcp::Socket>(handle).close();
+            stack.poll();
+            self.lingering.push((*key, handle, Instant::now()));
         }
     }
 
@@ -746,6 +867,32 @@ impl Flows {
         let (src, dst) = key;
         if dst.port() == 0 || unroutable(dst.ip()) {
             self.counters.inc("udp-bad-destination");
+            return false;
+        }
+        let quic_blocked = self
+            .settings
+            .tls
+            .interception()
+            .is_some_and(|i| i.block_quic)
+            && self.settings.tls.intercepted_ports.contains(&dst.port());
+        if quic_blocked {
+            // QUIC would carry TLS past the interception: clients fall back to TCP.
+            self.counters.inc("quic-blocked");
+            if !self.decider.is_remembered(Protocol::Udp, key, now) {
+                self.decider.record(
+                    &DecisionEvent {
+                        protocol: Protocol::Udp,
+                        src,
+                        dst,
+                        allowed: false,
+                        reason: "QUIC to an intercepted port (tls.block_quic)",
+                        names: &[],
+                        source: NameSource::DnsCache,
+                    },
+                    now,
+                );
+                self.decider.remember_refused(Protocol::Udp, key, now);
+            }
             return false;
         }
         let names = self.names_for(dst.ip(), now);
@@ -1074,8 +1221,13 @@ impl Flows {
                     let sock = stack.sockets.get::<stcp::Socket>(*handle);
                     let handshaking =
                         matches!(sock.state(), stcp::State::Listen | stcp::State::SynReceived);
+                    let tls_late = matches!(&flow.middle, Some(Middle::Tls(t))
+                        if t.handshaking()
+                            && now.duration_since(t.started) > limits.tls_handshake_timeout);
                     if handshaking && now.duration_since(*since) > limits.handshake_timeout {
                         aborts.push((*key, "guest handshake timed out"));
+                    } else if tls_late {
+                        aborts.push((*key, "TLS handshake timed out"));
                     } else if now.duration_since(flow.last_active) > limits.tcp_idle {
                         aborts.push((*key, "TCP flow idle"));
                     }

@@ -78,7 +78,18 @@ impl FlowTable {
 
     /// TCP flows held at the SNI gate.
     pub fn tls_hellos(&self) -> usize {
-        self.tcp.values().filter(|f| f.middle.is_some()).count()
+        self.tcp
+            .values()
+            .filter(|f| f.middle.as_ref().is_some_and(|m| m.is_gate()))
+            .count()
+    }
+
+    /// Intercepted TLS flows still in their handshakes.
+    pub fn tls_handshakes(&self) -> usize {
+        self.tcp
+            .values()
+            .filter(|f| f.middle.as_ref().is_some_and(|m| m.is_tls_handshake()))
+            .count()
     }
 
     /// Whether one more flow of `kind` fits the link's budgets; the error is the reason logged.

@@ -424,7 +424,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         mtu: MTU,
         dns,
         dns_intercept_all: true,
-        tls_ports: vec![443],
+        tls: crate::tls::TlsSettings::default(),
         limits,
     };
     LinkSettings {

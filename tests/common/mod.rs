@@ -51,6 +51,7 @@ pub mod memory;
 pub mod process;
 pub mod real_guest;
 pub mod servers;
+pub mod tls;
 pub mod virtq;
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -15,11 +15,14 @@
 //! side closes the TCP window on the other (backpressure). FIN becomes shutdown(SHUT_WR) and
 //! back; an RST or a socket error on either side aborts the other side.
 //!
-//! A middle stage sits between the two ends when the flow needs one: today the SNI gate
-//! ([`sni_gate`]), which holds the guest's first bytes until the TLS server name is judged.
-//! While a middle stage is in place the ends do not move bytes; the flow engine asks the stage.
+//! A middle stage sits between the two ends when the flow needs one: the SNI gate
+//! ([`sni_gate`]), which holds the guest's first bytes until the TLS server name is judged, and
+//! TLS interception ([`intercept`]), which terminates the guest's TLS and speaks TLS upstream.
+//! While a middle stage is in place the ends do not move bytes by themselves; the flow engine
+//! runs the stage, which moves them.
 
 pub mod host_end;
+pub mod intercept;
 pub mod sni_gate;
 
 use std::io::{ErrorKind, Read, Write};
@@ -31,6 +34,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use self::host_end::HostEnd;
+use self::intercept::Interceptor;
 use self::sni_gate::SniGate;
 use crate::stack::frames::TcpHead;
 
@@ -52,7 +56,7 @@ pub struct TcpFlow {
     pub host: HostEnd,
     pub guest_end: GuestEnd,
     /// The middle stage, while there is one.
-    pub middle: Option<SniGate>,
+    pub middle: Option<Middle>,
     pub started: Instant,
     /// The last time a byte moved either way (or the flow changed stage).
     pub last_active: Instant,
@@ -60,6 +64,27 @@ pub struct TcpFlow {
     pub guest_fin_seen: bool,
     pub bytes_to_host: u64,
     pub bytes_to_guest: u64,
+}
+
+/// A flow's middle stage.
+pub enum Middle {
+    /// Holding the guest's first bytes until its ClientHello is judged.
+    Gate(SniGate),
+    /// Terminating the guest's TLS and speaking TLS upstream.
+    Tls(Box<Interceptor>),
+}
+
+impl Middle {
+    /// Whether this is the SNI gate (counts against `tls-hellos`).
+    pub fn is_gate(&self) -> bool {
+        matches!(self, Middle::Gate(_))
+    }
+
+    /// Whether this is an interception still in its handshakes (counts against
+    /// `tls-handshakes`).
+    pub fn is_tls_handshake(&self) -> bool {
+        matches!(self, Middle::Tls(i) if i.handshaking())
+    }
 }
 
 /// What happened to a flow in one pump.
@@ -105,7 +130,7 @@ impl TcpFlow {
         syn: TcpHead,
         host: HostEnd,
         syn_frame: Vec<u8>,
-        middle: Option<SniGate>,
+        middle: Option<Middle>,
         now: Instant,
     ) -> Self {
         TcpFlow {
