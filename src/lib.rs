@@ -7,7 +7,7 @@
 //! `stack` (smoltcp: the guest-facing TCP endpoints and frame builders) between link and flows.
 //! `server` accepts VMM connections; `config` holds the user-facing model, `explain` the
 //! check/lint/config subcommands, `dns` the gateway resolver, `tls` the ClientHello scanner,
-//! `limits` every bound on guest-driven state, `observe` counters and log gates.
+//! `secrets` placeholder substitution in HTTP requests and violation detection, `limits` every bound on guest-driven state, `observe` counters and log gates.
 
 pub mod config;
 pub mod device;
@@ -18,6 +18,7 @@ pub mod limits;
 pub mod link;
 pub mod observe;
 pub mod policy;
+pub mod secrets;
 pub mod server;
 pub mod stack;
 pub mod tls;

@@ -1,5 +1,5 @@
 //! netfence command line: `run` serves a VMM on a vhost-user socket; `check`, `lint` and
-//! `config` explain a policy (src/explain.rs).
+//! `config` explain a policy (src/explain.rs); `secrets env` prints the guest's placeholders.
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments. `check` answers with
 //! its exit code (0 allow, 1 deny), so its errors, clap's included, exit 3 instead.
@@ -52,6 +52,19 @@ netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help =
     Lint(netfence::explain::LintArgs),
     /// Print the effective policy (presets expanded, command line merged) as TOML.
     Config(netfence::explain::ConfigArgs),
+    /// Secrets: what the guest's environment needs.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print `ENV_VAR=placeholder` for each secret (shell-quoted), for the launcher to put into
+    /// the guest's environment. Reads no secret value.
+    #[command(after_help = "The placeholder of a secret without `placeholder` is \
+NETFENCE_PLACEHOLDER_<ENV_VAR>_<first 32 hex digits of SHA-256(\"netfence-placeholder-v1:<ENV_VAR>\")>, \
+the same on every start.\n\nExample:\n  netfence secrets env --config net.toml > guest.env")]
+    Env(netfence::secrets::EnvArgs),
 }
 
 #[derive(Args)]
@@ -236,6 +249,7 @@ fn main() -> ExitCode {
         Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
+        Command::Secrets(SecretsCommand::Env(a)) => exit_code(netfence::secrets::run_env(&a)),
     }
 }
 

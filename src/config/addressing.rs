@@ -140,7 +140,12 @@ mod tests {
             v4: LinkAddrs::for_slot("172.16.0.0/12".parse().unwrap(), 0).unwrap(),
             v6: LinkAddrs6::for_slot("fd42:6d73:62::/48".parse().unwrap(), 0).unwrap(),
         };
-        for ip in ["172.16.0.1", "::ffff:172.16.0.1", "64:ff9b::ac10:1", "fe80::1"] {
+        for ip in [
+            "172.16.0.1",
+            "::ffff:172.16.0.1",
+            "64:ff9b::ac10:1",
+            "fe80::1",
+        ] {
             assert!(a.is_gateway(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["172.16.0.2", "::ffff:172.16.0.2", "fd42:6d73:62::2"] {
