@@ -981,7 +981,7 @@ impl NetworkConfig {
                         if given.is_empty() {
                             "no value is given".to_string()
                         } else {
-                            format!("{} are all set", given.join(" and "))
+                            format!("{} are set", given.join(" and "))
                         }
                     ),
                 ));
