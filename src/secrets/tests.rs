@@ -894,3 +894,151 @@ fn values_never_appear_in_debug_display_or_errors() {
         shown[2]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Random streams
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic generator (no dependency, reproducible by seed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A stream of request-like fragments, placeholders and junk.
+fn random_stream(rng: &mut Lcg) -> Vec<u8> {
+    let hosts = [
+        "api.example.com",
+        "www.example.org",
+        "evil.example.net",
+        "203.0.113.7",
+    ];
+    let mut s = Vec::new();
+    for _ in 0..1 + rng.below(6) {
+        let secret = rng.below(3);
+        let p = ph(["KEY", "ORG", "TERM"][secret]);
+        // Mostly the host the secret allows, so that many streams get through.
+        let host = if rng.below(4) > 0 {
+            ["api.example.com", "www.example.org", "api.example.com"][secret]
+        } else {
+            hosts[rng.below(hosts.len())]
+        };
+        let body = format!("b={p}&c={}", "x".repeat(rng.below(40)));
+        let piece = match rng.below(9) {
+            0 => format!("GET /?q={p} HTTP/1.1\r\nHost: {host}\r\nX: {p}\r\n\r\n"),
+            1 => format!(
+                "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n{body}",
+                body.len()
+            ),
+            2 => format!(
+                "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n{:x};e\r\n{p}\r\n0\r\nT: {p}\r\n\r\n",
+                body.len(),
+                p.len()
+            ),
+            3 => format!(
+                "GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {}\r\n\r\n",
+                STANDARD.encode(format!("u:{p}"))
+            ),
+            4 => format!("GET / HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", rng.below(3)),
+            5 => p,
+            6 => "\r\n".to_string(),
+            7 => format!("{:x}\r\n", rng.below(1 << 20)),
+            8 if rng.below(4) == 0 => (0..rng.below(30))
+                .map(|_| (rng.below(256) as u8) as char)
+                .collect(),
+            _ => format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        };
+        s.extend_from_slice(piece.as_bytes());
+    }
+    s
+}
+
+#[test]
+fn random_streams_never_panic_stay_bounded_and_never_leak_to_a_disallowed_host() {
+    let limits = HttpLimits {
+        header_bytes: 2048,
+        body_bytes: 512,
+    };
+    let set = secrets();
+    let bound =
+        limits.header_bytes + limits.body_bytes + MAX_CHUNK_LINE + set.longest_placeholder();
+    let values = [KEY_VALUE, ORG_VALUE, TERM_VALUE];
+    let base64_values: Vec<String> = ["KEY", "ORG", "TERM"]
+        .iter()
+        .zip(values)
+        .map(|(_, v)| STANDARD.encode(format!("u:{v}")))
+        .collect();
+    let mut rng = Lcg(0x6e65_7466_656e_6365);
+    let (mut substituted, mut failures) = (0, 0);
+    for round in 0..3000 {
+        let stream = random_stream(&mut rng);
+        let ctx = match round % 4 {
+            0 => resolved(&["evil.example.net"]),
+            1 => resolved(&["api.example.com", "www.example.org"]),
+            2 => tls("api.example.com"),
+            _ => resolved(&[]),
+        };
+        let disallowed = round % 4 == 0 || round % 4 == 3;
+        let mut rw = HttpRequestRewriter::new(set.clone(), ctx, limits);
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut failed = false;
+        while at < stream.len() {
+            let n = 1 + rng.below(64).min(stream.len() - at - 1);
+            let mut piece_out = Vec::new();
+            match rw.push(&stream[at..at + n], &mut piece_out) {
+                Ok(()) => out.extend_from_slice(&piece_out),
+                Err(_) => {
+                    failed = true;
+                    assert!(rw.push(b"x", &mut Vec::new()).is_err(), "sticky");
+                    break;
+                }
+            }
+            assert!(
+                rw.buffered() <= bound,
+                "round {round}: {} held",
+                rw.buffered()
+            );
+            at += n;
+        }
+        if !failed {
+            let _ = rw.finish(&mut out);
+        }
+        let shown_all = text(&out);
+        if values.iter().any(|v| shown_all.contains(v)) {
+            substituted += 1;
+        }
+        if failed {
+            failures += 1;
+        }
+        if disallowed {
+            let shown = text(&out);
+            for v in values
+                .iter()
+                .copied()
+                .chain(base64_values.iter().map(String::as_str))
+            {
+                assert!(
+                    !shown.contains(v),
+                    "round {round}: {v} sent to a disallowed host:\n{shown}"
+                );
+            }
+        }
+    }
+    // The streams exercise both outcomes.
+    assert!(
+        substituted > 200 && failures > 200,
+        "{substituted} substituted, {failures} failed"
+    );
+}
