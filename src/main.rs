@@ -52,7 +52,14 @@ netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help =
     Lint(netfence::explain::LintArgs),
     /// Print the effective policy (presets expanded, command line merged) as TOML.
     Config(netfence::explain::ConfigArgs),
-    /// Secrets: what the guest's environment needs.
+    /// Secrets: the placeholders the guest's environment needs (`secrets env`).
+    ///
+    /// The guest holds placeholders; netfence puts the real values into HTTP/1.1 requests to
+    /// each secret's allowed_hosts. A placeholder bound anywhere else is a violation, handled
+    /// by the secret's `on_violation`, else `on_secret_violation`: block (reset the
+    /// connection), block_and_log (also log host, port and secret name; the default, as the
+    /// Python reference has it, where the Rust reference says block) or block_and_terminate
+    /// (log an error and stop serving the VM).
     #[command(subcommand)]
     Secrets(SecretsCommand),
 }

@@ -52,7 +52,6 @@ const BASIC_DECODE: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// Rewrites one direction (guest -> server) of one HTTP/1.x connection.
-#[derive(Debug)]
 pub struct HttpRequestRewriter {
     secrets: Arc<SecretSet>,
     ctx: HostContext,
@@ -67,7 +66,27 @@ pub struct HttpRequestRewriter {
     failed: Option<StreamError>,
 }
 
-#[derive(Debug)]
+/// Shows where the stream is, not the bytes held.
+impl std::fmt::Debug for HttpRequestRewriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Head => "head",
+            State::Body(b) => match b.framing {
+                Framing::Length { .. } => "body (content-length)",
+                Framing::Held(_) => "body (held for substitution)",
+                Framing::Chunked { .. } => "body (chunked)",
+            },
+            State::Raw(_) => "raw",
+        };
+        f.debug_struct("HttpRequestRewriter")
+            .field("ctx", &self.ctx)
+            .field("state", &state)
+            .field("buffered", &self.buffered())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
 enum State {
     /// Waiting for a complete request head.
     Head,
@@ -77,7 +96,6 @@ enum State {
     Raw(PlaceholderScanner),
 }
 
-#[derive(Debug)]
 struct Body {
     judge: Judge,
     framing: Framing,
@@ -85,7 +103,6 @@ struct Body {
     then_raw: bool,
 }
 
-#[derive(Debug)]
 enum Framing {
     /// Content-Length, passed through as it arrives and scanned.
     Length { remaining: u64, scan: ScanState },
@@ -99,7 +116,6 @@ enum Framing {
     },
 }
 
-#[derive(Debug)]
 struct HeldRequest {
     head: Vec<u8>,
     edits: Vec<Edit>,
@@ -118,7 +134,6 @@ enum ChunkPhase {
 }
 
 /// A byte range of a buffer and what replaces it.
-#[derive(Debug)]
 struct Edit {
     range: Range<usize>,
     with: Vec<u8>,
@@ -204,7 +219,6 @@ fn worst(violations: Vec<Violation>) -> Option<Violation> {
 
 /// A body rewritten as a stream: the stream's unsent tail (less than the longest
 /// placeholder) and the automaton's state.
-#[derive(Debug)]
 struct Substituter {
     state: ScanState,
     pending: Vec<u8>,
