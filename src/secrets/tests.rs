@@ -1042,3 +1042,13 @@ fn random_streams_never_panic_stay_bounded_and_never_leak_to_a_disallowed_host()
         "{substituted} substituted, {failures} failed"
     );
 }
+
+#[test]
+fn stages_can_live_in_any_worker_thread() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SecretSet>();
+    send::<HttpRequestRewriter>();
+    send::<PlaceholderScanner>();
+    send_sync::<StreamError>();
+}
