@@ -7,13 +7,17 @@
 //! `stack` (smoltcp: the guest-facing TCP endpoints and frame builders) between link and flows.
 //! `server` accepts VMM connections; `config` holds the user-facing model, `explain` the
 //! check/lint/config subcommands, `dns` the gateway resolver, `tls` the ClientHello scanner,
-//! `secrets` placeholder substitution in HTTP requests and violation detection, `limits` every bound on guest-driven state, `observe` counters and log gates.
+//! `secrets` placeholder substitution in HTTP requests and violation detection, `limits` every
+//! bound on guest-driven state, `observe` counters and log gates. `fuzzing` holds the fuzz target
+//! bodies, shared by `fuzz/` and the regression tests.
 
 pub mod config;
 pub mod device;
 pub mod dns;
 pub mod explain;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod link;
 pub mod observe;

@@ -18,6 +18,9 @@ pub struct Limits {
     pub tcp_connecting: usize,
     /// TCP flows waiting for their TLS ClientHello (held before any byte goes upstream).
     pub tls_hellos: usize,
+    /// Leaf certificates kept for intercepted TLS, one per server name (least recently used
+    /// evicted).
+    pub tls_leaf_cache: usize,
     /// Bytes of buffer per direction of one TCP flow (the guest end's window).
     pub tcp_buffer_bytes: usize,
     /// Bytes all TCP flows of the link may hold in each direction together, shared among the
@@ -75,6 +78,7 @@ impl Default for Limits {
             tcp_flows: 1024,
             tcp_connecting: 256,
             tls_hellos: 256,
+            tls_leaf_cache: 1024,
             tcp_buffer_bytes: 512 * 1024,
             tcp_link_buffer_bytes: 64 * 1024 * 1024,
             udp_flows: 1024,
@@ -165,6 +169,11 @@ pub const LIMITS: &[LimitSpec] = &[
         "tls-hellos",
         tls_hellos,
         "TCP flows waiting for a TLS ClientHello"
+    ),
+    count!(
+        "tls-leaf-cache",
+        tls_leaf_cache,
+        "leaf certificates cached for TLS interception (one per name)"
     ),
     bytes!(
         "tcp-buffer-bytes",

@@ -1,5 +1,6 @@
 //! netfence command line: `run` serves a VMM on a vhost-user socket; `check`, `lint` and
-//! `config` explain a policy (src/explain.rs); `secrets env` prints the guest's placeholders.
+//! `config` explain a policy (src/explain.rs); `ca generate` makes a stable TLS interception CA;
+//! `secrets env` prints the guest's placeholders.
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments. `check` answers with
 //! its exit code (0 allow, 1 deny), so its errors, clap's included, exit 3 instead.
@@ -21,6 +22,7 @@ use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
 use netfence::policy::{HostAddrs, LocalAddrs};
 use netfence::server::BindError;
+use netfence::tls::{InterceptionCa, TlsSettings, DEFAULT_CA_CN};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,8 @@ netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help =
     Lint(netfence::explain::LintArgs),
     /// Print the effective policy (presets expanded, command line merged) as TOML.
     Config(netfence::explain::ConfigArgs),
+    /// Make the CA that signs the certificates TLS interception shows the guest.
+    Ca(CaArgs),
     /// Secrets: the placeholders the guest's environment needs (`secrets env`).
     ///
     /// The guest holds placeholders; netfence puts the real values into HTTP/1.1 requests to
@@ -72,6 +76,38 @@ enum SecretsCommand {
 NETFENCE_PLACEHOLDER_<ENV_VAR>_<first 32 hex digits of SHA-256(\"netfence-placeholder-v1:<ENV_VAR>\")>, \
 the same on every start.\n\nExample:\n  netfence secrets env --config net.toml > guest.env")]
     Env(netfence::secrets::EnvArgs),
+}
+
+#[derive(Args)]
+struct CaArgs {
+    #[command(subcommand)]
+    command: CaCommand,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Generate a CA (ECDSA P-256, valid for ten years) to keep across restarts: point
+    /// `tls.ca_cert` and `tls.ca_key` at its files and install the certificate in the guest.
+    #[command(after_help = "Example:\n  \
+netfence ca generate --cert-out /etc/netfence/ca.pem --key-out /etc/netfence/ca.key\n\n\
+The key file is created 0600; neither file is overwritten unless --force is given.")]
+    Generate(CaGenerateArgs),
+}
+
+#[derive(Args)]
+struct CaGenerateArgs {
+    /// Where to write the CA certificate (PEM; the file the guest trusts).
+    #[arg(long, value_name = "FILE")]
+    cert_out: PathBuf,
+    /// Where to write the CA private key (PEM, PKCS#8; created 0600).
+    #[arg(long, value_name = "FILE")]
+    key_out: PathBuf,
+    /// The CA's common name (1-64 characters).
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_CA_CN, value_parser = parse_cn)]
+    cn: String,
+    /// Overwrite the files if they exist.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -102,6 +138,11 @@ struct RunArgs {
     /// the names and defaults are listed below.
     #[arg(long = "limit", value_name = "NAME=VALUE")]
     limits: Vec<String>,
+    /// Write the TLS interception CA's certificate (PEM) to FILE before the socket is bound,
+    /// for the launcher to install in the guest (needs `[tls]` interception; with
+    /// `trust_host_cas = true` the host's trusted roots follow it). Replaced at every start.
+    #[arg(long, value_name = "FILE")]
+    ca_out: Option<PathBuf>,
     #[command(flatten)]
     net: NetworkArgs,
 }
@@ -153,6 +194,133 @@ fn parse_lease_secs(s: &str) -> Result<u32, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("not a number of seconds; {accepted}")),
     }
+}
+
+/// `--cn`: what `tls.ca_cn` accepts.
+fn parse_cn(s: &str) -> Result<String, String> {
+    netfence::config::check_ca_common_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("{e}; expected a name of 1-64 characters"))
+}
+
+/// Why a file could not be written.
+enum WriteError {
+    /// It exists and `--force` was not given (a bad argument: exit 2).
+    Exists,
+    /// Anything else (exit 1).
+    Io(std::io::Error),
+}
+
+/// Creates `path` with `mode` and writes `contents`; an existing file is refused unless
+/// `force`, and then replaced with `mode` (whatever its mode was).
+fn write_new_file(
+    path: &std::path::Path,
+    contents: &str,
+    mode: u32,
+    force: bool,
+) -> Result<(), WriteError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(mode);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut file = opts.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => WriteError::Exists,
+        _ => WriteError::Io(e),
+    })?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(WriteError::Io)?;
+    file.write_all(contents.as_bytes())
+        .map_err(WriteError::Io)?;
+    file.sync_all().map_err(WriteError::Io)
+}
+
+/// `netfence ca generate`: exit 0 written, 2 bad arguments (a file exists without --force,
+/// the same path twice), 1 when a file cannot be written.
+fn ca_generate(args: &CaGenerateArgs) -> ExitCode {
+    if args.cert_out == args.key_out {
+        eprintln!(
+            "netfence: --cert-out and --key-out are both {}: the certificate and the key need two files",
+            args.cert_out.display()
+        );
+        return ExitCode::from(2);
+    }
+    if !args.force {
+        for (flag, path) in [("--cert-out", &args.cert_out), ("--key-out", &args.key_out)] {
+            if std::fs::symlink_metadata(path).is_ok() {
+                eprintln!(
+                    "netfence: {flag} {}: the file exists; refusing to overwrite it (pass --force to replace it)",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let ca = match InterceptionCa::generate(&args.cn) {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("netfence: --cn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = |flag: &str, path: &std::path::Path, e: WriteError| match e {
+        WriteError::Exists => {
+            eprintln!(
+                "netfence: {flag} {}: the file exists; refusing to overwrite it (pass --force to replace it)",
+                path.display()
+            );
+            ExitCode::from(2)
+        }
+        WriteError::Io(e) => {
+            eprintln!("netfence: {flag} {}: cannot write: {e}", path.display());
+            ExitCode::from(1)
+        }
+    };
+    // The key first: a certificate without its key would be useless.
+    if let Err(e) = write_new_file(&args.key_out, &ca.key_pem(), 0o600, args.force) {
+        return report("--key-out", &args.key_out, e);
+    }
+    if let Err(e) = write_new_file(&args.cert_out, &ca.cert_pem(), 0o644, args.force) {
+        let _ = std::fs::remove_file(&args.key_out);
+        return report("--cert-out", &args.cert_out, e);
+    }
+    println!(
+        "wrote the CA certificate to {} and its key to {} ({})\n\
+         use them with:  [tls]  ca_cert = {:?}  ca_key = {:?}\n\
+         and install {} in the guest's trust store (see the README)",
+        args.cert_out.display(),
+        args.key_out.display(),
+        ca.subject(),
+        args.cert_out.display(),
+        args.key_out.display(),
+        args.cert_out.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `--ca-out`: writes `pem` to a temporary file beside `path` and renames it over `path`, so a
+/// launcher never reads half a file.
+fn write_ca_out(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = match write_new_file(&tmp, pem, 0o644, true) {
+        Ok(()) => std::fs::rename(&tmp, path),
+        Err(WriteError::Io(e)) => Err(e),
+        Err(WriteError::Exists) => Err(std::io::ErrorKind::AlreadyExists.into()),
+    };
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Raises the soft limit on open files to the hard limit: every guest flow holds a host
@@ -257,6 +425,9 @@ fn main() -> ExitCode {
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
         Command::Secrets(SecretsCommand::Env(a)) => exit_code(netfence::secrets::run_env(&a)),
+        Command::Ca(CaArgs {
+            command: CaCommand::Generate(a),
+        }) => ca_generate(&a),
     }
 }
 
@@ -330,6 +501,28 @@ fn run(args: RunArgs) -> ExitCode {
         }
         return ExitCode::from(2);
     }
+    let tls_settings = match TlsSettings::from_config(&config.tls, config.trust_host_cas) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = &args.ca_out {
+        let Some(interception) = tls_settings.interception() else {
+            eprintln!(
+                "netfence: --ca-out {}: writes the TLS interception CA, but interception is not \
+                 enabled; add a [tls] table to the config (--config FILE), or drop --ca-out",
+                path.display()
+            );
+            return ExitCode::from(2);
+        };
+        if let Err(e) = write_ca_out(path, &interception.guest_trust_pem()) {
+            eprintln!("netfence: --ca-out {}: cannot write: {e}", path.display());
+            return ExitCode::from(1);
+        }
+        info!(path = %path.display(), "interception CA certificate written (--ca-out)");
+    }
     let addrs = LinkAddrs::for_slot(config.ipv4_pool_or_default(), args.slot);
     let addrs6 = LinkAddrs6::for_slot(config.ipv6_pool_or_default(), args.slot);
     let addressing = match (addrs, addrs6) {
@@ -377,11 +570,8 @@ fn run(args: RunArgs) -> ExitCode {
         mtu: args.mtu,
         dns,
         dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
-        tls_ports: config
-            .tls
-            .intercepted_ports
-            .clone()
-            .unwrap_or_else(|| vec![443]),
+        // lead: pass tls_settings into FlowSettings
+        tls_ports: tls_settings.intercepted_ports.clone(),
         limits,
     };
     let settings = LinkSettings {

@@ -496,6 +496,10 @@ pub struct TlsConfig {
     pub ca_cn: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstream_ca_certs: Vec<PathBuf>,
+    /// netfence: relay a connection without SNI (or not TLS) on an intercepted port
+    /// unintercepted where the policy allows its address; default false (closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_no_sni: Option<bool>,
 }
 
 impl TlsConfig {
@@ -737,6 +741,7 @@ impl NetworkConfig {
             || tls.ca_key.is_some()
             || tls.ca_cn.is_some()
             || !tls.upstream_ca_certs.is_empty()
+            || tls.allow_no_sni.is_some()
             || self.trust_host_cas.is_some();
         if interception_keys {
             out.push(
@@ -872,6 +877,23 @@ impl NetworkConfig {
                 ("tls.ca_key", "tls.ca_cert")
             };
             return Err(ConfigError::new(missing, None, format!("{set} is set, so {missing} must be set too (a CA needs its certificate and its key)")));
+        }
+        if let Some(cn) = &self.tls.ca_cn {
+            check_ca_common_name(cn).map_err(|e| {
+                ConfigError::new(
+                    "tls.ca_cn",
+                    Some(cn.clone()),
+                    format!("{e}; expected the common name of the generated CA"),
+                )
+            })?;
+            if self.tls.ca_cert.is_some() {
+                return Err(ConfigError::new(
+                    "tls.ca_cn",
+                    Some(cn.clone()),
+                    "names a generated CA, but tls.ca_cert loads one (whose name is in its \
+                     certificate); remove tls.ca_cn",
+                ));
+            }
         }
         if let Some(net) = self.ipv4_pool {
             if net.trunc() != net {
@@ -1081,6 +1103,26 @@ fn binds_overlap(a: IpAddr, b: IpAddr) -> bool {
     a == b
         || (a.is_unspecified() && a.is_ipv4() == b.is_ipv4())
         || (b.is_unspecified() && a.is_ipv4() == b.is_ipv4())
+}
+
+/// The longest common name X.509 allows (RFC 5280 `ub-common-name`).
+pub const MAX_CA_CN_LEN: usize = 64;
+
+/// Checks the common name of a generated CA (`tls.ca_cn`, `netfence ca generate --cn`): 1 to
+/// [`MAX_CA_CN_LEN`] characters, not only spaces, no control characters.
+pub fn check_ca_common_name(cn: &str) -> Result<(), String> {
+    if cn.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if cn.chars().count() > MAX_CA_CN_LEN {
+        return Err(format!(
+            "longer than {MAX_CA_CN_LEN} characters (X.509's limit)"
+        ));
+    }
+    if cn.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
 }
 
 /// `.example.com` and `*.example.com` -> `example.com`.

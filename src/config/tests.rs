@@ -272,6 +272,18 @@ const TOML_ERRORS: &[(&str, &str, &str)] = &[
     ("[tls]\nintercepted_ports = [0]", "tls.intercepted_ports[0]", "port 0"),
     ("[tls]\nbypass = [\"*.\"]", "tls.bypass[0]", "expected a domain or *.suffix"),
     ("[tls]\nmitm = true", "tls.mitm", "unknown field `mitm`"),
+    ("[tls]\nallow_no_sni = 1", "tls.allow_no_sni", "invalid type"),
+    ("[tls]\nca_cn = \" \"", "tls.ca_cn", "must not be empty"),
+    (
+        "[tls]\nca_cn = \"0123456789012345678901234567890123456789012345678901234567890123456789\"",
+        "tls.ca_cn",
+        "longer than 64 characters",
+    ),
+    (
+        "[tls]\nca_cert = \"/c.pem\"\nca_key = \"/k.pem\"\nca_cn = \"x\"",
+        "tls.ca_cn",
+        "names a generated CA",
+    ),
     (
         "on_secret_violation = \"explode\"",
         "on_secret_violation",
@@ -571,6 +583,19 @@ fn ports_mapping_form() {
     );
     let e = parse_and_validate("[ports]\n8080 = 0", Format::Toml).unwrap_err();
     assert!(e.to_string().contains("guest_port 0"), "{e}");
+}
+
+#[test]
+fn allow_no_sni_parses_and_is_refused_by_run_until_built() {
+    let c =
+        parse_and_validate("[tls]\nenabled = false\nallow_no_sni = true", Format::Toml).unwrap();
+    assert_eq!(c.tls.allow_no_sni, Some(true));
+    let unbuilt = c.unbuilt_features();
+    assert!(
+        unbuilt.iter().any(|u| u.contains("TLS interception")),
+        "{unbuilt:?}"
+    );
+    assert!(to_toml(&c).contains("allow_no_sni = true"));
 }
 
 #[test]

@@ -13,8 +13,10 @@
 //! bound as aliases (see [`super::cache`]), and records outside the chain from the question
 //! bind nothing.
 //!
-//! Upstream answers that need no change are passed on byte for byte (only the id is put back);
-//! an answer that is changed is re-encoded with hickory-proto.
+//! Upstream answers that need no change are passed on byte for byte (only the id is put back),
+//! unless putting the id back changes what they decode to (a compression pointer into the id:
+//! the guest would read other names than the ones vetted); an answer that is changed, or would
+//! be, is re-encoded with hickory-proto.
 
 use std::net::IpAddr;
 
@@ -109,6 +111,21 @@ fn reply_error_header(id: u16, op_code: OpCode, rd: bool) -> QueryCheck {
         bytes: encode_or_empty(&m),
         malformed: true,
     }
+}
+
+/// `reply` (a local error answer) if it has at most `max` bytes, else its header alone with
+/// every count zero: the guest echoed too many questions for one answer (RFC 1035 lets an
+/// error answer leave the question out).
+pub fn header_only_above(reply: Vec<u8>, max: usize) -> Vec<u8> {
+    if reply.len() <= max {
+        return reply;
+    }
+    let mut header = reply;
+    header.truncate(12);
+    if let Some(counts) = header.get_mut(4..12) {
+        counts.fill(0);
+    }
+    header
 }
 
 fn encode_or_empty(m: &Message) -> Vec<u8> {
@@ -312,9 +329,17 @@ pub fn vet_answer(
         }
     }
 
-    let bytes = if modified {
-        answer.metadata.id = query.id;
-        match answer.to_vec() {
+    answer.metadata.id = query.id;
+    let passed_on = (!modified)
+        .then(|| {
+            let mut b = raw.to_vec();
+            b[..2].copy_from_slice(&query.id.to_be_bytes());
+            b
+        })
+        .filter(|b| Message::from_vec(b).is_ok_and(|m| m == answer));
+    let bytes = match passed_on {
+        Some(b) => b,
+        None => match answer.to_vec() {
             Ok(b) => b,
             Err(_) => {
                 out.cache.clear();
@@ -324,11 +349,7 @@ pub fn vet_answer(
                     ..out
                 };
             }
-        }
-    } else {
-        let mut b = raw.to_vec();
-        b[..2].copy_from_slice(&query.id.to_be_bytes());
-        b
+        },
     };
     if bytes.len() <= limit.max {
         out.bytes = bytes;

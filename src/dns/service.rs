@@ -22,8 +22,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::cache::NameCache;
 use super::framer::TcpDnsFramer;
 use super::message::{
-    answer_header_and_question, answer_ips, check_query, error_reply, finish, host_alias_reply,
-    vet_answer, GuestQuery, QueryCheck, SizeLimit, Vetted, HOST_ALIAS_TTL,
+    answer_header_and_question, answer_ips, check_query, error_reply, finish, header_only_above,
+    host_alias_reply, vet_answer, GuestQuery, QueryCheck, SizeLimit, Vetted, HOST_ALIAS_TTL,
+    MIN_UDP_PAYLOAD,
 };
 use super::names::normalize_name;
 use super::{ClientKey, DnsSettings, DnsStats, DomainJudge, Transport, MAX_IN_FLIGHT_CEILING};
@@ -186,7 +187,16 @@ impl DnsService {
                 } else {
                     self.stats.unsupported += 1;
                 }
-                return Some(bytes);
+                // The reply echoes the guest's questions, as many as it sent (a reassembled
+                // datagram can be far larger than the link MTU): over UDP it must still fit
+                // what every client accepts and one frame of the link.
+                let max = match client.transport {
+                    Transport::Udp => {
+                        MIN_UDP_PAYLOAD.min(self.settings.udp_answer_room(client.src.ip()))
+                    }
+                    Transport::Tcp(_) => self.settings.max_answer_bytes,
+                };
+                return Some(header_only_above(bytes, max));
             }
             QueryCheck::Query(q) => *q,
         };

@@ -395,6 +395,60 @@ fn configured_host_aliases_and_deny_wins_over_alias() {
     assert_eq!(m.response_code, ResponseCode::NXDomain);
 }
 
+/// A FORMERR echoes every question the guest sent; a guest that sends many (in a datagram
+/// reassembled from fragments, or over TCP) must not get an answer over UDP larger than 512
+/// bytes or one frame of the link. Such an error answer keeps only its header. (The
+/// `dns_query` fuzz target's size property, checked by hand with long names.)
+#[test]
+fn error_answers_that_echo_many_questions_fit_the_link() {
+    let mut s = settings(Vec::new());
+    s.link_mtu = 1280;
+    let mut svc = DnsService::new(s).unwrap();
+    let j = judge(&[], &[]);
+    let label = "a".repeat(60);
+    let mut many = query_msg(
+        0x0b0b,
+        &format!("{label}.{label}.test."),
+        RecordType::A,
+        None,
+    );
+    for i in 0..24 {
+        let name = format!("{}{i:02}.{label}.{label}.test.", "b".repeat(58));
+        many.add_query(Query::query(
+            Name::from_ascii(&name).unwrap(),
+            RecordType::A,
+        ));
+    }
+    let wire = many.to_vec().unwrap();
+    assert!(
+        wire.len() > 1232,
+        "the query must not fit the link: {}",
+        wire.len()
+    );
+    let answer = svc
+        .handle_query(client(1), &wire, &j, Instant::now())
+        .unwrap();
+    assert!(answer.len() <= 512, "{} bytes over UDP", answer.len());
+    let m = decode(&answer);
+    assert_eq!((m.id, m.response_code), (0x0b0b, ResponseCode::FormErr));
+    assert!(m.queries.is_empty());
+    // Over TCP it fits max_answer_bytes and keeps the questions.
+    let answer = svc
+        .handle_query(tcp_client(1), &wire, &j, Instant::now())
+        .unwrap();
+    assert_eq!(decode(&answer).queries.len(), 25);
+    // A small error answer is untouched.
+    let mut two = query_msg(8, "a.example.", RecordType::A, None);
+    two.add_query(Query::query(
+        Name::from_ascii("b.example.").unwrap(),
+        RecordType::A,
+    ));
+    let answer = svc
+        .handle_query(client(1), &two.to_vec().unwrap(), &j, Instant::now())
+        .unwrap();
+    assert_eq!(decode(&answer).queries.len(), 2);
+}
+
 #[test]
 fn malformed_queries_get_formerr_or_are_dropped() {
     let (mut svc, up) = local_service();
@@ -580,6 +634,37 @@ fn rebind_keeps_public_addresses_and_explicit_allows() {
     let v = vet_answer(&raw, ans, &guest_query(&q), &judge(&[], &[]), false, UDP512);
     assert_eq!(v.bytes, raw);
     assert_eq!(v.cache.len(), 3);
+}
+
+/// Found by the `dns_answer` fuzz target: an answer whose record name is a compression
+/// pointer into the header's id decoded to one name here and, once the guest's id was put in
+/// its place, to another (or to nothing) at the guest. Such an answer is re-encoded instead.
+#[test]
+fn a_name_pointing_into_the_id_is_re_encoded() {
+    let q = query_msg(0x1201, "www.example.com", RecordType::A, None);
+    // Upstream id 0xab00: the pointer to offset 1 reads a root name there.
+    let mut raw = vec![0xab, 0x00, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+    raw.extend_from_slice(b"\x03www\x07example\x03com\x00\x00\x01\x00\x01");
+    raw.extend_from_slice(&[0xc0, 0x01, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 203, 0, 113, 5]);
+    let upstream = decode(&raw);
+    assert_eq!(upstream.answers[0].name, Name::root());
+    let v = vet_answer(
+        &raw,
+        upstream,
+        &guest_query(&q),
+        &judge(&[], &[]),
+        true,
+        UDP512,
+    );
+    let delivered = Message::from_vec(&v.bytes).expect("the guest can decode the answer");
+    assert_eq!(delivered.id, 0x1201);
+    assert_eq!(delivered.answers.len(), 1);
+    assert_eq!(
+        delivered.answers[0].name,
+        Name::root(),
+        "the name that was vetted"
+    );
+    assert_eq!(ips(&delivered), vec![IpAddr::from([203, 0, 113, 5])]);
 }
 
 #[test]

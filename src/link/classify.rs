@@ -148,6 +148,11 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
     let Ok(ip) = Ipv4Packet::new_checked(payload) else {
         return Classified::Drop(DropReason::Malformed);
     };
+    // smoltcp's length checks do not look at the version nibble; its parser (and so the
+    // gateway's stack) and the reassembler refuse anything but 4.
+    if ip.version() != 4 {
+        return Classified::Drop(DropReason::Malformed);
+    }
     if !ip.verify_checksum() {
         return Classified::Drop(DropReason::BadChecksum);
     }
@@ -176,6 +181,9 @@ fn classify_ipv6(payload: &[u8]) -> Classified<'_> {
     let Ok(ip) = Ipv6Packet::new_checked(payload) else {
         return Classified::Drop(DropReason::Malformed);
     };
+    if ip.version() != 6 {
+        return Classified::Drop(DropReason::Malformed);
+    }
     let src = ip.src_addr();
     let dst = ip.dst_addr();
     let body = ip.payload();
@@ -363,6 +371,40 @@ mod tests {
                     let _ = classify(&f);
                 }
             }
+        }
+    }
+
+    /// Found by the `classify` fuzz target: an IPv4 ethertype whose header says version 2 was
+    /// classified as IPv4 (here as a fragment the reassembler, which checks the version, would
+    /// never see; unfragmented, as a datagram the gateway's stack would refuse).
+    #[test]
+    fn a_header_of_another_ip_version_is_malformed() {
+        let mut v4 = vec![0u8; 14];
+        v4[12..14].copy_from_slice(&[0x08, 0x00]);
+        v4.extend_from_slice(&[0x45, 0, 0, 28, 0, 1, 0x20, 0, 64, 17, 0, 0]);
+        v4.extend_from_slice(&[172, 16, 0, 2, 172, 16, 0, 1]);
+        v4.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+        for (version, flags) in [(2u8, 0x20u8), (6, 0), (5, 0)] {
+            let mut f = v4.clone();
+            f[14] = version << 4 | 5;
+            f[14 + 6] = flags;
+            Ipv4Packet::new_unchecked(&mut f[14..]).fill_checksum();
+            assert_eq!(
+                classify(&f),
+                Classified::Drop(DropReason::Malformed),
+                "IPv4 ethertype, version {version}"
+            );
+        }
+        let src: Ipv6Addr = "fe80::2".parse().unwrap();
+        let dst: Ipv6Addr = "fe80::1".parse().unwrap();
+        for next_header in [17u8, 44] {
+            let mut f = ipv6_frame(next_header, 64, src, dst, &[0; 8]);
+            f[14] = 0x40;
+            assert_eq!(
+                classify(&f),
+                Classified::Drop(DropReason::Malformed),
+                "IPv6 ethertype, version 4, next header {next_header}"
+            );
         }
     }
 

@@ -696,10 +696,11 @@ impl Reassembler {
     }
 }
 
-#[cfg(test)]
 impl Reassembler {
-    /// Checks every bound and the bookkeeping the module relies on.
-    fn assert_invariants(&self) {
+    /// Checks every bound and the bookkeeping the module relies on; panics when one fails.
+    /// For tests and the fuzz targets (`crate::fuzzing`), which call it after every step.
+    #[doc(hidden)]
+    pub fn assert_invariants(&self) {
         let limits = &self.limits;
         assert!(self.datagrams.len() <= limits.max_datagrams);
         assert!(self.buffered <= limits.max_bytes, "{} bytes", self.buffered);
