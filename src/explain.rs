@@ -643,12 +643,10 @@ pub fn effective_toml(cfg: &NetworkConfig) -> String {
         None => head.push_str("# custom policy (no preset)\n"),
     }
     head.push_str("# rules are numbered from 1 in this order, as `netfence check` reports them\n");
-    let mut shown = effective_config(cfg);
-    if !shown.secrets.is_empty() {
+    // A secret value serialises as `<redacted>` whatever the path (config::SecretValue).
+    let shown = effective_config(cfg);
+    if shown.secrets.iter().any(|s| s.value.is_some()) {
         head.push_str("# secret values are redacted\n");
-        for s in &mut shown.secrets {
-            s.value = "<redacted>".into();
-        }
     }
     head.push('\n');
     head + &config::to_toml(&shown)

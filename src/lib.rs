@@ -7,8 +7,9 @@
 //! `stack` (smoltcp: the guest-facing TCP endpoints and frame builders) between link and flows.
 //! `server` accepts VMM connections; `config` holds the user-facing model, `explain` the
 //! check/lint/config subcommands, `dns` the gateway resolver, `tls` the ClientHello scanner,
-//! `limits` every bound on guest-driven state, `observe` counters and log gates. `fuzzing` holds
-//! the fuzz target bodies, shared by `fuzz/` and the regression tests.
+//! `secrets` placeholder substitution in HTTP requests and violation detection, `limits` every
+//! bound on guest-driven state, `observe` counters and log gates. `fuzzing` holds the fuzz target
+//! bodies, shared by `fuzz/` and the regression tests.
 
 pub mod config;
 pub mod device;
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod link;
 pub mod observe;
 pub mod policy;
+pub mod secrets;
 pub mod server;
 pub mod stack;
 pub mod tls;

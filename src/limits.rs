@@ -68,6 +68,12 @@ pub struct Limits {
     pub ra_interval: Duration,
     /// Decision log lines per second (the rest are counted and summarised).
     pub decision_log_rate: usize,
+    /// Bytes of one HTTP request head (request line and fields) on a flow that can carry
+    /// secrets; a longer head resets the connection.
+    pub http_header_bytes: usize,
+    /// Bytes of a Content-Length request body held whole to substitute secrets in it (only
+    /// for secrets with `substitute_in` naming `body`); a longer one resets the connection.
+    pub secret_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -99,6 +105,8 @@ impl Default for Limits {
             fragment_timeout: Duration::from_secs(5),
             ra_interval: Duration::from_secs(600),
             decision_log_rate: 50,
+            http_header_bytes: 64 * 1024,
+            secret_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -258,6 +266,16 @@ pub const LIMITS: &[LimitSpec] = &[
         "decision-log-rate",
         decision_log_rate,
         "decision log lines per second (the rest are summarised)"
+    ),
+    bytes!(
+        "http-header-bytes",
+        http_header_bytes,
+        "HTTP request head on a flow that can carry secrets"
+    ),
+    bytes!(
+        "secret-body-bytes",
+        secret_body_bytes,
+        "request body held to substitute secrets in it"
     ),
 ];
 

@@ -1,5 +1,6 @@
 //! netfence command line: `run` serves a VMM on a vhost-user socket; `check`, `lint` and
-//! `config` explain a policy (src/explain.rs); `ca generate` makes a stable TLS interception CA.
+//! `config` explain a policy (src/explain.rs); `ca generate` makes a stable TLS interception CA;
+//! `secrets env` prints the guest's placeholders.
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or arguments. `check` answers with
 //! its exit code (0 allow, 1 deny), so its errors, clap's included, exit 3 instead.
@@ -55,6 +56,26 @@ netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help =
     Config(netfence::explain::ConfigArgs),
     /// Make the CA that signs the certificates TLS interception shows the guest.
     Ca(CaArgs),
+    /// Secrets: the placeholders the guest's environment needs (`secrets env`).
+    ///
+    /// The guest holds placeholders; netfence puts the real values into HTTP/1.1 requests to
+    /// each secret's allowed_hosts. A placeholder bound anywhere else is a violation, handled
+    /// by the secret's `on_violation`, else `on_secret_violation`: block (reset the
+    /// connection), block_and_log (also log host, port and secret name; the default, as the
+    /// Python reference has it, where the Rust reference says block) or block_and_terminate
+    /// (log an error and stop serving the VM).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print `ENV_VAR=placeholder` for each secret (shell-quoted), for the launcher to put into
+    /// the guest's environment. Reads no secret value.
+    #[command(after_help = "The placeholder of a secret without `placeholder` is \
+NETFENCE_PLACEHOLDER_<ENV_VAR>_<first 32 hex digits of SHA-256(\"netfence-placeholder-v1:<ENV_VAR>\")>, \
+the same on every start.\n\nExample:\n  netfence secrets env --config net.toml > guest.env")]
+    Env(netfence::secrets::EnvArgs),
 }
 
 #[derive(Args)]
@@ -403,6 +424,7 @@ fn main() -> ExitCode {
         Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
+        Command::Secrets(SecretsCommand::Env(a)) => exit_code(netfence::secrets::run_env(&a)),
         Command::Ca(CaArgs {
             command: CaCommand::Generate(a),
         }) => ca_generate(&a),

@@ -324,7 +324,7 @@ fn unbuilt_features_are_refused_not_ignored() {
         ("ports", "ports = [\"8080:80\"]\n", "published ports"),
         (
             "secrets",
-            "[[secrets]]\nenv_var = \"K\"\nvalue = \"v\"\nplaceholder = \"P\"\nallowed_hosts = [\"api.example.com\"]\n",
+            "[[secrets]]\nenv_var = \"K\"\nvalue = \"v\"\nplaceholder = \"K-placeholder-0123456789\"\nallowed_hosts = [\"api.example.com\"]\n",
             "secrets",
         ),
     ] {
@@ -346,6 +346,99 @@ fn unbuilt_features_are_refused_not_ignored() {
         .args(&["--config", cfg.to_str().unwrap()])
         .spawn();
     nf.assert_running("tls.enabled = false");
+}
+
+// ---- secrets ------------------------------------------------------------------------------
+
+/// A config with an inline, an environment and a file secret, and a file that holds a value.
+fn secrets_config(dir: &TempDir) -> std::path::PathBuf {
+    let key_file = dir.path().join("key.txt");
+    std::fs::write(&key_file, "file-VALUE-never-shown\n").unwrap();
+    let cfg = dir.path().join("secrets.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[secrets]]\nenv_var = \"OPENAI_API_KEY\"\nvalue = \"inline-VALUE-never-shown\"\n\
+             allowed_hosts = [\"api.openai.com\"]\n\
+             [[secrets]]\nenv_var = \"GH_TOKEN\"\nvalue_env = \"NF_TEST_GH\"\nplaceholder = \"gh~placeholder-0123456789\"\n\
+             allowed_hosts = [\"*.github.com\"]\n\
+             [[secrets]]\nenv_var = \"FROM_FILE\"\nvalue_file = \"{}\"\nallowed_hosts = [\"api.example.com\"]\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn secrets_env_prints_shell_quoted_placeholders() {
+    let dir = TempDir::new("nf-secrets-env");
+    let cfg = secrets_config(&dir);
+    let o = netfence(&["secrets", "env", "--config", cfg.to_str().unwrap()]);
+    assert_exit(&o, 0, "secrets env");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{o}");
+    assert!(
+        lines[0].starts_with("OPENAI_API_KEY=NETFENCE_PLACEHOLDER_OPENAI_API_KEY_"),
+        "{o}"
+    );
+    assert_eq!(
+        lines[0].len(),
+        "OPENAI_API_KEY=NETFENCE_PLACEHOLDER_OPENAI_API_KEY_".len() + 32
+    );
+    // `~` would be expanded by a shell after `=`: quoted.
+    assert_eq!(lines[1], "GH_TOKEN='gh~placeholder-0123456789'");
+    assert!(
+        lines[2].starts_with("FROM_FILE=NETFENCE_PLACEHOLDER_FROM_FILE_"),
+        "{o}"
+    );
+    assert!(!o.stdout.contains("VALUE-never-shown"), "{o}");
+    // The same placeholders on every run (a launcher may compute or cache them).
+    let again = netfence(&["secrets", "env", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(again.stdout, o.stdout);
+    // A shell takes the lines as they are.
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{}\nprintf '%s' \"$GH_TOKEN\"", o.stdout))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&sh.stdout),
+        "gh~placeholder-0123456789"
+    );
+    // A bad config exits 2 and names the field.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\n").unwrap();
+    let o = netfence(&["secrets", "env", "--config", bad.to_str().unwrap()]);
+    assert_exit(&o, 2, "secrets env with a bad config");
+    assert!(o.stderr.contains("secrets[0].allowed_hosts"), "{o}");
+}
+
+#[test]
+fn config_never_prints_a_secret_value() {
+    let dir = TempDir::new("nf-secrets-config");
+    let cfg = secrets_config(&dir);
+    let o = netfence(&["config", "--config", cfg.to_str().unwrap()]);
+    assert_exit(&o, 0, "config");
+    assert!(!o.stdout.contains("VALUE-never-shown"), "{o}");
+    assert!(!o.stderr.contains("VALUE-never-shown"), "{o}");
+    assert!(o.stdout.contains("value = \"<redacted>\""), "{o}");
+    assert!(o.stdout.contains("value_env = \"NF_TEST_GH\""), "{o}");
+    assert!(
+        o.stdout.contains("key.txt"),
+        "the file's name, not its content: {o}"
+    );
+    // An error about a value does not show it either.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"VALUE-never-shown\\n\"\nallowed_hosts = [\"a.example\"]\n",
+    )
+    .unwrap();
+    let o = netfence(&["config", "--config", bad.to_str().unwrap()]);
+    assert_exit(&o, 2, "config with a bad value");
+    assert!(o.stderr.contains("secrets[0].value"), "{o}");
+    assert!(!o.stderr.contains("VALUE-never-shown"), "{o}");
 }
 
 // ---- the interception CA's files -----------------------------------------------------------

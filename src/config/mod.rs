@@ -160,7 +160,9 @@ impl<'de> Deserialize<'de> for PolicySpec {
 }
 
 /// Action when a secret placeholder is sent to a host outside the secret's allow list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+/// The default is `block_and_log`, as the Python reference says (the Rust reference page says
+/// `Block`; netfence keeps the one that leaves a trace). Ordered by severity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationAction {
     /// Drop the request.
@@ -186,37 +188,264 @@ impl FromStr for ViolationAction {
     }
 }
 
+impl fmt::Display for ViolationAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ViolationAction::Block => "block",
+            ViolationAction::BlockAndLog => "block_and_log",
+            ViolationAction::BlockAndTerminate => "block_and_terminate",
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for ViolationAction {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?.parse().map_err(de::Error::custom)
     }
 }
 
-/// One secret: the guest sees `placeholder` in `env_var`; netfence substitutes `value` only
-/// in traffic to `allowed_hosts` (domains or `*.suffix` patterns).
+/// One secret: the guest sees `placeholder` in `env_var`; netfence substitutes the real value
+/// only in HTTP requests to `allowed_hosts` (names or `*.suffix` patterns), in the parts named
+/// by `substitute_in`. The value comes from exactly one of `value` (inline), `value_env` (an
+/// environment variable of netfence itself) or `value_file` (a file, trailing newline
+/// stripped); the last two are read at start by [`crate::secrets::SecretSet::load`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretEntry {
     pub env_var: String,
-    pub value: String,
+    /// The value itself. Never printed: Debug and serialisation show `<redacted>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<SecretValue>,
+    /// The name of an environment variable of netfence's own process that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_env: Option<String>,
+    /// A file that holds the value (one trailing newline is stripped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_file: Option<PathBuf>,
+    /// What the guest sees; default [`default_placeholder`] of `env_var`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placeholder: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_violation: Option<ViolationAction>,
+    /// Where in a request the placeholder is replaced; default `["headers"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substitute_in: Option<Vec<SubstitutePart>>,
 }
 
 impl fmt::Debug for SecretEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretEntry")
             .field("env_var", &self.env_var)
-            .field("value", &"<redacted>")
+            .field("value", &self.value)
+            .field("value_env", &self.value_env)
+            .field("value_file", &self.value_file)
             .field("placeholder", &self.placeholder)
             .field("allowed_hosts", &self.allowed_hosts)
             .field("on_violation", &self.on_violation)
+            .field("substitute_in", &self.substitute_in)
             .finish()
     }
+}
+
+impl SecretEntry {
+    /// The placeholder the guest sees: `placeholder`, else [`default_placeholder`].
+    pub fn effective_placeholder(&self) -> String {
+        self.placeholder
+            .clone()
+            .unwrap_or_else(|| default_placeholder(&self.env_var))
+    }
+
+    /// The parts of a request where the placeholder is replaced (default: headers only).
+    pub fn effective_substitute_in(&self) -> Vec<SubstitutePart> {
+        self.substitute_in
+            .clone()
+            .unwrap_or_else(|| vec![SubstitutePart::Headers])
+    }
+}
+
+/// The prefix of every derived placeholder.
+pub const PLACEHOLDER_PREFIX: &str = "NETFENCE_PLACEHOLDER_";
+
+/// The placeholder of a secret that does not set one:
+/// `NETFENCE_PLACEHOLDER_<ENV_VAR>_<h>`, where `<h>` is the first 32 lower-case hex digits of
+/// SHA-256 of `netfence-placeholder-v1:<ENV_VAR>`. It depends on the name only, so it is the
+/// same on every start and a launcher can compute it without netfence (`printf
+/// 'netfence-placeholder-v1:%s' "$ENV_VAR" | sha256sum | cut -c1-32`) or ask `netfence secrets
+/// env`. The prefix makes it distinctive, and the hash keeps one secret's placeholder from
+/// being the beginning of another's (`API` vs `API_2`).
+pub fn default_placeholder(env_var: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("netfence-placeholder-v1:{env_var}").as_bytes(),
+    );
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{PLACEHOLDER_PREFIX}{env_var}_{hex}")
+}
+
+/// Placeholder lengths accepted (derived ones are 54 bytes plus the variable's name).
+pub const PLACEHOLDER_LEN: std::ops::RangeInclusive<usize> = 16..=256;
+/// Longest accepted `env_var` (so a derived placeholder stays within [`PLACEHOLDER_LEN`]).
+pub const ENV_VAR_MAX_LEN: usize = 128;
+/// Longest accepted secret value, in bytes.
+pub const SECRET_VALUE_MAX_BYTES: usize = 16 * 1024;
+
+/// A secret value as the config holds it. It is never shown: `Debug` and serialisation write
+/// `<redacted>`, a wrongly typed value is rejected without echoing it, and the memory is
+/// zeroed when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(zeroize::Zeroizing<String>);
+
+impl SecretValue {
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretValue(zeroize::Zeroizing::new(value.into()))
+    }
+
+    /// The value itself: only for the substitution tables, never for output.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What `Debug`, `netfence config` and every other rendering show instead of a value.
+pub const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = "a string (the value given is not shown)";
+        fn wrong<E: de::Error>() -> E {
+            E::custom(format!("invalid type: expected {EXPECTED}"))
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretValue, E> {
+                Ok(SecretValue::new(v))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<SecretValue, E> {
+                Ok(SecretValue::new(v))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<SecretValue, E> {
+                Err(wrong())
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<SecretValue, A::Error> {
+                Err(wrong())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<SecretValue, A::Error> {
+                Err(wrong())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Checks a secret value (from the config, the environment or a file) without ever putting
+/// it in the message: non-empty, at most [`SECRET_VALUE_MAX_BYTES`], and no control character
+/// but tab (a CR or LF would split the request it is put into).
+pub fn check_secret_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > SECRET_VALUE_MAX_BYTES {
+        return Err(format!(
+            "is {} bytes; at most {SECRET_VALUE_MAX_BYTES} are accepted",
+            value.len()
+        ));
+    }
+    if let Some(pos) = value
+        .bytes()
+        .position(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
+        return Err(format!(
+            "holds a control character (byte {} of the value is 0x{:02x}); a secret may hold \
+             printable text and tabs only (CR or LF would split the request it is put into)",
+            pos + 1,
+            value.as_bytes()[pos]
+        ));
+    }
+    Ok(())
+}
+
+/// A part of an HTTP request where a placeholder may be replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubstitutePart {
+    /// Header values (Basic credentials decoded and re-encoded).
+    Headers,
+    /// The query string of the request target (the value is percent-encoded).
+    Query,
+    /// The body (Content-Length or chunked).
+    Body,
+}
+
+impl FromStr for SubstitutePart {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "headers" => Ok(SubstitutePart::Headers),
+            "query" => Ok(SubstitutePart::Query),
+            "body" => Ok(SubstitutePart::Body),
+            _ => Err(format!(
+                "unknown request part `{s}`; expected headers, query or body"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SubstitutePart {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `NAME` is a portable environment variable name: a letter or `_`, then letters, digits, `_`.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A placeholder holds only the characters a URL never needs to escape (RFC 3986 unreserved:
+/// letters, digits, `-`, `.`, `_`, `~`), so it reads the same in a header, a query string and
+/// a shell, and no encoding step hides it.
+fn is_placeholder_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// The gateway DNS service.
@@ -506,6 +735,11 @@ impl NetworkConfig {
         out
     }
 
+    /// `on_secret_violation`, else `block_and_log`.
+    pub fn secret_violation_action(&self) -> ViolationAction {
+        self.on_secret_violation.unwrap_or_default()
+    }
+
     /// `dns.rebind_protection`, else the legacy `dns_rebind_protection`, else true.
     pub fn rebind_protection(&self) -> bool {
         self.dns
@@ -681,40 +915,7 @@ impl NetworkConfig {
                 "must be at least 1 (omit it for no cap)",
             ));
         }
-        for (i, s) in self.secrets.iter().enumerate() {
-            if s.env_var.is_empty() || s.env_var.contains('=') || s.env_var.contains('\0') {
-                return Err(ConfigError::new(
-                    format!("secrets[{i}].env_var"),
-                    Some(s.env_var.clone()),
-                    "must be non-empty and contain no `=` or NUL",
-                ));
-            }
-            if s.value.is_empty() {
-                return Err(ConfigError::new(
-                    format!("secrets[{i}].value"),
-                    None,
-                    "must not be empty",
-                ));
-            }
-            if let Some(p) = &s.placeholder {
-                if p.is_empty() || p.len() > 1024 || p.contains('\0') {
-                    return Err(ConfigError::new(
-                        format!("secrets[{i}].placeholder"),
-                        Some(p.clone()),
-                        "must be 1-1024 bytes without NUL",
-                    ));
-                }
-            }
-            for (j, h) in s.allowed_hosts.iter().enumerate() {
-                parse_domain(strip_suffix_marker(h)).map_err(|e| {
-                    ConfigError::new(
-                        format!("secrets[{i}].allowed_hosts[{j}]"),
-                        Some(h.clone()),
-                        format!("{e}; expected a domain or *.suffix pattern"),
-                    )
-                })?;
-            }
-        }
+        self.validate_secrets()?;
         for (i, m) in self.map.iter().enumerate() {
             if let Some(e) = m.problem() {
                 return Err(ConfigError::new(
@@ -731,6 +932,147 @@ impl NetworkConfig {
                     format!("map[{i}]"),
                     Some(m.to_string()),
                     format!("the same guest destination is already mapped by map[{j}]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NetworkConfig {
+    /// The `secrets` entries: names, the one source of each value, placeholders that cannot
+    /// shadow each other, host patterns, parts. Values read from the environment or a file are
+    /// checked when they are read ([`crate::secrets::SecretSet::load`]); no message ever holds
+    /// a value.
+    fn validate_secrets(&self) -> Result<(), ConfigError> {
+        let mut placeholders: Vec<String> = Vec::with_capacity(self.secrets.len());
+        for (i, s) in self.secrets.iter().enumerate() {
+            let field = |f: &str| format!("secrets[{i}].{f}");
+            if !is_env_name(&s.env_var) || s.env_var.len() > ENV_VAR_MAX_LEN {
+                return Err(ConfigError::new(
+                    field("env_var"),
+                    Some(s.env_var.clone()),
+                    format!(
+                        "expected an environment variable name: a letter or `_`, then letters, \
+                         digits or `_`, at most {ENV_VAR_MAX_LEN} characters"
+                    ),
+                ));
+            }
+            if let Some(j) = self.secrets[..i]
+                .iter()
+                .position(|o| o.env_var == s.env_var)
+            {
+                return Err(ConfigError::new(
+                    field("env_var"),
+                    Some(s.env_var.clone()),
+                    format!("secrets[{j}] already uses this name; each secret needs its own"),
+                ));
+            }
+            let sources = [
+                s.value.as_ref().map(|_| "value"),
+                s.value_env.as_ref().map(|_| "value_env"),
+                s.value_file.as_ref().map(|_| "value_file"),
+            ];
+            let given: Vec<&str> = sources.into_iter().flatten().collect();
+            if given.len() != 1 {
+                return Err(ConfigError::new(
+                    format!("secrets[{i}]"),
+                    None,
+                    format!(
+                        "{}; set exactly one of value, value_env (an environment variable of \
+                         netfence) or value_file (a file)",
+                        if given.is_empty() {
+                            "no value is given".to_string()
+                        } else {
+                            format!("{} are set", given.join(" and "))
+                        }
+                    ),
+                ));
+            }
+            if let Some(v) = &s.value {
+                check_secret_value(v.expose())
+                    .map_err(|e| ConfigError::new(field("value"), None, e))?;
+            }
+            if let Some(name) = &s.value_env {
+                if !is_env_name(name) {
+                    return Err(ConfigError::new(
+                        field("value_env"),
+                        Some(name.clone()),
+                        "expected the name of an environment variable of netfence's own \
+                         process: a letter or `_`, then letters, digits or `_`",
+                    ));
+                }
+            }
+            if let Some(path) = &s.value_file {
+                if path.as_os_str().is_empty() {
+                    return Err(ConfigError::new(
+                        field("value_file"),
+                        Some(String::new()),
+                        "expected the path of a file that holds the value",
+                    ));
+                }
+            }
+            let placeholder = s.effective_placeholder();
+            let shown = || Some(placeholder.clone());
+            if !PLACEHOLDER_LEN.contains(&placeholder.len()) {
+                return Err(ConfigError::new(
+                    field("placeholder"),
+                    shown(),
+                    format!(
+                        "is {} bytes; a placeholder must be {}-{} bytes, long enough never to \
+                         occur in traffic by accident (omit it for the derived default)",
+                        placeholder.len(),
+                        PLACEHOLDER_LEN.start(),
+                        PLACEHOLDER_LEN.end()
+                    ),
+                ));
+            }
+            if !placeholder.bytes().all(is_placeholder_char) {
+                return Err(ConfigError::new(
+                    field("placeholder"),
+                    shown(),
+                    "may hold only letters, digits, `-`, `.`, `_` and `~` (characters that \
+                     no URL, header or shell changes)",
+                ));
+            }
+            if let Some(j) = placeholders
+                .iter()
+                .position(|p| p.contains(placeholder.as_str()) || placeholder.contains(p.as_str()))
+            {
+                return Err(ConfigError::new(
+                    field("placeholder"),
+                    shown(),
+                    format!(
+                        "overlaps the placeholder of secrets[{j}] (`{}`): no placeholder may \
+                         contain another, or one would hide the other",
+                        placeholders[j]
+                    ),
+                ));
+            }
+            placeholders.push(placeholder);
+            if s.allowed_hosts.is_empty() {
+                return Err(ConfigError::new(
+                    field("allowed_hosts"),
+                    None,
+                    "is empty; a secret is substituted only for these hosts, so name at least \
+                     one (api.example.com or *.example.com)",
+                ));
+            }
+            for (j, h) in s.allowed_hosts.iter().enumerate() {
+                parse_domain(strip_suffix_marker(h)).map_err(|e| {
+                    ConfigError::new(
+                        format!("secrets[{i}].allowed_hosts[{j}]"),
+                        Some(h.clone()),
+                        format!("{e}; expected a domain or *.suffix pattern"),
+                    )
+                })?;
+            }
+            if s.substitute_in.as_ref().is_some_and(|p| p.is_empty()) {
+                return Err(ConfigError::new(
+                    field("substitute_in"),
+                    Some("[]".into()),
+                    "names no part; expected a non-empty subset of [\"headers\", \"query\", \
+                     \"body\"] (default [\"headers\"])",
                 ));
             }
         }

@@ -292,7 +292,88 @@ const TOML_ERRORS: &[(&str, &str, &str)] = &[
     (
         "[[secrets]]\nenv_var = \"A=B\"\nvalue = \"v\"",
         "secrets[0].env_var",
-        "no `=` or NUL",
+        "expected an environment variable name",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"1A\"\nvalue = \"v\"",
+        "secrets[0].env_var",
+        "a letter or `_`, then letters, digits or `_`",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nallowed_hosts = [\"a.example\"]\n[[secrets]]\nenv_var = \"A\"\nvalue = \"w\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[1].env_var",
+        "secrets[0] already uses this name",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0]",
+        "no value is given; set exactly one of value, value_env",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nvalue_env = \"B\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0]",
+        "value and value_env are set; set exactly one",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue_env = \"B\"\nvalue_file = \"/k\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0]",
+        "value_env and value_file are set",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"line\\nbreak\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].value",
+        "holds a control character (byte 5 of the value is 0x0a)",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = 12345\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].value",
+        "expected a string (the value given is not shown)",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue_env = \"NOT-A-NAME\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].value_env",
+        "expected the name of an environment variable",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue_file = \"\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].value_file",
+        "expected the path of a file",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nplaceholder = \"P\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].placeholder",
+        "is 1 bytes; a placeholder must be 16-256 bytes",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nplaceholder = \"has space in it 0123\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[0].placeholder",
+        "may hold only letters, digits, `-`, `.`, `_` and `~`",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nplaceholder = \"PLACEHOLDER-0123456789\"\nallowed_hosts = [\"a.example\"]\n\
+         [[secrets]]\nenv_var = \"B\"\nvalue = \"w\"\nplaceholder = \"PLACEHOLDER-0123456789-2\"\nallowed_hosts = [\"a.example\"]",
+        "secrets[1].placeholder",
+        "overlaps the placeholder of secrets[0] (`PLACEHOLDER-0123456789`)",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"",
+        "secrets[0].allowed_hosts",
+        "is empty; a secret is substituted only for these hosts",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nallowed_hosts = [\"a.example\"]\nsubstitute_in = []",
+        "secrets[0].substitute_in",
+        "names no part; expected a non-empty subset",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nallowed_hosts = [\"a.example\"]\nsubstitute_in = [\"cookies\"]",
+        "secrets[0].substitute_in[0]",
+        "unknown request part `cookies`; expected headers, query or body",
+    ),
+    (
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"v\"\nallowed_hosts = [\"a.example\"]\nvalue_flie = \"/k\"",
+        "secrets[0].value_flie",
+        "unknown field `value_flie`",
     ),
     ("[[secrets]]\nenv_var = \"A\"\nvalue = \"\"", "secrets[0].value", "must not be empty"),
     (
@@ -470,8 +551,14 @@ fn full_toml_parses() {
 
 #[test]
 fn full_toml_round_trips() {
-    let cfg = parse_and_validate(FULL_TOML, Format::Toml).unwrap();
+    let mut cfg = parse_and_validate(FULL_TOML, Format::Toml).unwrap();
     let text = to_toml(&cfg);
+    // Everything round-trips but an inline secret value, which is never written out.
+    assert!(
+        !text.contains("s3cret") && text.contains("value = \"<redacted>\""),
+        "{text}"
+    );
+    cfg.secrets[0].value = Some(SecretValue::new(REDACTED));
     let again = parse_and_validate(&text, Format::Toml).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(again, cfg, "{text}");
     let json = serde_json::to_string(&cfg).unwrap();
@@ -1136,4 +1223,63 @@ fn map_covers_every_spelling_of_its_key() {
     let err = cfg.validate().unwrap_err();
     assert_eq!(err.field, "map[1]");
     assert!(err.message.contains("already mapped by map[0]"), "{err}");
+}
+
+#[test]
+fn secret_value_errors_never_show_the_value() {
+    for text in [
+        "[[secrets]]\nenv_var = \"A\"\nvalue = 987654321\nallowed_hosts = [\"a.example\"]",
+        "[[secrets]]\nenv_var = \"A\"\nvalue = [\"987654321\"]\nallowed_hosts = [\"a.example\"]",
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"987654321\\r\"\nallowed_hosts = [\"a.example\"]",
+        "[[secrets]]\nenv_var = \"A\"\nvalue = \"987654321\"\nvalue_env = \"X\"\nallowed_hosts = [\"a.example\"]",
+    ] {
+        for format in [Format::Toml, Format::Json] {
+            let text = match format {
+                Format::Toml => text.to_string(),
+                Format::Json => {
+                    let cfg: toml::Value = toml::from_str(text).unwrap();
+                    serde_json::to_string(&cfg).unwrap()
+                }
+            };
+            let e = parse_and_validate(&text, format).expect_err(&text);
+            assert!(!format!("{e} {e:?}").contains("987654321"), "{text}: {e}");
+            assert!(e.field.starts_with("secrets[0]"), "{text}: {e}");
+        }
+    }
+}
+
+#[test]
+fn derived_placeholders_are_stable_and_distinct() {
+    let a = default_placeholder("API");
+    assert_eq!(a, default_placeholder("API"), "the same on every start");
+    assert!(a.starts_with("NETFENCE_PLACEHOLDER_API_"), "{a}");
+    assert_eq!(a.len(), "NETFENCE_PLACEHOLDER_API_".len() + 32);
+    // Documented: the first 32 hex digits of SHA-256("netfence-placeholder-v1:API").
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"netfence-placeholder-v1:API");
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(a, format!("NETFENCE_PLACEHOLDER_API_{hex}"));
+    // `API` and `API_2` would be prefixes of each other without the hash.
+    let b = default_placeholder("API_2");
+    assert!(!b.starts_with(&a) && !a.starts_with(&b));
+    let longest = default_placeholder(&"X".repeat(ENV_VAR_MAX_LEN));
+    assert!(
+        PLACEHOLDER_LEN.contains(&longest.len()),
+        "{}",
+        longest.len()
+    );
+    let cfg = parse_and_validate(
+        "[[secrets]]\nenv_var = \"API\"\nvalue = \"v\"\nallowed_hosts = [\"a.example\"]\n\
+         [[secrets]]\nenv_var = \"API_2\"\nvalue = \"w\"\nallowed_hosts = [\"a.example\"]",
+        Format::Toml,
+    )
+    .unwrap();
+    assert_eq!(cfg.secrets[0].effective_placeholder(), a);
+    assert_eq!(
+        cfg.secrets[1].effective_substitute_in(),
+        [SubstitutePart::Headers],
+        "headers by default"
+    );
 }
