@@ -21,6 +21,7 @@ use netfence::flow::FlowSettings;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
 use netfence::policy::{HostAddrs, LocalAddrs};
+use netfence::secrets::SecretSet;
 use netfence::server::BindError;
 use netfence::tls::{InterceptionCa, TlsSettings, DEFAULT_CA_CN};
 
@@ -563,7 +564,16 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let secrets = match SecretSet::load(&config) {
+        Ok(set) if set.is_empty() => None,
+        Ok(set) => Some(Arc::new(set)),
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     let flows = FlowSettings {
+        secrets,
         policy,
         addrmap,
         addressing,
@@ -593,7 +603,11 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     match netfence::server::serve(public, &args.socket, args.once, settings) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(netfence::server::Served::Done) => ExitCode::SUCCESS,
+        Ok(netfence::server::Served::Terminated) => {
+            error!("exiting with status 3: a secret's block_and_terminate ended the VM's network");
+            ExitCode::from(3)
+        }
         Err(e) => {
             error!("{e}");
             ExitCode::from(1)

@@ -26,7 +26,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{control_shim, DeviceSettings, NetBackend};
-use crate::link::{Link, LinkSettings};
+use crate::link::{Link, LinkSettings, Terminator};
 
 /// How long the device of a VMM that hung up may take to stop before it is abandoned.
 pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -180,7 +180,7 @@ pub fn serve(
     path: &Path,
     once: bool,
     settings: LinkSettings,
-) -> Result<(), String> {
+) -> Result<Served, String> {
     info!(
         "listening on {} (guest {}/{}, gateway {}; IPv6 prefix {}, gateway {} and {})",
         path.display(),
@@ -196,18 +196,37 @@ pub fn serve(
             .accept()
             .map_err(|e| format!("accept on {} failed: {e}", path.display()))?;
         info!("VMM connected");
-        if let Err(e) = serve_connection(vmm, &settings) {
-            warn!("VMM connection failed: {e}");
-        }
+        let terminated = match serve_connection(vmm, &settings) {
+            Ok(terminated) => terminated,
+            Err(e) => {
+                warn!("VMM connection failed: {e}");
+                false
+            }
+        };
         if once {
             let _ = fs::remove_file(path);
-            return Ok(());
+            return Ok(if terminated {
+                Served::Terminated
+            } else {
+                Served::Done
+            });
         }
     }
 }
 
-fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), String> {
-    let link = Link::new(settings.clone()).map_err(|e| format!("cannot set up the link: {e}"))?;
+/// How `serve` ended (with `--once`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Done,
+    /// A secret's `block_and_terminate` took the VM's network down (exit status 3).
+    Terminated,
+}
+
+/// Serves one VMM connection; `Ok(true)` when the link ended it (`block_and_terminate`).
+fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, String> {
+    let terminator = Terminator::new(vmm.try_clone().ok());
+    let link = Link::new(settings.clone(), terminator.clone())
+        .map_err(|e| format!("cannot set up the link: {e}"))?;
     let device = DeviceSettings {
         guest_mac: settings.guest_mac,
         mtu: settings.mtu,
@@ -280,7 +299,7 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<(), Stri
              abandoning it (its threads and host sockets stay until netfence exits)"
         ),
     }
-    Ok(())
+    Ok(terminator.requested())
 }
 
 #[cfg(test)]

@@ -311,7 +311,7 @@ fn the_socket_is_created_0600() {
 }
 
 /// What is parsed but not built yet is refused by `run`, never silently ignored: published
-/// ports and secrets each exit 2 with a line that names them.
+/// ports exit 2 with a line that names them.
 #[test]
 fn unbuilt_features_are_refused_not_ignored() {
     let dir = TempDir::new("nf-unbuilt");
@@ -320,14 +320,7 @@ fn unbuilt_features_are_refused_not_ignored() {
     let o = netfence(&["run", "--socket", sock, "-p", "8080:80"]);
     assert_exit(&o, 2, "-p");
     assert!(o.stderr.contains("published ports"), "{o}");
-    for (name, toml, word) in [
-        ("ports", "ports = [\"8080:80\"]\n", "published ports"),
-        (
-            "secrets",
-            "[[secrets]]\nenv_var = \"K\"\nvalue = \"v\"\nplaceholder = \"K-placeholder-0123456789\"\nallowed_hosts = [\"api.example.com\"]\n",
-            "secrets",
-        ),
-    ] {
+    for (name, toml, word) in [("ports", "ports = [\"8080:80\"]\n", "published ports")] {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, toml).unwrap();
         let o = netfence(&["run", "--socket", sock, "--config", cfg.to_str().unwrap()]);

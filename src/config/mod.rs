@@ -726,12 +726,6 @@ impl NetworkConfig {
                     .to_string(),
             );
         }
-        if !self.secrets.is_empty() || self.on_secret_violation.is_some() {
-            out.push(
-                "secrets (`secrets`, `on_secret_violation`) are not built yet: remove them"
-                    .to_string(),
-            );
-        }
         out
     }
 

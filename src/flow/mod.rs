@@ -41,6 +41,10 @@ use crate::dns::{DnsService, DnsSettings};
 use crate::limits::Limits;
 use crate::observe::{Counters, LogGate};
 use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
+use crate::secrets::{
+    HostContext, HttpLimits, HttpRequestRewriter, PlaceholderScanner, SecretSet, StreamError,
+    ViolationAction,
+};
 use crate::stack::frames::{self, TcpHead, Unreachable};
 use crate::stack::GuestStack;
 use crate::tls::sni::ClientHelloScan;
@@ -52,9 +56,10 @@ use self::dns_gateway::GatewayDns;
 use self::icmp::{EchoFlow, EchoKey};
 use self::table::{FlowRef, FlowTable, NewFlow};
 use self::tcp::host_end::{self, HostEnd};
+use self::tcp::intercept::InterceptError;
 use self::tcp::intercept::{InterceptStep, Interceptor};
 use self::tcp::sni_gate::{GateStatus, SniGate};
-use self::tcp::{GuestEnd, Middle, PumpResult, TcpFlow};
+use self::tcp::{ClearFilter, ClearStage, GuestEnd, Middle, PumpResult, TcpFlow};
 use self::udp::UdpFlow;
 
 /// (guest source, guest-visible destination)
@@ -108,6 +113,8 @@ pub struct FlowSettings {
     /// `[tls]`: the ports whose first flight (TLS ClientHello) is read for the SNI before any
     /// byte goes upstream (under domain rules, or always with interception), and interception.
     pub tls: TlsSettings,
+    /// The secrets to substitute and guard; `None` when there are none.
+    pub secrets: Option<Arc<SecretSet>>,
     pub limits: Limits,
 }
 
@@ -136,6 +143,10 @@ pub struct Flows {
     tcp_share: usize,
     /// The link's leaf certificates, with interception on.
     leaves: Option<LeafCache>,
+    /// Lines about secret violations and refused requests.
+    secret_events: LogGate,
+    /// A secret's `block_and_terminate` fired: the link must stop serving this VM.
+    terminate: bool,
 }
 
 impl Flows {
@@ -168,6 +179,8 @@ impl Flows {
                 .tls
                 .interception()
                 .map(|i| i.leaf_cache(&settings.limits)),
+            secret_events: LogGate::new(20, Duration::from_secs(10)),
+            terminate: false,
             settings,
         })
     }
@@ -355,14 +368,94 @@ impl Flows {
             }
             return;
         }
-        if let Err(e) = self.dial(&head, frame, gated, now) {
+        if let Err(e) = self.dial(&head, frame, gated, &names.asked, now) {
             self.refuse_tcp(&head, frame, &e, stack);
         }
     }
 
+    /// The context a secrets stage judges a connection to `dst` in.
+    fn secret_context(&self, dst: SocketAddr, sni: Option<&str>, names: &[String]) -> HostContext {
+        HostContext {
+            port: dst.port(),
+            sni: sni.map(str::to_string),
+            sni_verified: sni.is_some()
+                && self
+                    .settings
+                    .tls
+                    .interception()
+                    .is_some_and(|i| i.verify_upstream),
+            resolved_names: names.to_vec(),
+        }
+    }
+
+    /// The cleartext filter a new flow to `dst` gets when secrets are configured: requests
+    /// are parsed and substituted on port 80, any other stream is scanned for placeholders.
+    fn clear_filter(&self, dst: SocketAddr, names: &[String]) -> Option<Middle> {
+        let secrets = self.settings.secrets.clone()?;
+        let ctx = self.secret_context(dst, None, names);
+        let stage = if dst.port() == 80 {
+            ClearStage::Http(HttpRequestRewriter::new(
+                secrets,
+                ctx,
+                HttpLimits::from(&self.settings.limits),
+            ))
+        } else {
+            ClearStage::Scan(PlaceholderScanner::new(secrets, &ctx))
+        };
+        Some(Middle::Clear(Box::new(ClearFilter::new(stage))))
+    }
+
+    /// A flow's bytes broke a secret's rules (or could not be parsed as the requests they
+    /// claim to be): the flow is reset both ways; the violation is logged as its action says,
+    /// and `block_and_terminate` takes the link down.
+    fn secret_refusal(&mut self, key: &FlowKey, err: StreamError, stack: &mut GuestStack) {
+        let now = Instant::now();
+        match &err {
+            StreamError::Violation(v) => {
+                self.counters.inc("secret-violation");
+                match v.action {
+                    ViolationAction::Block => {}
+                    ViolationAction::BlockAndLog => {
+                        if let Some(suppressed) = self.secret_events.admit(now) {
+                            warn!(src = %key.0, dst = %key.1, secret = %v.secret, host = %v.host,
+                                port = v.port, reason = %v.reason, suppressed,
+                                "secret violation: connection reset");
+                        }
+                    }
+                    ViolationAction::BlockAndTerminate => {
+                        tracing::error!(src = %key.0, dst = %key.1, secret = %v.secret,
+                            host = %v.host, port = v.port, reason = %v.reason,
+                            "secret violation: this VM's network goes down (block_and_terminate)");
+                        self.terminate = true;
+                    }
+                }
+            }
+            StreamError::Refused(r) => {
+                self.counters.inc("secret-request-refused");
+                if let Some(suppressed) = self.secret_events.admit(now) {
+                    info!(src = %key.0, dst = %key.1, reason = %r, suppressed,
+                        "request refused: connection reset");
+                }
+            }
+        }
+        self.abort_tcp(key, "refused by the secrets stage", stack);
+    }
+
+    /// Whether a secret's `block_and_terminate` fired on this link.
+    pub fn terminate_requested(&self) -> bool {
+        self.terminate
+    }
+
     /// Starts the host end of TCP flow `key` and records the flow with its SYN held. The
     /// error is logged here; the caller fails the guest's side.
-    fn dial(&mut self, head: &TcpHead, syn: &[u8], gated: bool, now: Instant) -> io::Result<()> {
+    fn dial(
+        &mut self,
+        head: &TcpHead,
+        syn: &[u8],
+        gated: bool,
+        names: &[String],
+        now: Instant,
+    ) -> io::Result<()> {
         let key = (head.src, head.dst);
         let (guest, dst) = key;
         let target = self.settings.addrmap.host_target(dst);
@@ -389,7 +482,11 @@ impl Flows {
                 }
             })?;
         debug!(src = %guest, dst = %dst, host = %target, "connecting host side");
-        let middle = gated.then(|| Middle::Gate(SniGate::new(now)));
+        let middle = if gated {
+            Some(Middle::Gate(SniGate::new(now)))
+        } else {
+            self.clear_filter(dst, names)
+        };
         let host = HostEnd::new(socket, target);
         self.table.tcp.insert(
             key,
@@ -485,6 +582,7 @@ impl Flows {
             .tcp_link_buffer_bytes
             .saturating_sub(self.tcp_to_guest_bytes);
         let mut failed_tls: Vec<(FlowKey, String)> = Vec::new();
+        let mut refused: Vec<(FlowKey, StreamError)> = Vec::new();
         for (key, flow) in self.table.tcp.iter_mut() {
             if let (Some(Middle::Gate(gate)), Some(handle)) = (&flow.middle, flow.handle()) {
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
@@ -513,6 +611,7 @@ impl Flows {
                 match tls.pump(sock, &mut flow.host, interception, leaves) {
                     InterceptStep::Alive => {}
                     InterceptStep::Finished => done.push((*key, "closed")),
+                    InterceptStep::Failed(InterceptError::Secret(e)) => refused.push((*key, e)),
                     InterceptStep::Failed(e) => failed_tls.push((*key, e.to_string())),
                 }
                 flow.bytes_to_host = tls.bytes_to_host;
@@ -533,10 +632,14 @@ impl Flows {
                 PumpResult::Alive => {}
                 PumpResult::Finished => done.push((*key, "closed")),
                 PumpResult::Aborted(why) => done.push((*key, why)),
+                PumpResult::Refused(e) => refused.push((*key, e)),
             }
         }
         for (key, status) in hellos {
             self.judge_hello(key, status, stack, now);
+        }
+        for (key, e) in refused {
+            self.secret_refusal(&key, e, stack);
         }
         for (key, why) in failed_tls {
             self.counters.inc("tls-intercept-failed");
@@ -628,7 +731,7 @@ impl Flows {
                 )),
             ),
         };
-        let (verdict, stage) = self.interception_verdict(&hello, verdict, now);
+        let (verdict, stage) = self.interception_verdict(dst, &hello, verdict, now);
         let names: Vec<String> = sni.into_iter().collect();
         let (allowed, reason) = match &verdict {
             Ok(r) => (true, r.as_str()),
@@ -652,6 +755,14 @@ impl Flows {
         if allowed {
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
+            if flow.middle.is_none() && matches!(hello, HelloName::Missing("not TLS")) {
+                // Relayed as it is (allow_no_sni): it is cleartext, so it is scanned.
+                let names = self.names_for(dst.ip(), now).asked;
+                let filter = self.clear_filter(dst, &names);
+                if let Some(flow) = self.table.tcp.get_mut(&key) {
+                    flow.middle = filter;
+                }
+            }
         } else {
             self.counters.inc("tls-hello-refused");
             if let Some(handle) = flow.handle() {
@@ -669,6 +780,7 @@ impl Flows {
     /// interception the verdict stands and no stage follows.
     fn interception_verdict(
         &self,
+        dst: SocketAddr,
         name: &HelloName,
         verdict: Result<String, String>,
         now: Instant,
@@ -688,7 +800,15 @@ impl Flows {
                 if self.table.tls_handshakes() >= cap {
                     return (Err(format!("limit tls-handshakes ({cap}) reached")), None);
                 }
-                let stage = Interceptor::new(name, None, false, now);
+                let rewriter = self.settings.secrets.clone().map(|secrets| {
+                    let names = self.names_for(dst.ip(), now).asked;
+                    HttpRequestRewriter::new(
+                        secrets,
+                        self.secret_context(dst, Some(name), &names),
+                        HttpLimits::from(&self.settings.limits),
+                    )
+                });
+                let stage = Interceptor::new(name, rewriter, now);
                 (Ok(format!("{reason}; intercepted")), Some(Box::new(stage)))
             }
             (HelloName::Missing(what), _) => {

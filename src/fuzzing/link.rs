@@ -425,6 +425,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         dns,
         dns_intercept_all: true,
         tls: crate::tls::TlsSettings::default(),
+        secrets: None,
         limits,
     };
     LinkSettings {
@@ -452,7 +453,7 @@ pub const STEP_RESET: u8 = 0x20;
 pub fn link(data: &[u8]) {
     let settings = sealed_link_settings();
     let addressing = settings.addressing;
-    let Ok(mut link) = Link::new(settings) else {
+    let Ok(mut link) = Link::new(settings, crate::link::Terminator::default()) else {
         // Out of descriptors or the like: nothing to fuzz.
         return;
     };

@@ -25,6 +25,9 @@ pub mod timer;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::EthernetAddress;
@@ -68,6 +71,51 @@ pub struct LinkSettings {
     pub flows: FlowSettings,
 }
 
+/// How a link ends its VMM's connection on its own: a secret's `block_and_terminate` takes
+/// this VM's network down. The server hands each link one over the VMM's control socket and
+/// asks it afterwards whether it fired (`--once` then exits with status 3).
+#[derive(Clone, Default)]
+pub struct Terminator {
+    inner: Arc<TerminatorInner>,
+}
+
+#[derive(Default)]
+struct TerminatorInner {
+    requested: AtomicBool,
+    vmm: Mutex<Option<UnixStream>>,
+}
+
+impl Terminator {
+    /// A terminator that shuts `vmm` (the VMM's control connection) down when it fires.
+    pub fn new(vmm: Option<UnixStream>) -> Self {
+        Terminator {
+            inner: Arc::new(TerminatorInner {
+                requested: AtomicBool::new(false),
+                vmm: Mutex::new(vmm),
+            }),
+        }
+    }
+
+    /// Ends the VMM's connection (once).
+    pub fn terminate(&self) {
+        self.inner.requested.store(true, Ordering::Release);
+        let vmm = self
+            .inner
+            .vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(vmm) = vmm {
+            let _ = vmm.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether it fired.
+    pub fn requested(&self) -> bool {
+        self.inner.requested.load(Ordering::Acquire)
+    }
+}
+
 /// The link of one VMM connection.
 pub struct Link {
     settings: LinkSettings,
@@ -87,10 +135,13 @@ pub struct Link {
     last_housekeeping: Instant,
     /// Guest IPv6 addresses smoltcp has been told the MAC of (see `introduce_guest`).
     introduced: Vec<(Ipv6Addr, Instant)>,
+    terminator: Terminator,
+    /// The link is down (a secret's `block_and_terminate`): nothing is served any more.
+    down: bool,
 }
 
 impl Link {
-    pub fn new(settings: LinkSettings) -> io::Result<Self> {
+    pub fn new(settings: LinkSettings, terminator: Terminator) -> io::Result<Self> {
         let macs = Macs {
             gateway_mac: EthernetAddress(settings.gateway_mac),
             guest_mac: EthernetAddress(settings.guest_mac),
@@ -131,8 +182,22 @@ impl Link {
             last_advert: None,
             last_housekeeping: Instant::now(),
             introduced: Vec::new(),
+            terminator,
+            down: false,
             settings,
         })
+    }
+
+    /// Takes the link down when a secret's `block_and_terminate` fired: every flow is reset,
+    /// nothing more is served, and the VMM's connection is ended.
+    fn check_terminate(&mut self) {
+        if self.down || !self.flows.terminate_requested() {
+            return;
+        }
+        self.down = true;
+        self.flows.reset();
+        self.stack.reset();
+        self.terminator.terminate();
     }
 
     /// The flows of this link (for counters).
@@ -146,6 +211,10 @@ impl Link {
     }
 
     fn guest_frame(&mut self, frame: &[u8]) {
+        if self.down {
+            self.count_drop("link-down");
+            return;
+        }
         if !self.settings.flows.policy.network_enabled() {
             // `none`: no network at all, not even the gateway's own services.
             self.count_drop("network-none");
@@ -328,6 +397,10 @@ impl Link {
     /// Moves data until nothing more can move (or the round budget is spent), then arms the
     /// timer for the next deadline.
     fn service(&mut self, rx: &mut dyn GuestRx) {
+        self.check_terminate();
+        if self.down {
+            return;
+        }
         let now = Instant::now();
         if now.duration_since(self.last_housekeeping) >= HOUSEKEEPING {
             // Under a constant stream of events the timer may never fire: do it here.
@@ -335,6 +408,10 @@ impl Link {
         }
         for _ in 0..SERVICE_ROUNDS {
             self.flows.pump(&mut self.stack);
+            self.check_terminate();
+            if self.down {
+                return;
+            }
             self.stack.poll();
             let before = self.stack.port.to_guest.len();
             let delivered = self.flush(rx);

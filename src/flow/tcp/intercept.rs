@@ -29,6 +29,7 @@ use rustls::{ClientConnection, Connection};
 use smoltcp::socket::tcp;
 
 use super::host_end::HostEnd;
+use crate::secrets::{HttpRequestRewriter, StreamError};
 use crate::tls::{Interception, LeafCache};
 
 /// Plaintext moved from one side to the other per step, at most.
@@ -38,12 +39,6 @@ const SEND_BUFFER_LIMIT: usize = 64 * 1024;
 /// ALPN protocols passed on (others the guest offers are dropped).
 const KNOWN_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-/// What the guest's plaintext goes through on its way upstream (secret substitution).
-pub trait GuestPlaintextFilter: Send {
-    /// Takes `input` and appends what must go upstream to `out`; an error ends the flow.
-    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), String>;
-}
-
 /// Why an intercepted connection ended badly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InterceptError {
@@ -51,8 +46,8 @@ pub enum InterceptError {
     Upstream(String),
     /// The guest's TLS failed.
     Guest(String),
-    /// The filter refused the guest's plaintext.
-    Filtered(String),
+    /// The secrets rewriter refused the guest's plaintext (a violation, a bad request).
+    Secret(StreamError),
     /// A socket failed.
     Io(String),
 }
@@ -62,7 +57,7 @@ impl std::fmt::Display for InterceptError {
         match self {
             InterceptError::Upstream(e) => write!(f, "upstream TLS failed: {e}"),
             InterceptError::Guest(e) => write!(f, "guest TLS failed: {e}"),
-            InterceptError::Filtered(e) => f.write_str(e),
+            InterceptError::Secret(e) => write!(f, "{e}"),
             InterceptError::Io(e) => write!(f, "socket failed: {e}"),
         }
     }
@@ -94,7 +89,8 @@ pub struct Interceptor {
     name: String,
     phase: Phase,
     upstream: Option<Box<ClientConnection>>,
-    filter: Option<Box<dyn GuestPlaintextFilter>>,
+    /// Secret substitution in the guest's requests (only `http/1.1` is then offered).
+    filter: Option<HttpRequestRewriter>,
     /// Only `http/1.1` is offered (secrets may be substituted in this connection's requests).
     http1_only: bool,
     /// When the stage started; a handshake not done by the deadline fails.
@@ -105,6 +101,9 @@ pub struct Interceptor {
     pending_to_guest: Vec<u8>,
     guest_closed: bool,
     host_closed: bool,
+    /// close_notify sent upstream / to the guest (after every byte before it).
+    closed_upstream: bool,
+    closed_to_guest: bool,
     /// The fatal alert owed to the guest, if the upstream failed before the guest handshake.
     alert_owed: bool,
     pub bytes_to_host: u64,
@@ -131,23 +130,22 @@ fn upstream_alpn(offered: Option<Vec<&[u8]>>, http1_only: bool) -> Vec<Vec<u8>> 
 }
 
 impl Interceptor {
-    pub fn new(
-        name: &str,
-        filter: Option<Box<dyn GuestPlaintextFilter>>,
-        http1_only: bool,
-        now: Instant,
-    ) -> Self {
+    /// An interception of a connection to `name`; with `filter` (secrets), only `http/1.1` is
+    /// offered, since only its requests are parsed.
+    pub fn new(name: &str, filter: Option<HttpRequestRewriter>, now: Instant) -> Self {
         Interceptor {
             name: name.to_string(),
             phase: Phase::Hello(Box::default()),
             upstream: None,
+            http1_only: filter.is_some(),
             filter,
-            http1_only,
             started: now,
             pending_to_host: Vec::new(),
             pending_to_guest: Vec::new(),
             guest_closed: false,
             host_closed: false,
+            closed_upstream: false,
+            closed_to_guest: false,
             alert_owed: false,
             bytes_to_host: 0,
             bytes_to_guest: 0,
@@ -273,18 +271,22 @@ impl Interceptor {
             }
             let n = match guest.reader().read(&mut chunk) {
                 Ok(0) => {
-                    if !self.guest_closed {
-                        self.guest_closed = true;
-                        upstream.send_close_notify();
-                    }
+                    end_guest(
+                        &mut self.guest_closed,
+                        &mut self.filter,
+                        &mut self.pending_to_host,
+                    )?;
                     break;
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
                     // The guest closed TCP without close_notify: end the upstream as well.
-                    self.guest_closed = true;
-                    upstream.send_close_notify();
+                    end_guest(
+                        &mut self.guest_closed,
+                        &mut self.filter,
+                        &mut self.pending_to_host,
+                    )?;
                     break;
                 }
                 Err(e) => return Err(InterceptError::Guest(e.to_string())),
@@ -292,8 +294,8 @@ impl Interceptor {
             self.bytes_to_host += n as u64;
             match &mut self.filter {
                 Some(f) => f
-                    .filter(&chunk[..n], &mut self.pending_to_host)
-                    .map_err(InterceptError::Filtered)?,
+                    .push(&chunk[..n], &mut self.pending_to_host)
+                    .map_err(InterceptError::Secret)?,
                 None => self.pending_to_host.extend_from_slice(&chunk[..n]),
             }
         }
@@ -304,17 +306,13 @@ impl Interceptor {
             }
             let n = match upstream.reader().read(&mut chunk) {
                 Ok(0) => {
-                    if !self.host_closed {
-                        self.host_closed = true;
-                        guest.send_close_notify();
-                    }
+                    self.host_closed = true;
                     break;
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
                     self.host_closed = true;
-                    guest.send_close_notify();
                     break;
                 }
                 Err(e) => return Err(InterceptError::Upstream(e.to_string())),
@@ -322,12 +320,21 @@ impl Interceptor {
             self.bytes_to_guest += n as u64;
             self.pending_to_guest.extend_from_slice(&chunk[..n]);
         }
+        // A side's close goes on once everything before it went on.
+        if self.guest_closed && !self.closed_upstream && self.pending_to_host.is_empty() {
+            upstream.send_close_notify();
+            self.closed_upstream = true;
+        }
+        if self.host_closed && !self.closed_to_guest && self.pending_to_guest.is_empty() {
+            guest.send_close_notify();
+            self.closed_to_guest = true;
+        }
         upstream_io(upstream, host)?;
         guest_out(guest, sock)?;
-        if self.host_closed && !guest.wants_write() && self.pending_to_guest.is_empty() {
+        if self.closed_to_guest && !guest.wants_write() {
             sock.close();
         }
-        if self.guest_closed && !upstream.wants_write() && self.pending_to_host.is_empty() {
+        if self.closed_upstream && !upstream.wants_write() {
             host.shutdown_write();
         }
         let done = self.guest_closed
@@ -340,6 +347,22 @@ impl Interceptor {
             InterceptStep::Alive
         })
     }
+}
+
+/// The guest ended its stream: what the rewriter still holds goes out (close_notify follows
+/// once everything did).
+fn end_guest(
+    closed: &mut bool,
+    filter: &mut Option<HttpRequestRewriter>,
+    pending: &mut Vec<u8>,
+) -> Result<(), InterceptError> {
+    if !*closed {
+        *closed = true;
+        if let Some(f) = filter {
+            f.finish(pending).map_err(InterceptError::Secret)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `pending` into a rustls writer as far as it takes it; true when all of it went.

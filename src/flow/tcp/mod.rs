@@ -36,6 +36,7 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use self::host_end::HostEnd;
 use self::intercept::Interceptor;
 use self::sni_gate::SniGate;
+use crate::secrets::{HttpRequestRewriter, PlaceholderScanner, StreamError, Violation};
 use crate::stack::frames::TcpHead;
 
 /// The guest end of a flow.
@@ -72,6 +73,59 @@ pub enum Middle {
     Gate(SniGate),
     /// Terminating the guest's TLS and speaking TLS upstream.
     Tls(Box<Interceptor>),
+    /// Filtering the guest's cleartext on its way to the host (secrets): the ends still move
+    /// the bytes, through the filter.
+    Clear(Box<ClearFilter>),
+}
+
+/// What the guest's cleartext goes through when secrets are configured.
+pub enum ClearStage {
+    /// HTTP requests (plain HTTP): placeholders substituted for allowed hosts.
+    Http(HttpRequestRewriter),
+    /// Any other stream: a placeholder is a violation unless the destination is allowed.
+    Scan(PlaceholderScanner),
+}
+
+/// A cleartext filter with the bytes it produced and the host socket has not taken yet.
+pub struct ClearFilter {
+    stage: ClearStage,
+    pending: Vec<u8>,
+    finished: bool,
+}
+
+/// Bytes taken from the guest end per step through a cleartext filter.
+const FILTER_CHUNK: usize = 16 * 1024;
+
+impl ClearFilter {
+    pub fn new(stage: ClearStage) -> Self {
+        ClearFilter {
+            stage,
+            pending: Vec::new(),
+            finished: false,
+        }
+    }
+
+    fn push(&mut self, input: &[u8]) -> Result<(), StreamError> {
+        match &mut self.stage {
+            ClearStage::Http(rw) => rw.push(input, &mut self.pending),
+            ClearStage::Scan(scan) => {
+                scan.scan(input).map_err(StreamError::Violation)?;
+                self.pending.extend_from_slice(input);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        match &mut self.stage {
+            ClearStage::Http(rw) => rw.finish(&mut self.pending),
+            ClearStage::Scan(_) => Ok(()),
+        }
+    }
 }
 
 impl Middle {
@@ -85,6 +139,11 @@ impl Middle {
     pub fn is_tls_handshake(&self) -> bool {
         matches!(self, Middle::Tls(i) if i.handshaking())
     }
+
+    /// Whether the flow's own pump moves the bytes (no stage, or a cleartext filter).
+    fn lets_the_ends_pump(&self) -> bool {
+        matches!(self, Middle::Clear(_))
+    }
 }
 
 /// What happened to a flow in one pump.
@@ -95,6 +154,14 @@ pub enum PumpResult {
     Finished,
     /// One side failed; the other was reset.
     Aborted(&'static str),
+    /// The guest's bytes broke a secret's rules (or could not be parsed): reset both ends.
+    Refused(StreamError),
+}
+
+impl From<Violation> for PumpResult {
+    fn from(v: Violation) -> Self {
+        PumpResult::Refused(StreamError::Violation(v))
+    }
 }
 
 /// A smoltcp socket listening on the guest's destination, ready for the held SYN, with
@@ -114,6 +181,49 @@ pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'st
     // Listening fails only for port 0, which the classifier never lets through as a new flow.
     let _ = socket.listen(endpoint);
     socket
+}
+
+/// Writes what a filter produced into the host socket as far as it takes it.
+fn flush_pending(
+    pending: &mut Vec<u8>,
+    host: &mut HostEnd,
+    bytes_to_host: &mut u64,
+) -> Result<(), PumpResult> {
+    while host.writable && !pending.is_empty() {
+        match host.socket.write(pending) {
+            Ok(n) => {
+                pending.drain(..n);
+                *bytes_to_host += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => host.writable = false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Err(PumpResult::Aborted("host write failed")),
+        }
+    }
+    Ok(())
+}
+
+/// The guest's bytes through `filter` into the host socket: the filter's output is flushed
+/// first, and more is taken from the guest only when it is all gone (so at most one chunk's
+/// output waits here; the rest stays in the guest end's window).
+fn filter_to_host(
+    filter: &mut ClearFilter,
+    sock: &mut tcp::Socket<'static>,
+    host: &mut HostEnd,
+    bytes_to_host: &mut u64,
+) -> Result<(), PumpResult> {
+    let mut chunk = [0u8; FILTER_CHUNK];
+    loop {
+        flush_pending(&mut filter.pending, host, bytes_to_host)?;
+        if !filter.pending.is_empty() || !sock.can_recv() {
+            return Ok(());
+        }
+        let n = sock.recv_slice(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            return Ok(());
+        }
+        filter.push(&chunk[..n]).map_err(PumpResult::Refused)?;
+    }
 }
 
 enum ReadStep {
@@ -173,14 +283,26 @@ impl TcpFlow {
         let Some(handle) = self.handle() else {
             return PumpResult::Alive;
         };
-        if self.middle.is_some() {
+        if self
+            .middle
+            .as_ref()
+            .is_some_and(|m| !m.lets_the_ends_pump())
+        {
             return PumpResult::Alive;
         }
         let sock = sockets.get_mut::<tcp::Socket>(handle);
         let moved_before = self.bytes_to_host + self.bytes_to_guest;
 
-        // Guest -> host.
-        while self.host.writable && sock.can_recv() {
+        // Guest -> host, through the cleartext filter when there is one.
+        if let Some(Middle::Clear(filter)) = &mut self.middle {
+            if let Err(result) =
+                filter_to_host(filter, sock, &mut self.host, &mut self.bytes_to_host)
+            {
+                sock.abort();
+                return result;
+            }
+        }
+        while self.middle.is_none() && self.host.writable && sock.can_recv() {
             let host = &mut self.host.socket;
             let result = sock.recv(|buf| match host.write(buf) {
                 Ok(n) => (n, Ok(n)),
@@ -241,7 +363,25 @@ impl TcpFlow {
         ) {
             self.guest_fin_seen = true;
         }
-        if self.guest_fin_seen && !sock.can_recv() {
+        let filter_drained = match &mut self.middle {
+            Some(Middle::Clear(filter)) => {
+                if self.guest_fin_seen && !sock.can_recv() {
+                    if let Err(e) = filter.finish() {
+                        sock.abort();
+                        return PumpResult::Refused(e);
+                    }
+                    if let Err(result) =
+                        flush_pending(&mut filter.pending, &mut self.host, &mut self.bytes_to_host)
+                    {
+                        sock.abort();
+                        return result;
+                    }
+                }
+                filter.pending.is_empty()
+            }
+            _ => true,
+        };
+        if self.guest_fin_seen && !sock.can_recv() && filter_drained {
             self.host.shutdown_write();
         }
 
