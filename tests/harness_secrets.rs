@@ -215,8 +215,7 @@ fn a_placeholder_for_another_host_is_blocked_and_logged() {
     let request = format!("GET / HTTP/1.1\r\nHost: {OTHER}\r\nAuthorization: Bearer {ph}\r\n\r\n");
     let err = s
         .request(&mut g, request.as_bytes(), deadline(SHORT))
-        .err()
-        .expect("the request must not be answered");
+        .expect_err("the request must not be answered");
     assert!(err.contains("closed") || err.contains("TLS"), "{err}");
     let got = server.all_bytes();
     assert!(

@@ -127,8 +127,7 @@ fn bypassed_names_see_the_upstreams_certificate() {
         client_config(&ca_pem, &[]),
         deadline(SHORT),
     )
-    .err()
-    .expect("netfence's CA must not verify a bypassed name");
+    .expect_err("netfence's CA must not verify a bypassed name");
     assert!(err.contains("TLS"), "{err}");
     let mut s = GuestTls::connect(
         &mut g,
@@ -164,8 +163,7 @@ fn an_untrusted_upstream_fails_the_guests_handshake() {
         client_config(&ca_pem, &[]),
         deadline(SHORT),
     )
-    .err()
-    .expect("the handshake must fail");
+    .expect_err("the handshake must fail");
     assert!(
         err.contains("HandshakeFailure") || err.contains("handshake") || err.contains("closed"),
         "{err}"

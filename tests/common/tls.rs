@@ -180,6 +180,7 @@ pub fn client_config(roots_pem: &str, alpn: &[&[u8]]) -> Arc<ClientConfig> {
 }
 
 /// A TLS session in the harness guest over one of its TCP sockets.
+#[derive(Debug)]
 pub struct GuestTls {
     pub handle: SocketHandle,
     pub conn: ClientConnection,
