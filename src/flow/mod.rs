@@ -438,7 +438,12 @@ impl Flows {
                 }
             }
         }
-        self.abort_tcp(key, "refused by the secrets stage", stack);
+        self.abort_tcp(
+            key,
+            "refused by the secrets stage",
+            "secret-flow-reset",
+            stack,
+        );
     }
 
     /// Whether a secret's `block_and_terminate` fired on this link.
@@ -890,7 +895,13 @@ impl Flows {
     }
 
     /// Aborts a flow both ways (a timeout): RST to the guest, RST to the host.
-    fn abort_tcp(&mut self, key: &FlowKey, why: &'static str, stack: &mut GuestStack) {
+    fn abort_tcp(
+        &mut self,
+        key: &FlowKey,
+        why: &'static str,
+        counter: &'static str,
+        stack: &mut GuestStack,
+    ) {
         let Some(flow) = self.table.tcp.get(key) else {
             return;
         };
@@ -907,7 +918,7 @@ impl Flows {
         if let Some(suppressed) = self.flow_events.admit(Instant::now()) {
             info!(src = %key.0, dst = %key.1, why, suppressed, "TCP flow aborted");
         }
-        self.counters.inc(why);
+        self.counters.inc(counter);
         self.close_tcp(key, why, stack);
     }
 
@@ -1329,12 +1340,12 @@ impl Flows {
         self.dns_ready(stack);
         let limits = self.settings.limits.clone();
         let tracing_flows = tracing::enabled!(tracing::Level::TRACE);
-        let mut aborts: Vec<(FlowKey, &'static str)> = Vec::new();
+        let mut aborts: Vec<(FlowKey, &'static str, &'static str)> = Vec::new();
         for (key, flow) in self.table.tcp.iter() {
             match &flow.guest_end {
                 GuestEnd::Held { .. } => {
                     if now.duration_since(flow.started) > limits.connect_timeout {
-                        aborts.push((*key, "host connect timed out"));
+                        aborts.push((*key, "host connect timed out", "tcp-connect-timeout"));
                     }
                 }
                 GuestEnd::Socket { handle, since } => {
@@ -1345,11 +1356,11 @@ impl Flows {
                         if t.handshaking()
                             && now.duration_since(t.started) > limits.tls_handshake_timeout);
                     if handshaking && now.duration_since(*since) > limits.handshake_timeout {
-                        aborts.push((*key, "guest handshake timed out"));
+                        aborts.push((*key, "guest handshake timed out", "tcp-handshake-timeout"));
                     } else if tls_late {
-                        aborts.push((*key, "TLS handshake timed out"));
+                        aborts.push((*key, "TLS handshake timed out", "tls-handshake-timeout"));
                     } else if now.duration_since(flow.last_active) > limits.tcp_idle {
-                        aborts.push((*key, "TCP flow idle"));
+                        aborts.push((*key, "TCP flow idle", "tcp-idle"));
                     }
                     if tracing_flows {
                         tracing::trace!(
@@ -1364,8 +1375,8 @@ impl Flows {
                 }
             }
         }
-        for (key, why) in aborts {
-            self.abort_tcp(&key, why, stack);
+        for (key, why, counter) in aborts {
+            self.abort_tcp(&key, why, counter, stack);
         }
         let idle: Vec<FlowKey> = self
             .table

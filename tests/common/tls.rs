@@ -49,10 +49,11 @@ impl TestCa {
         }
     }
 
-    /// A server certificate for `name`, signed by this CA: (chain, key).
-    pub fn issue(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// A server certificate for `names`, signed by this CA: (chain, key).
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
-        let params = CertificateParams::new(vec![name.to_string()]).expect("leaf params");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = CertificateParams::new(names).expect("leaf params");
         let cert = params.signed_by(&key, &self.issuer).expect("leaf");
         (
             vec![cert.der().clone(), self.cert_der.clone()],
@@ -75,8 +76,20 @@ pub struct HttpsServer {
 }
 
 impl HttpsServer {
+    /// A server for `name` that answers each request with the request itself.
     pub fn start(ca: &TestCa, name: &str, alpn: &[&[u8]]) -> HttpsServer {
-        let (chain, key) = ca.issue(name);
+        Self::start_with(ca, &[name], alpn, None)
+    }
+
+    /// A server for `names`; with `body`, each request is answered with that body instead of
+    /// itself (so nothing the client sent comes back).
+    pub fn start_with(
+        ca: &TestCa,
+        names: &[&str],
+        alpn: &[&[u8]],
+        body: Option<&'static [u8]>,
+    ) -> HttpsServer {
+        let (chain, key) = ca.issue(names);
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -94,7 +107,7 @@ impl HttpsServer {
                 let Ok(stream) = stream else { continue };
                 let config = config.clone();
                 let log = log.clone();
-                thread::spawn(move || serve_one(stream, config, log));
+                thread::spawn(move || serve_one(stream, config, log, body));
             }
         });
         HttpsServer { port, received }
@@ -108,11 +121,12 @@ impl HttpsServer {
 }
 
 /// One connection: answers each request (a head up to an empty line, then `Content-Length`
-/// bytes) with itself as the body.
+/// bytes) with itself as the body, or with `body`.
 fn serve_one(
     stream: std::net::TcpStream,
     config: Arc<ServerConfig>,
     log: Arc<Mutex<Vec<Received>>>,
+    body: Option<&'static [u8]>,
 ) {
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let Ok(conn) = ServerConnection::new(config) else {
@@ -139,11 +153,12 @@ fn serve_one(
         buf.extend_from_slice(&chunk[..n]);
         while let Some(end) = request_end(&buf) {
             let request: Vec<u8> = buf.drain(..end).collect();
+            let answer = body.map(<[u8]>::to_vec).unwrap_or(request);
             let head = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-                request.len()
+                answer.len()
             );
-            if tls.write_all(head.as_bytes()).is_err() || tls.write_all(&request).is_err() {
+            if tls.write_all(head.as_bytes()).is_err() || tls.write_all(&answer).is_err() {
                 return;
             }
             let _ = tls.flush();
