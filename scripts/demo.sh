@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# netfence demo: a QEMU guest fetches a page from a host server through netfence's policy.
+# netfence demo: a QEMU guest fetches a page from a host server through netfence's policy, and
+# calls an HTTPS API with a key it never holds (TLS interception + secret substitution).
 #
 #   scripts/demo.sh
 #
 # On a fresh Debian 12 machine (root or sudo), this:
 #   1. installs the packages (scripts/install-deps.sh) and builds the guest image
 #      (scripts/build-guest.sh) and netfence (cargo build --release);
-#   2. starts a web server on the host's 127.0.0.1 (python3 -m http.server, a random port);
+#   2. starts a web server on the host's 127.0.0.1 (python3 -m http.server, a random port), and
+#      an HTTPS "API" for api.example.com (python3 ssl, a certificate made with openssl) that
+#      prints the Authorization header it receives;
 #   3. starts `netfence run` with `--map 203.0.113.7:80=127.0.0.1:PORT`: the guest sees a "public"
 #      web server at 203.0.113.7 (a documentation address) that is really the loopback server;
+#      203.0.113.9:443 is mapped to the API the same way. Its config intercepts TLS (`[tls]`,
+#      trusting the API's CA upstream) and holds one secret, DEMO_API_KEY, for api.example.com
+#      only; `--ca-out` writes netfence's interception CA where the web server serves it;
 #   4. boots a Linux guest under QEMU (TCG) attached to netfence's vhost-user socket; the guest
 #      runs udhcpc, pings its gateway, curls http://203.0.113.7/ (allowed by the default
 #      public-only policy) and http://10.1.2.3/ (a private address: denied), then does the same
-#      over IPv6 (SLAAC address, http://[2001:db8::7]/ mapped to the same server);
+#      over IPv6 (SLAAC address, http://[2001:db8::7]/ mapped to the same server); then it
+#      fetches netfence's CA, calls https://api.example.com/ with `Authorization: Bearer
+#      $DEMO_API_KEY` (a placeholder: `netfence secrets env` gave it) and the API receives the real
+#      key; the same header sent to 203.0.113.7 is a secret violation: reset and logged;
 #   5. prints the guest's console and netfence's log as they happen, then a summary.
-# Nothing leaves the machine: the only host-side connection netfence makes goes to 127.0.0.1.
+# Nothing leaves the machine: the only host-side connections netfence makes go to 127.0.0.1.
 # Exit status 0 when everything happened as described.
 set -euo pipefail
 
@@ -42,6 +51,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# wait_port LOG: the port a server printed as "port N" in LOG
+wait_port() {
+    local port=""
+    for _ in $(seq 1 100); do
+        port="$(sed -n 's/.*port \([0-9][0-9]*\).*/\1/p' "$1" | head -n1)"
+        [ -n "$port" ] && break
+        sleep 0.05
+    done
+    [ -n "$port" ] || { echo "demo: a server did not start:" >&2; cat "$1" >&2; exit 1; }
+    echo "$port"
+}
+
 step "starting a web server on the host's 127.0.0.1"
 mkdir -p "$WORK/www"
 TOKEN="demo-$(date +%s)-$$"
@@ -52,20 +73,65 @@ cat >"$WORK/www/index.html" <<EOF
 EOF
 python3 -u -m http.server --bind 127.0.0.1 --directory "$WORK/www" 0 >"$WORK/http.log" 2>&1 &
 PIDS+=($!)
-PORT=""
-for _ in $(seq 1 100); do
-    PORT="$(sed -n 's/.*port \([0-9][0-9]*\).*/\1/p' "$WORK/http.log" | head -n1)"
-    [ -n "$PORT" ] && break
-    sleep 0.05
-done
-[ -n "$PORT" ] || { echo "demo: the web server did not start:" >&2; cat "$WORK/http.log" >&2; exit 1; }
+PORT="$(wait_port "$WORK/http.log")"
 echo "web server: http://127.0.0.1:$PORT/"
+
+step "starting an HTTPS API for api.example.com on the host's 127.0.0.1"
+# Its own CA (openssl), which netfence is told to trust upstream: the guest never sees it.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=netfence demo upstream CA" -keyout "$WORK/api-ca.key" -out "$WORK/api-ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=api.example.com" \
+    -keyout "$WORK/api.key" -out "$WORK/api.csr" 2>/dev/null
+printf 'subjectAltName=DNS:api.example.com\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/api.ext"
+openssl x509 -req -in "$WORK/api.csr" -CA "$WORK/api-ca.pem" -CAkey "$WORK/api-ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/api.ext" -out "$WORK/api.pem" 2>/dev/null
+cat >"$WORK/api.py" <<'EOF'
+import http.server, ssl, sys
+
+class Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print("API received: Authorization:", self.headers.get("Authorization"), flush=True)
+        body = b"api.example.com says: hello, authorized client\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+server = http.server.HTTPServer(("127.0.0.1", 0), Api)
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+tls.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = tls.wrap_socket(server.socket, server_side=True)
+print("API listening on port", server.server_address[1], flush=True)
+server.serve_forever()
+EOF
+python3 -u "$WORK/api.py" "$WORK/api.pem" "$WORK/api.key" >"$WORK/api.log" 2>&1 &
+PIDS+=($!)
+API_PORT="$(wait_port "$WORK/api.log")"
+echo "HTTPS API: https://127.0.0.1:$API_PORT/ (certificate for api.example.com)"
+# The real key: only netfence's environment holds it.
+DEMO_KEY="sk-demo-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+cat >"$WORK/netfence.toml" <<EOF
+[tls]                       # intercept TLS on port 443
+upstream_ca_certs = ["$WORK/api-ca.pem"]
+
+[[secrets]]
+env_var = "DEMO_API_KEY"    # the guest holds a placeholder in \$DEMO_API_KEY
+value_env = "DEMO_API_KEY"  # netfence reads the real value from its own environment
+allowed_hosts = ["api.example.com"]
+EOF
+echo "netfence config ($WORK/netfence.toml):"
+sed 's/^/    /' "$WORK/netfence.toml"
+GUEST_ENV="$("$NETFENCE" secrets env --config "$WORK/netfence.toml")"
+echo "\$ netfence secrets env --config netfence.toml   (what the guest is given)"
+echo "    $GUEST_ENV"
 
 step "starting netfence (default policy public-only; 203.0.113.7:80 mapped to 127.0.0.1:$PORT)"
 SOCK="$WORK/netfence.sock"
-echo "\$ netfence run --socket $SOCK --guest-mac $GUEST_MAC --map 203.0.113.7:80=127.0.0.1:$PORT --map '[2001:db8::7]:80=127.0.0.1:$PORT'"
-NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" --guest-mac "$GUEST_MAC" \
+echo "\$ DEMO_API_KEY=... netfence run --socket $SOCK --guest-mac $GUEST_MAC --config netfence.toml --ca-out www/ca.pem --map 203.0.113.7:80=127.0.0.1:$PORT --map '[2001:db8::7]:80=127.0.0.1:$PORT' --map 203.0.113.9:443=127.0.0.1:$API_PORT"
+DEMO_API_KEY="$DEMO_KEY" NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" \
+    --guest-mac "$GUEST_MAC" --config "$WORK/netfence.toml" --ca-out "$WORK/www/ca.pem" \
     --map "203.0.113.7:80=127.0.0.1:$PORT" --map "[2001:db8::7]:80=127.0.0.1:$PORT" \
+    --map "203.0.113.9:443=127.0.0.1:$API_PORT" \
     >"$WORK/netfence.log" 2>&1 &
 NF_PID=$!
 PIDS+=("$NF_PID")
@@ -80,7 +146,8 @@ done
 grep -q "listening on" "$WORK/netfence.log" || { echo "demo: netfence is not listening" >&2; exit 1; }
 
 step "booting the guest (QEMU TCG, about 10 s) attached to $SOCK"
-cat >"$WORK/guest.sh" <<'EOF'
+printf '%s\n' "$GUEST_ENV" | sed 's/^/export /' >"$WORK/guest.sh"
+cat >>"$WORK/guest.sh" <<'EOF'
 echo "guest: \$ udhcpc -i eth0"
 udhcpc -i eth0 -n -q -t 5 -T 2 && echo "DEMO dhcp ok" || echo "DEMO dhcp FAILED"
 ip -4 addr show eth0 | grep inet
@@ -99,6 +166,14 @@ done
 ip -6 addr show dev eth0 | grep inet6
 echo "guest: \$ curl 'http://[2001:db8::7]/'   (public IPv6 address, mapped to the same web server)"
 curl -sS -g --max-time 20 'http://[2001:db8::7]/' && echo "DEMO allowed6 ok" || echo "DEMO allowed6 FAILED"
+echo "guest: DEMO_API_KEY=$DEMO_API_KEY   (a placeholder; fetching netfence's CA from the web server)"
+curl -sS --max-time 20 -o /ca.pem http://203.0.113.7/ca.pem && echo "DEMO ca ok" || echo "DEMO ca FAILED"
+echo "guest: \$ curl --cacert /ca.pem -H \"Authorization: Bearer \$DEMO_API_KEY\" https://api.example.com/"
+curl -sS --max-time 20 --cacert /ca.pem --resolve api.example.com:443:203.0.113.9 \
+  -H "Authorization: Bearer $DEMO_API_KEY" https://api.example.com/ && echo "DEMO https ok" || echo "DEMO https FAILED"
+echo "guest: \$ curl -H \"Authorization: Bearer \$DEMO_API_KEY\" http://203.0.113.7/   (not the key's host)"
+curl -sS --max-time 10 -o /dev/null -H "Authorization: Bearer $DEMO_API_KEY" http://203.0.113.7/ \
+  && echo "DEMO leak FAILED (it was sent)" || echo "DEMO leak ok (reset by netfence)"
 EOF
 set +e
 scripts/run-guest.sh --vhost-user "$SOCK" --mac "$GUEST_MAC" --script "$WORK/guest.sh" --timeout 120 2>&1 |
@@ -130,11 +205,22 @@ check "netfence logged: allow [2001:db8::7]:80" \
     grep -qE "decision.*action=allow.*\[2001:db8::7\]:80" "$WORK/netfence.log"
 check "netfence logged: deny 10.1.2.3:80" grep -qE "decision.*action=deny.*10\.1\.2\.3:80" "$WORK/netfence.log"
 check "the host web server served the guest" grep -q '"GET / ' "$WORK/http.log"
+check "guest fetched netfence's CA and called https://api.example.com/ through interception" \
+    grep -q "DEMO https ok" "$WORK/console.log"
+check "the API received the real key (Bearer $DEMO_KEY)" \
+    grep -q "Authorization: Bearer $DEMO_KEY" "$WORK/api.log"
+check "the real key was never in the guest" bash -c '! grep -q "$1" "$2"' _ "$DEMO_KEY" "$WORK/console.log"
+check "the real key is not in netfence's log" bash -c '! grep -q "$1" "$2"' _ "$DEMO_KEY" "$WORK/netfence.log"
+check "the placeholder sent to 203.0.113.7 was blocked" grep -q "DEMO leak ok" "$WORK/console.log"
+check "netfence logged the secret violation" grep -q "secret violation" "$WORK/netfence.log"
 echo
 echo "netfence's decisions:"
-grep "decision" "$WORK/netfence.log" | sed 's/^/  /' || echo "  (none)"
+grep "decision action=" "$WORK/netfence.log" | sed 's/^/  /' || echo "  (none)"
+echo "what the API received:"
+grep "API received" "$WORK/api.log" | sed 's/^/  /' || echo "  (nothing)"
 if [ "$result" = 0 ]; then
     echo
-    echo "Demo complete: the guest reached the host's web server only where the policy allowed."
+    echo "Demo complete: the guest reached the host's web server only where the policy allowed,"
+    echo "and used an API key it never held, only with the host the key belongs to."
 fi
 exit "$result"

@@ -11,7 +11,7 @@
 #   socat             handy for poking at the vhost-user socket by hand
 #   passt             the peer user-mode backend bench-guest.sh compares against
 #   cpio gzip xz-utils zstd   packing the initramfs, unpacking compressed kernel modules
-#   python3           the demo's host HTTP server
+#   python3 openssl   the demo's host HTTP and HTTPS servers and the HTTPS server's certificates
 #   build-essential pkg-config   linking the Rust crate (cc) on a bare machine
 #   dpdk-dev          dpdk-testpmd, the independent vhost-user frontend of tests/frontend_dpdk.rs
 #                     (Debian 12 ships the binary in dpdk-dev; the `dpdk` package only has scripts)
@@ -26,7 +26,7 @@ set -euo pipefail
 
 PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static curl iperf3 socat passt
-    cpio gzip xz-utils zstd python3 procps iproute2 build-essential pkg-config
+    cpio gzip xz-utils zstd python3 openssl procps iproute2 build-essential pkg-config
     dpdk-dev librte-net-virtio23
 )
 
