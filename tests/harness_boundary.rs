@@ -3,62 +3,23 @@
 //! (flows per kind, the denied memo, timeouts, the guest queue) shrunk with `--limit` and hit.
 //!
 //! What netfence counted is read from the one "link closed" line it logs when the VMM leaves
-//! ([`close_and_count`]).
+//! (`close_and_count`).
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::frames;
 use common::frames6;
-use common::process::field;
+use common::process::{close_and_count, field};
 use common::servers::*;
 use common::*;
 use smoltcp::socket::tcp::State;
 
 /// A second "public" destination (documentation range), mapped to loopback where used.
 const PUBLIC_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
-
-/// What netfence counted on a link: the "link closed" line's `drops` (by reason) and its other
-/// numeric fields (`denied_memo_hits`, `open_udp`, ...), under their names.
-struct LinkCounts(HashMap<String, u64>);
-
-impl LinkCounts {
-    fn get(&self, name: &str) -> u64 {
-        self.0.get(name).copied().unwrap_or(0)
-    }
-}
-
-/// Drops the guest (the VMM leaves) and reads the "link closed" line logged after `mark`.
-fn close_and_count(nf: &Netfence, g: Guest, mark: usize) -> LinkCounts {
-    drop(g);
-    let line = nf
-        .wait_for_log_after(mark, "link closed", SHORT)
-        .unwrap_or_else(|| panic!("no 'link closed' line\n{}", nf.log_text()));
-    let mut counts = HashMap::new();
-    for pair in field(&line, "drops").unwrap_or_default().split(',') {
-        if let Some((k, v)) = pair.split_once('=') {
-            counts.insert(k.to_string(), v.parse().unwrap_or(0));
-        }
-    }
-    for key in [
-        "tcp_buffered_peak",
-        "denied_memo_hits",
-        "decision_lines",
-        "open_tcp",
-        "open_udp",
-        "open_echo",
-        "open_dns_tcp",
-    ] {
-        if let Some(v) = field(&line, key).and_then(|v| v.parse().ok()) {
-            counts.insert(key.to_string(), v);
-        }
-    }
-    LinkCounts(counts)
-}
 
 fn limit(name: &str, value: &str) -> [String; 2] {
     ["--limit".to_string(), format!("{name}={value}")]

@@ -7,14 +7,19 @@
 
 mod common;
 
-use std::net::{IpAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
+use common::process::close_and_count;
 use common::tls::{client_config, dns_names, issuer_cn, GuestTls, HttpsServer, TestCa};
 use common::*;
+use smoltcp::socket::tcp::State;
 
 const NAME: &str = "api.example.com";
+/// A second "public" destination (documentation range), mapped to loopback where used.
+const PUBLIC_IP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 
 /// netfence with interception on, `extra` lines in `[tls]` and `args`; returns it, the PEM of
 /// its CA (from `--ca-out`) and the scratch directory.
@@ -22,6 +27,16 @@ fn intercepting(
     upstream_ca: &TestCa,
     tls_extra: &str,
     args: &[String],
+) -> (Netfence, String, TempDir) {
+    intercepting_logged(upstream_ca, tls_extra, args, "info")
+}
+
+/// [`intercepting`] with `RUST_LOG` = `log`.
+fn intercepting_logged(
+    upstream_ca: &TestCa,
+    tls_extra: &str,
+    args: &[String],
+    log: &str,
 ) -> (Netfence, String, TempDir) {
     let dir = TempDir::new("nf-tls");
     let ca_file = dir.path().join("upstream-ca.pem");
@@ -43,7 +58,7 @@ fn intercepting(
         ca_out.to_str().unwrap().to_string(),
     ];
     all.extend(args.iter().cloned());
-    let nf = Netfence::spawn(&all);
+    let nf = Netfence::builder().args(&all).env("RUST_LOG", log).spawn();
     let pem = read(&ca_out);
     (nf, pem, dir)
 }
@@ -289,4 +304,148 @@ fn an_unfinished_handshake_times_out() {
         nf.log_text()
     );
     assert!(nf.wait_for_log("TLS handshake timed out", SHORT).is_some());
+}
+
+/// A guest that sends its request and closes its side at once (close_notify and FIN) still
+/// gets the whole answer, however long, and the close ends cleanly: netfence keeps the flow
+/// until the guest acknowledged its last byte and FIN, so nothing is cut off and no segment of
+/// the guest meets a forgotten flow (`tcp-unknown-flow`).
+#[test]
+fn a_half_closed_guest_gets_the_whole_answer() {
+    let body: &'static [u8] = Box::leak(vec![b'z'; 1 << 20].into_boxed_slice());
+    let up_ca = TestCa::new("test upstream CA");
+    let server = HttpsServer::start_with(&up_ca, &[NAME], &[b"http/1.1"], Some(body));
+    let (nf, ca_pem, _dir) = intercepting(&up_ca, "", &map_443(server.port));
+    let mut g = guest_up(&nf);
+    let mark = nf.log_mark();
+    let config = client_config(&ca_pem, &[b"http/1.1"]);
+    let mut s = GuestTls::connect(
+        &mut g,
+        IpAddr::V4(PUBLIC_IP),
+        443,
+        NAME,
+        config,
+        deadline(SHORT),
+    )
+    .unwrap_or_else(|e| panic!("handshake: {e}\n{}", nf.log_text()));
+    s.conn.writer().write_all(&get(NAME)).unwrap();
+    s.conn.send_close_notify();
+    let mut out = Vec::new();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut out).unwrap();
+    }
+    g.tcp_send_all(s.handle, &out, deadline(SHORT)).unwrap();
+    g.tcp_shutdown_write(s.handle);
+    let mut response = Vec::new();
+    let mut ended = false;
+    s.pump_until(&mut g, deadline(LONG), |c| {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match c.conn.reader().read(&mut buf) {
+                Ok(0) => {
+                    ended = true;
+                    return true;
+                }
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+                Err(_) => return false,
+            }
+        }
+    })
+    .unwrap_or_else(|e| panic!("after {} bytes: {e}\n{}", response.len(), nf.log_text()));
+    assert!(ended, "no close_notify");
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    assert_eq!(response.len() - head_end, body.len(), "the answer was cut");
+    let state = g.tcp_wait_state(s.handle, &[State::TimeWait, State::Closed], deadline(SHORT));
+    assert_eq!(
+        state,
+        Some(State::TimeWait),
+        "the close did not end cleanly"
+    );
+    let counts = close_and_count(&nf, g, mark);
+    assert_eq!(counts.get("tcp-unknown-flow"), 0, "{}", nf.log_text());
+}
+
+/// A guest that resets an intercepted connection, in the relay or during the handshakes, ends
+/// the flow at once (the upstream is reset too), not at a timeout.
+#[test]
+fn a_guest_reset_ends_an_intercepted_flow_at_once() {
+    let up_ca = TestCa::new("test upstream CA");
+    let server = HttpsServer::start(&up_ca, NAME, &[b"http/1.1"]);
+    // An upstream that accepts and never answers: the handshakes stay open.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut args = map_443(server.port);
+    args.extend([
+        "--map".to_string(),
+        format!(
+            "{PUBLIC_IP2}:443=127.0.0.1:{}",
+            mute.local_addr().unwrap().port()
+        ),
+    ]);
+    let (nf, ca_pem, _dir) = intercepting_logged(&up_ca, "", &args, "info,netfence::flow=debug");
+    let mut g = guest_up(&nf);
+
+    // In the relay: the server keeps the connection open after answering.
+    let config = client_config(&ca_pem, &[b"http/1.1"]);
+    let mut s = GuestTls::connect(
+        &mut g,
+        IpAddr::V4(PUBLIC_IP),
+        443,
+        NAME,
+        config.clone(),
+        deadline(SHORT),
+    )
+    .unwrap_or_else(|e| panic!("handshake: {e}\n{}", nf.log_text()));
+    s.request(&mut g, &get(NAME), deadline(SHORT)).unwrap();
+    let port = g.tcp(s.handle).local_endpoint().unwrap().port;
+    let mark = nf.log_mark();
+    g.tcp(s.handle).abort();
+    g.poll();
+    let closed = nf.wait_for_line(mark, SHORT, |l| {
+        l.contains("TCP flow closed")
+            && l.contains(&format!(":{port} "))
+            && l.contains("guest reset")
+    });
+    assert!(
+        closed.is_some(),
+        "the relay outlived the guest's reset\n{}",
+        nf.log_text()
+    );
+
+    // During the handshakes: the ClientHello is in, the upstream never answers.
+    let mut c = rustls::ClientConnection::new(
+        config,
+        rustls::pki_types::ServerName::try_from(NAME).unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    c.write_tls(&mut hello).unwrap();
+    let h = g.tcp_connect(PUBLIC_IP2, 443, SHORT).expect("TCP");
+    g.tcp_send_all(h, &hello, deadline(SHORT)).unwrap();
+    assert!(
+        g.tcp_flush(h, deadline(SHORT)),
+        "the ClientHello was not acknowledged"
+    );
+    let port = g.tcp(h).local_endpoint().unwrap().port;
+    let (_upstream, _) = mute.accept().unwrap();
+    let intercepted = nf.wait_for_decision_where(SHORT, |d| {
+        d.line.contains(&format!(":{port} ")) && d.line.contains("intercepted")
+    });
+    assert!(intercepted.is_some(), "{}", nf.log_text());
+    let mark = nf.log_mark();
+    g.tcp(h).abort();
+    g.poll();
+    let closed = nf.wait_for_line(mark, SHORT, |l| {
+        l.contains("TCP flow closed")
+            && l.contains(&format!(":{port} "))
+            && l.contains("guest reset")
+    });
+    assert!(
+        closed.is_some(),
+        "the handshake outlived the guest's reset\n{}",
+        nf.log_text()
+    );
 }

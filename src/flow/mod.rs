@@ -298,6 +298,12 @@ impl Flows {
             }
             return;
         }
+        if !head.syn && self.lingering.iter().any(|(k, _, _)| *k == key) {
+            // A closed flow's socket still lingers: it answers (a retransmitted FIN is
+            // acknowledged again, not reset).
+            stack.receive(frame);
+            return;
+        }
         if head.rst {
             return;
         }
@@ -616,6 +622,7 @@ impl Flows {
                 match tls.pump(sock, &mut flow.host, interception, leaves) {
                     InterceptStep::Alive => {}
                     InterceptStep::Finished => done.push((*key, "closed")),
+                    InterceptStep::GuestReset => done.push((*key, "guest reset")),
                     InterceptStep::Failed(InterceptError::Secret(e)) => refused.push((*key, e)),
                     InterceptStep::Failed(e) => failed_tls.push((*key, e.to_string())),
                 }

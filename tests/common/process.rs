@@ -6,6 +6,7 @@
 //! condvar; nothing here sleeps. On drop the child is killed, and if the test is panicking the
 //! whole log is printed so a CI failure shows what netfence said.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::TempDir;
+use super::{Guest, TempDir, SHORT};
 
 /// How long `spawn` waits for `listening on`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -544,4 +545,42 @@ impl Drop for Netfence {
             eprintln!("{}", self.log_text());
         }
     }
+}
+
+/// What netfence counted on a link: the "link closed" line's `drops` (by reason) and its other
+/// numeric fields (`denied_memo_hits`, `open_udp`, ...), under their names.
+pub struct LinkCounts(pub HashMap<String, u64>);
+
+impl LinkCounts {
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// Drops the guest (the VMM leaves) and reads the "link closed" line logged after `mark`.
+pub fn close_and_count(nf: &Netfence, g: Guest, mark: usize) -> LinkCounts {
+    drop(g);
+    let line = nf
+        .wait_for_log_after(mark, "link closed", SHORT)
+        .unwrap_or_else(|| panic!("no 'link closed' line\n{}", nf.log_text()));
+    let mut counts = HashMap::new();
+    for pair in field(&line, "drops").unwrap_or_default().split(',') {
+        if let Some((k, v)) = pair.split_once('=') {
+            counts.insert(k.to_string(), v.parse().unwrap_or(0));
+        }
+    }
+    for key in [
+        "tcp_buffered_peak",
+        "denied_memo_hits",
+        "decision_lines",
+        "open_tcp",
+        "open_udp",
+        "open_echo",
+        "open_dns_tcp",
+    ] {
+        if let Some(v) = field(&line, key).and_then(|v| v.parse().ok()) {
+            counts.insert(key.to_string(), v);
+        }
+    }
+    LinkCounts(counts)
 }

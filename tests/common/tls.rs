@@ -243,13 +243,16 @@ impl GuestTls {
                 return Ok(());
             }
             let h = self.handle;
+            let conn = &mut self.conn;
+            // Only what rustls takes leaves the socket (it may take less than is there).
             let got = g.poll_until(deadline, |g| {
                 let s = g.tcp(h);
                 if s.can_recv() {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = s.recv_slice(&mut buf).ok()?;
-                    buf.truncate(n);
-                    Some(Some(buf))
+                    let taken = s.recv(|buf| match conn.read_tls(&mut &buf[..]) {
+                        Ok(n) => (n, Ok(n)),
+                        Err(e) => (0, Err(e.to_string())),
+                    });
+                    Some(Some(taken.map_err(|e| e.to_string()).and_then(|r| r)))
                 } else if !s.may_recv() {
                     Some(None)
                 } else {
@@ -257,10 +260,8 @@ impl GuestTls {
                 }
             });
             match got {
-                Some(Some(bytes)) => {
-                    self.conn
-                        .read_tls(&mut &bytes[..])
-                        .map_err(|e| e.to_string())?;
+                Some(Some(taken)) => {
+                    taken?;
                     self.conn
                         .process_new_packets()
                         .map_err(|e| format!("TLS: {e}"))?;

@@ -79,8 +79,10 @@ enum Phase {
 #[derive(Debug, PartialEq, Eq)]
 pub enum InterceptStep {
     Alive,
-    /// Both sides closed cleanly.
+    /// Both sides closed cleanly, and the guest's TCP connection is through its close.
     Finished,
+    /// The guest reset its connection before the upstream closed: the upstream is reset too.
+    GuestReset,
     Failed(InterceptError),
 }
 
@@ -188,6 +190,11 @@ impl Interceptor {
         tls: &Arc<Interception>,
         leaves: &mut LeafCache,
     ) -> Result<InterceptStep, InterceptError> {
+        if sock.state() == tcp::State::Closed && !matches!(self.phase, Phase::Relay(_)) {
+            // The guest reset its connection during the handshakes.
+            host.reset_on_close();
+            return Ok(InterceptStep::GuestReset);
+        }
         // 1. The guest's ClientHello.
         if let Phase::Hello(acceptor) = &mut self.phase {
             let mut accepted = None;
@@ -337,14 +344,22 @@ impl Interceptor {
         if self.closed_upstream && !upstream.wants_write() {
             host.shutdown_write();
         }
-        let done = self.guest_closed
+        // Done when both TLS sessions ended and the guest's TCP connection is through its
+        // close too (TimeWait: both FINs in and ours acknowledged; Closed: the guest acknowledged
+        // our FIN after its own), so its last segments still meet the socket. A socket closed
+        // before the upstream ended was reset by the guest.
+        let tls_done = self.guest_closed
             && self.host_closed
             && !guest.wants_write()
             && !upstream.wants_write();
-        Ok(if done {
-            InterceptStep::Finished
-        } else {
-            InterceptStep::Alive
+        Ok(match sock.state() {
+            tcp::State::Closed if !self.host_closed => {
+                host.reset_on_close();
+                InterceptStep::GuestReset
+            }
+            tcp::State::Closed => InterceptStep::Finished,
+            tcp::State::TimeWait if tls_done => InterceptStep::Finished,
+            _ => InterceptStep::Alive,
         })
     }
 }
