@@ -52,9 +52,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-TCK="$(getconf CLK_TCK)"
-# CPU ticks (utime + stime) of a process, all threads included; 0 when it is gone.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 
 iperf3 -s -B 127.0.0.1 -p "$PORT" >"$WORK/iperf3-server.log" 2>&1 &
 IPERF_PID=$!
@@ -78,32 +77,6 @@ echo BENCH-MARK done
 EOF
 }
 
-# run_leg NAME BACKEND_PID_FILE -- run-guest.sh args...
-# Streams the console; at each BENCH-MARK samples the backend's and QEMU's CPU ticks into
-# $WORK/NAME.marks, and keeps the console in $WORK/NAME.console.
-run_leg() {
-    local name="$1" pidfile="$2"
-    shift 3
-    local qpid="$WORK/$name.qemu.pid"
-    : >"$WORK/$name.marks"
-    set +e
-    "$ROOT/scripts/run-guest.sh" --timeout $((SECS * 2 + 90)) --qemu-pidfile "$qpid" "$@" 2>&1 |
-        while IFS= read -r line; do
-            line="${line%$'\r'}" # the serial console ends lines with CR LF
-            printf '%s\n' "$line" >>"$WORK/$name.console"
-            printf '  [%s] %s\n' "$name" "$line"
-            case "$line" in
-                *BENCH-MARK*)
-                    local m="${line##*BENCH-MARK }"
-                    echo "$m $(cpu_ticks "$(cat "$pidfile" 2>/dev/null)") $(cpu_ticks "$(cat "$qpid" 2>/dev/null)")" >>"$WORK/$name.marks"
-                    ;;
-            esac
-        done
-    local rc=${PIPESTATUS[0]}
-    set -e
-    return "$rc"
-}
-
 LEGS=()
 
 # --- netfence -----------------------------------------------------------------------------------
@@ -125,7 +98,7 @@ if [ "$ONLY" != passt ]; then
         done
         if grep -q "listening on" "$WORK/netfence.log"; then
             guest_script 203.0.113.9 >"$WORK/netfence.sh"
-            run_leg netfence "$WORK/netfence.pid" -- --vhost-user "$SOCK" --mac 52:54:00:4e:46:02 --script "$WORK/netfence.sh" &&
+            run_leg netfence "$WORK/netfence.pid" $((SECS * 2 + 90)) -- --vhost-user "$SOCK" --mac 52:54:00:4e:46:02 --script "$WORK/netfence.sh" &&
                 LEGS+=(netfence) || echo "bench-guest.sh: netfence leg failed (guest exit $?)" >&2
         else
             echo "bench-guest.sh: netfence did not start listening:" >&2
@@ -140,7 +113,7 @@ fi
 if [ "$ONLY" != netfence ]; then
     echo "== passt leg"
     guest_script 198.51.100.1 >"$WORK/passt.sh"
-    run_leg passt "$WORK/passt.pid" -- --passt --passt-pidfile "$WORK/passt.pid" --script "$WORK/passt.sh" &&
+    run_leg passt "$WORK/passt.pid" $((SECS * 2 + 90)) -- --passt --passt-pidfile "$WORK/passt.pid" --script "$WORK/passt.sh" &&
         LEGS+=(passt) || echo "bench-guest.sh: passt leg failed (guest exit $?)" >&2
 fi
 
@@ -182,7 +155,6 @@ for name in netfence passt; do
         read -r mbits gb bs qs <<<"$(figures "$name" "$dir")"
         label="guest->host"
         [ "$dir" = down ] && label="host->guest"
-        per() { awk -v s="$1" -v g="$2" 'BEGIN { if (s == "n/a" || g == "n/a" || g == 0) print "n/a"; else printf "%.2f", s / g }'; }
         bsg="$(per "$bs" "$gb")"
         qsg="$(per "$qs" "$gb")"
         MB[$name.$dir]="$mbits"
@@ -193,7 +165,6 @@ for name in netfence passt; do
     done
 done
 if [ -z "$ONLY" ]; then
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
     for dir in up down; do
         label="guest->host"
         [ "$dir" = down ] && label="host->guest"
