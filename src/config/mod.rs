@@ -507,6 +507,22 @@ impl TlsConfig {
     pub fn is_enabled(&self) -> bool {
         self.enabled.unwrap_or(false)
     }
+
+    /// The keys set here that only interception uses, so have no effect while it is off
+    /// (`intercepted_ports` is read by the SNI check either way).
+    pub fn interception_only_keys(&self) -> Vec<&'static str> {
+        let set = [
+            ("bypass", !self.bypass.is_empty()),
+            ("verify_upstream", self.verify_upstream.is_some()),
+            ("block_quic", self.block_quic.is_some()),
+            ("ca_cert", self.ca_cert.is_some()),
+            ("ca_key", self.ca_key.is_some()),
+            ("ca_cn", self.ca_cn.is_some()),
+            ("upstream_ca_certs", !self.upstream_ca_certs.is_empty()),
+            ("allow_no_sni", self.allow_no_sni.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect()
+    }
 }
 
 fn tls_present<'de, D: Deserializer<'de>>(d: D) -> Result<TlsConfig, D::Error> {

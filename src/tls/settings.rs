@@ -112,6 +112,13 @@ impl TlsSettings {
                         .into(),
                 );
             }
+            let inert = cfg.interception_only_keys();
+            if !inert.is_empty() {
+                warn!(
+                    keys = %inert.join(", "),
+                    "tls.enabled = false: these [tls] keys take effect only with interception on"
+                );
+            }
             return Ok(TlsSettings {
                 intercepted_ports,
                 interception: None,
