@@ -57,6 +57,7 @@ macro_rules! check_examples {
   netfence check --config net.toml egress tcp 203.0.113.7:443 --domain api.example.com
   netfence check --policy non-local egress udp 192.168.1.10:53
   netfence check --net-rule allow:ingress@127.0.0.1 ingress tcp 127.0.0.1:8080
+  netfence check --config net.toml ingress tcp 192.168.1.20 80   (a client, the guest port)
 Exit status: 0 allowed, 1 denied, 3 bad configuration or arguments."
     };
 }
@@ -77,8 +78,12 @@ pub struct CheckArgs {
     /// tcp, udp, icmpv4 or icmpv6
     #[arg(value_parser = parse_protocol)]
     pub protocol: Protocol,
-    /// Destination IP[:PORT] ([IPv6]:PORT); for ingress, the remote peer and the guest port
+    /// Destination IP[:PORT] ([IPv6]:PORT); for ingress, the host client's address (and
+    /// the guest port, here or as GUEST_PORT)
     pub destination: String,
+    /// For ingress: the guest port the published port leads to (`ingress tcp PEER GUEST_PORT`)
+    #[arg(value_name = "GUEST_PORT")]
+    pub guest_port: Option<u16>,
     /// A name the destination was resolved from (repeatable), for domain rules
     #[arg(long = "domain", value_name = "NAME")]
     pub domains: Vec<String>,
@@ -139,6 +144,31 @@ pub fn check(a: &CheckArgs) -> Result<(String, bool), ConfigError> {
     let cfg = a.net.resolve()?;
     let (ip, port) = parse_endpoint(&a.destination)
         .map_err(|e| ConfigError::new("destination", Some(a.destination.clone()), e))?;
+    let port = match (a.guest_port, port, a.direction) {
+        (None, port, _) => port,
+        (Some(_), _, Direction::Egress) => {
+            return Err(ConfigError::new(
+                "GUEST_PORT",
+                a.guest_port.map(|p| p.to_string()),
+                "a separate port is for ingress (PEER GUEST_PORT); for egress write IP:PORT",
+            ))
+        }
+        (Some(_), Some(_), _) => {
+            return Err(ConfigError::new(
+                "GUEST_PORT",
+                a.guest_port.map(|p| p.to_string()),
+                "the port is given twice: write PEER GUEST_PORT or PEER:GUEST_PORT",
+            ))
+        }
+        (Some(0), None, _) => {
+            return Err(ConfigError::new(
+                "GUEST_PORT",
+                Some("0".into()),
+                "port 0 is not allowed; expected 1-65535",
+            ))
+        }
+        (Some(p), None, _) => Some(p),
+    };
     if !a.protocol.is_icmp() && port.is_none() {
         // Allowed (rules with ports then do not match), but worth saying.
     }
@@ -764,6 +794,17 @@ mod tests {
                 &["--no-net", "ingress", "tcp", "127.0.0.1:8080"],
                 "deny ingress tcp 127.0.0.1:8080: preset none: networking disabled\n  group: loopback\n",
                 1,
+            ),
+            (
+                // PEER GUEST_PORT: the ingress rule names the guest port.
+                &["--net-rule", "deny:ingress@*:tcp:22", "ingress", "tcp", "127.0.0.1", "22"],
+                "deny ingress tcp 127.0.0.1:22: rule 1 \"deny:ingress@*:tcp:22\"\n  group: loopback\n",
+                1,
+            ),
+            (
+                &["--net-rule", "deny:ingress@*:tcp:22", "ingress", "tcp", "127.0.0.1", "80"],
+                "allow ingress tcp 127.0.0.1:80: default ingress allow\n  group: loopback\n",
+                0,
             ),
         ];
         for (argv, want, code) in cases {

@@ -18,6 +18,7 @@ pub mod explain;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ingress;
 pub mod limits;
 pub mod link;
 pub mod observe;

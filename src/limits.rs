@@ -33,6 +33,12 @@ pub struct Limits {
     pub tcp_link_buffer_bytes: usize,
     /// UDP sessions (one host socket each).
     pub udp_flows: usize,
+    /// Connections from host clients through published TCP ports carried into the guest at
+    /// once (they count against `tcp-flows` and `max_connections` too).
+    pub inbound_tcp: usize,
+    /// Peers talking to the guest through published UDP ports at once (each a session with
+    /// the `udp-idle-secs` timeout; they count against `max_connections` too).
+    pub inbound_udp: usize,
     /// ICMP echo sessions (one host socket each).
     pub icmp_flows: usize,
     /// DNS-over-TCP connections to the gateway's DNS service.
@@ -88,6 +94,8 @@ impl Default for Limits {
             tcp_buffer_bytes: 512 * 1024,
             tcp_link_buffer_bytes: 64 * 1024 * 1024,
             udp_flows: 1024,
+            inbound_tcp: 256,
+            inbound_udp: 256,
             icmp_flows: 64,
             dns_tcp: 32,
             denied_memo: 4096,
@@ -202,6 +210,16 @@ pub const LIMITS: &[LimitSpec] = &[
         "bytes all TCP flows hold per direction, shared among them"
     ),
     count!("udp-flows", udp_flows, "UDP sessions"),
+    count!(
+        "inbound-tcp",
+        inbound_tcp,
+        "connections through published TCP ports (also in tcp-flows)"
+    ),
+    count!(
+        "inbound-udp",
+        inbound_udp,
+        "peers of published UDP ports (sessions)"
+    ),
     count!("icmp-flows", icmp_flows, "ICMP echo sessions"),
     count!(
         "dns-tcp",

@@ -18,6 +18,7 @@ use netfence::config::NetworkConfig;
 use netfence::dns::DnsSettings;
 use netfence::flow::addrmap::AddressMap;
 use netfence::flow::FlowSettings;
+use netfence::ingress::PublishedPorts;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
 use netfence::policy::{HostAddrs, LocalAddrs};
@@ -495,13 +496,6 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let unbuilt = config.unbuilt_features();
-    if !unbuilt.is_empty() {
-        for what in &unbuilt {
-            eprintln!("netfence: {what}");
-        }
-        return ExitCode::from(2);
-    }
     let tls_settings = match TlsSettings::from_config(&config.tls, config.trust_host_cas) {
         Ok(t) => t,
         Err(e) => {
@@ -572,8 +566,20 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    let published = if config.ports.is_empty() {
+        None
+    } else {
+        match PublishedPorts::bind(&config.ports) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("netfence: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let flows = FlowSettings {
         secrets,
+        published: published.clone(),
         policy,
         addrmap,
         addressing,
@@ -602,6 +608,12 @@ fn run(args: RunArgs) -> ExitCode {
             };
         }
     };
+    if let Some(ports) = &published {
+        if let Err(e) = ports.start_refuser() {
+            eprintln!("netfence: published ports: cannot start their thread: {e}");
+            return ExitCode::from(1);
+        }
+    }
     match netfence::server::serve(public, &args.socket, args.once, settings) {
         Ok(netfence::server::Served::Done) => ExitCode::SUCCESS,
         Ok(netfence::server::Served::Terminated) => {

@@ -310,23 +310,31 @@ fn the_socket_is_created_0600() {
     assert_eq!(mode & 0o777, 0o600, "socket mode {:o}", mode & 0o777);
 }
 
-/// What is parsed but not built yet is refused by `run`, never silently ignored: published
-/// ports exit 2 with a line that names them.
+/// A published port that cannot be bound stops `run` at start (exit 2), naming the binding,
+/// before the VMM socket exists; so does one of a config file.
 #[test]
-fn unbuilt_features_are_refused_not_ignored() {
-    let dir = TempDir::new("nf-unbuilt");
+fn a_published_port_in_use_is_refused_at_start() {
+    let dir = TempDir::new("nf-ports");
     let socket = dir.path().join("nf.sock");
     let sock = socket.to_str().unwrap();
-    let o = netfence(&["run", "--socket", sock, "-p", "8080:80"]);
-    assert_exit(&o, 2, "-p");
-    assert!(o.stderr.contains("published ports"), "{o}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let o = netfence(&["run", "--socket", sock, "-p", &format!("{port}:80")]);
+    assert_exit(&o, 2, "-p in use");
+    assert!(o.stderr.contains(&format!("127.0.0.1:{port}")), "{o}");
+    assert!(o.stderr.contains("in use"), "{o}");
     let cfg = dir.path().join("ports.toml");
-    std::fs::write(&cfg, "ports = [\"8080:80\"]\n").unwrap();
+    std::fs::write(&cfg, format!("ports = [\"{port}:80\"]\n")).unwrap();
     let o = netfence(&["run", "--socket", sock, "--config", cfg.to_str().unwrap()]);
-    assert_exit(&o, 2, "ports");
-    assert!(o.stderr.contains("published ports"), "{o}");
+    assert_exit(&o, 2, "ports in use");
+    assert!(o.stderr.contains("in use"), "{o}");
     assert!(!sock_exists(&socket), "the socket was bound anyway");
-    // `enabled = false` with only the SNI ports is accepted (it is built): the process starts.
+}
+
+/// `[tls] enabled = false` with only the SNI ports is accepted: the process starts.
+#[test]
+fn tls_disabled_with_sni_ports_starts() {
+    let dir = TempDir::new("nf-sni-ports");
     let cfg = dir.path().join("sni.toml");
     std::fs::write(
         &cfg,

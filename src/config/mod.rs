@@ -731,20 +731,6 @@ impl NetworkConfig {
         h
     }
 
-    /// The parts of the model that are parsed and validated but not built yet, each with what
-    /// to do instead. `run` refuses a config that uses any of them (exit 2): a user who writes
-    /// `secrets` or `-p` must never believe they are in force.
-    pub fn unbuilt_features(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if !self.ports.is_empty() {
-            out.push(
-                "published ports (-p/--publish, `ports`) are not built yet: remove them"
-                    .to_string(),
-            );
-        }
-        out
-    }
-
     /// `on_secret_violation`, else `block_and_log`.
     pub fn secret_violation_action(&self) -> ViolationAction {
         self.on_secret_violation.unwrap_or_default()

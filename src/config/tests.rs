@@ -590,7 +590,6 @@ fn allow_no_sni_parses_and_is_named_inert_while_interception_is_off() {
     let c =
         parse_and_validate("[tls]\nenabled = false\nallow_no_sni = true", Format::Toml).unwrap();
     assert_eq!(c.tls.allow_no_sni, Some(true));
-    assert!(c.unbuilt_features().is_empty());
     assert_eq!(c.tls.interception_only_keys(), ["allow_no_sni"]);
     assert!(to_toml(&c).contains("allow_no_sni = true"));
     let c = parse_and_validate("[tls]\nintercepted_ports = [8443]", Format::Toml).unwrap();

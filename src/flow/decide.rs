@@ -51,6 +51,9 @@ impl NameSource {
 
 /// One decision to log.
 pub struct DecisionEvent<'a> {
+    /// Egress (the guest's flows) or ingress (a host client through a published port: `src` is
+    /// the client, `dst` the guest's address and port).
+    pub direction: Direction,
     pub protocol: Protocol,
     pub src: SocketAddr,
     pub dst: SocketAddr,
@@ -135,7 +138,10 @@ impl DecisionLog {
         self.lines += 1;
         let action = if ev.allowed { "allow" } else { "deny" };
         let proto = ev.protocol.name();
-        if ev.names.is_empty() && ev.source == NameSource::Sni {
+        if ev.direction == Direction::Ingress {
+            info!(action = %action, direction = %ev.direction, proto = %proto, src = %ev.src,
+                dst = %ev.dst, reason = ?ev.reason, "decision");
+        } else if ev.names.is_empty() && ev.source == NameSource::Sni {
             // The TLS decision on a hello without a (readable) name: still say it is that one.
             info!(action = %action, proto = %proto, src = %ev.src, dst = %ev.dst, reason = ?ev.reason,
                 domain_source = ev.source.as_str(), "decision");
@@ -284,6 +290,7 @@ impl Decider {
         };
         self.log.record(
             &DecisionEvent {
+                direction: Direction::Egress,
                 protocol,
                 src,
                 dst,
@@ -297,6 +304,52 @@ impl Decider {
         if remember {
             self.denied.put(memo, now);
         }
+        allowed
+    }
+
+    /// Decides a connection (or a UDP peer) from host client `peer` through a published port
+    /// to `guest` (the guest's address and port): the ingress rules on the peer's address and
+    /// the guest port, then `ready` (the guest has an address of that family) and `capacity`,
+    /// each asked only while the answer is still yes. Logged like egress decisions
+    /// (`direction=ingress`); nothing is remembered (each connection is judged).
+    pub fn decide_ingress(
+        &mut self,
+        protocol: Protocol,
+        peer: SocketAddr,
+        guest: SocketAddr,
+        ready: impl FnOnce() -> Capacity,
+        capacity: impl FnOnce() -> Capacity,
+        now: Instant,
+    ) -> bool {
+        let query = FlowQuery {
+            direction: Direction::Ingress,
+            protocol,
+            dst: peer.ip(),
+            dst_port: Some(guest.port()),
+            domains: &[],
+        };
+        let decision = self.policy.decide(&query);
+        let (allowed, reason) = if !decision.allowed() {
+            (false, decision.reason.to_string())
+        } else {
+            match ready().and_then(|()| capacity()) {
+                Ok(()) => (true, decision.reason.to_string()),
+                Err(why) => (false, why),
+            }
+        };
+        self.log.record(
+            &DecisionEvent {
+                direction: Direction::Ingress,
+                protocol,
+                src: peer,
+                dst: guest,
+                allowed,
+                reason: &reason,
+                names: &[],
+                source: NameSource::DnsCache,
+            },
+            now,
+        );
         allowed
     }
 
@@ -349,6 +402,7 @@ mod tests {
 
     fn ev(dst: &str, allowed: bool) -> DecisionEvent<'static> {
         DecisionEvent {
+            direction: Direction::Egress,
             protocol: Protocol::Tcp,
             src: "172.16.0.2:4000".parse().unwrap(),
             dst: dst.parse().unwrap(),

@@ -19,6 +19,7 @@ pub mod addrmap;
 pub mod decide;
 pub mod dns_gateway;
 pub mod icmp;
+pub mod inbound;
 pub mod table;
 pub mod tcp;
 pub mod udp;
@@ -38,6 +39,7 @@ use crate::config::addressing::Addressing;
 use crate::config::DenyAction;
 use crate::dns::cache::CachedNames;
 use crate::dns::{DnsService, DnsSettings};
+use crate::ingress::PublishedPorts;
 use crate::limits::Limits;
 use crate::observe::{Counters, LogGate};
 use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
@@ -54,12 +56,13 @@ use self::addrmap::AddressMap;
 use self::decide::{Decider, DecisionEvent, NameSource};
 use self::dns_gateway::GatewayDns;
 use self::icmp::{EchoFlow, EchoKey};
+use self::inbound::Inbound;
 use self::table::{FlowRef, FlowTable, NewFlow};
 use self::tcp::host_end::{self, HostEnd};
 use self::tcp::intercept::InterceptError;
 use self::tcp::intercept::{InterceptStep, Interceptor};
 use self::tcp::sni_gate::{GateStatus, SniGate};
-use self::tcp::{ClearFilter, ClearStage, GuestEnd, Middle, PumpResult, TcpFlow};
+use self::tcp::{ClearFilter, ClearStage, GuestEnd, Middle, PumpResult, TcpFlow, GUEST_REFUSED};
 use self::udp::UdpFlow;
 
 /// (guest source, guest-visible destination)
@@ -115,6 +118,8 @@ pub struct FlowSettings {
     pub tls: TlsSettings,
     /// The secrets to substitute and guard; `None` when there are none.
     pub secrets: Option<Arc<SecretSet>>,
+    /// The published ports (`-p`, `ports`), bound for the whole process; `None` without any.
+    pub published: Option<Arc<PublishedPorts>>,
     pub limits: Limits,
 }
 
@@ -147,6 +152,8 @@ pub struct Flows {
     secret_events: LogGate,
     /// A secret's `block_and_terminate` fired: the link must stop serving this VM.
     terminate: bool,
+    /// The published ports, served by this link while it lives.
+    inbound: Option<Inbound>,
 }
 
 impl Flows {
@@ -156,14 +163,20 @@ impl Flows {
             settings.dns_intercept_all,
         );
         let limits = &settings.limits;
+        let mut table = FlowTable::new()?;
+        let inbound = match &settings.published {
+            Some(ports) if !ports.is_empty() => Some(Inbound::new(ports, &mut table)?),
+            _ => None,
+        };
         Ok(Flows {
+            inbound,
             decider: Decider::new(
                 settings.policy.clone(),
                 limits.denied_memo,
                 limits.denied_memo_time,
                 limits.decision_log_rate,
             ),
-            table: FlowTable::new()?,
+            table,
             dns,
             lingering: Vec::new(),
             counters: Counters::default(),
@@ -665,6 +678,9 @@ impl Flows {
             stack.poll();
         }
         for (key, why) in done {
+            if why == GUEST_REFUSED {
+                self.guest_refused(&key, now);
+            }
             self.close_tcp(&key, why, stack);
         }
         self.count_tcp_buffers(stack);
@@ -751,6 +767,7 @@ impl Flows {
         };
         self.decider.record(
             &DecisionEvent {
+                direction: Direction::Egress,
                 protocol: Protocol::Tcp,
                 src,
                 dst,
@@ -960,6 +977,9 @@ impl Flows {
         let key = (src, dst);
         let now = Instant::now();
         let to_gateway = self.settings.addressing.is_gateway(dst.ip());
+        if to_gateway && self.inbound_udp_reply(src, dst, payload, now) {
+            return;
+        }
         if self.dns.serves(dst, to_gateway) {
             if self
                 .decider
@@ -1019,6 +1039,7 @@ impl Flows {
             if !self.decider.is_remembered(Protocol::Udp, key, now) {
                 self.decider.record(
                     &DecisionEvent {
+                        direction: Direction::Egress,
                         protocol: Protocol::Udp,
                         src,
                         dst,
@@ -1309,6 +1330,7 @@ impl Flows {
                         f.readable = true;
                     }
                 }
+                FlowRef::Listener(index) => self.listener_ready(index),
             }
         }
         self.events = events;
@@ -1323,6 +1345,7 @@ impl Flows {
     pub fn pump(&mut self, stack: &mut GuestStack) {
         let now = Instant::now();
         self.expire_lingering(None, stack);
+        self.pump_inbound(stack, now);
         self.pump_tcp(stack, now);
         self.dns.pump_tcp(&self.settings.policy, stack);
         self.pump_udp(stack);
@@ -1336,10 +1359,14 @@ impl Flows {
             .iter()
             .map(|(_, _, since)| *since + SOCKET_LINGER)
             .min();
-        match (linger, self.dns.service.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            linger,
+            self.dns.service.next_deadline(),
+            self.inbound_deadline(Instant::now()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Enforces every timeout: connects, handshakes, hellos (in `pump`), idle flows.
@@ -1357,8 +1384,11 @@ impl Flows {
                 }
                 GuestEnd::Socket { handle, since } => {
                     let sock = stack.sockets.get::<stcp::Socket>(*handle);
-                    let handshaking =
-                        matches!(sock.state(), stcp::State::Listen | stcp::State::SynReceived);
+                    // SynSent: an inbound flow whose guest has not answered its SYN.
+                    let handshaking = matches!(
+                        sock.state(),
+                        stcp::State::Listen | stcp::State::SynReceived | stcp::State::SynSent
+                    );
                     let tls_late = matches!(&flow.middle, Some(Middle::Tls(t))
                         if t.handshaking()
                             && now.duration_since(t.started) > limits.tls_handshake_timeout);
@@ -1407,6 +1437,7 @@ impl Flows {
         for key in idle_echo {
             self.table.remove_echo(&key);
         }
+        self.expire_inbound(now);
         let expired = self.dns.expire_tcp(now, limits.dns_tcp_idle, stack);
         self.counters.add("dns-tcp-idle", expired as u64);
         self.decider.log.flush(now);
@@ -1419,6 +1450,9 @@ impl Flows {
         self.dns.reset();
         self.lingering.clear();
         self.decider.clear();
+        if let Some(inbound) = self.inbound.as_mut() {
+            inbound.reset();
+        }
         if n > 0 {
             info!(flows = n, "guest restarted: closed its flows");
         }

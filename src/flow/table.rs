@@ -24,6 +24,8 @@ pub enum FlowRef {
     Tcp(FlowKey),
     Udp(FlowKey),
     Echo(EchoKey),
+    /// A published port's listener (its index among the published ports).
+    Listener(usize),
 }
 
 /// A kind of flow that needs room.
@@ -33,6 +35,8 @@ pub enum NewFlow {
     Tcp {
         gated: bool,
     },
+    /// A TCP connection from a host client through a published port.
+    InboundTcp,
     Udp,
     Echo,
 }
@@ -84,6 +88,11 @@ impl FlowTable {
             .count()
     }
 
+    /// TCP flows from host clients through published ports.
+    pub fn inbound_tcp(&self) -> usize {
+        self.tcp.values().filter(|f| f.inbound).count()
+    }
+
     /// Intercepted TLS flows still in their handshakes.
     pub fn tls_handshakes(&self) -> usize {
         self.tcp
@@ -117,6 +126,14 @@ impl FlowTable {
                     return full("tls-hellos", limits.tls_hellos);
                 }
             }
+            NewFlow::InboundTcp => {
+                if self.tcp.len() >= limits.tcp_flows {
+                    return full("tcp-flows", limits.tcp_flows);
+                }
+                if self.inbound_tcp() >= limits.inbound_tcp {
+                    return full("inbound-tcp", limits.inbound_tcp);
+                }
+            }
             NewFlow::Udp if self.udp.len() >= limits.udp_flows => {
                 return full("udp-flows", limits.udp_flows)
             }
@@ -126,6 +143,12 @@ impl FlowTable {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Registers a published port's listener (shared with the other links of the process, so
+    /// never closed here); its events carry `FlowRef::Listener(index)`.
+    pub fn register_listener(&mut self, fd: RawFd, index: usize) -> io::Result<()> {
+        self.register(fd, FlowRef::Listener(index)).map(|_| ())
     }
 
     /// Registers a host socket and returns the token its events will carry.
@@ -142,6 +165,11 @@ impl FlowTable {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
         self.tokens.insert(token, flow);
         Ok(token)
+    }
+
+    /// Forgets a token whose socket is about to close without becoming a flow.
+    pub fn unregister(&mut self, token: u64) {
+        self.tokens.remove(&token);
     }
 
     /// Drains the ready host-socket events without blocking.
@@ -191,6 +219,7 @@ impl FlowTable {
         self.tcp.clear();
         self.udp.clear();
         self.echo.clear();
-        self.tokens.clear();
+        // The published ports' listeners stay watched.
+        self.tokens.retain(|_, f| matches!(f, FlowRef::Listener(_)));
     }
 }

@@ -26,7 +26,6 @@ pub fn config(data: &[u8]) {
         return;
     };
     let _ = cfg.effective_policy();
-    let _ = cfg.unbuilt_features();
     let host = cfg.gateway_addrs(0);
     if let Ok(policy) = cfg.compile_policy(&host) {
         let _ = crate::explain::PolicySummary::new(&cfg, &policy).to_string();

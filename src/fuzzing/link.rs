@@ -426,6 +426,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         dns_intercept_all: true,
         tls: crate::tls::TlsSettings::default(),
         secrets: None,
+        published: None,
         limits,
     };
     LinkSettings {

@@ -24,6 +24,8 @@ pub struct DhcpServer {
 pub struct DhcpReply {
     pub payload: Vec<u8>,
     pub broadcast: bool,
+    /// The reply gives the guest its address (an ACK to a REQUEST).
+    pub leased: bool,
 }
 
 impl DhcpServer {
@@ -101,6 +103,7 @@ impl DhcpServer {
         Some(DhcpReply {
             payload,
             broadcast: request.broadcast || nak || request.client_ip.is_unspecified(),
+            leased: reply_type == DhcpMessageType::Ack && !inform,
         })
     }
 

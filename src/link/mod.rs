@@ -257,8 +257,13 @@ impl Link {
             }
             return;
         }
-        if let Some(IpAddr::V6(src)) = classified.source() {
-            self.introduce_guest(src);
+        match classified.source() {
+            Some(IpAddr::V6(src)) => {
+                self.introduce_guest(src);
+                self.flows.guest_address_seen(IpAddr::V6(src));
+            }
+            Some(src) => self.flows.guest_address_seen(src),
+            None => {}
         }
         let addressing = self.settings.addressing;
         match classified {
@@ -289,6 +294,15 @@ impl Link {
             Classified::NeighborSolicit { src, target } if addressing.v6.is_gateway(target) => {
                 let advert = ndp::neighbor_advert(&self.stack.macs, target, src);
                 self.stack.port.queue_frame(advert);
+            }
+            // The guest checking that an address of its /64 is free (duplicate address
+            // detection): it is about to use it, and published ports can reach it there.
+            Classified::NeighborSolicit { src, target }
+                if src.is_unspecified() && addressing.v6.prefix.contains(&target) =>
+            {
+                self.introduce_guest(target);
+                self.flows.guest_address_seen(IpAddr::V6(target));
+                self.count_drop("ndp-not-gateway");
             }
             // smoltcp with AnyIP would claim every address; only the gateway's are ours.
             Classified::NeighborSolicit { .. } => self.count_drop("ndp-not-gateway"),
@@ -323,6 +337,9 @@ impl Link {
         );
         debug!(guest = %addrs.guest, "DHCP reply");
         self.stack.port.queue_frame(frame);
+        if reply.leased {
+            self.flows.guest_address_seen(IpAddr::V4(addrs.guest));
+        }
     }
 
     /// Tells smoltcp the guest's MAC for a guest IPv6 address it has not seen yet.
@@ -496,6 +513,7 @@ impl Drop for Link {
             denied_memo_hits = self.flows.denied_memo_hits(),
             tcp_buffered_peak = self.flows.tcp_buffered_peak,
             open_tcp = tcp, open_udp = udp, open_echo = echo, open_dns_tcp = dns_tcp,
+            open_inbound_udp = self.flows.inbound_udp_sessions(),
             "link closed"
         );
     }

@@ -65,7 +65,14 @@ pub struct TcpFlow {
     pub guest_fin_seen: bool,
     pub bytes_to_host: u64,
     pub bytes_to_guest: u64,
+    /// A host client's connection through a published port (netfence connected to the guest).
+    pub inbound: bool,
+    /// The guest end reached Established (for an inbound flow: the guest accepted).
+    pub guest_connected: bool,
 }
+
+/// Why an inbound flow ended when the guest refused the connection.
+pub const GUEST_REFUSED: &str = "the guest refused the connection (nothing listens on the port?)";
 
 /// A flow's middle stage.
 pub enum Middle {
@@ -164,16 +171,23 @@ impl From<Violation> for PumpResult {
     }
 }
 
-/// A smoltcp socket listening on the guest's destination, ready for the held SYN, with
-/// `buffer_bytes` of buffer each way (the most the flow holds; `tcp-buffer-bytes`).
-pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'static> {
+/// A guest end's smoltcp socket with `buffer_bytes` of buffer each way (`tcp-buffer-bytes`).
+///
+/// smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
+/// halves the frames sent while the guest uploads. A closed flow's socket lingers a little so
+/// that its last delayed ACK still goes out (see the flow engine's `close_tcp`).
+pub fn guest_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
     let rx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
     let tx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
-    // smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
-    // halves the frames sent while the guest uploads. A closed flow's socket lingers a little
-    // so that its last delayed ACK still goes out (see the flow engine's `close_tcp`).
+    socket
+}
+
+/// A smoltcp socket listening on the guest's destination, ready for the held SYN, with
+/// `buffer_bytes` of buffer each way (the most the flow holds; `tcp-buffer-bytes`).
+pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'static> {
+    let mut socket = guest_socket(buffer_bytes);
     let endpoint = IpListenEndpoint {
         addr: Some(IpAddress::from(dst.ip())),
         port: dst.port(),
@@ -255,6 +269,37 @@ impl TcpFlow {
             guest_fin_seen: false,
             bytes_to_host: 0,
             bytes_to_guest: 0,
+            inbound: false,
+            guest_connected: false,
+        }
+    }
+
+    /// A connection from a host client through a published port: the guest end is a smoltcp
+    /// socket `handle` connecting from the gateway (`dst`) to the guest's server (`guest`); the
+    /// host end is the accepted connection. `middle`: a cleartext filter, with secrets.
+    pub fn inbound(
+        token: u64,
+        guest: SocketAddr,
+        dst: SocketAddr,
+        host: HostEnd,
+        handle: SocketHandle,
+        middle: Option<Middle>,
+        now: Instant,
+    ) -> Self {
+        TcpFlow {
+            token,
+            guest,
+            dst,
+            host,
+            guest_end: GuestEnd::Socket { handle, since: now },
+            middle,
+            started: now,
+            last_active: now,
+            guest_fin_seen: false,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
+            inbound: true,
+            guest_connected: false,
         }
     }
 
@@ -292,6 +337,12 @@ impl TcpFlow {
         }
         let sock = sockets.get_mut::<tcp::Socket>(handle);
         let moved_before = self.bytes_to_host + self.bytes_to_guest;
+        if !matches!(
+            sock.state(),
+            tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
+        ) {
+            self.guest_connected = true;
+        }
 
         // Guest -> host, through the cleartext filter when there is one.
         if let Some(Middle::Clear(filter)) = &mut self.middle {
@@ -398,7 +449,11 @@ impl TcpFlow {
             tcp::State::Closed => {
                 // The guest reset the connection: reset the host side too.
                 self.host.reset_on_close();
-                PumpResult::Aborted("guest reset")
+                if self.inbound && !self.guest_connected {
+                    PumpResult::Aborted(GUEST_REFUSED)
+                } else {
+                    PumpResult::Aborted("guest reset")
+                }
             }
             _ => PumpResult::Alive,
         }
