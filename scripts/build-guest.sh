@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build the test guest: a Debian kernel plus a busybox initramfs with curl and iperf3.
+# Build the test guest: a Debian kernel plus a busybox initramfs with curl, iperf3 and socat.
 #
 #   scripts/build-guest.sh [--force]
 #
 # Outputs (both gitignored, under the repository's target/):
 #   target/guest/vmlinuz            the installed linux-image-amd64 kernel
-#   target/guest/initramfs.cpio.gz  busybox-static + its applets, curl, iperf3 (with the shared
+#   target/guest/initramfs.cpio.gz  busybox-static + its applets, curl, iperf3, socat (with the shared
 #                                   libraries ldd finds), the virtio-net modules, and /init
 #
 # /init mounts proc/sys/dev, loads virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -25,7 +25,8 @@ FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net)
-BINARIES=(/usr/bin/curl /usr/bin/iperf3)
+# socat: a UDP server for the published-port tests (busybox's nc here has no -u).
+BINARIES=(/usr/bin/curl /usr/bin/iperf3 /usr/bin/socat)
 
 die() { echo "build-guest.sh: $*" >&2; exit 1; }
 
@@ -42,7 +43,7 @@ for b in "${BINARIES[@]}"; do [ -x "$b" ] || die "$b missing; run scripts/instal
 stamp_of_inputs() {
     sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1
     echo "kernel $KVER $(stat -c '%s %Y' "/boot/vmlinuz-$KVER")"
-    dpkg-query -W -f='${Package} ${Version}\n' busybox-static curl iperf3 libcurl4 "linux-image-$KVER" 2>/dev/null || true
+    dpkg-query -W -f='${Package} ${Version}\n' busybox-static curl iperf3 socat libcurl4 "linux-image-$KVER" 2>/dev/null || true
     for b in /bin/busybox "${BINARIES[@]}"; do stat -c '%n %s %Y' "$b"; done
 }
 STAMP="$(stamp_of_inputs)"

@@ -8,7 +8,7 @@
 #   linux-image-amd64 the guest kernel (and its virtio modules), packed by build-guest.sh
 #   busybox-static    the guest's userland (sh, udhcpc, ping, nc, wget, ...)
 #   curl iperf3       guest tools (copied into the guest image with their shared libraries)
-#   socat             handy for poking at the vhost-user socket by hand
+#   socat             a UDP server in the test guest (published ports); handy by hand too
 #   passt             the peer user-mode backend bench-guest.sh compares against
 #   cpio gzip xz-utils zstd   packing the initramfs, unpacking compressed kernel modules
 #   python3 openssl   the demo's host HTTP and HTTPS servers and the HTTPS server's certificates
