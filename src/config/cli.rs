@@ -109,7 +109,8 @@ pub struct NetworkArgs {
     pub max_connections: Option<usize>,
 
     /// Publish a guest port on the host: [BIND:]HOST_PORT:GUEST_PORT[/udp] (BIND default
-    /// 127.0.0.1). Not built yet: `run` refuses it (exit 2); `check`/`config` accept it
+    /// 127.0.0.1; IPv6 as [::1]:8080:80); repeatable. Host clients reach the guest's port
+    /// under the ingress rules; bound at start (in use or privileged: exit 2)
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_publish)]
     pub publish: Vec<PublishSpec>,
 
