@@ -21,7 +21,9 @@
 #      over IPv6 (SLAAC address, http://[2001:db8::7]/ mapped to the same server); then it
 #      fetches netfence's CA, calls https://api.example.com/ with `Authorization: Bearer
 #      $DEMO_API_KEY` (a placeholder: `netfence secrets env` gave it) and the API receives the real
-#      key; the same header sent to 203.0.113.7 is a secret violation: reset and logged;
+#      key; the same header sent to 203.0.113.7 is a secret violation: reset and logged; last, it
+#      serves a page with busybox httpd on its port 80, which netfence publishes on the host
+#      (`-p 127.0.0.1:WEB:80`), and the host curls it;
 #   5. prints the guest's console and netfence's log as they happen, then a summary.
 # Nothing leaves the machine: the only host-side connections netfence makes go to 127.0.0.1.
 # Exit status 0 when everything happened as described.
@@ -125,13 +127,17 @@ GUEST_ENV="$("$NETFENCE" secrets env --config "$WORK/netfence.toml")"
 echo "\$ netfence secrets env --config netfence.toml   (what the guest is given)"
 echo "    $GUEST_ENV"
 
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+WEB_PORT="$(free_port)"     # the guest's web server, published on the host
+CONTROL_PORT="$(free_port)" # tells the guest the host is done with it
+
 step "starting netfence (default policy public-only; 203.0.113.7:80 mapped to 127.0.0.1:$PORT)"
 SOCK="$WORK/netfence.sock"
-echo "\$ DEMO_API_KEY=... netfence run --socket $SOCK --guest-mac $GUEST_MAC --config netfence.toml --ca-out www/ca.pem --map 203.0.113.7:80=127.0.0.1:$PORT --map '[2001:db8::7]:80=127.0.0.1:$PORT' --map 203.0.113.9:443=127.0.0.1:$API_PORT"
+echo "\$ DEMO_API_KEY=... netfence run --socket $SOCK --guest-mac $GUEST_MAC --config netfence.toml --ca-out www/ca.pem --map 203.0.113.7:80=127.0.0.1:$PORT --map '[2001:db8::7]:80=127.0.0.1:$PORT' --map 203.0.113.9:443=127.0.0.1:$API_PORT -p $WEB_PORT:80 -p $CONTROL_PORT:9000"
 DEMO_API_KEY="$DEMO_KEY" NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$NETFENCE" run --socket "$SOCK" \
     --guest-mac "$GUEST_MAC" --config "$WORK/netfence.toml" --ca-out "$WORK/www/ca.pem" \
     --map "203.0.113.7:80=127.0.0.1:$PORT" --map "[2001:db8::7]:80=127.0.0.1:$PORT" \
-    --map "203.0.113.9:443=127.0.0.1:$API_PORT" \
+    --map "203.0.113.9:443=127.0.0.1:$API_PORT" -p "$WEB_PORT:80" -p "$CONTROL_PORT:9000" \
     >"$WORK/netfence.log" 2>&1 &
 NF_PID=$!
 PIDS+=("$NF_PID")
@@ -146,7 +152,10 @@ done
 grep -q "listening on" "$WORK/netfence.log" || { echo "demo: netfence is not listening" >&2; exit 1; }
 
 step "booting the guest (QEMU TCG, about 10 s) attached to $SOCK"
-printf '%s\n' "$GUEST_ENV" | sed 's/^/export /' >"$WORK/guest.sh"
+{
+    printf '%s\n' "$GUEST_ENV" | sed 's/^/export /'
+    echo "export TOKEN=$TOKEN"
+} >"$WORK/guest.sh"
 cat >>"$WORK/guest.sh" <<'EOF'
 echo "guest: \$ udhcpc -i eth0"
 udhcpc -i eth0 -n -q -t 5 -T 2 && echo "DEMO dhcp ok" || echo "DEMO dhcp FAILED"
@@ -174,11 +183,28 @@ curl -sS --max-time 20 --cacert /ca.pem --resolve api.example.com:443:203.0.113.
 echo "guest: \$ curl -H \"Authorization: Bearer \$DEMO_API_KEY\" http://203.0.113.7/   (not the key's host)"
 curl -sS --max-time 10 -o /dev/null -H "Authorization: Bearer $DEMO_API_KEY" http://203.0.113.7/ \
   && echo "DEMO leak FAILED (it was sent)" || echo "DEMO leak ok (reset by netfence)"
+echo "guest: \$ httpd -p 80   (the host reaches it through netfence's published port)"
+mkdir -p /www && echo "<h1>Hello from the guest!</h1> ($TOKEN)" >/www/index.html
+httpd -p 80 -h /www && echo "DEMO serving"
+nc -l -p 9000 >/dev/null; echo "DEMO released"
 EOF
-set +e
-scripts/run-guest.sh --vhost-user "$SOCK" --mac "$GUEST_MAC" --script "$WORK/guest.sh" --timeout 120 2>&1 |
-    sed -u 's/\r$//' | tee "$WORK/console.log" | sed -u 's/^/  guest    | /'
-set -e
+: >"$WORK/console.log"
+(scripts/run-guest.sh --vhost-user "$SOCK" --mac "$GUEST_MAC" --script "$WORK/guest.sh" --timeout 120 2>&1 |
+    sed -u 's/\r$//' | tee "$WORK/console.log" | sed -u 's/^/  guest    | /') &
+GUEST_PID=$!
+# When the guest serves its page, fetch it from the host through the published port.
+for _ in $(seq 1 600); do
+    grep -q "DEMO serving" "$WORK/console.log" && break
+    kill -0 "$GUEST_PID" 2>/dev/null || break
+    sleep 0.2
+done
+if grep -q "DEMO serving" "$WORK/console.log"; then
+    echo "  host     | \$ curl http://127.0.0.1:$WEB_PORT/   (published: the guest's port 80)"
+    curl -sS --max-time 20 "http://127.0.0.1:$WEB_PORT/" | tee "$WORK/guest-page.html" | sed 's/^/  host     | /' || true
+fi
+# Release the guest (it waits on its port 9000, published as $CONTROL_PORT).
+(exec 3<>"/dev/tcp/127.0.0.1/$CONTROL_PORT" && echo done >&3) 2>/dev/null || true
+wait "$GUEST_PID" || true
 sleep 0.5 # let tail print netfence's last lines
 
 step "summary"
@@ -213,6 +239,9 @@ check "the real key was never in the guest" bash -c '! grep -q "$1" "$2"' _ "$DE
 check "the real key is not in netfence's log" bash -c '! grep -q "$1" "$2"' _ "$DEMO_KEY" "$WORK/netfence.log"
 check "the placeholder sent to 203.0.113.7 was blocked" grep -q "DEMO leak ok" "$WORK/console.log"
 check "netfence logged the secret violation" grep -q "secret violation" "$WORK/netfence.log"
+check "the host fetched the guest's page through -p $WEB_PORT:80" grep -q "Hello from the guest.*$TOKEN" "$WORK/guest-page.html"
+check "netfence logged: allow ingress to the guest's port 80" \
+    grep -qE "decision.*action=allow.*direction=ingress.*172\.16\.0\.2:80" "$WORK/netfence.log"
 echo
 echo "netfence's decisions:"
 grep "decision action=" "$WORK/netfence.log" | sed 's/^/  /' || echo "  (none)"
@@ -221,6 +250,7 @@ grep "API received" "$WORK/api.log" | sed 's/^/  /' || echo "  (nothing)"
 if [ "$result" = 0 ]; then
     echo
     echo "Demo complete: the guest reached the host's web server only where the policy allowed,"
-    echo "and used an API key it never held, only with the host the key belongs to."
+    echo "used an API key it never held, only with the host the key belongs to, and served a page"
+    echo "the host reached through a published port."
 fi
 exit "$result"
