@@ -18,6 +18,8 @@
 #                       netfence drops frames from any other MAC)
 #   --append ARGS       extra kernel command-line arguments
 #   --passt-pidfile F   write passt's pid to F (bench-guest.sh reads its CPU time)
+#   --passt-tcp SPEC    forward host TCP ports into the guest with passt's `-t SPEC`, e.g.
+#                       127.0.0.1/5202:5201 (repeatable; default none)
 #   --qemu-pidfile F    write QEMU's pid to F
 # Environment: NETFENCE_GUEST_DIR (default target/guest), QEMU (default qemu-system-x86_64),
 #   QEMU_CPU (default qemu64: under TCG it moves ~2.5x the bytes per second that -cpu max does).
@@ -45,6 +47,7 @@ MAC="52:54:00:4e:46:02"
 APPEND=""
 PASST_PIDFILE=""
 QEMU_PIDFILE=""
+PASST_TCP=()
 MEM=512
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
@@ -60,6 +63,7 @@ while [ $# -gt 0 ]; do
         --mac) MAC="${2:?}"; shift 2 ;;
         --append) APPEND="${2?}"; shift 2 ;;
         --passt-pidfile) PASST_PIDFILE="${2:?}"; shift 2 ;;
+        --passt-tcp) PASST_TCP+=(-t "${2:?}"); shift 2 ;;
         --qemu-pidfile) QEMU_PIDFILE="${2:?}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "run-guest.sh: unknown argument '$1'" >&2; usage ;;
@@ -116,8 +120,9 @@ case "$MODE" in
         # -a/-n/-g/-M: a fixed documentation-range setup independent of the host's interfaces;
         # -1: exit when QEMU disconnects; -f: stay in the foreground so we own the process;
         # gateway mapping (not disabled) sends guest->198.51.100.1 TCP/UDP to the host's 127.0.0.1.
+        [ "${#PASST_TCP[@]}" -gt 0 ] || PASST_TCP=(-t none)
         passt -f -1 -q -4 -D none --no-dhcp-search -s "$PSOCK" \
-            -a 198.51.100.2 -n 24 -g 198.51.100.1 -m 1500 -t none -u none \
+            -a 198.51.100.2 -n 24 -g 198.51.100.1 -m 1500 "${PASST_TCP[@]}" -u none \
             >"$WORK/passt.log" 2>&1 &
         PASST_PID=$!
         [ -n "$PASST_PIDFILE" ] && echo "$PASST_PID" >"$PASST_PIDFILE"
