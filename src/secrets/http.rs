@@ -341,6 +341,20 @@ fn parse_authority(raw: &[u8]) -> Option<(String, Option<u16>)> {
     Some((name, port))
 }
 
+/// Whether a request target leaves the request to the host in `Host`, `name` on `port`: an
+/// origin-form target (`/path`), `*`, or CONNECT's authority; or an absolute-form `http` or
+/// `https` target naming that host and port. Any other target (another scheme, a bare
+/// authority) names something else: servers route by an absolute-form target over `Host`
+/// (RFC 9112 3.2.2), and some (nginx) take the host of any `scheme://host` target.
+fn target_agrees(method: &str, target: &str, name: &str, port: u16) -> bool {
+    if target.starts_with('/') || target == "*" || method.eq_ignore_ascii_case("CONNECT") {
+        return true;
+    }
+    absolute_authority(target)
+        .and_then(|a| parse_authority(a.as_bytes()))
+        .is_some_and(|(n, p)| n == name && p.is_none_or(|p| p == port))
+}
+
 /// The authority of an absolute-form target (`http://host:port/path`), if it is one.
 fn absolute_authority(target: &str) -> Option<&str> {
     let lower = target.get(..8)?.to_ascii_lowercase();
@@ -561,7 +575,7 @@ impl HttpRequestRewriter {
     }
 
     /// Judges the request's host against the connection.
-    fn judge(&self, fields: &[httparse::Header<'_>], target: &str) -> Judge {
+    fn judge(&self, fields: &[httparse::Header<'_>], method: &str, target: &str) -> Judge {
         let hosts: Vec<&[u8]> = fields
             .iter()
             .filter(|f| f.name.eq_ignore_ascii_case("host"))
@@ -585,10 +599,7 @@ impl HttpRequestRewriter {
         let mismatch = |m| Err(ViolationReason::HostMismatch(m));
         judge.host = if port.is_some_and(|p| p != self.ctx.port) {
             mismatch(Mismatch::Port)
-        } else if absolute_authority(target).is_some_and(|a| {
-            parse_authority(a.as_bytes())
-                .is_none_or(|(n, p)| n != name || p.is_some_and(|p| p != self.ctx.port))
-        }) {
+        } else if !target_agrees(method, target, &name, self.ctx.port) {
             mismatch(Mismatch::Target)
         } else if self.ctx.sni.as_ref().is_some_and(|s| *s != name) {
             mismatch(Mismatch::Sni)
@@ -618,7 +629,7 @@ impl HttpRequestRewriter {
         let method = req.method.unwrap_or("");
         let target = req.path.unwrap_or("");
         let fields: &[httparse::Header<'_>] = req.headers;
-        let judge = self.judge(fields, target);
+        let judge = self.judge(fields, method, target);
 
         // Where each placeholder is: a field value (and which), the query, or elsewhere.
         let target_span = span(head, target.as_bytes()).unwrap_or(0..0);

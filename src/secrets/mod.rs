@@ -21,9 +21,10 @@
 //!
 //! Host agreement (what "a request to an allowed host" means). The request's host is the name
 //! in its single `Host` header (lower-cased, trailing dot and `:port` removed). It *agrees*
-//! with the connection when: the `Host` port, if written, is the connection's port; an
-//! absolute-form target names the same host and port; the SNI, when there is one, is that
-//! name; and the names the guest resolved for the destination address, when there are any,
+//! with the connection when: the `Host` port, if written, is the connection's port; the
+//! request target is origin-form (`/path`), `*`, CONNECT's authority, or an absolute-form
+//! `http`/`https` URL naming the same host and port (servers route by an absolute-form target
+//! of any scheme before `Host`); the SNI, when there is one, is that name; and the names the guest resolved for the destination address, when there are any,
 //! include it. It is *bound* to the destination when, besides, netfence's upstream TLS
 //! connection verified a certificate for it (`sni` and `sni_verified`) or the guest resolved it
 //! to the destination address. Only a bound host can receive a value: a placeholder in a
@@ -97,7 +98,8 @@ pub enum Mismatch {
     ResolvedNames,
     /// The `Host` header names another port than the connection's.
     Port,
-    /// An absolute-form request target names another host or port.
+    /// The request target names another host or port, or is of a form that names a host
+    /// other than by `http(s)://` (another scheme, a bare authority).
     Target,
 }
 

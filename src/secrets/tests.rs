@@ -543,6 +543,27 @@ fn host_agreement_failures_are_violations_with_their_reason() {
             req("api.example.com", "http://evil.example.net/x"),
             ViolationReason::HostMismatch(Mismatch::Target),
         ),
+        // Targets servers route by that are not http(s) absolute-form naming the Host.
+        (
+            tls("api.example.com"),
+            req("api.example.com", "ws://evil.example.net/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "git+ssh://evil.example.net/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "evil.example.net:443"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "https://api.example.com:8443/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
         (
             resolved(&["api.example.com"]),
             req("203.0.113.7", "/"),
@@ -585,6 +606,8 @@ fn hosts_that_agree_are_substituted() {
         (resolved(&["API.example.com."]), format!("GET / HTTP/1.1\r\nHost: Api.Example.Com.:80\r\nX: {key}\r\n\r\n")),
         // An absolute-form target naming the same host.
         (resolved(&["api.example.com"]), format!("GET http://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
+        (tls("api.example.com"), format!("GET HTTPS://api.example.com:443?q HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
+        (tls("api.example.com"), format!("OPTIONS * HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
         // SNI and resolved names together.
         (
             HostContext {
