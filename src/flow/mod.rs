@@ -619,7 +619,18 @@ impl Flows {
                 };
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
                 let before = tls.bytes_to_host + tls.bytes_to_guest;
-                match tls.pump(sock, &mut flow.host, interception, leaves) {
+                // Toward the guest, the same share of the link's budget as a plain flow.
+                let granted = share.saturating_sub(sock.send_queue()).min(link_room);
+                let mut to_guest_room = granted;
+                let step = tls.pump(
+                    sock,
+                    &mut flow.host,
+                    interception,
+                    leaves,
+                    &mut to_guest_room,
+                );
+                link_room -= granted - to_guest_room;
+                match step {
                     InterceptStep::Alive => {}
                     InterceptStep::Finished => done.push((*key, "closed")),
                     InterceptStep::GuestReset => done.push((*key, "guest reset")),
