@@ -37,7 +37,9 @@
 //! Bounds: a request head is at most `http-header-bytes` (limits.rs), a Content-Length body
 //! held for substitution at most `secret-body-bytes`, a chunk-size line [`MAX_CHUNK_LINE`]
 //! bytes, and a head at most [`MAX_HEADERS`] fields; everything else streams through with
-//! less than one placeholder's length held. On any error the caller resets the connection and
+//! less than one placeholder's length held. The same bounds hold after substitution (a value
+//! may be a thousand times its placeholder's length): a rewritten head is at most
+//! `http-header-bytes`, and the values add at most `secret-body-bytes` to a body. On any error the caller resets the connection and
 //! sends nothing of that call's output.
 
 mod env;
@@ -174,6 +176,10 @@ pub enum Refusal {
     Framing(&'static str),
     /// A malformed chunked body (bad size line, missing CRLF, trailers too long).
     BadChunk(&'static str),
+    /// The values put into a request would take its head over `http-header-bytes`, or add more
+    /// than `secret-body-bytes` to its body (the limit's name and value): a value much longer
+    /// than its placeholder must not let the guest grow a request past netfence's bounds.
+    ValuesTooLarge(&'static str, usize),
 }
 
 impl fmt::Display for Refusal {
@@ -193,6 +199,10 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Framing(what) => write!(f, "ambiguous request framing: {what}"),
             Refusal::BadChunk(what) => write!(f, "malformed chunked body: {what}"),
+            Refusal::ValuesTooLarge(name, limit) => write!(
+                f,
+                "request too large once the secrets' values are put in (over {name} = {limit})"
+            ),
         }
     }
 }
