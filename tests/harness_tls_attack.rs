@@ -268,3 +268,134 @@ fn an_upload_through_interception_does_not_stall() {
         "the upload took {took:?}, {sent:?} of it for the guest to send"
     );
 }
+
+/// A handshake flood: at most `tls-handshakes` interceptions are in their handshakes at once
+/// (here 2, against an upstream that never answers), whatever their destinations; one more is
+/// refused with the limit as its reason and reset, and a slot freed by a guest's reset serves
+/// the next connection.
+#[test]
+fn handshakes_past_tls_handshakes_are_refused_until_a_slot_frees() {
+    const PUBLIC_IP2: std::net::Ipv4Addr = std::net::Ipv4Addr::new(203, 0, 113, 8);
+    let up_ca = TestCa::new("test upstream CA");
+    let server = HttpsServer::start_with(&up_ca, &[NAME], &[b"http/1.1"], Some(b"ok"));
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut args = vec![
+        "--map".to_string(),
+        format!(
+            "{PUBLIC_IP2}:443=127.0.0.1:{}",
+            mute.local_addr().unwrap().port()
+        ),
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:443=127.0.0.1:{}", server.port),
+    ];
+    args.extend(limit("tls-handshakes", "2"));
+    let (nf, ca_pem, _dir) = spawn(&up_ca, "", &args);
+    let mut g = guest_up(&nf);
+    let config = client_config(&ca_pem, &[b"http/1.1"]);
+    let hello = {
+        let mut c = rustls::ClientConnection::new(
+            config.clone(),
+            rustls::pki_types::ServerName::try_from(NAME).unwrap(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        c.write_tls(&mut out).unwrap();
+        out
+    };
+    // Two interceptions stuck in their handshakes: each sends its own hello to the mute
+    // upstream, which never answers.
+    let mut stuck = Vec::new();
+    let mut upstreams = Vec::new();
+    for _ in 0..2 {
+        let h = g.tcp_connect(PUBLIC_IP2, 443, SHORT).expect("TCP");
+        g.tcp_send_all(h, &hello, deadline(SHORT)).unwrap();
+        assert!(g.tcp_flush(h, deadline(SHORT)), "the hello was not taken");
+        let (mut up, _) = mute.accept().unwrap();
+        up.set_read_timeout(Some(SHORT)).unwrap();
+        let mut byte = [0u8; 1];
+        let got = loop {
+            match std::io::Read::read(&mut up, &mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        assert!(matches!(got, Ok(1)), "no upstream ClientHello: {got:?}");
+        stuck.push(h);
+        upstreams.push(up);
+    }
+    // A third, to any destination: refused for the limit, reset.
+    let err = GuestTls::connect(
+        &mut g,
+        IpAddr::V4(PUBLIC_IP),
+        443,
+        NAME,
+        config.clone(),
+        deadline(SHORT),
+    )
+    .expect_err("a third handshake was let in");
+    let line = nf
+        .wait_for_log("limit tls-handshakes (2) reached", SHORT)
+        .unwrap_or_else(|| panic!("{err}: no refusal logged\n{}", nf.log_text()));
+    assert!(line.contains("action=deny"), "{line}");
+    // The guest gives one up: its slot serves the next connection.
+    g.tcp(stuck[0]).abort();
+    g.poll();
+    let mut s = https(&mut g, &nf, &ca_pem);
+    let answer = s
+        .request(
+            &mut g,
+            format!("GET / HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes(),
+            deadline(SHORT),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+}
+
+/// Domain fronting through interception: the policy judges the ClientHello's name, and the
+/// request inside may name another host in `Host`, which a server hosting both (a CDN) routes
+/// by. A denied name is reachable that way. netfence reads the requests only on connections
+/// that can carry secrets, and only HTTP/1.1 (HTTP/2's `:authority` would need HPACK), so
+/// judging `Host` by the policy is a design question, not a fix here.
+#[test]
+#[ignore = "design: the policy judges the SNI, not the Host of the requests inside (domain fronting)"]
+fn a_denied_name_is_not_reachable_through_the_host_header() {
+    let up_ca = TestCa::new("test upstream CA");
+    let server = HttpsServer::start_with(&up_ca, &[NAME], &[b"http/1.1"], Some(b"ok"));
+    let (nf, ca_pem, _dir) = spawn(
+        &up_ca,
+        "deny_domains = [\"evil.example\"]\n",
+        &map_all(server.port),
+    );
+    let mut g = guest_up(&nf);
+    let mut s = https(&mut g, &nf, &ca_pem);
+    let request = "GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+    let _ = s.request(&mut g, request.as_bytes(), deadline(SHORT));
+    assert!(
+        !contains(&server.all_bytes(), "Host: evil.example"),
+        "a request for the denied evil.example reached the server"
+    );
+}
+
+/// An allowed host that sends the request back (an echo endpoint, an error page quoting the
+/// header, a redirect keeping the query) hands the value to the guest: netfence rewrites
+/// requests, not answers. Taking the value back out of answers would need HTTP response
+/// framing (Content-Length, chunked, compressed bodies), and a server may transform it anyway.
+#[test]
+#[ignore = "design: an allowed host that echoes the request gives the guest the value"]
+fn an_echoing_allowed_host_does_not_hand_the_value_to_the_guest() {
+    let up_ca = TestCa::new("test upstream CA");
+    let server = HttpsServer::start(&up_ca, NAME, &[b"http/1.1"]);
+    let (nf, ca_pem, _dir) = spawn(&up_ca, &secret_toml(KEY, ""), &map_all(server.port));
+    let mut g = guest_up(&nf);
+    let ph = default_placeholder("API_KEY");
+    let mut s = https(&mut g, &nf, &ca_pem);
+    let request = format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nAuthorization: Bearer {ph}\r\n\r\n");
+    let response = s
+        .request(&mut g, request.as_bytes(), deadline(SHORT))
+        .unwrap_or_else(|e| panic!("{e}\n{}", nf.log_text()));
+    assert!(contains(&server.all_bytes(), KEY), "no substitution");
+    assert!(
+        !contains(&response, KEY),
+        "the guest read the value in the answer"
+    );
+}
