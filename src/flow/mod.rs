@@ -778,8 +778,9 @@ impl Flows {
         if allowed {
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
-            if flow.middle.is_none() && matches!(hello, HelloName::Missing("not TLS")) {
-                // Relayed as it is (allow_no_sni): it is cleartext, so it is scanned.
+            if flow.middle.is_none() {
+                // Relayed as it is (not intercepted: bypassed, interception off, or
+                // allow_no_sni): whatever of it is in clear is scanned, as on any other port.
                 let names = self.names_for(dst.ip(), now).asked;
                 let filter = self.clear_filter(dst, &names);
                 if let Some(flow) = self.table.tcp.get_mut(&key) {
