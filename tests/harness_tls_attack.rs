@@ -122,8 +122,9 @@ fn peak_rss_kb(nf: &Netfence) -> u64 {
 /// any `scheme://host` target, not only http and https. A request whose Host is the allowed
 /// name but whose target names another host must get no value: before the fix, `ws://` and
 /// `git+ssh://` targets were not recognised as absolute-form and the value went in. The other
-/// rows are attempts that must keep failing (a Host disagreement, userinfo, duplicates); the
-/// first row is the control, substituted.
+/// rows are attempts that must keep failing (a Host disagreement, userinfo, duplicates,
+/// obs-fold, framing that a server could read differently, an HTTP/2 preface); the control
+/// request first is substituted.
 #[test]
 fn a_request_target_naming_another_host_gets_no_value() {
     let up_ca = TestCa::new("test upstream CA");
@@ -152,6 +153,26 @@ fn a_request_target_naming_another_host_gets_no_value() {
         format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nhost: evil.example\r\n{auth}\r\n"),
         format!("GET / HTTP/1.1\r\nHost: {NAME}:8443\r\n{auth}\r\n"),
         format!("GET / HTTP/1.0\r\n{auth}\r\n"),
+        // obs-fold: a server that unfolds sees another Host.
+        format!("GET / HTTP/1.1\r\nHost: {NAME}\r\n evil.example\r\n{auth}\r\n"),
+        // Smuggling: the next request's placeholder judged under this one's host, if netfence
+        // and the server framed the body differently.
+        format!(
+            "POST / HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+             0\r\n\r\nGET / HTTP/1.1\r\nHost: evil.example\r\n{auth}\r\n"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: {NAME}\r\nTransfer-Encoding: chunked, identity\r\n\r\n\
+             0\r\n\r\nGET / HTTP/1.1\r\nHost: {NAME}\r\n{auth}\r\n"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: {NAME}\r\nTransfer-Encoding : chunked\r\n{auth}\r\n0\r\n\r\n"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 1\r\nContent-Length: 2\r\n{auth}\r\nxx"
+        ),
+        // HTTP/2 on a connection that negotiated http/1.1: scanned, never substituted.
+        format!("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET / HTTP/1.1\r\nHost: {NAME}\r\n{auth}\r\n"),
     ];
     for attempt in &attempts {
         let before = server.all_bytes().len();
