@@ -288,12 +288,12 @@ pub const LIMITS: &[LimitSpec] = &[
     bytes!(
         "http-header-bytes",
         http_header_bytes,
-        "HTTP request head on a flow that can carry secrets"
+        "HTTP request head on a flow that can carry secrets, before and after substitution"
     ),
     bytes!(
         "secret-body-bytes",
         secret_body_bytes,
-        "request body held to substitute secrets in it"
+        "request body held to substitute secrets in it; what values add to one body"
     ),
 ];
 

@@ -632,7 +632,18 @@ impl Flows {
                 };
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
                 let before = tls.bytes_to_host + tls.bytes_to_guest;
-                match tls.pump(sock, &mut flow.host, interception, leaves) {
+                // Toward the guest, the same share of the link's budget as a plain flow.
+                let granted = share.saturating_sub(sock.send_queue()).min(link_room);
+                let mut to_guest_room = granted;
+                let step = tls.pump(
+                    sock,
+                    &mut flow.host,
+                    interception,
+                    leaves,
+                    &mut to_guest_room,
+                );
+                link_room -= granted - to_guest_room;
+                match step {
                     InterceptStep::Alive => {}
                     InterceptStep::Finished => done.push((*key, "closed")),
                     InterceptStep::GuestReset => done.push((*key, "guest reset")),
@@ -784,8 +795,9 @@ impl Flows {
         if allowed {
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
-            if flow.middle.is_none() && matches!(hello, HelloName::Missing("not TLS")) {
-                // Relayed as it is (allow_no_sni): it is cleartext, so it is scanned.
+            if flow.middle.is_none() {
+                // Relayed as it is (not intercepted: bypassed, interception off, or
+                // allow_no_sni): whatever of it is in clear is scanned, as on any other port.
                 let names = self.names_for(dst.ip(), now).asked;
                 let filter = self.clear_filter(dst, &names);
                 if let Some(flow) = self.table.tcp.get_mut(&key) {

@@ -222,6 +222,58 @@ fn worst(violations: Vec<Violation>) -> Option<Violation> {
 struct Substituter {
     state: ScanState,
     pending: Vec<u8>,
+    /// What the values may still add to this body.
+    growth: Growth,
+}
+
+/// What the values may still add to one part of a request (its head, its body) before the part
+/// passes its bound. Charged as the values are found, so that a part full of placeholders never
+/// has all its values copied before it is refused.
+struct Growth {
+    left: usize,
+    over: bool,
+    /// The bound's limit name and value, for the refusal.
+    name: &'static str,
+    limit: usize,
+}
+
+impl Growth {
+    /// The room a part of `used` bytes has under `limit`.
+    fn new(name: &'static str, limit: usize, used: usize) -> Growth {
+        Growth {
+            left: limit.saturating_sub(used),
+            over: false,
+            name,
+            limit,
+        }
+    }
+
+    /// Whether a `value_len`-byte value may replace `placeholder_len` bytes; once one may not,
+    /// none may.
+    fn take(&mut self, value_len: usize, placeholder_len: usize) -> bool {
+        match self
+            .left
+            .checked_sub(value_len.saturating_sub(placeholder_len))
+        {
+            Some(left) if !self.over => {
+                self.left = left;
+                true
+            }
+            _ => {
+                self.over = true;
+                false
+            }
+        }
+    }
+
+    /// The refusal, if a value did not fit.
+    fn check(&self) -> Result<(), Refusal> {
+        if self.over {
+            Err(Refusal::ValuesTooLarge(self.name, self.limit))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Substituter {
@@ -231,7 +283,7 @@ impl Substituter {
         judge: &Judge,
         data: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<(), Violation> {
+    ) -> Result<(), StreamError> {
         let keep = set.longest_placeholder().saturating_sub(1);
         // Positions count through `pending` then `data`; everything before `sent` is out.
         let held = self.pending.len();
@@ -251,10 +303,14 @@ impl Substituter {
             let end = held + i + 1;
             let start = end - set.secret(secret).placeholder.len();
             match judge.verdict(set, secret, Some(SubstitutePart::Body)) {
-                Verdict::Violation(v) => return Err(v),
+                Verdict::Violation(v) => return Err(v.into()),
                 Verdict::Substitute => {
+                    let value = &set.secret(secret).value;
+                    if !self.growth.take(value.len(), end - start) {
+                        self.growth.check()?;
+                    }
                     emit(sent, start, &self.pending, out);
-                    out.extend_from_slice(&set.secret(secret).value);
+                    out.extend_from_slice(value);
                 }
                 Verdict::Leave => emit(sent, end, &self.pending, out),
             }
@@ -284,6 +340,13 @@ fn put_chunk(data: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// How long `len` bytes become with `edits` (disjoint ranges within them) applied.
+fn edited_len(len: usize, edits: &[Edit]) -> usize {
+    edits.iter().fold(len, |n, e| {
+        n.saturating_sub(e.range.len()).saturating_add(e.with.len())
+    })
 }
 
 /// Applies non-overlapping edits (sorted here) to `buf`.
@@ -339,6 +402,20 @@ fn parse_authority(raw: &[u8]) -> Option<(String, Option<u16>)> {
     };
     let name = crate::policy::parse_domain(host).ok()?;
     Some((name, port))
+}
+
+/// Whether a request target leaves the request to the host in `Host`, `name` on `port`: an
+/// origin-form target (`/path`), `*`, or CONNECT's authority; or an absolute-form `http` or
+/// `https` target naming that host and port. Any other target (another scheme, a bare
+/// authority) names something else: servers route by an absolute-form target over `Host`
+/// (RFC 9112 3.2.2), and some (nginx) take the host of any `scheme://host` target.
+fn target_agrees(method: &str, target: &str, name: &str, port: u16) -> bool {
+    if target.starts_with('/') || target == "*" || method.eq_ignore_ascii_case("CONNECT") {
+        return true;
+    }
+    absolute_authority(target)
+        .and_then(|a| parse_authority(a.as_bytes()))
+        .is_some_and(|(n, p)| n == name && p.is_none_or(|p| p == port))
 }
 
 /// The authority of an absolute-form target (`http://host:port/path`), if it is one.
@@ -561,7 +638,7 @@ impl HttpRequestRewriter {
     }
 
     /// Judges the request's host against the connection.
-    fn judge(&self, fields: &[httparse::Header<'_>], target: &str) -> Judge {
+    fn judge(&self, fields: &[httparse::Header<'_>], method: &str, target: &str) -> Judge {
         let hosts: Vec<&[u8]> = fields
             .iter()
             .filter(|f| f.name.eq_ignore_ascii_case("host"))
@@ -585,10 +662,7 @@ impl HttpRequestRewriter {
         let mismatch = |m| Err(ViolationReason::HostMismatch(m));
         judge.host = if port.is_some_and(|p| p != self.ctx.port) {
             mismatch(Mismatch::Port)
-        } else if absolute_authority(target).is_some_and(|a| {
-            parse_authority(a.as_bytes())
-                .is_none_or(|(n, p)| n != name || p.is_some_and(|p| p != self.ctx.port))
-        }) {
+        } else if !target_agrees(method, target, &name, self.ctx.port) {
             mismatch(Mismatch::Target)
         } else if self.ctx.sni.as_ref().is_some_and(|s| *s != name) {
             mismatch(Mismatch::Sni)
@@ -618,7 +692,7 @@ impl HttpRequestRewriter {
         let method = req.method.unwrap_or("");
         let target = req.path.unwrap_or("");
         let fields: &[httparse::Header<'_>] = req.headers;
-        let judge = self.judge(fields, target);
+        let judge = self.judge(fields, method, target);
 
         // Where each placeholder is: a field value (and which), the query, or elsewhere.
         let target_span = span(head, target.as_bytes()).unwrap_or(0..0);
@@ -631,6 +705,7 @@ impl HttpRequestRewriter {
         let mut edits = Vec::new();
         let mut violations = Vec::new();
         let mut literal_in_field = vec![false; fields.len()];
+        let mut growth = Growth::new("http-header-bytes", self.limits.header_bytes, head.len());
         for found in set.find_all(head) {
             let at = found.start..found.end;
             let field = values.iter().position(|v| {
@@ -654,11 +729,16 @@ impl HttpRequestRewriter {
                 Verdict::Substitute => {
                     let secret = set.secret(found.secret);
                     let with = if part == Some(SubstitutePart::Query) {
-                        secret.value_query.to_vec()
+                        &secret.value_query
                     } else {
-                        secret.value.to_vec()
+                        &secret.value
                     };
-                    edits.push(Edit { range: at, with });
+                    if growth.take(with.len(), at.len()) {
+                        edits.push(Edit {
+                            range: at,
+                            with: with.to_vec(),
+                        });
+                    }
                 }
             }
         }
@@ -669,14 +749,24 @@ impl HttpRequestRewriter {
             let (true, false, Some(value_at)) = (is_auth, literal_in_field[f], &values[f]) else {
                 continue;
             };
-            if let Some(edit) =
-                self.basic_credentials(&judge, field.value, value_at.start, &mut violations)
-            {
+            if let Some(edit) = self.basic_credentials(
+                &judge,
+                field.value,
+                value_at.start,
+                &mut violations,
+                &mut growth,
+            ) {
                 edits.push(edit);
             }
         }
         if let Some(v) = worst(violations) {
             return Err(v.into());
+        }
+        growth.check()?;
+        // Basic credentials grow by a third more, encoded: the whole head is checked too.
+        let limit = self.limits.header_bytes;
+        if edited_len(head.len(), &edits) > limit {
+            return Err(Refusal::ValuesTooLarge("http-header-bytes", limit).into());
         }
 
         // Framing, as the server will see it.
@@ -757,6 +847,7 @@ impl HttpRequestRewriter {
                 rewrite: substitutes.then(|| Substituter {
                     state: set.start(),
                     pending: Vec::new(),
+                    growth: Growth::new("secret-body-bytes", self.limits.body_bytes, 0),
                 }),
             })
         } else if length == 0 {
@@ -814,6 +905,7 @@ impl HttpRequestRewriter {
         value: &[u8],
         value_at: usize,
         violations: &mut Vec<Violation>,
+        growth: &mut Growth,
     ) -> Option<Edit> {
         let set = &*self.secrets;
         let scheme_end = value.iter().position(|&b| b == b' ')?;
@@ -828,10 +920,15 @@ impl HttpRequestRewriter {
             match judge.verdict(set, found.secret, Some(SubstitutePart::Headers)) {
                 Verdict::Violation(v) => violations.push(v),
                 Verdict::Leave => {}
-                Verdict::Substitute => edits.push(Edit {
-                    range: found.start..found.end,
-                    with: set.secret(found.secret).value.to_vec(),
-                }),
+                Verdict::Substitute => {
+                    let value = &set.secret(found.secret).value;
+                    if growth.take(value.len(), found.end - found.start) {
+                        edits.push(Edit {
+                            range: found.start..found.end,
+                            with: value.to_vec(),
+                        });
+                    }
+                }
             }
         }
         if edits.is_empty() {
@@ -917,19 +1014,26 @@ fn body_step(
             }
             let mut edits = Vec::new();
             let mut violations = Vec::new();
+            let mut growth = Growth::new("secret-body-bytes", limits.body_bytes, 0);
             for found in set.find_all(&held.body) {
                 match judge.verdict(set, found.secret, Some(SubstitutePart::Body)) {
                     Verdict::Violation(v) => violations.push(v),
                     Verdict::Leave => {}
-                    Verdict::Substitute => edits.push(Edit {
-                        range: found.start..found.end,
-                        with: set.secret(found.secret).value.to_vec(),
-                    }),
+                    Verdict::Substitute => {
+                        let value = &set.secret(found.secret).value;
+                        if growth.take(value.len(), found.end - found.start) {
+                            edits.push(Edit {
+                                range: found.start..found.end,
+                                with: value.to_vec(),
+                            });
+                        }
+                    }
                 }
             }
             if let Some(v) = worst(violations) {
                 return Err(v.into());
             }
+            growth.check()?;
             let new_body = apply_edits(&held.body, &mut edits);
             let length = new_body.len().to_string();
             for range in held.length_fields.drain(..) {

@@ -21,9 +21,10 @@
 //!
 //! Host agreement (what "a request to an allowed host" means). The request's host is the name
 //! in its single `Host` header (lower-cased, trailing dot and `:port` removed). It *agrees*
-//! with the connection when: the `Host` port, if written, is the connection's port; an
-//! absolute-form target names the same host and port; the SNI, when there is one, is that
-//! name; and the names the guest resolved for the destination address, when there are any,
+//! with the connection when: the `Host` port, if written, is the connection's port; the
+//! request target is origin-form (`/path`), `*`, CONNECT's authority, or an absolute-form
+//! `http`/`https` URL naming the same host and port (servers route by an absolute-form target
+//! of any scheme before `Host`); the SNI, when there is one, is that name; and the names the guest resolved for the destination address, when there are any,
 //! include it. It is *bound* to the destination when, besides, netfence's upstream TLS
 //! connection verified a certificate for it (`sni` and `sni_verified`) or the guest resolved it
 //! to the destination address. Only a bound host can receive a value: a placeholder in a
@@ -36,7 +37,9 @@
 //! Bounds: a request head is at most `http-header-bytes` (limits.rs), a Content-Length body
 //! held for substitution at most `secret-body-bytes`, a chunk-size line [`MAX_CHUNK_LINE`]
 //! bytes, and a head at most [`MAX_HEADERS`] fields; everything else streams through with
-//! less than one placeholder's length held. On any error the caller resets the connection and
+//! less than one placeholder's length held. The same bounds hold after substitution (a value
+//! may be a thousand times its placeholder's length): a rewritten head is at most
+//! `http-header-bytes`, and the values add at most `secret-body-bytes` to a body. On any error the caller resets the connection and
 //! sends nothing of that call's output.
 
 mod env;
@@ -97,7 +100,8 @@ pub enum Mismatch {
     ResolvedNames,
     /// The `Host` header names another port than the connection's.
     Port,
-    /// An absolute-form request target names another host or port.
+    /// The request target names another host or port, or is of a form that names a host
+    /// other than by `http(s)://` (another scheme, a bare authority).
     Target,
 }
 
@@ -172,6 +176,10 @@ pub enum Refusal {
     Framing(&'static str),
     /// A malformed chunked body (bad size line, missing CRLF, trailers too long).
     BadChunk(&'static str),
+    /// The values put into a request would take its head over `http-header-bytes`, or add more
+    /// than `secret-body-bytes` to its body (the limit's name and value): a value much longer
+    /// than its placeholder must not let the guest grow a request past netfence's bounds.
+    ValuesTooLarge(&'static str, usize),
 }
 
 impl fmt::Display for Refusal {
@@ -191,6 +199,10 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Framing(what) => write!(f, "ambiguous request framing: {what}"),
             Refusal::BadChunk(what) => write!(f, "malformed chunked body: {what}"),
+            Refusal::ValuesTooLarge(name, limit) => write!(
+                f,
+                "request too large once the secrets' values are put in (over {name} = {limit})"
+            ),
         }
     }
 }

@@ -543,6 +543,27 @@ fn host_agreement_failures_are_violations_with_their_reason() {
             req("api.example.com", "http://evil.example.net/x"),
             ViolationReason::HostMismatch(Mismatch::Target),
         ),
+        // Targets servers route by that are not http(s) absolute-form naming the Host.
+        (
+            tls("api.example.com"),
+            req("api.example.com", "ws://evil.example.net/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "git+ssh://evil.example.net/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "evil.example.net:443"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
+        (
+            tls("api.example.com"),
+            req("api.example.com", "https://api.example.com:8443/"),
+            ViolationReason::HostMismatch(Mismatch::Target),
+        ),
         (
             resolved(&["api.example.com"]),
             req("203.0.113.7", "/"),
@@ -585,6 +606,8 @@ fn hosts_that_agree_are_substituted() {
         (resolved(&["API.example.com."]), format!("GET / HTTP/1.1\r\nHost: Api.Example.Com.:80\r\nX: {key}\r\n\r\n")),
         // An absolute-form target naming the same host.
         (resolved(&["api.example.com"]), format!("GET http://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
+        (tls("api.example.com"), format!("GET HTTPS://api.example.com:443?q HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
+        (tls("api.example.com"), format!("OPTIONS * HTTP/1.1\r\nHost: api.example.com\r\nX: {key}\r\n\r\n")),
         // SNI and resolved names together.
         (
             HostContext {
@@ -759,6 +782,73 @@ fn oversized_heads_and_bodies_are_refused() {
     }
     many.push_str("\r\n");
     assert_eq!(refusal(run(ctx, many.as_bytes())), Refusal::TooManyHeaders);
+}
+
+#[test]
+fn values_cannot_grow_a_request_past_the_bounds() {
+    // A value a thousand times its placeholder's length.
+    let value = "v".repeat(16 * 1024);
+    let set = secrets_from(&format!(
+        "[[secrets]]\nenv_var = \"BIG\"\nvalue = \"{value}\"\nplaceholder = \"BIG-PLACEHOLDER1\"\n\
+         allowed_hosts = [\"api.example.com\"]\nsubstitute_in = [\"headers\", \"body\"]\n"
+    ));
+    let limits = HttpLimits {
+        header_bytes: 64 * 1024,
+        body_bytes: 64 * 1024,
+    };
+    let ph = "BIG-PLACEHOLDER1";
+    let rw = || HttpRequestRewriter::new(set.clone(), tls("api.example.com"), limits);
+    let too_large = |name| Refusal::ValuesTooLarge(name, 64 * 1024);
+
+    // Head: three values fit in 64 KiB, four do not.
+    for (n, fits) in [(3, true), (4, false)] {
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: api.example.com\r\nX: {}\r\n\r\n",
+            ph.repeat(n)
+        );
+        let r = run_pieces(rw(), &[head.as_bytes()]);
+        if fits {
+            assert!(text(&r.unwrap()).contains(&value.repeat(n)));
+        } else {
+            assert_eq!(refusal(r), too_large("http-header-bytes"));
+        }
+    }
+    // A held Content-Length body: what the values add is bounded, not only the body held.
+    for (n, fits) in [(3, true), (5, false)] {
+        let body = ph.repeat(n);
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = run_pieces(rw(), &[request.as_bytes()]);
+        if fits {
+            assert!(text(&r.unwrap()).ends_with(&value.repeat(n)));
+        } else {
+            assert_eq!(refusal(r), too_large("secret-body-bytes"));
+        }
+    }
+    // A chunked body rewritten as it streams: the same bound over the whole body.
+    let mut rw = rw();
+    let mut out = Vec::new();
+    rw.push(
+        b"POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n",
+        &mut out,
+    )
+    .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", ph.len(), ph);
+    let mut refused = None;
+    for i in 0..8 {
+        if let Err(e) = rw.push(chunk.as_bytes(), &mut out) {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        Some((4, StreamError::Refused(too_large("secret-body-bytes")))),
+        "the fifth value is one too many"
+    );
+    assert!(out.len() < 5 * value.len(), "{} bytes out", out.len());
 }
 
 #[test]

@@ -16,7 +16,10 @@
 //!
 //! Every buffer is bounded: ciphertext is read from one side only while rustls wants it, and
 //! plaintext is moved only while the other side's rustls send buffer has room, so a slow side
-//! closes the other side's window as in a plain flow. Closing is propagated with close_notify
+//! closes the other side's window as in a plain flow; the data put into the guest end counts
+//! against the flow's share of `tcp-link-buffer-bytes` as a plain flow's does. A pump moves
+//! rounds until nothing moves (each round is held to the rustls buffers, and no event may come
+//! to pump again once the guest has sent everything). Closing is propagated with close_notify
 //! and FIN; any TLS error resets both ends.
 
 use std::io::{self, ErrorKind, Read, Write};
@@ -164,14 +167,18 @@ impl Interceptor {
     }
 
     /// Moves what can move. `tls` and `leaves` make the configurations and the certificate.
+    /// At most `to_guest_room` bytes of data are put into the guest end (the flow's share of
+    /// the link's budget toward the guest; the handshake's own messages do not count), and
+    /// what is put in is taken off it.
     pub fn pump(
         &mut self,
         sock: &mut tcp::Socket<'static>,
         host: &mut HostEnd,
         tls: &Arc<Interception>,
         leaves: &mut LeafCache,
+        to_guest_room: &mut usize,
     ) -> InterceptStep {
-        match self.step(sock, host, tls, leaves) {
+        match self.step(sock, host, tls, leaves, to_guest_room) {
             Ok(step) => step,
             Err(e) => {
                 if self.alert_owed && sock.can_send() {
@@ -189,6 +196,7 @@ impl Interceptor {
         host: &mut HostEnd,
         tls: &Arc<Interception>,
         leaves: &mut LeafCache,
+        to_guest_room: &mut usize,
     ) -> Result<InterceptStep, InterceptError> {
         if sock.state() == tcp::State::Closed && !matches!(self.phase, Phase::Relay(_)) {
             // The guest reset its connection during the handshakes.
@@ -260,7 +268,9 @@ impl Interceptor {
                 ));
             }
         }
-        // 3. Relay.
+        // 3. Relay, round after round while anything moves: a round takes at most what the
+        // rustls buffers hold, and nothing may come to pump again once the guest has sent
+        // everything (its last bytes would wait for a timer).
         let Phase::Relay(guest) = &mut self.phase else {
             return Ok(InterceptStep::Alive);
         };
@@ -268,76 +278,104 @@ impl Interceptor {
             return Err(InterceptError::Upstream("no upstream connection".into()));
         };
         upstream.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-        guest_in(guest, sock)?;
-        upstream_io(upstream, host)?;
-        // Guest plaintext -> upstream.
         let mut chunk = [0u8; PLAINTEXT_CHUNK];
         loop {
-            if !flush_plaintext(&mut self.pending_to_host, &mut upstream.writer())? {
+            let before = (
+                self.bytes_to_host,
+                self.bytes_to_guest,
+                self.pending_to_host.len(),
+                self.pending_to_guest.len(),
+                sock.recv_queue(),
+                sock.send_queue(),
+            );
+            guest_in(guest, sock)?;
+            upstream_io(upstream, host)?;
+            // Guest plaintext -> upstream.
+            loop {
+                if !flush_plaintext(&mut self.pending_to_host, &mut upstream.writer())? {
+                    break;
+                }
+                let n = match guest.reader().read(&mut chunk) {
+                    Ok(0) => {
+                        end_guest(
+                            &mut self.guest_closed,
+                            &mut self.filter,
+                            &mut self.pending_to_host,
+                        )?;
+                        break;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                        // The guest closed TCP without close_notify: end the upstream as well.
+                        end_guest(
+                            &mut self.guest_closed,
+                            &mut self.filter,
+                            &mut self.pending_to_host,
+                        )?;
+                        break;
+                    }
+                    Err(e) => return Err(InterceptError::Guest(e.to_string())),
+                };
+                self.bytes_to_host += n as u64;
+                match &mut self.filter {
+                    Some(f) => f
+                        .push(&chunk[..n], &mut self.pending_to_host)
+                        .map_err(InterceptError::Secret)?,
+                    None => self.pending_to_host.extend_from_slice(&chunk[..n]),
+                }
+            }
+            // Upstream plaintext -> guest.
+            loop {
+                if !flush_plaintext(&mut self.pending_to_guest, &mut guest.writer())? {
+                    break;
+                }
+                let n = match upstream.reader().read(&mut chunk) {
+                    Ok(0) => {
+                        self.host_closed = true;
+                        break;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                        self.host_closed = true;
+                        break;
+                    }
+                    Err(e) => return Err(InterceptError::Upstream(e.to_string())),
+                };
+                self.bytes_to_guest += n as u64;
+                self.pending_to_guest.extend_from_slice(&chunk[..n]);
+            }
+            // A side's close goes on once everything before it went on.
+            if self.guest_closed && !self.closed_upstream && self.pending_to_host.is_empty() {
+                upstream.send_close_notify();
+                self.closed_upstream = true;
+            }
+            if self.host_closed && !self.closed_to_guest && self.pending_to_guest.is_empty() {
+                guest.send_close_notify();
+                self.closed_to_guest = true;
+            }
+            upstream_io(upstream, host)?;
+            // The handshake's flight goes out whatever the link holds; data, within the room.
+            let mut no_limit = usize::MAX;
+            let room = if guest.is_handshaking() {
+                &mut no_limit
+            } else {
+                &mut *to_guest_room
+            };
+            guest_out(guest, sock, room)?;
+            let after = (
+                self.bytes_to_host,
+                self.bytes_to_guest,
+                self.pending_to_host.len(),
+                self.pending_to_guest.len(),
+                sock.recv_queue(),
+                sock.send_queue(),
+            );
+            if after == before {
                 break;
             }
-            let n = match guest.reader().read(&mut chunk) {
-                Ok(0) => {
-                    end_guest(
-                        &mut self.guest_closed,
-                        &mut self.filter,
-                        &mut self.pending_to_host,
-                    )?;
-                    break;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    // The guest closed TCP without close_notify: end the upstream as well.
-                    end_guest(
-                        &mut self.guest_closed,
-                        &mut self.filter,
-                        &mut self.pending_to_host,
-                    )?;
-                    break;
-                }
-                Err(e) => return Err(InterceptError::Guest(e.to_string())),
-            };
-            self.bytes_to_host += n as u64;
-            match &mut self.filter {
-                Some(f) => f
-                    .push(&chunk[..n], &mut self.pending_to_host)
-                    .map_err(InterceptError::Secret)?,
-                None => self.pending_to_host.extend_from_slice(&chunk[..n]),
-            }
         }
-        // Upstream plaintext -> guest.
-        loop {
-            if !flush_plaintext(&mut self.pending_to_guest, &mut guest.writer())? {
-                break;
-            }
-            let n = match upstream.reader().read(&mut chunk) {
-                Ok(0) => {
-                    self.host_closed = true;
-                    break;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    self.host_closed = true;
-                    break;
-                }
-                Err(e) => return Err(InterceptError::Upstream(e.to_string())),
-            };
-            self.bytes_to_guest += n as u64;
-            self.pending_to_guest.extend_from_slice(&chunk[..n]);
-        }
-        // A side's close goes on once everything before it went on.
-        if self.guest_closed && !self.closed_upstream && self.pending_to_host.is_empty() {
-            upstream.send_close_notify();
-            self.closed_upstream = true;
-        }
-        if self.host_closed && !self.closed_to_guest && self.pending_to_guest.is_empty() {
-            guest.send_close_notify();
-            self.closed_to_guest = true;
-        }
-        upstream_io(upstream, host)?;
-        guest_out(guest, sock)?;
         if self.closed_to_guest && !guest.wants_write() {
             sock.close();
         }
@@ -418,11 +456,18 @@ fn guest_in(conn: &mut Connection, sock: &mut tcp::Socket<'static>) -> Result<()
     Ok(())
 }
 
-/// Ciphertext from the guest-side connection into the guest end, while it has room.
-fn guest_out(conn: &mut Connection, sock: &mut tcp::Socket<'static>) -> Result<(), InterceptError> {
-    while conn.wants_write() && sock.can_send() {
+/// Ciphertext from the guest-side connection into the guest end, while it has room and at most
+/// `room` bytes (taken off it).
+fn guest_out(
+    conn: &mut Connection,
+    sock: &mut tcp::Socket<'static>,
+    room: &mut usize,
+) -> Result<(), InterceptError> {
+    while *room > 0 && conn.wants_write() && sock.can_send() {
+        let limit = *room;
         let written = sock.send(|buf| {
-            let mut w: &mut [u8] = buf;
+            let n = buf.len().min(limit);
+            let mut w: &mut [u8] = &mut buf[..n];
             match conn.write_tls(&mut w) {
                 Ok(n) => (n, Ok(n)),
                 Err(e) => (0, Err(e)),
@@ -430,7 +475,7 @@ fn guest_out(conn: &mut Connection, sock: &mut tcp::Socket<'static>) -> Result<(
         });
         match written {
             Ok(Ok(0)) | Err(_) => break,
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => *room -= n,
             Ok(Err(e)) => return Err(InterceptError::Io(e.to_string())),
         }
     }
