@@ -86,8 +86,13 @@ fn connect_and_read(addr: SocketAddr, send: &'static [u8]) -> Seen {
         Err(e) => return Seen::Other(format!("connect: {e}")),
     };
     s.set_read_timeout(Some(LONG)).unwrap();
-    if !send.is_empty() {
-        let _ = s.write_all(send);
+    // A reset that arrives before the write is reported by the write (ECONNRESET, then EPIPE);
+    // the read after it would see a plain EOF.
+    if let Err(e) = s.write_all(send) {
+        return match e.kind() {
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => Seen::Reset,
+            _ => Seen::Other(format!("write: {e}")),
+        };
     }
     let mut got = Vec::new();
     match s.read_to_end(&mut got) {
