@@ -510,7 +510,7 @@ impl HttpRequestRewriter {
         }
         let Some(end) = head_end(avail, self.head_searched) else {
             if avail.len() > self.limits.header_bytes {
-                return Err(Refusal::HeadTooLarge(self.limits.header_bytes).into());
+                return self.head_too_large(inbox, pos, out);
             }
             self.head_searched = avail.len();
             if avail.len() >= self.head_check_at {
@@ -531,7 +531,7 @@ impl HttpRequestRewriter {
             return Ok(false);
         };
         if end > self.limits.header_bytes {
-            return Err(Refusal::HeadTooLarge(self.limits.header_bytes).into());
+            return self.head_too_large(inbox, pos, out);
         }
         self.head_searched = 0;
         self.head_check_at = 1;
@@ -548,6 +548,31 @@ impl HttpRequestRewriter {
                 self.state = next;
                 Ok(true)
             }
+        }
+    }
+
+    /// The head at `inbox[*pos..]` runs past `http-header-bytes`. It is refused if it may be
+    /// HTTP, and the stream is scanned raw if it is not. Judged on its first
+    /// `http-header-bytes + 1` bytes, like the checks of a partial head (which see at most
+    /// that many), so the verdict does not depend on how the stream was cut: a non-HTTP
+    /// stream sent in one piece longer than the limit is scanned like one that trickles in.
+    fn head_too_large(
+        &mut self,
+        inbox: &[u8],
+        pos: &mut usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StreamError> {
+        let limit = self.limits.header_bytes;
+        let avail = &inbox[*pos..];
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Request::new(&mut fields).parse(&avail[..avail.len().min(limit + 1)]) {
+            Err(httparse::Error::TooManyHeaders) => Err(Refusal::TooManyHeaders.into()),
+            Err(_) => {
+                self.enter_raw(avail, out)?;
+                *pos = inbox.len();
+                Ok(false)
+            }
+            Ok(_) => Err(Refusal::HeadTooLarge(limit).into()),
         }
     }
 

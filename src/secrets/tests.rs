@@ -854,6 +854,58 @@ fn finish_sends_what_is_held_without_substituting() {
     assert_eq!(out, b"GET / HT");
 }
 
+/// Found by the `secrets_http` fuzz target: a stream that is not HTTP and runs past
+/// `http-header-bytes` without a blank line (or with one past the limit) was refused when it
+/// came in one piece, but scanned raw when it came in pieces (the check of a partial head saw
+/// first that it is not HTTP). The verdict is now taken on the first `limit + 1` bytes either
+/// way; a head that is HTTP so far is still refused.
+#[test]
+fn a_long_stream_that_is_not_http_is_scanned_raw_however_it_is_cut() {
+    let limits = HttpLimits {
+        header_bytes: 128,
+        body_bytes: 100,
+    };
+    let ctx = resolved(&["api.example.com"]);
+    let run_cut = |stream: &[u8], size: usize| {
+        let pieces: Vec<&[u8]> = stream.chunks(size).collect();
+        run_pieces(
+            HttpRequestRewriter::new(secrets(), ctx.clone(), limits),
+            &pieces,
+        )
+    };
+    // A field name with a control byte, then a placeholder KEY allows for the resolved name.
+    let bad_field = format!(
+        "GET /ws HTTP/1.1\r\nHost: api.example.com\r\nConn\x01ection: Upgrade\r\nX-Key: {}\r\n\r\nframes",
+        ph("KEY")
+    );
+    let tls_like = [&[0x16, 3, 1, 2, 0][..], &[0x41; 300]].concat();
+    for stream in [bad_field.as_bytes(), &tls_like] {
+        assert!(stream.len() > limits.header_bytes);
+        for size in [stream.len(), 64, 5, 1] {
+            let out = run_cut(stream, size).unwrap_or_else(|e| panic!("in pieces of {size}: {e}"));
+            assert_eq!(out, stream, "in pieces of {size}: passed as it is");
+        }
+    }
+    // Not HTTP only past the limit: refused, however cut.
+    let late = format!(
+        "GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Fill: {}\x01\r\n\r\n",
+        "a".repeat(100)
+    );
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Fill: {}\r\n\r\n",
+        "a".repeat(200)
+    );
+    for stream in [late.as_bytes(), head.as_bytes()] {
+        for size in [stream.len(), 64, 5, 1] {
+            assert_eq!(
+                refusal(run_cut(stream, size)),
+                Refusal::HeadTooLarge(128),
+                "in pieces of {size}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The value never shows
 // ---------------------------------------------------------------------------------------------
