@@ -249,10 +249,15 @@ impl Substituter {
                 continue;
             };
             let end = held + i + 1;
-            let start = end - set.secret(secret).placeholder.len();
+            // A placeholder that began inside the last one found (whose bytes may be long
+            // sent) is cut by it: it is judged, but nothing of it is replaced.
+            let start = end
+                .checked_sub(set.secret(secret).placeholder.len())
+                .filter(|start| *start >= sent);
             match judge.verdict(set, secret, Some(SubstitutePart::Body)) {
                 Verdict::Violation(v) => return Err(v),
                 Verdict::Substitute => {
+                    let Some(start) = start else { continue };
                     emit(sent, start, &self.pending, out);
                     out.extend_from_slice(&set.secret(secret).value);
                 }
@@ -293,7 +298,8 @@ fn apply_edits(buf: &[u8], edits: &mut [Edit]) -> Vec<u8> {
     let mut at = 0;
     for e in edits.iter() {
         if e.range.start < at || e.range.end > buf.len() {
-            continue; // cannot happen: edits come from disjoint fields
+            // Placeholders that overlap: the first one's edit wins, the other is cut by it.
+            continue;
         }
         out.extend_from_slice(&buf[at..e.range.start]);
         out.extend_from_slice(&e.with);
