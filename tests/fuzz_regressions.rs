@@ -84,6 +84,8 @@ regression_tests!(
     dns_answer,
     dns_tcp_framer,
     sni,
+    secrets_http,
+    secrets_raw,
     vhost_user,
     config,
     cli,

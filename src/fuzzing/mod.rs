@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod link;
+pub mod secrets;
 pub mod tls;
 
 /// One fuzz target: its name (the file in `fuzz/fuzz_targets/` and the corpus directory), its
@@ -79,6 +80,18 @@ pub const TARGETS: &[Target] = &[
         run: tls::sni,
         seeds: tls::sni_seeds,
         max_len: 4096,
+    },
+    Target {
+        name: "secrets_http",
+        run: secrets::http,
+        seeds: secrets::http_seeds,
+        max_len: 4096,
+    },
+    Target {
+        name: "secrets_raw",
+        run: secrets::raw,
+        seeds: secrets::raw_seeds,
+        max_len: 1024,
     },
     Target {
         name: "vhost_user",

@@ -301,10 +301,15 @@ impl Substituter {
                 continue;
             };
             let end = held + i + 1;
-            let start = end - set.secret(secret).placeholder.len();
+            // A placeholder that began inside the last one found (whose bytes may be long
+            // sent) is cut by it: it is judged, but nothing of it is replaced.
+            let start = end
+                .checked_sub(set.secret(secret).placeholder.len())
+                .filter(|start| *start >= sent);
             match judge.verdict(set, secret, Some(SubstitutePart::Body)) {
                 Verdict::Violation(v) => return Err(v.into()),
                 Verdict::Substitute => {
+                    let Some(start) = start else { continue };
                     let value = &set.secret(secret).value;
                     if !self.growth.take(value.len(), end - start) {
                         self.growth.check()?;
@@ -356,7 +361,8 @@ fn apply_edits(buf: &[u8], edits: &mut [Edit]) -> Vec<u8> {
     let mut at = 0;
     for e in edits.iter() {
         if e.range.start < at || e.range.end > buf.len() {
-            continue; // cannot happen: edits come from disjoint fields
+            // Placeholders that overlap: the first one's edit wins, the other is cut by it.
+            continue;
         }
         out.extend_from_slice(&buf[at..e.range.start]);
         out.extend_from_slice(&e.with);
@@ -587,7 +593,7 @@ impl HttpRequestRewriter {
         }
         let Some(end) = head_end(avail, self.head_searched) else {
             if avail.len() > self.limits.header_bytes {
-                return Err(Refusal::HeadTooLarge(self.limits.header_bytes).into());
+                return self.head_too_large(inbox, pos, out);
             }
             self.head_searched = avail.len();
             if avail.len() >= self.head_check_at {
@@ -608,7 +614,7 @@ impl HttpRequestRewriter {
             return Ok(false);
         };
         if end > self.limits.header_bytes {
-            return Err(Refusal::HeadTooLarge(self.limits.header_bytes).into());
+            return self.head_too_large(inbox, pos, out);
         }
         self.head_searched = 0;
         self.head_check_at = 1;
@@ -625,6 +631,31 @@ impl HttpRequestRewriter {
                 self.state = next;
                 Ok(true)
             }
+        }
+    }
+
+    /// The head at `inbox[*pos..]` runs past `http-header-bytes`. It is refused if it may be
+    /// HTTP, and the stream is scanned raw if it is not. Judged on its first
+    /// `http-header-bytes + 1` bytes, like the checks of a partial head (which see at most
+    /// that many), so the verdict does not depend on how the stream was cut: a non-HTTP
+    /// stream sent in one piece longer than the limit is scanned like one that trickles in.
+    fn head_too_large(
+        &mut self,
+        inbox: &[u8],
+        pos: &mut usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StreamError> {
+        let limit = self.limits.header_bytes;
+        let avail = &inbox[*pos..];
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Request::new(&mut fields).parse(&avail[..avail.len().min(limit + 1)]) {
+            Err(httparse::Error::TooManyHeaders) => Err(Refusal::TooManyHeaders.into()),
+            Err(_) => {
+                self.enter_raw(avail, out)?;
+                *pos = inbox.len();
+                Ok(false)
+            }
+            Ok(_) => Err(Refusal::HeadTooLarge(limit).into()),
         }
     }
 

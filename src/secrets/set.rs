@@ -4,9 +4,10 @@
 //!
 //! The automaton is an Aho-Corasick NFA with standard match semantics, stepped one byte at a
 //! time with its state kept between pieces, so a placeholder split anywhere is found in O(1)
-//! per byte with no copy. A match is reported at its last byte and the state is then reset, so
-//! matches never overlap. Since the config forbids a placeholder inside another, the first
-//! match to end is also the leftmost one: the result is the same however the stream is cut.
+//! per byte with no copy. A match is reported at its last byte and the state goes on from
+//! there, so placeholders that overlap (one ending as another begins, which the config allows)
+//! are each found; since the config forbids a placeholder inside another, at most one ends at
+//! any byte. The matches depend on the bytes only, never on where the stream is cut.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -226,23 +227,19 @@ impl SecretSet {
         )
     }
 
-    /// Feeds one byte; returns the secret whose placeholder ends with it, if any (the state is
-    /// then back at the start).
+    /// Feeds one byte; returns the secret whose placeholder ends with it, if any. The state
+    /// is kept, so a placeholder that began inside this one is found too.
     #[inline]
     pub(crate) fn step(&self, state: &mut ScanState, byte: u8) -> Option<usize> {
         let (Some(a), Some(sid)) = (self.automaton.as_ref(), state.0) else {
             return None;
         };
         let next = a.next_state(Anchored::No, sid, byte);
-        if a.is_special(next) && a.is_match(next) {
-            *state = self.start();
-            return Some(a.match_pattern(next, 0).as_usize());
-        }
         state.0 = Some(next);
-        None
+        (a.is_special(next) && a.is_match(next)).then(|| a.match_pattern(next, 0).as_usize())
     }
 
-    /// Every placeholder in a whole buffer, in order, not overlapping.
+    /// Every placeholder in a whole buffer, in the order they end (two may overlap).
     pub(crate) fn find_all(&self, hay: &[u8]) -> Vec<Found> {
         let mut state = self.start();
         let mut found = Vec::new();

@@ -730,6 +730,97 @@ fn the_scanner_finds_split_placeholders_and_allows_resolved_names() {
     assert_eq!(s.buffered(), 0);
 }
 
+/// Two placeholders that overlap: FIRST's ends with `xy`, SECOND's begins with it (the config
+/// forbids one inside another, not this). FIRST is for api.example.com; SECOND for
+/// other.example.com, or (`second_too`) for api.example.com as well, in the body.
+fn overlapping(second_too: bool) -> Arc<SecretSet> {
+    let second_hosts = if second_too {
+        r#"["other.example.com", "api.example.com"]"#
+    } else {
+        r#"["other.example.com"]"#
+    };
+    secrets_from(&format!(
+        r#"
+[[secrets]]
+env_var = "FIRST"
+value = "first-value-1"
+placeholder = "first-token-0001-xy"
+allowed_hosts = ["api.example.com"]
+
+[[secrets]]
+env_var = "SECOND"
+value = "second-value-2"
+placeholder = "xy-second-token-0002"
+allowed_hosts = {second_hosts}
+substitute_in = ["headers", "body"]
+"#
+    ))
+}
+
+const OVERLAP: &str = "first-token-0001-xy-second-token-0002";
+
+/// Found by the `secrets_raw` fuzz target: once FIRST's placeholder matched, the automaton
+/// started afresh and missed SECOND's, which began inside it, so SECOND's placeholder went
+/// to a host it does not allow, in a raw stream and (where FIRST is left as it is, as in the
+/// path) in a request.
+#[test]
+fn a_placeholder_overlapping_another_is_found() {
+    let ctx = resolved(&["api.example.com"]);
+    for cut in 0..=OVERLAP.len() {
+        let (a, b) = OVERLAP.as_bytes().split_at(cut);
+        let mut s = PlaceholderScanner::new(overlapping(false), &ctx);
+        let v = s.scan(a).and_then(|_| s.scan(b)).unwrap_err();
+        assert_eq!(
+            (v.secret.as_str(), v.reason),
+            ("SECOND", ViolationReason::RawStream),
+            "cut at {cut}"
+        );
+    }
+    for request in [
+        format!("GET /{OVERLAP} HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: api.example.com\r\nX: {OVERLAP}\r\n\r\n"),
+    ] {
+        let rw = HttpRequestRewriter::new(overlapping(false), ctx.clone(), HttpLimits::default());
+        let v = violation(run_pieces(rw, &[request.as_bytes()]));
+        assert_eq!(
+            (v.secret.as_str(), v.reason),
+            ("SECOND", ViolationReason::HostNotAllowed),
+            "{request}"
+        );
+    }
+}
+
+/// Overlapping placeholders both allowed: the first to end is replaced (or left) and the other,
+/// cut by it, is not, in a header, a Content-Length body and a chunked body however cut.
+#[test]
+fn overlapping_placeholders_both_allowed_are_replaced_once() {
+    let ctx = resolved(&["api.example.com"]);
+    let rw = || HttpRequestRewriter::new(overlapping(true), ctx.clone(), HttpLimits::default());
+    let head = format!("GET / HTTP/1.1\r\nHost: api.example.com\r\nX: {OVERLAP}\r\n\r\n");
+    let out = text(&run_pieces(rw(), &[head.as_bytes()]).unwrap());
+    assert!(
+        out.contains("X: first-value-1-second-token-0002\r\n"),
+        "{out}"
+    );
+    // In the body FIRST is left as it is (headers only) and SECOND is cut by it: the bytes
+    // pass as they are, however the stream is cut (SECOND's start may be long sent).
+    let chunked = format!(
+        "POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{OVERLAP}\r\n0\r\n\r\n",
+        OVERLAP.len()
+    );
+    for size in [chunked.len(), 20, 7, 1] {
+        let pieces: Vec<&[u8]> = chunked.as_bytes().chunks(size).collect();
+        let out = run_pieces(rw(), &pieces).unwrap();
+        let body_at = text(&out).find("\r\n\r\n").unwrap() + 4;
+        assert_eq!(
+            dechunk(&out[body_at..]),
+            OVERLAP.as_bytes(),
+            "pieces of {size}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bounds and framing
 // ---------------------------------------------------------------------------------------------
@@ -942,6 +1033,58 @@ fn finish_sends_what_is_held_without_substituting() {
     rw.push(b"GET / HT", &mut out).unwrap();
     rw.finish(&mut out).unwrap();
     assert_eq!(out, b"GET / HT");
+}
+
+/// Found by the `secrets_http` fuzz target: a stream that is not HTTP and runs past
+/// `http-header-bytes` without a blank line (or with one past the limit) was refused when it
+/// came in one piece, but scanned raw when it came in pieces (the check of a partial head saw
+/// first that it is not HTTP). The verdict is now taken on the first `limit + 1` bytes either
+/// way; a head that is HTTP so far is still refused.
+#[test]
+fn a_long_stream_that_is_not_http_is_scanned_raw_however_it_is_cut() {
+    let limits = HttpLimits {
+        header_bytes: 128,
+        body_bytes: 100,
+    };
+    let ctx = resolved(&["api.example.com"]);
+    let run_cut = |stream: &[u8], size: usize| {
+        let pieces: Vec<&[u8]> = stream.chunks(size).collect();
+        run_pieces(
+            HttpRequestRewriter::new(secrets(), ctx.clone(), limits),
+            &pieces,
+        )
+    };
+    // A field name with a control byte, then a placeholder KEY allows for the resolved name.
+    let bad_field = format!(
+        "GET /ws HTTP/1.1\r\nHost: api.example.com\r\nConn\x01ection: Upgrade\r\nX-Key: {}\r\n\r\nframes",
+        ph("KEY")
+    );
+    let tls_like = [&[0x16, 3, 1, 2, 0][..], &[0x41; 300]].concat();
+    for stream in [bad_field.as_bytes(), &tls_like] {
+        assert!(stream.len() > limits.header_bytes);
+        for size in [stream.len(), 64, 5, 1] {
+            let out = run_cut(stream, size).unwrap_or_else(|e| panic!("in pieces of {size}: {e}"));
+            assert_eq!(out, stream, "in pieces of {size}: passed as it is");
+        }
+    }
+    // Not HTTP only past the limit: refused, however cut.
+    let late = format!(
+        "GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Fill: {}\x01\r\n\r\n",
+        "a".repeat(100)
+    );
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Fill: {}\r\n\r\n",
+        "a".repeat(200)
+    );
+    for stream in [late.as_bytes(), head.as_bytes()] {
+        for size in [stream.len(), 64, 5, 1] {
+            assert_eq!(
+                refusal(run_cut(stream, size)),
+                Refusal::HeadTooLarge(128),
+                "in pieces of {size}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
