@@ -331,6 +331,52 @@ fn a_published_port_in_use_is_refused_at_start() {
     assert!(!sock_exists(&socket), "the socket was bound anyway");
 }
 
+/// A privileged port (below net.ipv4.ip_unprivileged_port_start) without the right to bind it
+/// stops `run` at start (exit 2) with the reason and the way out. Run as root, netfence is
+/// started as `nobody` with every capability dropped (setpriv), so it lacks the right.
+#[test]
+fn a_privileged_port_without_the_right_is_refused_at_start() {
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .expect("ip_unprivileged_port_start")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        start > 80,
+        "this machine lets anyone bind port 80 (start = {start})"
+    );
+    let dir = TempDir::new("nf-priv");
+    let socket = dir.path().join("nf.sock");
+    let args = [
+        "run",
+        "--socket",
+        socket.to_str().unwrap(),
+        "-p",
+        "127.0.0.1:80:80",
+    ];
+    let mut cmd;
+    if unsafe { libc::geteuid() } == 0 {
+        cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ])
+        .arg(env!("CARGO_BIN_EXE_netfence"));
+    } else {
+        cmd = Command::new(env!("CARGO_BIN_EXE_netfence"));
+    }
+    cmd.args(args);
+    let o = run_to_end(cmd, &args);
+    assert_exit(&o, 2, "-p 127.0.0.1:80:80 without the right");
+    assert!(o.stderr.contains("127.0.0.1:80"), "{o}");
+    assert!(o.stderr.contains("needs privileges"), "{o}");
+    assert!(o.stderr.contains("ip_unprivileged_port_start"), "{o}");
+}
+
 /// `[tls] enabled = false` with only the SNI ports is accepted: the process starts.
 #[test]
 fn tls_disabled_with_sni_ports_starts() {
