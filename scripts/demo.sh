@@ -185,8 +185,12 @@ curl -sS --max-time 10 -o /dev/null -H "Authorization: Bearer $DEMO_API_KEY" htt
   && echo "DEMO leak FAILED (it was sent)" || echo "DEMO leak ok (reset by netfence)"
 echo "guest: \$ httpd -p 80   (the host reaches it through netfence's published port)"
 mkdir -p /www && echo "<h1>Hello from the guest!</h1> ($TOKEN)" >/www/index.html
+nc -l -p 9000 >/dev/null &
+release=$!
+# Listening on 9000 (0x2328) before the host hears "serving" and releases the guest.
+for i in $(seq 1 40); do grep -q ':2328 00000000:0000 0A' /proc/net/tcp && break; sleep 0.25; done
 httpd -p 80 -h /www && echo "DEMO serving"
-nc -l -p 9000 >/dev/null; echo "DEMO released"
+wait $release; echo "DEMO released"
 EOF
 : >"$WORK/console.log"
 (scripts/run-guest.sh --vhost-user "$SOCK" --mac "$GUEST_MAC" --script "$WORK/guest.sh" --timeout 120 2>&1 |

@@ -44,8 +44,16 @@ echo "never served" > /www2/index.html
 httpd -p 80 -h /www && ok httpd || bad httpd "rc=$?"
 httpd -p 8080 -h /www2 && ok httpd-denied || bad httpd-denied "rc=$?"
 socat UDP4-RECVFROM:5353,fork EXEC:cat &
+nc -l -p 9000 > /tmp/go &
+release=$!
+# The UDP echo (5353 = 0x14E9) and the release listener (9000 = 0x2328) are bound before the
+# host hears "ready" and sends to them.
+for i in $(seq 1 40); do
+    grep -q ':14E9 00000000:0000 07' /proc/net/udp && grep -q ':2328 00000000:0000 0A' /proc/net/tcp && break
+    sleep 0.25
+done
 curl -sS --max-time 30 -o /dev/null http://203.0.113.7/ready && ok ready || bad ready "rc=$?"
-nc -l -p 9000 > /tmp/go && ok released || bad released "rc=$?"
+wait $release && ok released || bad released "rc=$?"
 grep -q done /tmp/go && ok go || bad go "got [$(cat /tmp/go)]"
 exit 0
 "#
