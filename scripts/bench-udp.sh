@@ -48,10 +48,13 @@ command -v dpdk-testpmd >/dev/null || { echo "dpdk-testpmd missing: run scripts/
 WORK="$(mktemp -d /tmp/bench-udp.XXXXXX)"
 PIDS=()
 cleanup() {
+    exec 7>&- 8>&- # the sink and testpmd leave when their stdin closes
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+[ -n "${BENCH_UDP_KEEP:-}" ] && trap - EXIT
 TCK="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 per() { awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf f "\n", a / b }'; }
@@ -153,7 +156,6 @@ start_sink() {
     PIDS+=($!)
     exec 7>"$WORK/sink.in"
     for _ in $(seq 50); do [ -s "$WORK/sink.port" ] && break; sleep 0.1; done
-    cat "$WORK/sink.port"
 }
 
 # testpmd's forwarding lcore on CPU 0, its main lcore on CPU 1 (as tests/common/dpdk.rs does).
@@ -208,7 +210,9 @@ run_leg() {
     echo "$(per "$frames" "$SECS" %.0f) $(per "$(( (t1 - t0) * 1000000 / TCK ))" "$frames" %.3f) $frames"
 }
 
-port=$(start_sink)
+start_sink
+port=$(cat "$WORK/sink.port")
+[ -n "$port" ] || { echo "bench-udp.sh: the sink did not start" >&2; exit 1; }
 echo "UDP guest->host, dpdk-testpmd txonly -> netfence -> loopback sink; ${SECS}s per leg; $(uname -r), $(nproc) CPUs"
 printf '%-6s %-44s %12s %16s %14s %14s %10s %10s\n' size what pps "cpu us/frame" "floor mmsg us" "floor gso us" "vs mmsg" "vs gso"
 for size in $SIZES; do
