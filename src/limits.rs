@@ -33,6 +33,11 @@ pub struct Limits {
     pub tcp_link_buffer_bytes: usize,
     /// UDP sessions (one host socket each).
     pub udp_flows: usize,
+    /// Guest datagrams held in one TX drain's batch before they go out together (per flow, by
+    /// `sendmmsg` and UDP GSO); a fuller batch is sent at once and collecting starts again.
+    pub udp_batch_datagrams: usize,
+    /// Bytes of guest datagrams held in one TX drain's batch (see `udp_batch_datagrams`).
+    pub udp_batch_bytes: usize,
     /// Connections from host clients through published TCP ports carried into the guest at
     /// once (they count against `tcp-flows` and `max_connections` too).
     pub inbound_tcp: usize,
@@ -94,6 +99,8 @@ impl Default for Limits {
             tcp_buffer_bytes: 512 * 1024,
             tcp_link_buffer_bytes: 64 * 1024 * 1024,
             udp_flows: 1024,
+            udp_batch_datagrams: 256,
+            udp_batch_bytes: 512 * 1024,
             inbound_tcp: 256,
             inbound_udp: 256,
             icmp_flows: 64,
@@ -210,6 +217,16 @@ pub const LIMITS: &[LimitSpec] = &[
         "bytes all TCP flows hold per direction, shared among them"
     ),
     count!("udp-flows", udp_flows, "UDP sessions"),
+    count!(
+        "udp-batch-datagrams",
+        udp_batch_datagrams,
+        "guest datagrams collected in one TX drain before they are sent"
+    ),
+    bytes!(
+        "udp-batch-bytes",
+        udp_batch_bytes,
+        "bytes of guest datagrams collected in one TX drain before they are sent"
+    ),
     count!(
         "inbound-tcp",
         inbound_tcp,

@@ -9,6 +9,8 @@
 //!   (the SNI gate on TLS ports under domain rules) and the host end (a host socket).
 //! - UDP ([`udp`]) and echo ([`icmp`]) sessions are one connected host socket each; their
 //!   replies are read only while the guest's queue has room (backpressure, not buffers).
+//!   A TX drain's UDP datagrams are collected per flow and sent when the drain ends
+//!   ([`Flows::flush_udp`], the first thing [`Flows::pump`] and [`Flows::housekeeping`] do).
 //! - DNS to the gateway ([`dns_gateway`]) is answered by netfence's own DNS service.
 //!
 //! Host sockets' readiness comes in through [`Flows::host_ready`]; [`Flows::pump`] moves
@@ -63,7 +65,7 @@ use self::tcp::intercept::InterceptError;
 use self::tcp::intercept::{InterceptStep, Interceptor};
 use self::tcp::sni_gate::{GateStatus, SniGate};
 use self::tcp::{ClearFilter, ClearStage, GuestEnd, Middle, PumpResult, TcpFlow, GUEST_REFUSED};
-use self::udp::UdpFlow;
+use self::udp::{UdpBatch, UdpFlow, UdpReceiver};
 
 /// (guest source, guest-visible destination)
 pub type FlowKey = (SocketAddr, SocketAddr);
@@ -138,6 +140,10 @@ pub struct Flows {
     /// Lines about single flows (connect failures, timeouts): a flood gets a few and a count.
     flow_events: LogGate,
     buf: Vec<u8>,
+    /// Guest UDP datagrams of the current TX drain, sent when it ends.
+    udp_batch: UdpBatch,
+    /// `recvmmsg` buffers for UDP replies.
+    udp_rx: UdpReceiver,
     events: Vec<(FlowRef, EventSet)>,
     /// What all TCP flows held at the last pump: toward the guest (smoltcp send queues) and
     /// toward the host (receive queues), and the most either ever was.
@@ -183,6 +189,8 @@ impl Flows {
             socket_warnings: LogGate::new(5, Duration::from_secs(10)),
             flow_events: LogGate::new(20, Duration::from_secs(10)),
             buf: vec![0u8; 65_536],
+            udp_batch: UdpBatch::new(limits.udp_batch_datagrams, limits.udp_batch_bytes),
+            udp_rx: UdpReceiver::default(),
             events: Vec::new(),
             tcp_to_guest_bytes: 0,
             tcp_to_host_bytes: 0,
@@ -1004,26 +1012,46 @@ impl Flows {
             }
             return;
         }
-        if !self.table.udp.contains_key(&key) && !self.open_udp(key, frame, now, stack) {
+        if !self.udp_batch.fits(payload.len()) {
+            // The batch bound: what was collected goes out now, and collecting starts again.
+            self.counters.inc("udp-batch-full");
+            self.flush_udp(stack);
+        }
+        // One lookup for a datagram of a known flow; a new flow is looked up again once.
+        if let Some(flow) = self.table.udp.get_mut(&key) {
+            flow.last_active = now;
+            self.udp_batch.push(key, flow, payload);
             return;
         }
-        let Some(flow) = self.table.udp.get_mut(&key) else {
+        if !self.open_udp(key, frame, now, stack) {
             return;
-        };
-        flow.last_active = now;
-        match flow.host.send(payload) {
-            Ok(_) => flow.datagrams_to_host += 1,
-            Err(e) if udp::is_refused(&e) => {
+        }
+        if let Some(flow) = self.table.udp.get_mut(&key) {
+            self.udp_batch.push(key, flow, payload);
+        }
+    }
+
+    /// Sends the UDP datagrams collected so far, per flow (see [`udp`]): at the end of each TX
+    /// drain, before flows can close, and when the batch is full.
+    pub fn flush_udp(&mut self, stack: &mut GuestStack) {
+        if self.udp_batch.is_empty() {
+            return;
+        }
+        let counters = &mut self.counters;
+        self.udp_batch.flush(&mut self.table.udp, |flow, report| {
+            counters.add("udp-send-would-block", report.would_block as u64);
+            counters.add("udp-send-failed", report.failed as u64);
+            if report.refused {
                 // An earlier datagram met a closed port: say so, as the host would.
-                self.counters.inc("udp-port-unreachable");
-                if let Some(f) = frame.get(frames::ETH_HDR..).and_then(|ip| {
-                    frames::icmp_unreachable(&stack.macs, dst.ip(), Unreachable::Port, ip)
-                }) {
+                counters.inc("udp-port-unreachable");
+                let quote = frames::udp_quote(flow.guest, flow.dst);
+                if let Some(f) =
+                    frames::icmp_unreachable(&stack.macs, flow.dst.ip(), Unreachable::Port, &quote)
+                {
                     stack.port.queue_frame(f);
                 }
             }
-            Err(_) => self.counters.inc("udp-send-failed"),
-        }
+        });
     }
 
     /// Decides and opens a new UDP session; false when it was not opened.
@@ -1110,56 +1138,69 @@ impl Flows {
         true
     }
 
-    /// Reads replies from the UDP sessions whose sockets are readable, while the guest's queue
-    /// has room.
+    /// Reads replies from the UDP sessions whose sockets are readable, never more at once than
+    /// the guest's queue has room for.
     fn pump_udp(&mut self, stack: &mut GuestStack) {
         let mtu = usize::from(self.settings.mtu);
+        let rx = &mut self.udp_rx;
         for flow in self.table.udp.values_mut().filter(|f| f.readable) {
             let max_payload = mtu.saturating_sub(frames::ip_header_len(flow.guest.ip()) + 8);
-            for _ in 0..READS_PER_PUMP {
-                if stack.port.room() == 0 {
+            let mut reads = 0;
+            while reads < READS_PER_PUMP {
+                let room = stack.port.room();
+                if room == 0 {
                     // The guest is slow: leave the rest in the host socket (backpressure).
                     return;
                 }
-                let n = match flow.host.recv(&mut self.buf) {
+                let n = match rx.receive(&flow.host, room.min(READS_PER_PUMP - reads), max_payload)
+                {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         flow.readable = false;
                         break;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if udp::is_refused(&e) => {
-                        // The host's port unreachable, relayed to the guest from the
-                        // destination it used, as a real host would answer.
-                        self.counters.inc("udp-port-unreachable");
-                        let quote = frames::udp_quote(flow.guest, flow.dst);
-                        if let Some(f) = frames::icmp_unreachable(
-                            &stack.macs,
-                            flow.dst.ip(),
-                            Unreachable::Port,
-                            &quote,
-                        ) {
-                            stack.port.queue_frame(f);
+                    Err(e) => {
+                        reads += 1;
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        if udp::is_refused(&e) {
+                            // The host's port unreachable, relayed to the guest from the
+                            // destination it used, as a real host would answer.
+                            self.counters.inc("udp-port-unreachable");
+                            let quote = frames::udp_quote(flow.guest, flow.dst);
+                            if let Some(f) = frames::icmp_unreachable(
+                                &stack.macs,
+                                flow.dst.ip(),
+                                Unreachable::Port,
+                                &quote,
+                            ) {
+                                stack.port.queue_frame(f);
+                            }
+                        } else {
+                            self.counters.inc("udp-host-error");
                         }
                         continue;
                     }
-                    Err(_) => {
-                        self.counters.inc("udp-host-error");
-                        continue;
-                    }
                 };
-                if n > max_payload {
-                    self.counters.inc("udp-reply-too-large");
-                    continue;
-                }
+                reads += n;
                 flow.last_active = Instant::now();
-                let data = &self.buf[..n];
-                let frame =
-                    frames::udp_to_guest(&stack.macs, flow.dst, flow.guest, n, false, |b| {
-                        b.copy_from_slice(data)
-                    });
-                if stack.port.queue_frame(frame) {
-                    flow.datagrams_to_guest += 1;
+                for i in 0..n {
+                    let Some(data) = rx.datagram(i) else {
+                        self.counters.inc("udp-reply-too-large");
+                        continue;
+                    };
+                    let frame = frames::udp_to_guest(
+                        &stack.macs,
+                        flow.dst,
+                        flow.guest,
+                        data.len(),
+                        false,
+                        |b| b.copy_from_slice(data),
+                    );
+                    if stack.port.queue_frame(frame) {
+                        flow.datagrams_to_guest += 1;
+                    }
                 }
             }
         }
@@ -1355,6 +1396,7 @@ impl Flows {
 
     /// Moves what can move: TCP both ways, DNS over TCP, UDP and echo replies.
     pub fn pump(&mut self, stack: &mut GuestStack) {
+        self.flush_udp(stack);
         let now = Instant::now();
         self.expire_lingering(None, stack);
         self.pump_inbound(stack, now);
@@ -1383,6 +1425,7 @@ impl Flows {
 
     /// Enforces every timeout: connects, handshakes, hellos (in `pump`), idle flows.
     pub fn housekeeping(&mut self, now: Instant, stack: &mut GuestStack) {
+        self.flush_udp(stack);
         self.dns_ready(stack);
         let limits = self.settings.limits.clone();
         let tracing_flows = tracing::enabled!(tracing::Level::TRACE);
@@ -1458,6 +1501,7 @@ impl Flows {
     /// Forgets every flow: the guest's rings restarted. Host connections are reset.
     pub fn reset(&mut self) {
         let n = self.table.len();
+        self.udp_batch.clear();
         self.table.clear();
         self.dns.reset();
         self.lingering.clear();

@@ -6,8 +6,14 @@
 //! identifier). Each kind has its own budget (`tcp-flows`, `udp-flows`, `icmp-flows`, plus
 //! `tcp-connecting` and `tls-hellos` for the TCP flows in those stages), and the policy's
 //! `max_connections` bounds them together: [`FlowTable::room_for`] says whether one more fits.
+//!
+//! The maps hash with foldhash (a fast hasher, seeded at random per map) rather than SipHash:
+//! a guest chooses the keys (its ports), but it cannot see the seed, and every map here is
+//! bounded by a limit, so even a guest that found colliding keys could only slow its own
+//! lookups within that bound, not grow anything.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -18,6 +24,13 @@ use super::tcp::TcpFlow;
 use super::udp::UdpFlow;
 use super::FlowKey;
 use crate::limits::Limits;
+
+/// A map of flows by key, with the table's hasher.
+pub type FlowMap<V, K = FlowKey> = HashMap<K, V, foldhash::fast::RandomState>;
+
+fn flow_map<K: Hash + Eq, V>() -> FlowMap<V, K> {
+    HashMap::with_hasher(foldhash::fast::RandomState::default())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowRef {
@@ -43,10 +56,10 @@ pub enum NewFlow {
 
 pub struct FlowTable {
     epoll: Epoll,
-    pub tcp: HashMap<FlowKey, TcpFlow>,
-    pub udp: HashMap<FlowKey, UdpFlow>,
-    pub echo: HashMap<EchoKey, EchoFlow>,
-    tokens: HashMap<u64, FlowRef>,
+    pub tcp: FlowMap<TcpFlow>,
+    pub udp: FlowMap<UdpFlow>,
+    pub echo: FlowMap<EchoFlow, EchoKey>,
+    tokens: FlowMap<FlowRef, u64>,
     next_token: u64,
 }
 
@@ -54,10 +67,10 @@ impl FlowTable {
     pub fn new() -> io::Result<Self> {
         Ok(FlowTable {
             epoll: Epoll::new()?,
-            tcp: HashMap::new(),
-            udp: HashMap::new(),
-            echo: HashMap::new(),
-            tokens: HashMap::new(),
+            tcp: flow_map(),
+            udp: flow_map(),
+            echo: flow_map(),
+            tokens: flow_map(),
             next_token: 1,
         })
     }

@@ -922,6 +922,30 @@ impl Frontend {
         }
     }
 
+    /// Publishes all of `frames` and kicks once at the end, so that the device finds them in
+    /// one TX drain (the ring must have room for all of them).
+    pub fn send_burst(&mut self, frames: &[Vec<u8>]) {
+        let needed: usize = frames.iter().map(|f| self.tx_descs_needed(f.len())).sum();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.tx_has_room_for(needed) {
+            if !self.wait(Some(deadline)) && Instant::now() >= deadline {
+                panic!("TX ring has no room for a burst of {} frames", frames.len());
+            }
+        }
+        let hdr = [0u8; NET_HDR_LEN];
+        let hl = self.hdr_len();
+        for f in frames {
+            self.publish_tx(&hdr[..hl], f, 0);
+            self.stats.tx_frames += 1;
+        }
+        self.tx.kick_if_needed();
+    }
+
+    fn tx_has_room_for(&mut self, descriptors: usize) -> bool {
+        self.reclaim_tx();
+        self.tx.num_free() >= descriptors
+    }
+
     /// Writes header + frame into TX chunks of freshly allocated descriptors and publishes.
     fn publish_tx(&mut self, hdr: &[u8], frame: &[u8], tag: u64) -> u16 {
         let c = self.opts.tx_chunk as usize;
