@@ -1548,7 +1548,7 @@ fn udp_leg(size: usize, secs: f64) -> Result<(), String> {
     let kernel_us = *cpu_used.lock().unwrap() * 1e6 / sent.max(1) as f64;
     let sink_pps = (count.load(Ordering::Relaxed) - got0) as f64 / el;
     println!(
-        "RESULT udp size={size} nf_pps={pps:.0} nf_cpu_us_per_frame={nf_us:.2} dpdk_limit_pps={} sendmmsg_pps={:.0} sendmmsg_sink_pps={sink_pps:.0} kernel_us_per_dgram={kernel_us:.2}",
+        "RESULT udp{size} nf_pps={pps:.0} nf_cpu_us_per_frame={nf_us:.2} dpdk_limit_pps={} sendmmsg_pps={:.0} sendmmsg_sink_pps={sink_pps:.0} kernel_us_per_dgram={kernel_us:.2}",
         limit.map(|l| format!("{l:.0}")).unwrap_or_else(|| "n/a".into()),
         sent as f64 / el,
     );
