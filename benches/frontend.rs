@@ -834,10 +834,10 @@ struct Window {
 }
 
 fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> {
-    let name = if idle > 0 {
-        format!("tcp-{dir}-idle{idle}")
-    } else {
-        format!("tcp-{dir}")
+    let name = match (idle, pairs) {
+        (0, 1) => format!("tcp-{dir}"),
+        (0, p) => format!("tcp-{dir}-pairs{p}"),
+        (n, _) => format!("tcp-{dir}-idle{n}"),
     };
     let sunk = Arc::new(AtomicU64::new(0));
     let sink = sink_server(sunk.clone());
@@ -894,6 +894,7 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
     let mut w0: Option<Window> = None;
     let mut last_progress = Instant::now();
     let mut retransmits = 0u64;
+    let mut dupacks = 0u32;
     let mut ooo = 0u64;
     let mut arps = Vec::new();
     let mut sent_bytes = 0u64;
@@ -932,7 +933,11 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
                     if dir == "up" { t.payload } else { 0 },
                 );
                 if std::env::var_os("BENCH_DEBUG").is_some() {
-                    eprintln!("flow {fl:?} frames {c:?} last {last:?}\n{}\n{}", d.fe.debug_state(), nf.log_text());
+                    eprintln!(
+                        "flow {fl:?} frames {c:?} last {last:?}\n{}\n{}",
+                        d.fe.debug_state(),
+                        nf.log_text()
+                    );
                 }
                 return Ok(());
             }
@@ -954,6 +959,13 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
             if s.flags & TCP_ACK != 0 && seq_gt(s.ack, fl.snd_una) {
                 fl.snd_una = s.ack;
                 last_progress = Instant::now();
+                dupacks = 0;
+            } else if s.flags & TCP_ACK != 0
+                && s.payload == 0
+                && s.ack == fl.snd_una
+                && fl.snd_nxt != fl.snd_una
+            {
+                dupacks += 1;
             }
             if s.flags & TCP_ACK != 0 {
                 fl.snd_wnd = (s.window as u64) << fl.peer_wscale;
@@ -990,7 +1002,11 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
         if dir == "up" {
             // Go back to the first unacknowledged byte when nothing moved for a while (netfence
             // dropped a segment it had no room for).
-            if fl.snd_nxt != fl.snd_una && last_progress.elapsed() > Duration::from_millis(200) {
+            // (3 duplicate ACKs, as a guest's fast retransmit; else 200 ms without progress.)
+            if fl.snd_nxt != fl.snd_una
+                && (dupacks >= 3 || last_progress.elapsed() > Duration::from_millis(200))
+            {
+                dupacks = 0;
                 fl.snd_nxt = fl.snd_una;
                 retransmits += 1;
                 last_progress = Instant::now();

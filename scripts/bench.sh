@@ -243,7 +243,7 @@ EOF
             chmod +x "$WORK/slirp-netns.sh"
             RUN_GUEST="unshare -n $WORK/slirp-netns.sh" run_leg "$name" /dev/null "$timeout" -- --slirp \
                 --script "$WORK/$name.sh" || FAILED+=("$name")
-            [ -s "$WORK/slirp-iperf3.pid" ] && kill "$(cat "$WORK/slirp-iperf3.pid")" 2>/dev/null
+            [ -s "$WORK/slirp-iperf3.pid" ] && kill "$(cat "$WORK/slirp-iperf3.pid")" 2>/dev/null || true
             ;;
     esac
     if [ -n "$lat_pid" ]; then
