@@ -859,9 +859,9 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
     let feats = features_text(&d);
     if pairs > 1 {
         let why = if d.fe.backend_features & VIRTIO_NET_F_MQ == 0 {
-            "n/a (no MQ)"
+            "no-MQ"
         } else {
-            "n/a (the bench frontend drives one pair)"
+            "frontend-drives-one-pair"
         };
         println!("RESULT {name} pairs={pairs} na=\"{why}\" features={feats}");
         return Ok(());

@@ -15,7 +15,7 @@
 
 TCK="$(getconf CLK_TCK)"
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_ticks() { [ -n "$1" ] || { echo 0; return; }; awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 run_leg() {
     local name="$1" pidfile="$2" timeout="$3"

@@ -337,7 +337,12 @@ if want backend; then
         row "backend TCP 1 pair" "$label kicks/GB" "$(val "tcp-$d" kicks_per_gb)" "" ""
     done
     two="$(field tcp-up-pairs2 na)"
-    row "backend TCP 2 pairs" "g->h Gbit/s" "${two:-$(val tcp-up gbit)}" "1 pair" "$(val tcp-up gbit)"
+    case "$two" in
+        no-MQ) two="n/a (no MQ)" ;;
+        "") two="n/a" ;;
+        *) two="n/a ($two)" ;;
+    esac
+    row "backend TCP 2 pairs" "g->h Gbit/s" "$two" "1 pair" "$(val tcp-up gbit)"
 fi
 if want udp; then
     for s in 64 1400; do
