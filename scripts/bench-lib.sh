@@ -4,6 +4,8 @@
 #   TCK                          clock ticks per second (/proc/PID/stat counts in ticks)
 #   cpu_ticks PID                utime + stime of a process, all threads; 0 when it is gone
 #   run_leg NAME PIDFILE TIMEOUT -- run-guest.sh args...
+#                                ($RUN_GUEST, when set, is the command run instead of run-guest.sh,
+#                                split on spaces: e.g. a wrapper that enters a network namespace)
 #                                boots the test guest; streams its console prefixed with [NAME]
 #                                into $WORK/NAME.console; at each "BENCH-MARK m" line the guest
 #                                prints, appends "m backend-ticks qemu-ticks" to $WORK/NAME.marks
@@ -13,15 +15,17 @@
 
 TCK="$(getconf CLK_TCK)"
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_ticks() { [ -n "$1" ] || { echo 0; return; }; awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 run_leg() {
     local name="$1" pidfile="$2" timeout="$3"
     shift 4
     local qpid="$WORK/$name.qemu.pid"
     : >"$WORK/$name.marks"
+    local cmd=("$ROOT/scripts/run-guest.sh")
+    [ -n "${RUN_GUEST:-}" ] && read -r -a cmd <<<"$RUN_GUEST"
     set +e
-    "$ROOT/scripts/run-guest.sh" --timeout "$timeout" --qemu-pidfile "$qpid" "$@" 2>&1 |
+    "${cmd[@]}" --timeout "$timeout" --qemu-pidfile "$qpid" "$@" 2>&1 |
         while IFS= read -r line; do
             line="${line%$'\r'}" # the serial console ends lines with CR LF
             printf '%s\n' "$line" >>"$WORK/$name.console"

@@ -11,6 +11,10 @@
 #                       hands out 192.0.2.2 via DHCP with gateway 192.0.2.1 (documentation range, so
 #                       the host's own addresses never matter); TCP/UDP from the guest to the gateway
 #                       go to the host's 127.0.0.1. IPv4 only, no DNS servers handed out.
+#   --slirp             QEMU's own user-mode network (-netdev user, "slirp"): the guest gets
+#                       10.0.2.15 by DHCP and reaches the host's 127.0.0.1 as 10.0.2.2. Nothing
+#                       stops it reaching other addresses: run it in a network namespace with
+#                       only loopback (bench.sh does: unshare -n).
 #   --none              no network device (boot test only)
 # Options:
 #   --timeout SECS      kill QEMU after SECS (default 120): a hung guest cannot hang CI
@@ -21,6 +25,7 @@
 #   --passt-tcp SPEC    forward host TCP ports into the guest with passt's `-t SPEC`, e.g.
 #                       127.0.0.1/5202:5201 (repeatable; default none)
 #   --qemu-pidfile F    write QEMU's pid to F
+#   --passt-mtu N       passt's -m (default 1500; passt's own default is 65520)
 # Environment: NETFENCE_GUEST_DIR (default target/guest), QEMU (default qemu-system-x86_64),
 #   QEMU_CPU (default qemu64: under TCG it moves ~2.5x the bytes per second that -cpu max does).
 #
@@ -48,6 +53,7 @@ APPEND=""
 PASST_PIDFILE=""
 QEMU_PIDFILE=""
 PASST_TCP=()
+PASST_MTU=1500
 MEM=512
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
@@ -56,6 +62,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --vhost-user) MODE=vhost-user; SOCK="${2:?--vhost-user needs a socket path}"; shift 2 ;;
         --passt) MODE=passt; shift ;;
+        --slirp) MODE=slirp; shift ;;
         --none) MODE=none; shift ;;
         --script) SCRIPT_TEXT="$(cat "${2:?--script needs a file}")"; HAVE_SCRIPT=1; shift 2 ;;
         --script-text) SCRIPT_TEXT="${2?}"; HAVE_SCRIPT=1; shift 2 ;;
@@ -65,11 +72,12 @@ while [ $# -gt 0 ]; do
         --passt-pidfile) PASST_PIDFILE="${2:?}"; shift 2 ;;
         --passt-tcp) PASST_TCP+=(-t "${2:?}"); shift 2 ;;
         --qemu-pidfile) QEMU_PIDFILE="${2:?}"; shift 2 ;;
+        --passt-mtu) PASST_MTU="${2:?}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "run-guest.sh: unknown argument '$1'" >&2; usage ;;
     esac
 done
-[ -n "$MODE" ] || { echo "run-guest.sh: give --vhost-user SOCK, --passt or --none" >&2; usage; }
+[ -n "$MODE" ] || { echo "run-guest.sh: give --vhost-user SOCK, --passt, --slirp or --none" >&2; usage; }
 [ "$HAVE_SCRIPT" = 1 ] || { echo "run-guest.sh: give --script FILE or --script-text TEXT" >&2; usage; }
 for f in vmlinuz initramfs.cpio.gz; do
     [ -f "$GUEST/$f" ] || { echo "run-guest.sh: $GUEST/$f missing; run scripts/build-guest.sh" >&2; exit 125; }
@@ -122,7 +130,7 @@ case "$MODE" in
         # gateway mapping (not disabled) sends guest->198.51.100.1 TCP/UDP to the host's 127.0.0.1.
         [ "${#PASST_TCP[@]}" -gt 0 ] || PASST_TCP=(-t none)
         passt -f -1 -q -4 -D none --no-dhcp-search -s "$PSOCK" \
-            -a 198.51.100.2 -n 24 -g 198.51.100.1 -m 1500 "${PASST_TCP[@]}" -u none \
+            -a 198.51.100.2 -n 24 -g 198.51.100.1 -m "$PASST_MTU" "${PASST_TCP[@]}" -u none \
             >"$WORK/passt.log" 2>&1 &
         PASST_PID=$!
         [ -n "$PASST_PIDFILE" ] && echo "$PASST_PID" >"$PASST_PIDFILE"
@@ -137,6 +145,10 @@ case "$MODE" in
             exit 125
         fi
         NET=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$PSOCK"
+             -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0")
+        ;;
+    slirp)
+        NET=(-netdev user,id=n0
              -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0")
         ;;
     none) NET=() ;;
