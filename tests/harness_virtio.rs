@@ -70,10 +70,13 @@ fn exercise(opts: FrontendOptions) -> FrontendStats {
         st.rx_partial_merge, 0,
         "merged frame published before all its buffers: {st:?}"
     );
-    assert_eq!(
-        st.rx_nonzero_gso, 0,
-        "GSO frame without GSO negotiated: {st:?}"
-    );
+    // The frontend itself fails on a GSO frame or a partial checksum the guest did not ack.
+    if g.dev.fe.acked_features & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6) == 0 {
+        assert_eq!(
+            st.rx_nonzero_gso, 0,
+            "GSO frame without GSO negotiated: {st:?}"
+        );
+    }
     assert_eq!(g.dev.tx_dropped, 0);
     st
 }
