@@ -421,7 +421,9 @@ pub fn push_rx(
         for _ in 0..chains.len() {
             state.get_queue_mut().go_to_previous_position();
         }
-        return Err(if chains.is_empty() || mergeable {
+        // A large segment that a non-mergeable buffer cannot hold is no reason to drop it:
+        // the link cuts it to MTU-sized segments.
+        return Err(if chains.is_empty() || mergeable || header.is_gso() {
             RxError::NoBuffers
         } else {
             RxError::BadChain

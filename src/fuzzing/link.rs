@@ -985,6 +985,33 @@ fn fragment_frames(v6: bool, size: usize, piece: usize, ident: u16) -> Vec<Vec<u
     frames
 }
 
+/// Every offload acked, as [`offloads_from_bits`] reads it.
+const ALL_OFFLOADS: u8 = 0x3f;
+
+/// A virtio-net header for a TCP/IPv4 frame that leaves the checksum to netfence and asks for
+/// TSO (as a Linux guest sends a large segment), in its 10-byte wire form.
+fn tso_header() -> [u8; 10] {
+    let header = NetHeader {
+        flags: NetHeader::F_NEEDS_CSUM,
+        gso_type: NetHeader::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    let mut out = [0u8; 10];
+    out.copy_from_slice(&header.to_bytes(0)[..10]);
+    out
+}
+
+/// The TCP/IPv4 frames of [`guest_frames`].
+fn tcp_v4_frames() -> Vec<Vec<u8>> {
+    guest_frames()
+        .into_iter()
+        .filter(|f| f.get(12..14) == Some(&[0x08, 0x00][..]) && f.get(14 + 9) == Some(&6))
+        .collect()
+}
+
 pub fn classify_seeds() -> Vec<Vec<u8>> {
     let mut seeds = Vec::new();
     for frame in guest_frames()
@@ -992,6 +1019,13 @@ pub fn classify_seeds() -> Vec<Vec<u8>> {
         .chain(fragment_frames(false, 64, 32, 1))
     {
         let mut seed = vec![0];
+        seed.extend_from_slice(&frame);
+        seeds.push(seed);
+    }
+    for frame in tcp_v4_frames() {
+        let mut seed = vec![STEP_HEADER];
+        seed.extend_from_slice(&tso_header());
+        seed.push(ALL_OFFLOADS);
         seed.extend_from_slice(&frame);
         seeds.push(seed);
     }
@@ -1046,6 +1080,20 @@ pub fn link_seeds() -> Vec<Vec<u8>> {
     let mut seeds: Vec<Vec<u8>> = frames.chunks(4).map(link_sequence).collect();
     seeds.push(link_sequence(&fragment_frames(false, 100, 48, 3)));
     seeds.push(link_sequence(&fragment_frames(true, 100, 48, 4)));
+    // Offloads acked, then TCP frames with a TSO header (a DNS-over-TCP SYN to the gateway
+    // gets a SYN-ACK with a partial checksum back).
+    let mut offloaded = Vec::new();
+    for (i, frame) in tcp_v4_frames().iter().enumerate() {
+        if i == 0 {
+            offloaded.push(STEP_OFFLOADS | STEP_HEADER | STEP_SERVICE);
+            offloaded.push(ALL_OFFLOADS);
+        } else {
+            offloaded.push(STEP_HEADER | STEP_SERVICE);
+        }
+        offloaded.extend_from_slice(&tso_header());
+        push_record(&mut offloaded, frame);
+    }
+    seeds.push(offloaded);
     seeds
 }
 

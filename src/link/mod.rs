@@ -429,6 +429,18 @@ impl Link {
             match rx.push(&frame.header, frame.bytes()) {
                 RxOutcome::Delivered => delivered += 1,
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
+                RxOutcome::NoRoom if frame.header.is_gso() => {
+                    // The guest's buffers cannot take the large segment now (too few, or
+                    // not mergeable and too small): it goes as MTU-sized segments instead.
+                    if let Some(frame) = self.stack.port.to_guest.pop_front() {
+                        let partial = self.offloads.rx_csum;
+                        for piece in crate::stack::segment(frame, partial).into_iter().rev() {
+                            self.stack.port.to_guest.push_front(piece);
+                        }
+                        self.counters.inc("rx-gso-segmented");
+                    }
+                    continue;
+                }
                 RxOutcome::NoRoom => break,
             }
             if let Some(frame) = self.stack.port.to_guest.pop_front() {

@@ -502,3 +502,76 @@ fn build_interface(port: &mut GuestPort, macs: &Macs, addresses: &Addresses) -> 
     iface.set_any_ip(true);
     iface
 }
+
+/// Cuts a GSO frame to the guest into segments of its `gso_size`, as the guest's NIC would have
+/// (software TSO): for a guest whose receive buffers cannot hold the whole frame. Each segment
+/// gets the headers with its own length, sequence number and checksum (partial, with its
+/// header, when `partial_checksums`); FIN and PSH stay on the last. A frame that is not a TCP
+/// GSO frame comes back as it is.
+pub fn segment(frame: OutFrame, partial_checksums: bool) -> Vec<OutFrame> {
+    let bytes = frame.bytes();
+    let Some(tcp) = TcpSpot::find(bytes).filter(|_| frame.header.is_gso()) else {
+        return vec![frame];
+    };
+    let Some(tcp_hdr) = bytes
+        .get(tcp.start + 12)
+        .map(|b| usize::from(b >> 4) * 4)
+        .filter(|h| *h >= 20 && tcp.start + h <= tcp.end)
+    else {
+        return vec![frame];
+    };
+    let headers = tcp.start + tcp_hdr;
+    let mss = usize::from(frame.header.gso_size.max(1));
+    let payload = &bytes[headers..tcp.end];
+    let seq = u32::from_be_bytes([
+        bytes[tcp.start + 4],
+        bytes[tcp.start + 5],
+        bytes[tcp.start + 6],
+        bytes[tcp.start + 7],
+    ]);
+    let chunks = payload.len().div_ceil(mss).max(1);
+    let mut out = Vec::with_capacity(chunks);
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let last = i + 1 == chunks;
+        let mut buf = Vec::with_capacity(headers + chunk.len());
+        buf.extend_from_slice(&bytes[..headers]);
+        buf.extend_from_slice(chunk);
+        let ip_len = buf.len() - 14;
+        if tcp.ip_hdr == 20 {
+            let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut buf[14..]);
+            ip.set_total_len(ip_len as u16);
+            ip.set_ident(ip.ident().wrapping_add(i as u16));
+            ip.fill_checksum();
+        } else {
+            smoltcp::wire::Ipv6Packet::new_unchecked(&mut buf[14..])
+                .set_payload_len((ip_len - 40) as u16);
+        }
+        let tcp_len = buf.len() - tcp.start;
+        let mut packet = TcpPacket::new_unchecked(&mut buf[tcp.start..]);
+        packet.set_seq_number(smoltcp::wire::TcpSeqNumber(
+            seq.wrapping_add((i * mss) as u32) as i32,
+        ));
+        if !last {
+            // FIN and PSH only on the last segment.
+            packet.set_fin(false);
+            packet.set_psh(false);
+        }
+        let mut header = NetHeader::NONE;
+        if partial_checksums {
+            packet.set_checksum(checksum::pseudo_header(
+                &tcp.src,
+                &tcp.dst,
+                IpProtocol::Tcp,
+                tcp_len as u32,
+            ));
+            header.flags = NetHeader::F_NEEDS_CSUM;
+            header.csum_start = tcp.start as u16;
+            header.csum_offset = 16;
+        } else {
+            packet.fill_checksum(&tcp.src, &tcp.dst);
+        }
+        let len = buf.len();
+        out.push(OutFrame { header, buf, len });
+    }
+    out
+}
