@@ -59,9 +59,125 @@ pub enum RxOutcome {
     Dropped,
 }
 
+/// The virtio-net header of one frame (virtio 1.x 5.1.6), in either direction, without
+/// `num_buffers` (the device fills that in on RX).
+///
+/// From the guest it says what the guest left to us: `NEEDS_CSUM` (the L4 checksum at
+/// `csum_start + csum_offset` holds only the pseudo-header sum) and `gso_type`/`gso_size` (the
+/// frame is one large TCP segment the guest expects to be cut into `gso_size` pieces). To the
+/// guest it says the same of our frames. [`NetHeader::NONE`] is a plain frame with every
+/// checksum in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl NetHeader {
+    /// `flags`: the L4 checksum is partial (pseudo-header only).
+    pub const F_NEEDS_CSUM: u8 = 1;
+    /// `flags`: the checksums were verified (to the guest only).
+    pub const F_DATA_VALID: u8 = 2;
+    pub const GSO_NONE: u8 = 0;
+    pub const GSO_TCPV4: u8 = 1;
+    pub const GSO_UDP: u8 = 3;
+    pub const GSO_TCPV6: u8 = 4;
+    /// `gso_type` bit: the segments carry ECN's congestion-window-reduced flag.
+    pub const GSO_ECN: u8 = 0x80;
+    /// A plain frame: nothing offloaded.
+    pub const NONE: NetHeader = NetHeader {
+        flags: 0,
+        gso_type: 0,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+    };
+
+    /// Reads the first 10 bytes of a header (shorter input reads as zeros).
+    pub fn parse(bytes: &[u8]) -> NetHeader {
+        let mut b = [0u8; 10];
+        let n = bytes.len().min(10);
+        b[..n].copy_from_slice(&bytes[..n]);
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        NetHeader {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        }
+    }
+
+    /// The 12-byte wire form with `num_buffers`.
+    pub fn to_bytes(&self, num_buffers: u16) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        b
+    }
+
+    pub fn needs_csum(&self) -> bool {
+        self.flags & Self::F_NEEDS_CSUM != 0
+    }
+
+    pub fn is_gso(&self) -> bool {
+        self.gso_type != Self::GSO_NONE
+    }
+}
+
+/// The offloads the VMM acked (`VIRTIO_NET_F_*`), as the link uses them. A feature whose
+/// prerequisite was not acked counts as not acked (TSO needs the checksum offload of its
+/// direction), so every combination a VMM may ack is a consistent one here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// CSUM: the guest may send partial checksums (`NEEDS_CSUM`).
+    pub tx_csum: bool,
+    /// HOST_TSO4: the guest may send TCPv4 segments up to 64 KiB (`GSO_TCPV4`).
+    pub tx_tso4: bool,
+    /// HOST_TSO6: the same for TCPv6.
+    pub tx_tso6: bool,
+    /// GUEST_CSUM: frames to the guest may carry partial checksums.
+    pub rx_csum: bool,
+    /// GUEST_TSO4: TCPv4 segments to the guest may be larger than its MTU.
+    pub rx_tso4: bool,
+    /// GUEST_TSO6: the same for TCPv6.
+    pub rx_tso6: bool,
+}
+
+impl Offloads {
+    /// What the acked feature bits allow.
+    pub fn from_features(features: u64) -> Offloads {
+        use virtio_bindings::virtio_net::*;
+        let has = |bit: u32| features & (1u64 << bit) != 0;
+        let tx_csum = has(VIRTIO_NET_F_CSUM);
+        let rx_csum = has(VIRTIO_NET_F_GUEST_CSUM);
+        Offloads {
+            tx_csum,
+            tx_tso4: tx_csum && has(VIRTIO_NET_F_HOST_TSO4),
+            tx_tso6: tx_csum && has(VIRTIO_NET_F_HOST_TSO6),
+            rx_csum,
+            rx_tso4: rx_csum && has(VIRTIO_NET_F_GUEST_TSO4),
+            rx_tso6: rx_csum && has(VIRTIO_NET_F_GUEST_TSO6),
+        }
+    }
+}
+
 /// The guest's receive queue as the link sees it.
 pub trait GuestRx {
-    fn push(&mut self, frame: &[u8]) -> RxOutcome;
+    /// Writes `frame` behind the virtio-net header `header` (which the link fills only with
+    /// offloads the guest acked).
+    fn push(&mut self, header: &NetHeader, frame: &[u8]) -> RxOutcome;
 }
 
 /// The link behind a device: one queue pair's worker state (see `crate::link`).
@@ -72,8 +188,12 @@ pub trait LinkDriver: Send + 'static {
     /// The fds the worker must watch besides the queues (host sockets' epoll, timer, ...).
     /// Fixed for the life of the link; fd `i` reports as [`LinkDriver::fd_ready`]`(i)`.
     fn watched_fds(&self) -> Vec<RawFd>;
-    /// One Ethernet frame the guest sent (virtio-net header already removed).
-    fn guest_frame(&mut self, frame: &[u8]);
+    /// One Ethernet frame the guest sent, and its virtio-net header (unchecked: the link
+    /// judges it against the acked [`Offloads`]).
+    fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]);
+    /// The VMM acked features: from now on frames may use these offloads both ways. May come
+    /// again (the guest's driver restarted with other features).
+    fn set_offloads(&mut self, offloads: Offloads);
     /// The link's fd number `index` is ready.
     fn fd_ready(&mut self, index: usize);
     /// Moves data until nothing more can move now; frames for the guest go to `rx`.

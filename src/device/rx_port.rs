@@ -9,8 +9,8 @@
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 
-use super::virtqueue::{self, RxError};
-use super::{GuestRx, RxOutcome};
+use super::virtqueue::{self, RxError, RxScratch};
+use super::{GuestRx, NetHeader, RxOutcome};
 
 /// One service pass's view of the RX queue.
 pub struct RxPort<'a> {
@@ -18,6 +18,7 @@ pub struct RxPort<'a> {
     mem: &'a GuestMemoryMmap<()>,
     hdr_len: usize,
     mergeable: bool,
+    scratch: &'a mut RxScratch,
     /// Frames delivered in this pass.
     pub delivered: u64,
     /// Frames dropped on unusable buffers in this pass.
@@ -34,12 +35,14 @@ impl<'a> RxPort<'a> {
         mem: &'a GuestMemoryMmap<()>,
         hdr_len: usize,
         mergeable: bool,
+        scratch: &'a mut RxScratch,
     ) -> Self {
         RxPort {
             vring,
             mem,
             hdr_len,
             mergeable,
+            scratch,
             delivered: 0,
             dropped: 0,
             force_signal: false,
@@ -62,12 +65,20 @@ impl<'a> RxPort<'a> {
 }
 
 impl GuestRx for RxPort<'_> {
-    fn push(&mut self, frame: &[u8]) -> RxOutcome {
+    fn push(&mut self, header: &NetHeader, frame: &[u8]) -> RxOutcome {
         if !virtqueue::ring_usable(self.vring) {
             return RxOutcome::NoRoom;
         }
         loop {
-            match virtqueue::push_rx(self.vring, self.mem, self.hdr_len, self.mergeable, frame) {
+            match virtqueue::push_rx(
+                self.vring,
+                self.mem,
+                self.hdr_len,
+                self.mergeable,
+                header,
+                frame,
+                self.scratch,
+            ) {
                 Ok(merged) => {
                     self.force_signal |= merged;
                     self.delivered += 1;

@@ -28,8 +28,9 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -43,10 +44,10 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::rx_port::RxPort;
-use super::virtqueue;
+use super::virtqueue::{self, RxScratch};
 use super::{
-    DeviceSettings, GuestMemory, LinkDriver, FIRST_LINK_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES,
-    RESCAN_EVENT, RX_QUEUE, TX_QUEUE,
+    DeviceSettings, GuestMemory, LinkDriver, Offloads, FIRST_LINK_EVENT, MAX_QUEUE_SIZE,
+    NUM_QUEUES, RESCAN_EVENT, RX_QUEUE, TX_QUEUE,
 };
 use crate::observe::{Counters, LogGate};
 
@@ -65,7 +66,9 @@ struct DeviceState<L> {
     mem: Option<GuestMemory>,
     hdr_len: usize,
     mergeable: bool,
-    scratch: Vec<u8>,
+    /// Where TX chains are copied ([`virtqueue::TX_SCRATCH`] bytes, zeroed once).
+    scratch: Box<[u8]>,
+    rx_scratch: RxScratch,
     counters: DeviceCounters,
     /// A ring was stopped (GET_VRING_BASE); see `check_restart`.
     stopped: bool,
@@ -95,7 +98,8 @@ impl<L: LinkDriver> NetBackend<L> {
                 mem: None,
                 hdr_len: 12,
                 mergeable: false,
-                scratch: Vec::with_capacity(virtqueue::MAX_FRAME),
+                scratch: vec![0u8; virtqueue::TX_SCRATCH].into_boxed_slice(),
+                rx_scratch: RxScratch::default(),
                 counters: DeviceCounters::default(),
                 stopped: false,
                 bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
@@ -200,9 +204,10 @@ impl<L: LinkDriver> DeviceState<L> {
             TX_QUEUE => {
                 let hdr_len = self.hdr_len;
                 let link = &mut self.link;
-                let stats = virtqueue::drain_tx(tx, &mem, hdr_len, &mut self.scratch, |frame| {
-                    link.guest_frame(frame)
-                });
+                let stats =
+                    virtqueue::drain_tx(tx, &mem, hdr_len, &mut self.scratch, |header, frame| {
+                        link.guest_frame(header, frame)
+                    });
                 self.counters.tx_frames += stats.frames;
                 if stats.bad_chains > 0 {
                     self.counters.drops.add("tx-bad-chain", stats.bad_chains);
@@ -220,7 +225,7 @@ impl<L: LinkDriver> DeviceState<L> {
             id if id >= FIRST_LINK_EVENT => self.link.fd_ready(usize::from(id - FIRST_LINK_EVENT)),
             _ => {}
         }
-        let mut port = RxPort::new(rx, &mem, self.hdr_len, self.mergeable);
+        let mut port = RxPort::new(rx, &mem, self.hdr_len, self.mergeable, &mut self.rx_scratch);
         self.link.service(&mut port);
         self.counters.rx_frames += port.delivered;
         self.counters.drops.add("rx-bad-chain", port.dropped);
@@ -287,6 +292,12 @@ pub fn offered_features() -> u64 {
         | (1 << VIRTIO_NET_F_MRG_RXBUF)
         | (1 << VIRTIO_NET_F_STATUS)
         | (1 << VIRTIO_NET_F_MTU)
+        | (1 << VIRTIO_NET_F_CSUM)
+        | (1 << VIRTIO_NET_F_HOST_TSO4)
+        | (1 << VIRTIO_NET_F_HOST_TSO6)
+        | (1 << VIRTIO_NET_F_GUEST_CSUM)
+        | (1 << VIRTIO_NET_F_GUEST_TSO4)
+        | (1 << VIRTIO_NET_F_GUEST_TSO6)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -317,6 +328,9 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
         let mut state = self.lock();
         state.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         state.hdr_len = virtqueue::header_len(v1 || state.mergeable);
+        let offloads = Offloads::from_features(features);
+        debug!(?offloads, "offloads negotiated");
+        state.link.set_offloads(offloads);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -16,7 +16,6 @@
 //! TX ring full cannot hold the worker (and the datapath lock) forever; when it stops there, it
 //! kicks the ring itself, so the rest is taken after the worker has served its other events.
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -24,9 +23,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-/// Largest Ethernet frame we accept from or give to the guest (no GSO is offered).
+use super::NetHeader;
+
+/// Largest Ethernet frame we accept from or give to the guest: a 64 KiB TCP segment (TSO), or
+/// a frame at the largest MTU.
 pub const MAX_FRAME: usize = 65_562;
 
 /// Most TX chains one [`drain_tx`] call takes before it gives the worker back.
@@ -175,32 +177,11 @@ pub fn header_len(version_1_or_mrg: bool) -> usize {
 /// descriptor reads per TX kick, with the datapath lock held.
 pub const MAX_CHAIN_DESCRIPTORS: usize = super::MAX_QUEUE_SIZE;
 
-/// Walks a chain and says whether it ends properly: the iterator of virtio-queue stops quietly
-/// on a loop, a `next` out of range, a bad indirect table or a length overflow, which would make
-/// a truncated chain look complete. A chain is accepted only if its last descriptor says "no
-/// next", it has at most [`MAX_CHAIN_DESCRIPTORS`] descriptors, its length fits a frame, and
-/// (for TX) no descriptor is device-writable.
-fn chain_is_well_formed<M>(chain: &DescriptorChain<M>, transmit: bool) -> bool
-where
-    M: std::ops::Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
-{
-    let mut seen = false;
-    let mut last_has_next = false;
-    let mut total: u64 = 0;
-    for (count, desc) in chain.clone().enumerate() {
-        if count >= MAX_CHAIN_DESCRIPTORS {
-            return false;
-        }
-        seen = true;
-        last_has_next = desc.has_next();
-        total += u64::from(desc.len());
-        if (transmit && desc.is_write_only()) || total > (MAX_FRAME as u64) * 2 {
-            return false;
-        }
-    }
-    seen && !last_has_next
-}
+// A well-formed chain: the iterator of virtio-queue stops quietly on a loop, a `next` out of
+// range, a bad indirect table or a length overflow, which would make a truncated chain look
+// complete. So a chain is accepted only if its last descriptor says "no next", it has at most
+// [`MAX_CHAIN_DESCRIPTORS`] descriptors, its length fits a frame, and (for TX) no descriptor is
+// device-writable. Both directions check this in the one walk that also moves the bytes.
 
 /// Outcome counters of one TX drain.
 #[derive(Default, Debug, Clone, Copy)]
@@ -213,15 +194,50 @@ pub struct TxStats {
     pub capped: bool,
 }
 
+/// Bytes of scratch a TX drain needs: the largest header and the largest frame.
+pub const TX_SCRATCH: usize = 12 + MAX_FRAME;
+
+/// Copies a TX chain into `scratch` in one walk over its descriptors (no allocation) and
+/// returns how many bytes it held, or `None` when the chain is not well formed (see
+/// the comment above [`TxStats`]), is larger than `scratch`, or points outside guest memory.
+fn read_tx_chain<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap<()>,
+    scratch: &mut [u8],
+) -> Option<usize>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut seen = false;
+    let mut last_has_next = false;
+    let mut total = 0usize;
+    for (count, desc) in chain.enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS || desc.is_write_only() {
+            return None;
+        }
+        seen = true;
+        last_has_next = desc.has_next();
+        let end = total.checked_add(desc.len() as usize)?;
+        let into = scratch.get_mut(total..end)?;
+        if !into.is_empty() {
+            mem.read_slice(into, desc.addr()).ok()?;
+        }
+        total = end;
+    }
+    (seen && !last_has_next).then_some(total)
+}
+
 /// Reads the available TX chains (at most [`TX_CHAINS_PER_CALL`]) and calls `on_frame` with
-/// each frame (header stripped). Signals the guest when the used ring changed and it asked for
-/// it. Returns at once when the ring is not usable or cannot be read.
+/// each frame's virtio-net header and the frame behind it. `scratch` must hold [`TX_SCRATCH`]
+/// bytes; it is written, never zero-filled. Signals the guest when the used ring changed and it
+/// asked for it. Returns at once when the ring is not usable or cannot be read.
 pub fn drain_tx(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap<()>,
     hdr_len: usize,
-    scratch: &mut Vec<u8>,
-    mut on_frame: impl FnMut(&[u8]),
+    scratch: &mut [u8],
+    mut on_frame: impl FnMut(&NetHeader, &[u8]),
 ) -> TxStats {
     let mut stats = TxStats::default();
     let mut used_any = false;
@@ -257,35 +273,20 @@ pub fn drain_tx(
                 stats.bad_chains += 1;
                 continue;
             }
-            scratch.clear();
-            let well_formed = chain_is_well_formed(&chain, true);
-            let ok = well_formed
-                && match chain.reader(mem) {
-                    Ok(mut reader) => {
-                        let total = reader.available_bytes();
-                        if total < hdr_len || total - hdr_len > MAX_FRAME {
-                            false
-                        } else {
-                            scratch.resize(total, 0);
-                            reader.read_exact(scratch).is_ok()
-                        }
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "bad TX descriptor chain");
-                        false
-                    }
-                };
+            let len = read_tx_chain(chain, mem, scratch).filter(|&n| n >= hdr_len);
             if let Err(e) = vring.add_used(head, 0) {
                 ring_warning("TX", &e);
                 stats.bad_chains += 1;
                 break 'rounds;
             }
             used_any = true;
-            if ok {
-                stats.frames += 1;
-                on_frame(&scratch[hdr_len..]);
-            } else {
-                stats.bad_chains += 1;
+            match len {
+                Some(len) => {
+                    stats.frames += 1;
+                    let header = NetHeader::parse(&scratch[..hdr_len]);
+                    on_frame(&header, &scratch[hdr_len..len]);
+                }
+                None => stats.bad_chains += 1,
             }
         }
         // Re-enable notifications; if the guest added chains meanwhile, go round again. A round
@@ -320,15 +321,64 @@ pub enum RxError {
     BadChain,
 }
 
-/// Writes one frame into the guest's RX queue. With `mergeable`, several buffers may be used.
-/// Does not signal the guest: call [`signal_if_needed`] after a batch, or signal unconditionally
-/// when it returned `Ok(true)` (several buffers used; see [`publish_used`]).
+/// Buffers [`push_rx`] reuses from frame to frame, so that writing a frame allocates nothing.
+#[derive(Default)]
+pub struct RxScratch {
+    /// Writable segments (address, length) of the chains taken for the frame, in order.
+    segs: Vec<(GuestAddress, u32)>,
+    /// Each chain taken: its head and the end of its segments in `segs`.
+    chains: Vec<(u16, usize)>,
+    /// What goes to the used ring: head and bytes written.
+    used: Vec<(u16, u32)>,
+}
+
+/// Walks an RX chain once, appending its device-writable segments to `segs` (after checking
+/// that each lies in guest memory). Returns their total length, or `None` for a chain that is
+/// not well formed (see the comment above [`TxStats`]) or reaches outside guest memory.
+fn collect_rx_chain<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap<()>,
+    segs: &mut Vec<(GuestAddress, u32)>,
+) -> Option<usize>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    use vm_memory::GuestMemoryBackend as _;
+    let mut seen = false;
+    let mut last_has_next = false;
+    let mut total = 0usize;
+    for (count, desc) in chain.enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS {
+            return None;
+        }
+        seen = true;
+        last_has_next = desc.has_next();
+        if !desc.is_write_only() {
+            // Not ours to write (a receive buffer has none); skipped, as always.
+            continue;
+        }
+        total += desc.len() as usize;
+        if total > MAX_FRAME * 2 || !mem.check_range(desc.addr(), desc.len() as usize) {
+            return None;
+        }
+        segs.push((desc.addr(), desc.len()));
+    }
+    (seen && !last_has_next).then_some(total)
+}
+
+/// Writes one frame behind `header` into the guest's RX queue. With `mergeable`, several
+/// buffers may be used. Does not signal the guest: call [`signal_if_needed`] after a batch, or
+/// signal unconditionally when it returned `Ok(true)` (several buffers used; see
+/// [`publish_used`]).
 pub fn push_rx(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap<()>,
     hdr_len: usize,
     mergeable: bool,
+    header: &NetHeader,
     frame: &[u8],
+    scratch: &mut RxScratch,
 ) -> Result<bool, RxError> {
     let needed = hdr_len + frame.len();
     let mut state = vring.get_mut();
@@ -336,20 +386,25 @@ pub fn push_rx(
     if check_ring(&state).is_err() {
         return Err(RxError::NoBuffers);
     }
+    let RxScratch { segs, chains, used } = scratch;
+    segs.clear();
+    chains.clear();
+    used.clear();
     // Collect chains until they can hold the frame.
-    let mut chains = Vec::new();
     let mut capacity = 0usize;
     while capacity < needed {
         let Ok(Some(chain)) = next_chain(&mut state, mem, "RX") else {
             break;
         };
         let head = chain.head_index();
-        let usable = chain_is_well_formed(&chain, false);
-        let writer = match chain.writer(mem).ok().filter(|_| usable).ok_or(()) {
-            Ok(w) => w,
-            Err(_) => {
+        match collect_rx_chain(chain, mem, segs) {
+            Some(len) if head_in_ring(&state, head) => {
+                capacity += len;
+                chains.push((head, segs.len()));
+            }
+            _ => {
                 // The frame is dropped; every buffer taken so far goes back empty.
-                for (h, _) in &chains {
+                for (h, _) in chains.iter() {
                     let _ = state.add_used(*h, 0);
                 }
                 if head_in_ring(&state, head) {
@@ -357,9 +412,7 @@ pub fn push_rx(
                 }
                 return Err(RxError::BadChain);
             }
-        };
-        capacity += writer.available_bytes();
-        chains.push((head, writer));
+        }
         if !mergeable {
             break;
         }
@@ -368,36 +421,46 @@ pub fn push_rx(
         for _ in 0..chains.len() {
             state.get_queue_mut().go_to_previous_position();
         }
-        return Err(if chains.is_empty() || mergeable {
+        // A large segment that a non-mergeable buffer cannot hold is no reason to drop it:
+        // the link cuts it to MTU-sized segments.
+        return Err(if chains.is_empty() || mergeable || header.is_gso() {
             RxError::NoBuffers
         } else {
             RxError::BadChain
         });
     }
-    let mut header = [0u8; 12];
-    header[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
-    let mut remaining = frame;
-    let mut header_left: &[u8] = &header[..hdr_len];
-    let mut used = Vec::with_capacity(chains.len());
-    for (head, mut writer) in chains {
+    let header = header.to_bytes(chains.len() as u16);
+    // The header, then the frame: one run of bytes over the chains' segments in order.
+    let mut parts = [&header[..hdr_len], frame];
+    let mut seg_start = 0usize;
+    for &(head, seg_end) in chains.iter() {
         let mut written = 0usize;
-        if !header_left.is_empty() {
-            let n = header_left.len().min(writer.available_bytes());
-            if writer.write_all(&header_left[..n]).is_err() {
-                used.push((head, written as u32));
-                continue;
+        for &(addr, len) in &segs[seg_start..seg_end] {
+            let mut at = addr;
+            let mut room = len as usize;
+            for part in parts.iter_mut() {
+                let n = part.len().min(room);
+                if n == 0 {
+                    continue;
+                }
+                if mem.write_slice(&part[..n], at).is_err() {
+                    // Checked when the chain was walked; should the map have changed, every
+                    // buffer goes back empty.
+                    for (h, _) in chains.iter() {
+                        let _ = state.add_used(*h, 0);
+                    }
+                    return Err(RxError::BadChain);
+                }
+                *part = &part[n..];
+                at = at.unchecked_add(n as u64);
+                room -= n;
+                written += n;
             }
-            header_left = &header_left[n..];
-            written += n;
         }
-        let n = remaining.len().min(writer.available_bytes());
-        if writer.write_all(&remaining[..n]).is_ok() {
-            remaining = &remaining[n..];
-            written += n;
-        }
+        seg_start = seg_end;
         used.push((head, written as u32));
     }
-    publish_used(&mut state, mem, &used)
+    publish_used(&mut state, mem, used)
 }
 
 /// Puts a frame's buffers on the used ring so that the driver sees all of them at once: the

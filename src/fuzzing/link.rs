@@ -35,7 +35,7 @@ use smoltcp::wire::{
 
 use super::{push_record, Input};
 use crate::config::addressing::{Addressing, LinkAddrs, LinkAddrs6};
-use crate::device::{GuestRx, LinkDriver, RxOutcome};
+use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome};
 use crate::dns::DnsSettings;
 use crate::flow::addrmap::AddressMap;
 use crate::flow::FlowSettings;
@@ -186,9 +186,11 @@ fn fill_transport(protocol: IpProtocol, src: IpAddress, dst: IpAddress, body: &m
 
 // ---- classify + source guard ---------------------------------------------------------------
 
-/// Input: a flags byte ([`repair`]) and one guest frame.
+/// Input: a flags byte ([`repair`]; with [`STEP_HEADER`] a virtio-net header of 10 bytes and
+/// an offloads byte follow) and one guest frame.
 ///
-/// Holds: no panic; a frame the reassembler would take never classifies as anything but a
+/// Holds: no panic; a header the offloads do not allow is refused as an offload drop; a GSO
+/// frame classifies as TCP or a drop, a partial checksum is accepted on TCP or UDP only; a frame the reassembler would take never classifies as anything but a
 /// drop (no fragment reaches the flows); what the guard passes comes from the guest's MAC and
 /// one of the guest's addresses (0.0.0.0 only for DHCP and ARP probes, `::` only for router
 /// and neighbour solicitations), never from a gateway address.
@@ -196,9 +198,43 @@ pub fn classify(data: &[u8]) {
     let mut input = Input::new(data);
     let flags = input.byte();
     let addressing = addressing();
+    let (header, offloads) = if flags & STEP_HEADER != 0 {
+        let header = NetHeader::parse(input.bytes(10));
+        (header, offloads_from_bits(input.byte()))
+    } else {
+        (NetHeader::NONE, Offloads::default())
+    };
     let mut frame = input.rest().to_vec();
     repair(&mut frame, flags, &addressing);
-    let classified = classifier::classify(&frame);
+    if let Err(reason) = classifier::check_header(&header, &frame, &offloads) {
+        assert!(
+            matches!(
+                reason,
+                DropReason::OffloadBadHeader | DropReason::OffloadNotNegotiated
+            ),
+            "header refused as {reason:?}"
+        );
+        return;
+    }
+    let classified = classifier::classify_offloaded(&frame, &header);
+    if header.is_gso() {
+        assert!(
+            matches!(classified, Classified::Tcp(_) | Classified::Drop(_)),
+            "a GSO frame classified as {classified:?}"
+        );
+    }
+    if header.needs_csum() {
+        assert!(
+            matches!(
+                classified,
+                Classified::Tcp(_)
+                    | Classified::Udp { .. }
+                    | Classified::Dhcp { .. }
+                    | Classified::Drop(_)
+            ),
+            "a partial checksum accepted on {classified:?}"
+        );
+    }
     if is_fragment(&frame) {
         assert!(
             matches!(classified, Classified::Drop(_)),
@@ -325,11 +361,13 @@ fn check_reassembled(frame: &[u8]) {
 struct CheckingRx {
     refuse: bool,
     delivered: usize,
+    /// What the link was told the guest acked.
+    offloads: Offloads,
 }
 
 impl GuestRx for CheckingRx {
-    fn push(&mut self, frame: &[u8]) -> RxOutcome {
-        check_frame_to_guest(frame);
+    fn push(&mut self, header: &NetHeader, frame: &[u8]) -> RxOutcome {
+        check_frame_to_guest(header, &self.offloads, frame);
         if self.refuse {
             return RxOutcome::NoRoom;
         }
@@ -338,15 +376,34 @@ impl GuestRx for CheckingRx {
     }
 }
 
-/// What every frame netfence writes to the guest must be: within the MTU, from the gateway's
-/// MAC, to the guest (or broadcast / IPv6 multicast), with a parsable header (IPv4 checksum
-/// right).
-fn check_frame_to_guest(frame: &[u8]) {
-    assert!(
-        frame.len() <= 14 + usize::from(MTU),
-        "{} bytes to the guest",
-        frame.len()
-    );
+/// What every frame netfence writes to the guest must be: within the MTU (or a TCP GSO frame
+/// of at most 64 KiB the guest acked), from the gateway's MAC, to the guest (or broadcast / IPv6
+/// multicast), with a parsable header (IPv4 checksum right), and a virtio-net header that uses
+/// only what the guest acked and points at the frame's TCP checksum.
+fn check_frame_to_guest(header: &NetHeader, offloads: &Offloads, frame: &[u8]) {
+    if header.needs_csum() {
+        assert!(offloads.rx_csum, "a partial checksum the guest did not ack");
+        assert_eq!(header.csum_offset, 16, "partial checksum not TCP's");
+        assert!(usize::from(header.csum_start) + 18 <= frame.len());
+    }
+    match header.gso_type {
+        NetHeader::GSO_NONE => assert!(
+            frame.len() <= 14 + usize::from(MTU),
+            "{} bytes to the guest",
+            frame.len()
+        ),
+        NetHeader::GSO_TCPV4 | NetHeader::GSO_TCPV6 => {
+            let acked = if header.gso_type == NetHeader::GSO_TCPV4 {
+                offloads.rx_tso4
+            } else {
+                offloads.rx_tso6
+            };
+            assert!(acked && header.needs_csum(), "GSO the guest did not ack");
+            assert!(frame.len() <= crate::stack::TSO_FRAME);
+            assert!(header.gso_size > 0 && usize::from(header.gso_size) < usize::from(MTU));
+        }
+        other => panic!("GSO type {other} to the guest"),
+    }
     let eth = EthernetFrame::new_checked(frame).expect("an Ethernet frame to the guest");
     assert_eq!(eth.src_addr(), EthernetAddress(GATEWAY_MAC), "source MAC");
     let dst = eth.dst_addr();
@@ -445,9 +502,29 @@ pub const STEP_SERVICE: u8 = 0x08;
 pub const STEP_RX_FULL: u8 = 0x10;
 /// Step flag: reset the link (the guest's rings restarted) before the frame.
 pub const STEP_RESET: u8 = 0x20;
+/// Step flag: a virtio-net header (10 bytes) comes with the frame, before its record.
+pub const STEP_HEADER: u8 = 0x40;
+/// Step flag: the VMM acks features again before the frame: one byte of [`Offloads`] bits
+/// (see [`offloads_from_bits`]) follows the flags.
+pub const STEP_OFFLOADS: u8 = 0x80;
 
-/// Input: steps, each a flags byte ([`repair`] flags and the `STEP_*` flags) and a frame
-/// record, fed to one fresh link that can open no host socket.
+/// [`Offloads`] from six bits: tx_csum, tx_tso4, tx_tso6, rx_csum, rx_tso4, rx_tso6, made
+/// consistent as a device makes them (TSO only with the checksum offload of its direction).
+pub fn offloads_from_bits(bits: u8) -> Offloads {
+    let bit = |i: u8| bits & (1 << i) != 0;
+    Offloads {
+        tx_csum: bit(0),
+        tx_tso4: bit(0) && bit(1),
+        tx_tso6: bit(0) && bit(2),
+        rx_csum: bit(3),
+        rx_tso4: bit(3) && bit(4),
+        rx_tso6: bit(3) && bit(5),
+    }
+}
+
+/// Input: steps, each a flags byte ([`repair`] flags and the `STEP_*` flags), an offloads byte
+/// with [`STEP_OFFLOADS`], a virtio-net header with [`STEP_HEADER`], and a frame record, fed to
+/// one fresh link that can open no host socket.
 ///
 /// Holds: no panic; no TCP, UDP or echo flow ever exists (the policy denies, the budgets are
 /// zero); every frame to the guest passes `check_frame_to_guest`.
@@ -462,15 +539,25 @@ pub fn link(data: &[u8]) {
     let mut rx = CheckingRx {
         refuse: false,
         delivered: 0,
+        offloads: Offloads::default(),
     };
     while !input.is_empty() {
         let flags = input.byte();
+        if flags & STEP_OFFLOADS != 0 {
+            rx.offloads = offloads_from_bits(input.byte());
+            LinkDriver::set_offloads(&mut link, rx.offloads);
+        }
+        let header = if flags & STEP_HEADER != 0 {
+            NetHeader::parse(input.bytes(10))
+        } else {
+            NetHeader::NONE
+        };
         let mut frame = input.record().to_vec();
         repair(&mut frame, flags, &addressing);
         if flags & STEP_RESET != 0 {
             LinkDriver::reset(&mut link);
         }
-        LinkDriver::guest_frame(&mut link, &frame);
+        LinkDriver::guest_frame(&mut link, &header, &frame);
         let (tcp, udp, echo, _dns_tcp) = link.flows().counts();
         assert_eq!((tcp, udp, echo), (0, 0, 0), "a host flow in a sealed link");
         if flags & STEP_SERVICE != 0 {
@@ -898,6 +985,33 @@ fn fragment_frames(v6: bool, size: usize, piece: usize, ident: u16) -> Vec<Vec<u
     frames
 }
 
+/// Every offload acked, as [`offloads_from_bits`] reads it.
+const ALL_OFFLOADS: u8 = 0x3f;
+
+/// A virtio-net header for a TCP/IPv4 frame that leaves the checksum to netfence and asks for
+/// TSO (as a Linux guest sends a large segment), in its 10-byte wire form.
+fn tso_header() -> [u8; 10] {
+    let header = NetHeader {
+        flags: NetHeader::F_NEEDS_CSUM,
+        gso_type: NetHeader::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    let mut out = [0u8; 10];
+    out.copy_from_slice(&header.to_bytes(0)[..10]);
+    out
+}
+
+/// The TCP/IPv4 frames of [`guest_frames`].
+fn tcp_v4_frames() -> Vec<Vec<u8>> {
+    guest_frames()
+        .into_iter()
+        .filter(|f| f.get(12..14) == Some(&[0x08, 0x00][..]) && f.get(14 + 9) == Some(&6))
+        .collect()
+}
+
 pub fn classify_seeds() -> Vec<Vec<u8>> {
     let mut seeds = Vec::new();
     for frame in guest_frames()
@@ -905,6 +1019,13 @@ pub fn classify_seeds() -> Vec<Vec<u8>> {
         .chain(fragment_frames(false, 64, 32, 1))
     {
         let mut seed = vec![0];
+        seed.extend_from_slice(&frame);
+        seeds.push(seed);
+    }
+    for frame in tcp_v4_frames() {
+        let mut seed = vec![STEP_HEADER];
+        seed.extend_from_slice(&tso_header());
+        seed.push(ALL_OFFLOADS);
         seed.extend_from_slice(&frame);
         seeds.push(seed);
     }
@@ -959,6 +1080,20 @@ pub fn link_seeds() -> Vec<Vec<u8>> {
     let mut seeds: Vec<Vec<u8>> = frames.chunks(4).map(link_sequence).collect();
     seeds.push(link_sequence(&fragment_frames(false, 100, 48, 3)));
     seeds.push(link_sequence(&fragment_frames(true, 100, 48, 4)));
+    // Offloads acked, then TCP frames with a TSO header (a DNS-over-TCP SYN to the gateway
+    // gets a SYN-ACK with a partial checksum back).
+    let mut offloaded = Vec::new();
+    for (i, frame) in tcp_v4_frames().iter().enumerate() {
+        if i == 0 {
+            offloaded.push(STEP_OFFLOADS | STEP_HEADER | STEP_SERVICE);
+            offloaded.push(ALL_OFFLOADS);
+        } else {
+            offloaded.push(STEP_HEADER | STEP_SERVICE);
+        }
+        offloaded.extend_from_slice(&tso_header());
+        push_record(&mut offloaded, frame);
+    }
+    seeds.push(offloaded);
     seeds
 }
 

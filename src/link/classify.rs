@@ -7,6 +7,13 @@
 //! of known flows), the DHCP server, the router advertiser, the flows, or a counted drop.
 //! [`guard`](super::guard) then checks that the frame's sources are the guest's.
 //!
+//! The guest's virtio-net header comes with the frame ([`classify_offloaded`]): a frame marked
+//! `NEEDS_CSUM` carries a partial L4 checksum (the guest left it to us; it is not verified), and
+//! a GSO frame is one TCP segment of up to 64 KiB. A header that asks for an offload the VMM did
+//! not ack, or that does not fit its frame (checksum position, GSO type against the protocol,
+//! lengths), is a counted drop. Every checksum that is verified is verified here, once: smoltcp
+//! is told not to verify again.
+//!
 //! IPv4 and IPv6 classify into the same variants. Fragments are put back together before they
 //! get here ([`fragments`](super::fragments)), so the whole datagram is judged and a transport
 //! header can never hide in a later fragment; a fragment that still reaches the classifier is
@@ -15,6 +22,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::device::{NetHeader, Offloads};
 pub use crate::stack::frames::TcpHead;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet,
@@ -93,6 +101,13 @@ pub enum DropReason {
     /// Router advertisements and redirects from the guest, and NDP with a hop limit other than
     /// 255 (RFC 4861: such a message did not come from the link).
     UnexpectedNdp,
+    /// A virtio-net header asking for an offload the VMM did not ack (or that netfence never
+    /// offers: UDP GSO, ECN).
+    OffloadNotNegotiated,
+    /// A virtio-net header that does not fit its frame: GSO without a segment size or
+    /// `NEEDS_CSUM`, larger than 64 KiB, of another protocol than the frame's; a checksum
+    /// position past the frame or not at the L4 checksum; `hdr_len` past the frame.
+    OffloadBadHeader,
 }
 
 impl DropReason {
@@ -106,19 +121,90 @@ impl DropReason {
             DropReason::UnknownProtocol => "unknown-protocol",
             DropReason::ExtensionHeader => "ipv6-extension-header",
             DropReason::UnexpectedNdp => "ndp-unexpected",
+            DropReason::OffloadNotNegotiated => "offload-not-negotiated",
+            DropReason::OffloadBadHeader => "offload-bad-header",
         }
     }
 }
 
-/// Classifies one Ethernet frame from the guest.
+/// Largest IP packet a GSO frame may carry (64 KiB, what an IPv4 length field can say).
+pub const MAX_GSO_PACKET: usize = 65_535;
+
+/// Classifies one Ethernet frame from the guest that came without offloads (every checksum in
+/// place).
 pub fn classify(frame: &[u8]) -> Classified<'_> {
+    classify_offloaded(frame, &NetHeader::NONE)
+}
+
+/// What the virtio-net header says of a frame's L4 part, once checked against the offloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Partial {
+    /// `NEEDS_CSUM`: the L4 checksum at this frame offset (+ the protocol's offset) is partial.
+    csum: Option<(usize, usize)>,
+    /// GSO: the frame must be TCP of this IP version.
+    gso_version: Option<u8>,
+}
+
+/// Checks a guest's virtio-net header against the acked `offloads` and its frame, without
+/// parsing the frame beyond its length: what may be asked at all and whether the numbers fit.
+/// Fragments and frames the classifier never sees go through this too.
+pub fn check_header(
+    header: &NetHeader,
+    frame: &[u8],
+    offloads: &Offloads,
+) -> Result<(), DropReason> {
+    if *header == NetHeader::NONE {
+        return Ok(());
+    }
+    if header.needs_csum() {
+        if !offloads.tx_csum {
+            return Err(DropReason::OffloadNotNegotiated);
+        }
+        let end = usize::from(header.csum_start) + usize::from(header.csum_offset) + 2;
+        if end > frame.len() {
+            return Err(DropReason::OffloadBadHeader);
+        }
+    }
+    match header.gso_type {
+        NetHeader::GSO_NONE => return Ok(()),
+        NetHeader::GSO_TCPV4 if offloads.tx_tso4 => {}
+        NetHeader::GSO_TCPV6 if offloads.tx_tso6 => {}
+        _ => return Err(DropReason::OffloadNotNegotiated),
+    }
+    if !header.needs_csum()
+        || header.gso_size == 0
+        || usize::from(header.hdr_len) > frame.len()
+        || frame.len() > 14 + MAX_GSO_PACKET
+    {
+        return Err(DropReason::OffloadBadHeader);
+    }
+    Ok(())
+}
+
+/// Classifies one Ethernet frame from the guest with its virtio-net header (checked with
+/// [`check_header`] before). The header decides which L4 checksum is partial and so not
+/// verified, and a GSO header must match the frame's protocol.
+pub fn classify_offloaded<'a>(frame: &'a [u8], header: &NetHeader) -> Classified<'a> {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Classified::Drop(DropReason::Malformed);
     };
+    let partial = Partial {
+        csum: header.needs_csum().then_some((
+            usize::from(header.csum_start),
+            usize::from(header.csum_offset),
+        )),
+        gso_version: match header.gso_type {
+            NetHeader::GSO_TCPV4 => Some(4),
+            NetHeader::GSO_TCPV6 => Some(6),
+            _ => None,
+        },
+    };
+    let offloaded = partial != Partial::default();
     match eth.ethertype() {
-        EthernetProtocol::Arp => classify_arp(eth.payload()),
-        EthernetProtocol::Ipv4 => classify_ipv4(eth.payload()),
-        EthernetProtocol::Ipv6 => classify_ipv6(eth.payload()),
+        EthernetProtocol::Arp if !offloaded => classify_arp(eth.payload()),
+        EthernetProtocol::Ipv4 => classify_ipv4(eth.payload(), partial),
+        EthernetProtocol::Ipv6 => classify_ipv6(eth.payload(), partial),
+        EthernetProtocol::Arp => Classified::Drop(DropReason::OffloadBadHeader),
         _ => Classified::Drop(DropReason::UnknownEtherType),
     }
 }
@@ -144,7 +230,7 @@ fn classify_arp(payload: &[u8]) -> Classified<'_> {
     }
 }
 
-fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
+fn classify_ipv4(payload: &[u8], partial: Partial) -> Classified<'_> {
     let Ok(ip) = Ipv4Packet::new_checked(payload) else {
         return Classified::Drop(DropReason::Malformed);
     };
@@ -162,7 +248,14 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
     let src = ip.src_addr();
     let dst = ip.dst_addr();
     let body = &payload[usize::from(ip.header_len())..usize::from(ip.total_len())];
+    let l4_start = 14 + usize::from(ip.header_len());
+    if partial.gso_version.is_some_and(|v| v != 4) {
+        return Classified::Drop(DropReason::OffloadBadHeader);
+    }
     if ip.next_header() == IpProtocol::Icmp {
+        if partial != Partial::default() {
+            return Classified::Drop(DropReason::OffloadBadHeader);
+        }
         return classify_icmpv4(src, dst, body);
     }
     let udp_to_dhcp = |udp: &UdpPacket<&[u8]>| udp.dst_port() == 67 && udp.src_port() == 68;
@@ -172,12 +265,16 @@ fn classify_ipv4(payload: &[u8]) -> Classified<'_> {
         src.into(),
         dst.into(),
         not_unicast,
-        body,
+        L4 {
+            body,
+            start: l4_start,
+            partial,
+        },
         udp_to_dhcp,
     )
 }
 
-fn classify_ipv6(payload: &[u8]) -> Classified<'_> {
+fn classify_ipv6(payload: &[u8], partial: Partial) -> Classified<'_> {
     let Ok(ip) = Ipv6Packet::new_checked(payload) else {
         return Classified::Drop(DropReason::Malformed);
     };
@@ -187,16 +284,25 @@ fn classify_ipv6(payload: &[u8]) -> Classified<'_> {
     let src = ip.src_addr();
     let dst = ip.dst_addr();
     let body = ip.payload();
+    let offloaded = partial != Partial::default();
+    if partial.gso_version.is_some_and(|v| v != 6) {
+        return Classified::Drop(DropReason::OffloadBadHeader);
+    }
     match ip.next_header() {
-        IpProtocol::Icmpv6 => classify_icmpv6(src, dst, ip.hop_limit(), body),
         IpProtocol::Tcp | IpProtocol::Udp => classify_transport(
             ip.next_header(),
             src.into(),
             dst.into(),
             dst.is_multicast(),
-            body,
+            L4 {
+                body,
+                start: 14 + 40,
+                partial,
+            },
             |_| false,
         ),
+        _ if offloaded => Classified::Drop(DropReason::OffloadBadHeader),
+        IpProtocol::Icmpv6 => classify_icmpv6(src, dst, ip.hop_limit(), body),
         IpProtocol::Ipv6Frag => Classified::Drop(DropReason::Fragment),
         IpProtocol::HopByHop
         | IpProtocol::Ipv6Route
@@ -207,25 +313,53 @@ fn classify_ipv6(payload: &[u8]) -> Classified<'_> {
     }
 }
 
+/// The L4 part of a packet: its bytes, where they start in the frame, and what the guest's
+/// header says of them.
+struct L4<'a> {
+    body: &'a [u8],
+    start: usize,
+    partial: Partial,
+}
+
+impl L4<'_> {
+    /// Whether the guest left this L4 checksum partial, at `checksum_field` of the header:
+    /// `Err` when its header points anywhere else.
+    fn checksum_left_to_us(&self, checksum_field: usize) -> Result<bool, DropReason> {
+        match self.partial.csum {
+            None => Ok(false),
+            Some((start, offset)) if start == self.start && offset == checksum_field => Ok(true),
+            Some(_) => Err(DropReason::OffloadBadHeader),
+        }
+    }
+}
+
 /// TCP and UDP of either family. `not_unicast`: the destination is broadcast or multicast.
 fn classify_transport<'a>(
     protocol: IpProtocol,
     src: IpAddr,
     dst: IpAddr,
     not_unicast: bool,
-    body: &'a [u8],
+    l4: L4<'a>,
     is_dhcp: impl Fn(&UdpPacket<&[u8]>) -> bool,
 ) -> Classified<'a> {
     let (src_ip, dst_ip) = (IpAddress::from(src), IpAddress::from(dst));
+    let body = l4.body;
     match protocol {
         IpProtocol::Udp => {
+            if l4.partial.gso_version.is_some() {
+                return Classified::Drop(DropReason::OffloadBadHeader);
+            }
+            let partial = match l4.checksum_left_to_us(6) {
+                Ok(partial) => partial,
+                Err(reason) => return Classified::Drop(reason),
+            };
             let Ok(udp) = UdpPacket::new_checked(body) else {
                 return Classified::Drop(DropReason::Malformed);
             };
             // A zero checksum means "none" in IPv4 and is forbidden in IPv6 (RFC 8200);
-            // smoltcp accepts it in both.
+            // smoltcp accepts it in both. A partial one is the guest's to leave to us.
             let missing_v6 = udp.checksum() == 0 && src.is_ipv6();
-            if missing_v6 || !udp.verify_checksum(&src_ip, &dst_ip) {
+            if !partial && (missing_v6 || !udp.verify_checksum(&src_ip, &dst_ip)) {
                 return Classified::Drop(DropReason::BadChecksum);
             }
             let data = &body[8..usize::from(udp.len()).min(body.len()).max(8)];
@@ -244,10 +378,14 @@ fn classify_transport<'a>(
             }
         }
         IpProtocol::Tcp => {
+            let partial = match l4.checksum_left_to_us(16) {
+                Ok(partial) => partial,
+                Err(reason) => return Classified::Drop(reason),
+            };
             let Ok(tcp) = TcpPacket::new_checked(body) else {
                 return Classified::Drop(DropReason::Malformed);
             };
-            if !tcp.verify_checksum(&src_ip, &dst_ip) {
+            if !partial && !tcp.verify_checksum(&src_ip, &dst_ip) {
                 return Classified::Drop(DropReason::BadChecksum);
             }
             if not_unicast {

@@ -34,13 +34,13 @@ use smoltcp::wire::EthernetAddress;
 use tracing::{debug, info, warn};
 
 use crate::config::addressing::Addressing;
-use crate::device::{GuestRx, LinkDriver, RxOutcome};
+use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome};
 use crate::flow::{FlowSettings, Flows};
 use crate::observe::{Counters, LogGate};
 use crate::stack::frames::{self, Macs};
 use crate::stack::GuestStack;
 
-use self::classify::{classify, Classified, DropReason};
+use self::classify::{classify_offloaded, Classified, DropReason};
 use self::dhcp::DhcpServer;
 use self::fragments::{Reassembler, Reassembly, ReassemblyLimits};
 use self::guard::SourceGuard;
@@ -138,6 +138,8 @@ pub struct Link {
     terminator: Terminator,
     /// The link is down (a secret's `block_and_terminate`): nothing is served any more.
     down: bool,
+    /// The offloads the VMM acked.
+    offloads: Offloads,
 }
 
 impl Link {
@@ -184,6 +186,7 @@ impl Link {
             introduced: Vec::new(),
             terminator,
             down: false,
+            offloads: Offloads::default(),
             settings,
         })
     }
@@ -210,7 +213,19 @@ impl Link {
         debug!(reason, "dropped guest frame");
     }
 
-    fn guest_frame(&mut self, frame: &[u8]) {
+    /// Uses the offloads the VMM acked, both ways, from now on.
+    fn set_offloads(&mut self, offloads: Offloads) {
+        if offloads == self.offloads {
+            return;
+        }
+        info!(?offloads, "offloads in use");
+        self.offloads = offloads;
+        self.stack.set_offloads(offloads);
+        // The new interface knows no neighbour: introduce the guest's addresses again.
+        self.introduced.clear();
+    }
+
+    fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
         if self.down {
             self.count_drop("link-down");
             return;
@@ -220,8 +235,20 @@ impl Link {
             self.count_drop("network-none");
             return;
         }
+        if let Err(reason) = classify::check_header(header, frame, &self.offloads) {
+            self.count_drop(reason.as_str());
+            return;
+        }
         let reassembled;
+        let mut header = header;
         let frame = if fragments::is_fragment(frame) {
+            // A fragment's checksums are whole (a guest completes them before it fragments);
+            // the reassembled datagram is judged without offloads.
+            if *header != NetHeader::NONE {
+                self.count_drop(DropReason::OffloadBadHeader.as_str());
+                return;
+            }
+            header = &NetHeader::NONE;
             // Every fragment must come from the guest's MAC; the IP source is part of the
             // reassembly key and is checked on the whole datagram below.
             if frame.get(6..12) != Some(&self.settings.guest_mac[..]) {
@@ -243,7 +270,7 @@ impl Link {
         } else {
             frame
         };
-        let classified = classify(frame);
+        let classified = classify_offloaded(frame, header);
         if let Err(reason) = self.guard.check(frame, &classified) {
             self.counters.inc(reason);
             if let Some(suppressed) = self.spoof_log.admit(Instant::now()) {
@@ -399,9 +426,21 @@ impl Link {
     fn flush(&mut self, rx: &mut dyn GuestRx) -> usize {
         let mut delivered = 0;
         while let Some(frame) = self.stack.port.to_guest.front() {
-            match rx.push(frame) {
+            match rx.push(&frame.header, frame.bytes()) {
                 RxOutcome::Delivered => delivered += 1,
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
+                RxOutcome::NoRoom if frame.header.is_gso() => {
+                    // The guest's buffers cannot take the large segment now (too few, or
+                    // not mergeable and too small): it goes as MTU-sized segments instead.
+                    if let Some(frame) = self.stack.port.to_guest.pop_front() {
+                        let partial = self.offloads.rx_csum;
+                        for piece in crate::stack::segment(frame, partial).into_iter().rev() {
+                            self.stack.port.to_guest.push_front(piece);
+                        }
+                        self.counters.inc("rx-gso-segmented");
+                    }
+                    continue;
+                }
                 RxOutcome::NoRoom => break,
             }
             if let Some(frame) = self.stack.port.to_guest.pop_front() {
@@ -430,6 +469,10 @@ impl Link {
                 return;
             }
             self.stack.poll();
+            let oversize = std::mem::take(&mut self.stack.port.oversize_dropped);
+            if oversize > 0 {
+                self.counters.add("oversize-to-guest", oversize);
+            }
             let before = self.stack.port.to_guest.len();
             let delivered = self.flush(rx);
             if delivered == 0 && before == self.stack.port.to_guest.len() {
@@ -464,8 +507,12 @@ impl LinkDriver for Link {
         fds
     }
 
-    fn guest_frame(&mut self, frame: &[u8]) {
-        Link::guest_frame(self, frame);
+    fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
+        Link::guest_frame(self, header, frame);
+    }
+
+    fn set_offloads(&mut self, offloads: Offloads) {
+        Link::set_offloads(self, offloads);
     }
 
     fn fd_ready(&mut self, index: usize) {
@@ -530,6 +577,8 @@ pub fn drop_reasons() -> impl Iterator<Item = &'static str> {
         DropReason::UnknownProtocol,
         DropReason::ExtensionHeader,
         DropReason::UnexpectedNdp,
+        DropReason::OffloadNotNegotiated,
+        DropReason::OffloadBadHeader,
     ]
     .into_iter()
     .map(DropReason::as_str)

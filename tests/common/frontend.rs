@@ -195,6 +195,48 @@ impl NetHdr {
     }
 }
 
+/// `flags`: the L4 checksum is partial.
+pub const NET_HDR_F_NEEDS_CSUM: u8 = 1;
+pub const NET_HDR_GSO_TCPV4: u8 = 1;
+pub const NET_HDR_GSO_UDP: u8 = 3;
+pub const NET_HDR_GSO_TCPV6: u8 = 4;
+pub const NET_HDR_GSO_ECN: u8 = 0x80;
+
+impl NetHdr {
+    /// The 12-byte wire form.
+    pub fn to_bytes(self) -> [u8; NET_HDR_LEN] {
+        let mut b = [0u8; NET_HDR_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
+        b
+    }
+}
+
+/// Finishes a partial checksum as a NIC would: the one's-complement sum of `frame[start..]`
+/// (whose checksum field holds the pseudo-header sum) goes, complemented, at `start + offset`.
+/// False when the position is outside the frame.
+pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
+    let (start, field) = (usize::from(start), usize::from(start) + usize::from(offset));
+    if field + 2 > frame.len() || start > frame.len() {
+        return false;
+    }
+    let mut sum: u32 = 0;
+    for pair in frame[start..].chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[field..field + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    true
+}
+
 /// What happened so far, for assertions and reports.
 #[derive(Clone, Debug, Default)]
 pub struct FrontendStats {
@@ -209,6 +251,12 @@ pub struct FrontendStats {
     /// Times the first buffer of a merged frame was visible before the rest.
     pub rx_partial_merge: u64,
     pub rx_nonzero_gso: u64,
+    /// Frames whose header said NEEDS_CSUM (their checksum was completed here, as a driver's
+    /// stack would take them).
+    pub rx_needs_csum: u64,
+    /// Largest frame received (without the header), and the largest `gso_size` seen.
+    pub rx_largest_frame: usize,
+    pub rx_largest_gso_size: u16,
     pub calls_seen: u64,
 }
 
@@ -713,6 +761,17 @@ impl Frontend {
             assert!(nbuf >= 1, "device bug: num_buffers 0 in RX header {hdr:?}");
             if hdr.gso_type != 0 {
                 self.stats.rx_nonzero_gso += 1;
+                let acked = match hdr.gso_type {
+                    1 => self.acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0,
+                    4 => self.acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0,
+                    _ => false,
+                };
+                assert!(acked, "device bug: GSO type the guest did not ack: {hdr:?}");
+                assert!(
+                    hdr.gso_size > 0,
+                    "device bug: GSO without gso_size: {hdr:?}"
+                );
+                self.stats.rx_largest_gso_size = self.stats.rx_largest_gso_size.max(hdr.gso_size);
             }
             let mut frame = data[hl..].to_vec();
             for k in 1..nbuf {
@@ -736,6 +795,28 @@ impl Frontend {
             if nbuf > 1 {
                 self.stats.rx_merged_frames += 1;
             }
+            if hdr.flags & NET_HDR_F_NEEDS_CSUM != 0 {
+                assert!(
+                    self.acked_features & VIRTIO_NET_F_GUEST_CSUM != 0,
+                    "device bug: NEEDS_CSUM without GUEST_CSUM: {hdr:?}"
+                );
+                assert!(
+                    complete_checksum(&mut frame, hdr.csum_start, hdr.csum_offset),
+                    "device bug: NEEDS_CSUM at {}+{} of a {}-byte frame",
+                    hdr.csum_start,
+                    hdr.csum_offset,
+                    frame.len()
+                );
+                self.stats.rx_needs_csum += 1;
+            }
+            if hdr.gso_type == 0 && frame.len() > 14 + usize::from(self.mtu()) {
+                panic!(
+                    "device bug: a {}-byte frame without GSO above the MTU {}",
+                    frame.len(),
+                    self.mtu()
+                );
+            }
+            self.stats.rx_largest_frame = self.stats.rx_largest_frame.max(frame.len());
             self.stats.rx_frames += 1;
             self.last_rx_hdr = Some(hdr);
             self.rx_pending.push_back((hdr, frame));
@@ -890,12 +971,17 @@ impl Frontend {
 
     /// Queues one frame (header prepended) if the ring has room; kicks as the device asks.
     pub fn try_send_frame(&mut self, frame: &[u8]) -> bool {
-        let mut hdr = [0u8; NET_HDR_LEN];
+        self.try_send_frame_with(&NetHdr::default(), frame)
+    }
+
+    /// Like [`try_send_frame`](Self::try_send_frame) with `hdr` as the virtio-net header.
+    pub fn try_send_frame_with(&mut self, hdr: &NetHdr, frame: &[u8]) -> bool {
         let hl = self.hdr_len();
         if !self.tx_has_room(frame.len()) {
             return false;
         }
-        hdr[10] = 0; // num_buffers is unused on TX
+        let mut hdr = hdr.to_bytes();
+        hdr[10..12].fill(0); // num_buffers is unused on TX
         self.publish_tx(&hdr[..hl], frame, 0);
         self.stats.tx_frames += 1;
         self.tx.kick_if_needed();
