@@ -238,7 +238,7 @@ impl Flows {
             let key = (guest, SocketAddr::new(gateway_ip, port));
             let taken = self.table.tcp.contains_key(&key)
                 || self.table.udp.contains_key(&key)
-                || self.lingering.iter().any(|(k, _, _)| *k == key)
+                || self.lingering.iter().any(|(k, ..)| *k == key)
                 || inbound.udp_by_gateway_port.contains_key(&port);
             if !taken {
                 return Some(port);
@@ -404,7 +404,7 @@ impl Flows {
                 return;
             }
         };
-        let mut socket = guest_socket(self.settings.limits.tcp_buffer_bytes);
+        let (mut socket, rings) = guest_socket(self.settings.limits.tcp_buffer_bytes);
         let remote = IpEndpoint::new(IpAddress::from(guest_ip), spec.guest_port);
         let local = IpListenEndpoint {
             addr: Some(IpAddress::from(gateway_ip)),
@@ -422,7 +422,7 @@ impl Flows {
         debug!(peer = %peer, guest = %guest, from = %dst, "published port: connecting to the guest");
         self.table.tcp.insert(
             key,
-            TcpFlow::inbound(token, guest, dst, host, handle, middle, now),
+            TcpFlow::inbound(token, guest, dst, host, handle, rings, middle, now),
         );
     }
 

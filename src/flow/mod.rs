@@ -63,6 +63,7 @@ use self::table::{FlowRef, FlowTable, NewFlow};
 use self::tcp::host_end::{self, HostEnd};
 use self::tcp::intercept::InterceptError;
 use self::tcp::intercept::{InterceptStep, Interceptor};
+use self::tcp::rings::RingMemory;
 use self::tcp::sni_gate::{GateStatus, SniGate};
 use self::tcp::{ClearFilter, ClearStage, GuestEnd, Middle, PumpResult, TcpFlow, GUEST_REFUSED};
 use self::udp::{UdpBatch, UdpFlow, UdpReceiver};
@@ -131,8 +132,12 @@ pub struct Flows {
     table: FlowTable,
     decider: Decider,
     dns: GatewayDns,
-    /// smoltcp sockets of closed flows, kept until their last ACK is out (`SOCKET_LINGER`).
-    lingering: Vec<(FlowKey, SocketHandle, Instant)>,
+    /// smoltcp sockets of closed flows (and the memory of their buffers), kept until their
+    /// last ACK is out (`SOCKET_LINGER`).
+    lingering: Vec<(FlowKey, SocketHandle, Instant, RingMemory)>,
+    /// Buffer memory of the sockets a reset forgot, freed at the next pump (the link resets
+    /// the stack, dropping those sockets, right after the flows).
+    retired_rings: Vec<RingMemory>,
     /// Drops and refusals by reason.
     pub counters: Counters,
     /// Lines about host socket failures (descriptor exhaustion and the like).
@@ -185,6 +190,7 @@ impl Flows {
             table,
             dns,
             lingering: Vec::new(),
+            retired_rings: Vec::new(),
             counters: Counters::default(),
             socket_warnings: LogGate::new(5, Duration::from_secs(10)),
             flow_events: LogGate::new(20, Duration::from_secs(10)),
@@ -285,7 +291,8 @@ impl Flows {
                     }
                 }
                 GuestEnd::Socket { handle, .. } => {
-                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                    let handle = *handle;
+                    let sock = stack.sockets.get::<stcp::Socket>(handle);
                     let queued = sock.recv_queue();
                     let link_full =
                         self.tcp_to_host_bytes > self.settings.limits.tcp_link_buffer_bytes;
@@ -304,22 +311,33 @@ impl Flows {
                     // smoltcp takes only when all data before it is in (else the guest
                     // retransmits). A segment that surely fits goes in whole: a bare FIN arriving
                     // at a window the data just closed would be refused and stall the close.
-                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                    let sock = stack.sockets.get::<stcp::Socket>(handle);
                     let may_not_fit =
                         head.payload_len * 2 > sock.recv_capacity() - sock.recv_queue();
-                    if head.fin && head.payload_len > 0 && may_not_fit {
-                        if let Some((data, fin)) = frames::split_fin(frame) {
+                    let split = if head.fin && head.payload_len > 0 && may_not_fit {
+                        frames::split_fin(frame)
+                    } else {
+                        None
+                    };
+                    match split {
+                        Some((data, fin)) => {
                             stack.receive(&data);
                             stack.receive(&fin);
-                            return;
                         }
+                        None => stack.receive(frame),
                     }
-                    stack.receive(frame)
+                    let sock = stack.sockets.get::<stcp::Socket>(handle);
+                    let accepted = sock.recv_queue().saturating_sub(queued);
+                    let synced = !matches!(
+                        sock.state(),
+                        stcp::State::Closed | stcp::State::Listen | stcp::State::SynSent
+                    );
+                    flow.guest_seq.segment(&head, accepted, synced);
                 }
             }
             return;
         }
-        if !head.syn && self.lingering.iter().any(|(k, _, _)| *k == key) {
+        if !head.syn && self.lingering.iter().any(|(k, ..)| *k == key) {
             // A closed flow's socket still lingers: it answers (a retransmitted FIN is
             // acknowledged again, not reset).
             stack.receive(frame);
@@ -576,12 +594,15 @@ impl Flows {
         let (syn, head) = (std::mem::take(syn_frame), *head);
         match flow.host.connect_result() {
             Ok(()) => {
-                let handle = stack.sockets.add(tcp::listening_socket(
-                    flow.dst,
-                    self.settings.limits.tcp_buffer_bytes,
-                ));
+                let (socket, rings) =
+                    tcp::listening_guest_end(flow.dst, self.settings.limits.tcp_buffer_bytes);
+                let handle = stack.sockets.add(socket);
                 let now = Instant::now();
-                flow.guest_end = GuestEnd::Socket { handle, since: now };
+                flow.guest_end = GuestEnd::Socket {
+                    handle,
+                    since: now,
+                    rings,
+                };
                 flow.last_active = now;
                 if let Some(Middle::Gate(gate)) = &mut flow.middle {
                     // The hello's clock starts when the guest can send it.
@@ -589,6 +610,9 @@ impl Flows {
                 }
                 debug!(src = %flow.guest, dst = %flow.dst, "host connected; completing guest handshake");
                 stack.receive(&syn);
+                let sock = stack.sockets.get::<stcp::Socket>(handle);
+                let synced = !matches!(sock.state(), stcp::State::Closed | stcp::State::Listen);
+                flow.guest_seq.segment(&head, sock.recv_queue(), synced);
             }
             Err(e) => {
                 if let Some(suppressed) = self.flow_events.admit(Instant::now()) {
@@ -706,24 +730,27 @@ impl Flows {
     }
 
     /// Sums what the TCP flows' guest ends hold each way (gated flows included) and shares the
-    /// link-wide `tcp-link-buffer-bytes` among the open flows: each may hold its share (at
-    /// least `MIN_TCP_SHARE`, at most its own buffer) in each direction. A flow past its share
-    /// is not read from the host (toward the guest) and its new data from the guest waits
-    /// (toward the host), so one stalled flow cannot take the others' room; and nothing is read
-    /// from the host once the link holds its budget toward the guest, whatever the shares.
+    /// link-wide `tcp-link-buffer-bytes` among the flows that hold bytes, with room for one
+    /// more: each may hold its share (at least `MIN_TCP_SHARE`, at most its own buffer) in each
+    /// direction. A flow past its share is not read from the host (toward the guest) and its
+    /// new data from the guest waits (toward the host), so one stalled flow cannot take the
+    /// others' room; and nothing is read from the host once the link holds its budget toward
+    /// the guest, whatever the shares. Flows at rest hold nothing and take no share: one bulk
+    /// flow beside thousands of idle ones still gets its whole buffer.
     fn count_tcp_buffers(&mut self, stack: &GuestStack) {
-        let (mut to_guest, mut to_host, mut open) = (0, 0, 0usize);
+        let (mut to_guest, mut to_host, mut holding) = (0, 0, 0usize);
         for handle in self.table.tcp.values().filter_map(|f| f.handle()) {
             let sock = stack.sockets.get::<stcp::Socket>(handle);
-            to_guest += sock.send_queue();
-            to_host += sock.recv_queue();
-            open += 1;
+            let (send, recv) = (sock.send_queue(), sock.recv_queue());
+            to_guest += send;
+            to_host += recv;
+            holding += usize::from(send + recv > 0);
         }
         self.tcp_to_guest_bytes = to_guest;
         self.tcp_to_host_bytes = to_host;
         self.tcp_buffered_peak = self.tcp_buffered_peak.max(to_guest).max(to_host);
         let limits = &self.settings.limits;
-        self.tcp_share = (limits.tcp_link_buffer_bytes / open.max(1))
+        self.tcp_share = (limits.tcp_link_buffer_bytes / (holding + 1))
             .max(MIN_TCP_SHARE)
             .min(limits.tcp_buffer_bytes);
     }
@@ -907,13 +934,14 @@ impl Flows {
 
     fn close_tcp(&mut self, key: &FlowKey, why: &str, stack: &mut GuestStack) {
         if let Some(flow) = self.table.remove_tcp(key) {
-            if let Some(handle) = flow.handle() {
+            if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
                 let state = stack.sockets.get::<stcp::Socket>(handle).state();
                 if state == stcp::State::TimeWait {
                     // smoltcp may still owe the guest the (delayed) ACK of its FIN.
-                    self.lingering.push((*key, handle, Instant::now()));
+                    self.lingering.push((*key, handle, Instant::now(), rings));
                 } else {
                     stack.sockets.remove(handle);
+                    drop(rings);
                 }
             }
             debug!(
@@ -931,10 +959,10 @@ impl Flows {
             return;
         };
         flow.host.reset_on_close();
-        if let Some(handle) = flow.handle() {
+        if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
             stack.sockets.get_mut::<stcp::Socket>(handle).close();
             stack.poll();
-            self.lingering.push((*key, handle, Instant::now()));
+            self.lingering.push((*key, handle, Instant::now(), rings));
         }
     }
 
@@ -974,7 +1002,8 @@ impl Flows {
         }
         let now = Instant::now();
         let sockets = &mut stack.sockets;
-        self.lingering.retain(|(key, handle, since)| {
+        // A socket leaves the set before the memory of its buffers is unmapped.
+        self.lingering.retain(|(key, handle, since, _rings)| {
             let keep = now.duration_since(*since) < SOCKET_LINGER && Some(key) != reused;
             if !keep {
                 sockets.remove(*handle);
@@ -1398,6 +1427,7 @@ impl Flows {
     pub fn pump(&mut self, stack: &mut GuestStack) {
         self.flush_udp(stack);
         let now = Instant::now();
+        self.retired_rings.clear();
         self.expire_lingering(None, stack);
         self.pump_inbound(stack, now);
         self.pump_tcp(stack, now);
@@ -1411,7 +1441,7 @@ impl Flows {
         let linger = self
             .lingering
             .iter()
-            .map(|(_, _, since)| *since + SOCKET_LINGER)
+            .map(|(_, _, since, _)| *since + SOCKET_LINGER)
             .min();
         [
             linger,
@@ -1437,7 +1467,7 @@ impl Flows {
                         aborts.push((*key, "host connect timed out", "tcp-connect-timeout"));
                     }
                 }
-                GuestEnd::Socket { handle, since } => {
+                GuestEnd::Socket { handle, since, .. } => {
                     let sock = stack.sockets.get::<stcp::Socket>(*handle);
                     // SynSent: an inbound flow whose guest has not answered its SYN.
                     let handshaking = matches!(
@@ -1470,6 +1500,12 @@ impl Flows {
         for (key, why, counter) in aborts {
             self.abort_tcp(&key, why, counter, stack);
         }
+        // Flows at rest give back the memory of their empty buffers.
+        let mut released = 0;
+        for flow in self.table.tcp.values_mut() {
+            released += u64::from(flow.rest(&stack.sockets, now));
+        }
+        self.counters.add("tcp-buffers-released", released);
         let idle: Vec<FlowKey> = self
             .table
             .udp
@@ -1498,13 +1534,25 @@ impl Flows {
         self.decider.log.flush(now);
     }
 
-    /// Forgets every flow: the guest's rings restarted. Host connections are reset.
+    /// Forgets every flow: the guest's rings restarted. Host connections are reset. The caller
+    /// resets the stack right after (its sockets use memory freed at the next pump).
     pub fn reset(&mut self) {
         let n = self.table.len();
         self.udp_batch.clear();
+        let keys: Vec<FlowKey> = self.table.tcp.keys().copied().collect();
+        for key in keys {
+            if let Some(flow) = self.table.remove_tcp(&key) {
+                flow.host.reset_on_close();
+                if let GuestEnd::Socket { rings, .. } = flow.guest_end {
+                    self.retired_rings.push(rings);
+                }
+            }
+        }
         self.table.clear();
         self.dns.reset();
-        self.lingering.clear();
+        let lingering = std::mem::take(&mut self.lingering);
+        self.retired_rings
+            .extend(lingering.into_iter().map(|(_, _, _, rings)| rings));
         self.decider.clear();
         if let Some(inbound) = self.inbound.as_mut() {
             inbound.reset();

@@ -157,6 +157,15 @@ impl Interceptor {
         }
     }
 
+    /// Frees the plaintext staging buffers once they are empty (the flow is at rest).
+    pub fn shrink(&mut self) {
+        for pending in [&mut self.pending_to_host, &mut self.pending_to_guest] {
+            if pending.is_empty() {
+                *pending = Vec::new();
+            }
+        }
+    }
+
     /// Whether the handshakes are still running (counts against `tls-handshakes`).
     pub fn handshaking(&self) -> bool {
         match &self.phase {

@@ -23,6 +23,7 @@
 
 pub mod host_end;
 pub mod intercept;
+pub mod rings;
 pub mod sni_gate;
 
 use std::io::{ErrorKind, Read, Write};
@@ -35,6 +36,7 @@ use smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use self::host_end::HostEnd;
 use self::intercept::Interceptor;
+use self::rings::RingMemory;
 use self::sni_gate::SniGate;
 use crate::secrets::{HttpRequestRewriter, PlaceholderScanner, StreamError, Violation};
 use crate::stack::frames::TcpHead;
@@ -44,10 +46,58 @@ pub enum GuestEnd {
     /// The guest's SYN (the frame and its header), held while the host end connects.
     Held { syn_frame: Vec<u8>, syn: TcpHead },
     /// A smoltcp socket terminates the guest's connection; `since` it received the SYN.
+    /// `rings` is the memory of its buffers (kept until the socket is removed).
     Socket {
         handle: SocketHandle,
         since: Instant,
+        rings: RingMemory,
     },
+}
+
+/// How long a flow moves no byte before its buffers' memory is given back (if they are empty).
+pub const REST: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where the guest's byte stream stands, from the segments it sent: whether smoltcp's receive
+/// ring may hold bytes past what it put in order (an out-of-order segment waiting for a gap).
+#[derive(Debug, Default)]
+pub struct GuestSeq {
+    /// The sequence number of the next byte smoltcp will put in order (once the SYN is in).
+    next: Option<u32>,
+    /// One past the last byte the guest sent, in any segment handed to smoltcp.
+    sent_end: Option<u32>,
+}
+
+impl GuestSeq {
+    /// A segment `head` was handed to smoltcp, and its receive queue grew by `accepted`
+    /// bytes (the segment's, and any out-of-order bytes it joined); `synced` whether the
+    /// socket is now synchronized (it took the guest's SYN).
+    pub fn segment(&mut self, head: &TcpHead, accepted: usize, synced: bool) {
+        if head.syn && synced && self.next.is_none() {
+            self.next = Some(head.seq.wrapping_add(1));
+        }
+        if let Some(next) = &mut self.next {
+            *next = next.wrapping_add(accepted as u32);
+        }
+        if head.payload_len > 0 {
+            let end = head
+                .seq
+                .wrapping_add(u32::from(head.syn))
+                .wrapping_add(head.payload_len as u32);
+            match self.sent_end {
+                Some(e) if (end.wrapping_sub(e) as i32) <= 0 => {}
+                _ => self.sent_end = Some(end),
+            }
+        }
+    }
+
+    /// Whether every byte the guest sent is in order (nothing waits past a gap).
+    pub fn all_in_order(&self) -> bool {
+        match (self.next, self.sent_end) {
+            (Some(next), Some(end)) => (end.wrapping_sub(next) as i32) <= 0,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
 }
 
 pub struct TcpFlow {
@@ -69,6 +119,10 @@ pub struct TcpFlow {
     pub inbound: bool,
     /// The guest end reached Established (for an inbound flow: the guest accepted).
     pub guest_connected: bool,
+    /// The guest's byte stream, for telling when the receive ring is truly empty.
+    pub guest_seq: GuestSeq,
+    /// `last_active` when the buffers' memory was last given back (nothing moved since).
+    pub released_at: Option<Instant>,
 }
 
 /// Why an inbound flow ended when the guest refused the connection.
@@ -123,6 +177,13 @@ impl ClearFilter {
         }
     }
 
+    /// Frees what the filter's output buffer grew to, once it is empty.
+    fn shrink(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = Vec::new();
+        }
+    }
+
     fn finish(&mut self) -> Result<(), StreamError> {
         if self.finished {
             return Ok(());
@@ -136,6 +197,15 @@ impl ClearFilter {
 }
 
 impl Middle {
+    /// Frees the stage's empty staging buffers (the flow is at rest).
+    fn shrink(&mut self) {
+        match self {
+            Middle::Gate(_) => {}
+            Middle::Tls(tls) => tls.shrink(),
+            Middle::Clear(filter) => filter.shrink(),
+        }
+    }
+
     /// Whether this is the SNI gate (counts against `tls-hellos`).
     pub fn is_gate(&self) -> bool {
         matches!(self, Middle::Gate(_))
@@ -171,29 +241,46 @@ impl From<Violation> for PumpResult {
     }
 }
 
-/// A guest end's smoltcp socket with `buffer_bytes` of buffer each way (`tcp-buffer-bytes`).
+/// A guest end's smoltcp socket with `buffer_bytes` of buffer each way (`tcp-buffer-bytes`),
+/// committed as it is used ([`rings`]), and the memory behind it.
 ///
 /// smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
 /// halves the frames sent while the guest uploads. A closed flow's socket lingers a little so
 /// that its last delayed ACK still goes out (see the flow engine's `close_tcp`).
-pub fn guest_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
-    let mut socket = tcp::Socket::new(rx, tx);
+pub fn guest_socket(buffer_bytes: usize) -> (tcp::Socket<'static>, RingMemory) {
+    let (mut socket, rings) = RingMemory::socket(buffer_bytes);
     socket.set_nagle_enabled(false);
-    socket
+    (socket, rings)
 }
 
-/// A smoltcp socket listening on the guest's destination, ready for the held SYN, with
-/// `buffer_bytes` of buffer each way (the most the flow holds; `tcp-buffer-bytes`).
-pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'static> {
-    let mut socket = guest_socket(buffer_bytes);
+/// Makes `socket` listen on the guest's destination, ready for the held SYN.
+fn listen_on(socket: &mut tcp::Socket<'static>, dst: SocketAddr) {
     let endpoint = IpListenEndpoint {
         addr: Some(IpAddress::from(dst.ip())),
         port: dst.port(),
     };
     // Listening fails only for port 0, which the classifier never lets through as a new flow.
     let _ = socket.listen(endpoint);
+}
+
+/// A flow's guest end listening on the guest's destination, ready for the held SYN, with
+/// `buffer_bytes` of buffer each way (the most the flow holds; `tcp-buffer-bytes`).
+pub fn listening_guest_end(
+    dst: SocketAddr,
+    buffer_bytes: usize,
+) -> (tcp::Socket<'static>, RingMemory) {
+    let (mut socket, rings) = guest_socket(buffer_bytes);
+    listen_on(&mut socket, dst);
+    (socket, rings)
+}
+
+/// A small listening socket with heap buffers of `buffer_bytes` each way (DNS over TCP).
+pub fn listening_socket(dst: SocketAddr, buffer_bytes: usize) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
+    let tx = tcp::SocketBuffer::new(vec![0u8; buffer_bytes]);
+    let mut socket = tcp::Socket::new(rx, tx);
+    socket.set_nagle_enabled(false);
+    listen_on(&mut socket, dst);
     socket
 }
 
@@ -271,18 +358,23 @@ impl TcpFlow {
             bytes_to_guest: 0,
             inbound: false,
             guest_connected: false,
+            guest_seq: GuestSeq::default(),
+            released_at: None,
         }
     }
 
     /// A connection from a host client through a published port: the guest end is a smoltcp
-    /// socket `handle` connecting from the gateway (`dst`) to the guest's server (`guest`); the
-    /// host end is the accepted connection. `middle`: a cleartext filter, with secrets.
+    /// socket `handle` (over `rings`) connecting from the gateway (`dst`) to the guest's server
+    /// (`guest`); the host end is the accepted connection. `middle`: a cleartext filter, with
+    /// secrets.
+    #[allow(clippy::too_many_arguments)]
     pub fn inbound(
         token: u64,
         guest: SocketAddr,
         dst: SocketAddr,
         host: HostEnd,
         handle: SocketHandle,
+        rings: RingMemory,
         middle: Option<Middle>,
         now: Instant,
     ) -> Self {
@@ -291,7 +383,11 @@ impl TcpFlow {
             guest,
             dst,
             host,
-            guest_end: GuestEnd::Socket { handle, since: now },
+            guest_end: GuestEnd::Socket {
+                handle,
+                since: now,
+                rings,
+            },
             middle,
             started: now,
             last_active: now,
@@ -300,12 +396,37 @@ impl TcpFlow {
             bytes_to_guest: 0,
             inbound: true,
             guest_connected: false,
+            guest_seq: GuestSeq::default(),
+            released_at: None,
         }
     }
 
     /// Whether the host connect is still in progress.
     pub fn is_dialing(&self) -> bool {
         matches!(self.guest_end, GuestEnd::Held { .. })
+    }
+
+    /// At rest (no byte moved for [`REST`] since the last release): gives back the memory of
+    /// the guest end's buffers if both are empty and nothing waits out of order, and frees
+    /// the middle stage's empty staging buffers. Returns whether the rings were released.
+    pub fn rest(&mut self, sockets: &SocketSet<'static>, now: Instant) -> bool {
+        if self.released_at == Some(self.last_active) || now.duration_since(self.last_active) < REST
+        {
+            return false;
+        }
+        let GuestEnd::Socket { handle, rings, .. } = &self.guest_end else {
+            return false;
+        };
+        let sock = sockets.get::<tcp::Socket>(*handle);
+        if sock.recv_queue() != 0 || sock.send_queue() != 0 || !self.guest_seq.all_in_order() {
+            return false;
+        }
+        rings.release();
+        if let Some(middle) = &mut self.middle {
+            middle.shrink();
+        }
+        self.released_at = Some(self.last_active);
+        rings.is_mapped()
     }
 
     /// The guest end's socket, once it exists.
