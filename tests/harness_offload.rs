@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Shutdown};
+use std::net::{IpAddr, Ipv4Addr};
 
 use common::frames::{self, parse_tcp, Flags};
 use common::frontend::*;
@@ -211,16 +210,7 @@ fn matrix_case(offloads: u64) {
     let up = pattern(SIZE, 21);
     let down = pattern(SIZE, 22);
     let (up2, down2) = (up.clone(), down.clone());
-    let bulk = OneShotServer::start(move |mut s| {
-        let mut w = s.try_clone().unwrap();
-        let t = std::thread::spawn(move || {
-            let _ = w.write_all(&down2);
-            let _ = w.shutdown(Shutdown::Write);
-        });
-        let got = read_to_eof(&mut s);
-        t.join().unwrap();
-        got.map(|g| mismatch(&g, &up2))
-    });
+    let bulk = OneShotServer::exchange(up2, down2);
     let tso_payload = pattern(60_000, 23);
     let tso_expected = tso_payload.clone();
     let tso_sink =
@@ -263,7 +253,9 @@ fn matrix_case(offloads: u64) {
     if let Some(m) = mismatch(&got, &down) {
         panic!("downloaded bytes differ: {m}");
     }
-    match bulk.join_polling(&mut g, SHORT).unwrap() {
+    let (uploaded, written) = bulk.join_polling(&mut g, SHORT).unwrap();
+    assert_eq!(written, Ok(()), "the server's download");
+    match uploaded {
         Ok(None) => {}
         Ok(Some(m)) => panic!("uploaded bytes differ: {m}"),
         Err(e) => panic!("server: {e}"),

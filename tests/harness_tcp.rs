@@ -85,18 +85,7 @@ fn tcp_bulk_both_ways_to_mapped_public_address() {
     let up = pattern(N, 1);
     let down = pattern(N, 2);
     let (up2, down2) = (up.clone(), down.clone());
-    let server = OneShotServer::start(move |mut s| {
-        let mut w = s.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            w.write_all(&down2)
-                .map_err(|e| format!("server write: {e}"))?;
-            w.shutdown(Shutdown::Write)
-                .map_err(|e| format!("shutdown: {e}"))
-        });
-        let got = read_to_eof(&mut s);
-        let wr = writer.join().unwrap();
-        (got.map(|g| mismatch(&g, &up2)), wr)
-    });
+    let server = OneShotServer::exchange(up2, down2);
     let nf = Netfence::spawn(&[
         "--map".to_string(),
         format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),

@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::Shutdown;
-
 use common::frontend::*;
 use common::servers::*;
 use common::*;
@@ -19,16 +16,7 @@ fn exercise(opts: FrontendOptions) -> FrontendStats {
     let up = pattern(UP, 11);
     let down = pattern(DOWN, 12);
     let (up2, down2) = (up.clone(), down.clone());
-    let server = OneShotServer::start(move |mut s| {
-        let mut w = s.try_clone().unwrap();
-        let t = std::thread::spawn(move || {
-            let _ = w.write_all(&down2);
-            let _ = w.shutdown(Shutdown::Write);
-        });
-        let got = read_to_eof(&mut s);
-        t.join().unwrap();
-        got.map(|g| mismatch(&g, &up2))
-    });
+    let server = OneShotServer::exchange(up2, down2);
     let mut args = vec![
         "--map".to_string(),
         format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
@@ -60,7 +48,9 @@ fn exercise(opts: FrontendOptions) -> FrontendStats {
     if let Some(m) = mismatch(&got, &down) {
         panic!("downloaded bytes differ: {m}");
     }
-    match server.join_polling(&mut g, SHORT).unwrap() {
+    let (uploaded, written) = server.join_polling(&mut g, SHORT).unwrap();
+    assert_eq!(written, Ok(()), "the server's download");
+    match uploaded {
         Ok(None) => {}
         Ok(Some(m)) => panic!("uploaded bytes differ: {m}; {}", g.dev.fe.debug_state()),
         Err(e) => panic!("server: {e}"),

@@ -403,3 +403,26 @@ impl Drop for Tripwire {
         );
     }
 }
+
+/// What [`OneShotServer::exchange`] saw: whether the bytes read to EOF were the expected upload
+/// (`Ok(None)`, or where they differ), and whether its own download was written and shut.
+pub type Exchange = (Result<Option<String>, String>, Result<(), String>);
+
+impl OneShotServer<Exchange> {
+    /// A server that writes `down` and shuts its sending side while it reads to EOF and
+    /// compares what it read with `up`: both directions at once, each with its half-close.
+    pub fn exchange(up: Vec<u8>, down: Vec<u8>) -> OneShotServer<Exchange> {
+        OneShotServer::start(move |mut s| {
+            let mut w = s.try_clone().unwrap();
+            let writer = thread::spawn(move || {
+                w.write_all(&down)
+                    .map_err(|e| format!("server write: {e}"))?;
+                w.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))
+            });
+            let got = read_to_eof(&mut s);
+            let written = writer.join().unwrap();
+            (got.map(|g| mismatch(&g, &up)), written)
+        })
+    }
+}
