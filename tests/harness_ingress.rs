@@ -8,8 +8,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -69,7 +68,7 @@ fn await_client<T>(g: &mut Guest, h: JoinHandle<T>) -> T {
 }
 
 /// What a host client saw of a connection it made and then read from.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
     /// The connection was reset (refused by netfence or the guest).
     Reset,
@@ -309,37 +308,45 @@ fn inbound_connections_past_the_limit_are_refused_the_rest_complete() {
             h
         })
         .collect();
-    let reset = Arc::new(AtomicUsize::new(0));
+    // What each client that finished saw, while the admitted ones are held: the refused.
+    let finished = Arc::new(Mutex::new(Vec::<(usize, Seen)>::new()));
     let clients: Vec<JoinHandle<Seen>> = (0..CLIENTS)
         .map(|i| {
-            let reset = reset.clone();
+            let finished = finished.clone();
             client(move || {
                 let msg: &'static [u8] = Box::leak(format!("client {i:03}").into_bytes().into());
                 let seen = connect_and_read(SocketAddr::from(([127, 0, 0, 1], hp)), msg);
-                if seen == Seen::Reset {
-                    reset.fetch_add(1, Ordering::SeqCst);
-                }
+                finished.lock().unwrap().push((i, seen.clone()));
                 seen
             })
         })
         .collect();
-    // Hold every admitted connection until the others were all refused.
-    let held = serve_until(&mut g, |g| {
-        let open = listeners
-            .iter()
-            .filter(|h| g.tcp(**h).state() == State::Established)
-            .count();
-        open == LIMIT && reset.load(Ordering::SeqCst) == CLIENTS - LIMIT
-    });
-    assert!(
-        held,
-        "{} reset, {} open\n{}",
-        reset.load(Ordering::SeqCst),
+    let open = |g: &mut Guest| {
         listeners
             .iter()
             .filter(|h| g.tcp(**h).state() == State::Established)
-            .count(),
+            .count()
+    };
+    // Hold every admitted connection until the others all finished.
+    let held = serve_until(&mut g, |g| {
+        open(g) == LIMIT && finished.lock().unwrap().len() == CLIENTS - LIMIT
+    });
+    let refused = finished.lock().unwrap().clone();
+    assert!(
+        held,
+        "{} finished, {} open; not reset: {:?}\n{}",
+        refused.len(),
+        open(&mut g),
+        refused
+            .iter()
+            .filter(|(_, s)| *s != Seen::Reset)
+            .collect::<Vec<_>>(),
         nf.log_text()
+    );
+    let not_reset: Vec<_> = refused.iter().filter(|(_, s)| *s != Seen::Reset).collect();
+    assert!(
+        not_reset.is_empty(),
+        "refused clients that saw no reset: {not_reset:?}"
     );
     // Echo each admitted client's message and close.
     for h in &listeners {

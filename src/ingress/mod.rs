@@ -30,8 +30,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{PortProtocol, PublishSpec};
 use crate::observe::LogGate;
 
-/// Pending connections a published TCP port's listener queues.
-const BACKLOG: i32 = 128;
+/// Pending connections a published TCP port's listener queues (the kernel caps it at
+/// net.core.somaxconn). A burst of clients beyond it is answered with SYN cookies or dropped
+/// SYNs that the clients retry a second later: roomy enough for a burst, and each waiting
+/// connection costs the kernel a little memory, not netfence.
+const BACKLOG: i32 = 1024;
 /// Connections or datagrams the refusing thread takes from one ready listener per wake-up.
 const REFUSALS_PER_WAKE: usize = 64;
 /// How long the refusing thread's `poll` waits before it looks at the claim again.
