@@ -37,7 +37,7 @@ use crate::device::{NetHeader, Offloads};
 
 use self::frames::Macs;
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{
     Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium, PacketMeta, RxToken,
     TxToken,
@@ -480,7 +480,12 @@ struct Addresses {
 /// smoltcp's interface, its sockets and its device, for one guest link.
 pub struct GuestStack {
     pub iface: Interface,
+    /// The sockets smoltcp polls: its every poll walks all of them.
     pub sockets: SocketSet<'static>,
+    /// Sockets of flows at rest, which smoltcp does not walk (see [`GuestStack::park`]).
+    pub parked: SocketSet<'static>,
+    /// One socket at a time, to ask smoltcp whether it has work before it is parked.
+    scratch: SocketSet<'static>,
     pub port: GuestPort,
     /// The gateway's and the guest's MAC, for the frames built outside smoltcp.
     pub macs: Macs,
@@ -508,6 +513,8 @@ impl GuestStack {
         GuestStack {
             iface,
             sockets: SocketSet::new(Vec::new()),
+            parked: SocketSet::new(Vec::new()),
+            scratch: SocketSet::new(Vec::new()),
             port,
             macs,
             addresses,
@@ -528,7 +535,35 @@ impl GuestStack {
     /// Forgets every socket and every queued frame: the guest's rings restarted (reboot).
     pub fn reset(&mut self) {
         self.sockets = SocketSet::new(Vec::new());
+        self.parked = SocketSet::new(Vec::new());
+        self.scratch = SocketSet::new(Vec::new());
         self.port.clear();
+    }
+
+    /// Moves socket `handle` out of the set smoltcp polls into the parked set, if smoltcp has
+    /// nothing to do for it until a frame arrives (no ACK, retransmission or timer pending).
+    /// smoltcp's every poll, and every frame it takes in, walks all the sockets it polls: a
+    /// link with thousands of flows at rest would pay for each of them on every frame of a
+    /// busy one. A parked socket must be brought back ([`GuestStack::unpark`]) before a frame
+    /// for it reaches smoltcp (smoltcp would answer it with a reset) or before it is used.
+    /// Returns the socket's new handle and whether it is parked.
+    pub fn park(&mut self, handle: SocketHandle) -> (SocketHandle, bool) {
+        let now = self.now();
+        let socket = self.sockets.remove(handle);
+        let probe = self.scratch.add(socket);
+        let idle = self.iface.poll_at(now, &self.scratch).is_none();
+        let socket = self.scratch.remove(probe);
+        if idle {
+            (self.parked.add(socket), true)
+        } else {
+            (self.sockets.add(socket), false)
+        }
+    }
+
+    /// Brings a parked socket back into the set smoltcp polls; returns its handle there.
+    pub fn unpark(&mut self, parked: SocketHandle) -> SocketHandle {
+        let socket = self.parked.remove(parked);
+        self.sockets.add(socket)
     }
 
     /// smoltcp's clock: milliseconds since this stack was made.
