@@ -3,6 +3,10 @@
 //! that stops reading its RX ring during a host -> guest transfer makes netfence keep the data
 //! in its TCP buffers (and then in the host socket), never more than the bound in the queue;
 //! when the guest reads again the transfer completes byte-exact.
+//!
+//! And the cost of many flows per round: a flow at rest has its smoltcp socket parked out of
+//! the set smoltcp polls, and is woken by a segment from the guest or an event on its host
+//! socket; parked flows carry bytes both ways again, byte-exact.
 
 mod common;
 
@@ -91,5 +95,91 @@ fn a_guest_that_does_not_read_finds_at_most_the_byte_bound_queued() {
     assert!(
         peak <= BOUND + SEGMENT_HEADERS,
         "{peak} bytes queued for the guest, bound {BOUND}"
+    );
+}
+
+/// Flows at rest leave smoltcp's poll (their sockets are parked) and come back when the host
+/// sends (a host event wakes them) or the guest does (its segment wakes them): each of them
+/// carries bytes both ways byte-exact after resting, then closes cleanly.
+#[test]
+fn resting_flows_are_parked_and_woken_by_either_side() {
+    const FLOWS: usize = 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(FLOWS) {
+            h2.lock().unwrap().push(conn.expect("accept"));
+        }
+    });
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{port}"),
+    ]);
+    let mut g = guest_up(&nf);
+    let mark = nf.log_mark();
+    let socks: Vec<_> = (0..FLOWS)
+        .map(|_| {
+            g.tcp_connect(PUBLIC_IP, 80, SHORT)
+                .unwrap_or_else(|e| panic!("connect: {e:?}"))
+        })
+        .collect();
+    g.poll_until(deadline(SHORT), |_| {
+        (held.lock().unwrap().len() == FLOWS).then_some(())
+    })
+    .expect("the server accepted every flow");
+    // Rest (well past the 50 ms after which a quiet flow is parked); then a ping to the
+    // gateway makes netfence run a round, which parks them.
+    g.run_for(Duration::from_millis(300));
+    g.ping(GATEWAY, SHORT).expect("ping the gateway");
+
+    // The host speaks first on every resting flow.
+    let mut streams = std::mem::take(&mut *held.lock().unwrap());
+    // Accept order is not connect order: each stream says which peer port it serves.
+    streams.sort_by_key(|s| s.peer_addr().unwrap().port());
+    for (i, s) in streams.iter_mut().enumerate() {
+        s.write_all(format!("host {i:04}\n").as_bytes()).unwrap();
+    }
+    let mut by_port: Vec<(u16, _)> = socks
+        .iter()
+        .map(|h| (g.tcp(*h).local_endpoint().unwrap().port, *h))
+        .collect();
+    by_port.sort();
+    for (i, (_, h)) in by_port.iter().enumerate() {
+        let got = g
+            .tcp_recv_exact(*h, 10, deadline(SHORT))
+            .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert_eq!(got, format!("host {i:04}\n").as_bytes(), "flow {i}");
+    }
+    g.run_for(Duration::from_millis(300));
+    g.ping(GATEWAY, SHORT).expect("ping the gateway");
+
+    // Then the guest, which also closes.
+    for (i, (_, h)) in by_port.iter().enumerate() {
+        let msg = pattern(3000, i as u64);
+        assert_eq!(g.tcp(*h).send_slice(&msg), Ok(msg.len()));
+        g.tcp(*h).close();
+    }
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| std::thread::spawn(move || read_to_eof(&mut s)))
+        .collect();
+    g.poll_until(deadline(LONG), |_| {
+        readers.iter().all(|r| r.is_finished()).then_some(())
+    })
+    .expect("every flow reached the server and closed");
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert!(got == pattern(3000, i as u64), "flow {i}: bytes differ");
+    }
+    let counts = close_and_count(&nf, g, mark);
+    assert!(
+        counts.get("tcp-flows-parked") >= 2 * FLOWS as u64,
+        "flows parked {} times, expected each flow twice",
+        counts.get("tcp-flows-parked")
     );
 }

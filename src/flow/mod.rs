@@ -14,7 +14,13 @@
 //! - DNS to the gateway ([`dns_gateway`]) is answered by netfence's own DNS service.
 //!
 //! Host sockets' readiness comes in through [`Flows::host_ready`]; [`Flows::pump`] moves
-//! bytes; [`Flows::housekeeping`] enforces every timeout. Everything a guest can make grow here
+//! bytes; [`Flows::housekeeping`] enforces every timeout.
+//!
+//! Many flows, few busy. A round pumps and counts only the awake TCP flows: a flow quiet for
+//! [`tcp::QUIET`] (established, nothing held, nothing to read) has its smoltcp socket parked
+//! out of the set smoltcp polls (whose every poll and every frame walks all its sockets) and
+//! leaves the awake set; a segment from the guest or an event on its host socket wakes it.
+//! Housekeeping still walks every flow, once a second. Everything a guest can make grow here
 //! has a limit in [`crate::limits::Limits`].
 
 pub mod addrmap;
@@ -735,6 +741,7 @@ impl Flows {
             }
         }
         self.awake_keys = keys;
+        self.counters.add("tcp-flows-parked", parked.len() as u64);
         for key in &parked {
             self.awake.remove(key);
         }
@@ -1556,14 +1563,22 @@ impl Flows {
             self.abort_tcp(&key, why, counter, stack);
         }
         // Flows at rest give back the memory of their empty buffers.
-        let mut released = 0;
+        // Quiet flows are parked here too (else only a service round parks them).
+        let (mut released, mut parked) = (0, 0);
         for (key, flow) in self.table.tcp.iter_mut() {
             released += u64::from(flow.rest(stack, now));
-            if !flow.is_parked() {
+            if flow.is_parked() {
+                continue;
+            }
+            if flow.park(stack, now) {
+                parked += 1;
+                self.awake.remove(key);
+            } else {
                 // Every flow not parked is pumped (a safety net for a flow added without it).
                 self.awake.insert(*key);
             }
         }
+        self.counters.add("tcp-flows-parked", parked);
         self.counters.add("tcp-buffers-released", released);
         let idle: Vec<FlowKey> = self
             .table
