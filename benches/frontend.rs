@@ -845,12 +845,21 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
     let held = Arc::new(AtomicU64::new(0));
     let hold = hold_server(held.clone());
     let flows_limit = (idle + 64).max(1024);
-    let extra = vec![
+    let mut extra = vec![
         "--limit".to_string(),
         format!("tcp-flows={flows_limit}"),
         "--limit".to_string(),
         format!("tcp-connecting={}", flows_limit.min(4096)),
     ];
+    // NF_BENCH_LIMITS=name=value,...: more limits for netfence (to size a default by measure).
+    for l in std::env::var("NF_BENCH_LIMITS")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if !l.is_empty() {
+            extra.extend(["--limit".to_string(), l.to_string()]);
+        }
+    }
     let (nf, mut d, e) = netfence_guest(
         &extra,
         &[(SINK_PORT, sink), (SOURCE_PORT, source), (HOLD_PORT, hold)],

@@ -9,6 +9,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// Default of `guest-queue-bytes`.
+pub const GUEST_QUEUE_BYTES: usize = 1024 * 1024;
+
 /// The limits of one link. Counts are per link (per guest); times are durations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -54,6 +57,9 @@ pub struct Limits {
     pub denied_memo_time: Duration,
     /// Frames waiting for room in the guest's RX queue.
     pub guest_queue_frames: usize,
+    /// Bytes of frames waiting for room in the guest's RX queue (with GUEST_TSO a frame may be
+    /// 64 KiB): past it smoltcp keeps its segments and UDP and echo replies are not read.
+    pub guest_queue_bytes: usize,
     /// A host connect that has not completed by then fails the guest's connection.
     pub connect_timeout: Duration,
     /// A guest that does not complete its TCP handshake (after the host side is up) by then
@@ -108,6 +114,7 @@ impl Default for Limits {
             denied_memo: 4096,
             denied_memo_time: Duration::from_secs(30),
             guest_queue_frames: 1024,
+            guest_queue_bytes: GUEST_QUEUE_BYTES,
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
@@ -253,6 +260,11 @@ pub const LIMITS: &[LimitSpec] = &[
         "guest-queue-frames",
         guest_queue_frames,
         "frames waiting for the guest's RX buffers"
+    ),
+    bytes!(
+        "guest-queue-bytes",
+        guest_queue_bytes,
+        "bytes of frames waiting for the guest's RX buffers"
     ),
     millis!(
         "connect-timeout-secs",

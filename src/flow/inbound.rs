@@ -424,6 +424,7 @@ impl Flows {
             key,
             TcpFlow::inbound(token, guest, dst, host, handle, rings, middle, now),
         );
+        self.awake.insert(key);
     }
 
     /// With secrets, what the guest sends to a host client is scanned for placeholders like

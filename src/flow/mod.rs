@@ -14,7 +14,13 @@
 //! - DNS to the gateway ([`dns_gateway`]) is answered by netfence's own DNS service.
 //!
 //! Host sockets' readiness comes in through [`Flows::host_ready`]; [`Flows::pump`] moves
-//! bytes; [`Flows::housekeeping`] enforces every timeout. Everything a guest can make grow here
+//! bytes; [`Flows::housekeeping`] enforces every timeout.
+//!
+//! Many flows, few busy. A round pumps and counts only the awake TCP flows: a flow quiet for
+//! [`tcp::QUIET`] (established, nothing held, nothing to read) has its smoltcp socket parked
+//! out of the set smoltcp polls (whose every poll and every frame walks all its sockets) and
+//! leaves the awake set; a segment from the guest or an event on its host socket wakes it.
+//! Housekeeping still walks every flow, once a second. Everything a guest can make grow here
 //! has a limit in [`crate::limits::Limits`].
 
 pub mod addrmap;
@@ -26,6 +32,7 @@ pub mod table;
 pub mod tcp;
 pub mod udp;
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -150,6 +157,12 @@ pub struct Flows {
     /// `recvmmsg` buffers for UDP replies.
     udp_rx: UdpReceiver,
     events: Vec<(FlowRef, EventSet)>,
+    /// The TCP flows whose guest end is not parked (all of them but those at rest): what a
+    /// round pumps and counts, so that a round costs what the busy flows cost, however many
+    /// rest. Housekeeping adds back any flow it finds awake and missing.
+    awake: HashSet<FlowKey>,
+    /// Keys of `awake`, copied for one pump round.
+    awake_keys: Vec<FlowKey>,
     /// What all TCP flows held at the last pump: toward the guest (smoltcp send queues) and
     /// toward the host (receive queues), and the most either ever was.
     tcp_to_guest_bytes: usize,
@@ -198,6 +211,8 @@ impl Flows {
             udp_batch: UdpBatch::new(limits.udp_batch_datagrams, limits.udp_batch_bytes),
             udp_rx: UdpReceiver::default(),
             events: Vec::new(),
+            awake: HashSet::new(),
+            awake_keys: Vec::new(),
             tcp_to_guest_bytes: 0,
             tcp_to_host_bytes: 0,
             tcp_buffered_peak: 0,
@@ -290,8 +305,13 @@ impl Flows {
                         *syn = head;
                     }
                 }
-                GuestEnd::Socket { handle, .. } => {
-                    let handle = *handle;
+                GuestEnd::Socket { .. } => {
+                    if flow.wake(stack) {
+                        self.awake.insert(key);
+                    }
+                    let Some(handle) = flow.handle() else {
+                        return;
+                    };
                     let sock = stack.sockets.get::<stcp::Socket>(handle);
                     let queued = sock.recv_queue();
                     let link_full =
@@ -542,6 +562,7 @@ impl Flows {
             key,
             TcpFlow::new(token, *head, host, syn.to_vec(), middle, now),
         );
+        self.awake.insert(key);
         Ok(())
     }
 
@@ -581,6 +602,9 @@ impl Flows {
         if set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             flow.host.writable = true;
         }
+        if flow.wake(stack) {
+            self.awake.insert(key);
+        }
         let GuestEnd::Held {
             syn_frame,
             syn: head,
@@ -602,6 +626,7 @@ impl Flows {
                     handle,
                     since: now,
                     rings,
+                    parked: false,
                 };
                 flow.last_active = now;
                 if let Some(Middle::Gate(gate)) = &mut flow.middle {
@@ -639,7 +664,15 @@ impl Flows {
             .saturating_sub(self.tcp_to_guest_bytes);
         let mut failed_tls: Vec<(FlowKey, String)> = Vec::new();
         let mut refused: Vec<(FlowKey, StreamError)> = Vec::new();
-        for (key, flow) in self.table.tcp.iter_mut() {
+        let mut parked: Vec<FlowKey> = Vec::new();
+        let mut keys = std::mem::take(&mut self.awake_keys);
+        keys.clear();
+        keys.extend(self.awake.iter().copied());
+        for key in &keys {
+            let Some(flow) = self.table.tcp.get_mut(key) else {
+                self.awake.remove(key);
+                continue;
+            };
             if let (Some(Middle::Gate(gate)), Some(handle)) = (&flow.middle, flow.handle()) {
                 let sock = stack.sockets.get_mut::<stcp::Socket>(handle);
                 if matches!(sock.state(), stcp::State::Closed | stcp::State::TimeWait) {
@@ -697,11 +730,20 @@ impl Flows {
             let result = flow.pump(&mut stack.sockets, now, &mut to_guest_room);
             link_room -= granted - to_guest_room;
             match result {
-                PumpResult::Alive => {}
+                PumpResult::Alive => {
+                    if flow.park(stack, now) {
+                        parked.push(*key);
+                    }
+                }
                 PumpResult::Finished => done.push((*key, "closed")),
                 PumpResult::Aborted(why) => done.push((*key, why)),
                 PumpResult::Refused(e) => refused.push((*key, e)),
             }
+        }
+        self.awake_keys = keys;
+        self.counters.add("tcp-flows-parked", parked.len() as u64);
+        for key in &parked {
+            self.awake.remove(key);
         }
         for (key, status) in hellos {
             self.judge_hello(key, status, stack, now);
@@ -739,7 +781,10 @@ impl Flows {
     /// flow beside thousands of idle ones still gets its whole buffer.
     fn count_tcp_buffers(&mut self, stack: &GuestStack) {
         let (mut to_guest, mut to_host, mut holding) = (0, 0, 0usize);
-        for handle in self.table.tcp.values().filter_map(|f| f.handle()) {
+        // Parked flows hold nothing: the awake ones are all there is to count.
+        let table = &self.table;
+        let awake = self.awake.iter().filter_map(|k| table.tcp.get(k));
+        for handle in awake.filter_map(|f| f.handle()) {
             let sock = stack.sockets.get::<stcp::Socket>(handle);
             let (send, recv) = (sock.send_queue(), sock.recv_queue());
             to_guest += send;
@@ -933,8 +978,18 @@ impl Flows {
     }
 
     fn close_tcp(&mut self, key: &FlowKey, why: &str, stack: &mut GuestStack) {
+        self.awake.remove(key);
         if let Some(flow) = self.table.remove_tcp(key) {
-            if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
+            if let GuestEnd::Socket {
+                handle,
+                rings,
+                parked: true,
+                ..
+            } = flow.guest_end
+            {
+                stack.parked.remove(handle);
+                drop(rings);
+            } else if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
                 let state = stack.sockets.get::<stcp::Socket>(handle).state();
                 if state == stcp::State::TimeWait {
                     // smoltcp may still owe the guest the (delayed) ACK of its FIN.
@@ -955,9 +1010,11 @@ impl Flows {
     /// Ends a flow whose middle stage failed: the host side is reset, the guest side closed
     /// after what the stage left for it (a TLS alert) goes out (the socket lingers for that).
     fn abort_flow_now(&mut self, key: &FlowKey, stack: &mut GuestStack) {
-        let Some(flow) = self.table.remove_tcp(key) else {
+        self.awake.remove(key);
+        let Some(mut flow) = self.table.remove_tcp(key) else {
             return;
         };
+        flow.wake(stack);
         flow.host.reset_on_close();
         if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
             stack.sockets.get_mut::<stcp::Socket>(handle).close();
@@ -974,9 +1031,12 @@ impl Flows {
         counter: &'static str,
         stack: &mut GuestStack,
     ) {
-        let Some(flow) = self.table.tcp.get(key) else {
+        let Some(flow) = self.table.tcp.get_mut(key) else {
             return;
         };
+        if flow.wake(stack) {
+            self.awake.insert(*key);
+        }
         flow.host.reset_on_close();
         match &flow.guest_end {
             GuestEnd::Socket { handle, .. } => {
@@ -1467,8 +1527,10 @@ impl Flows {
                         aborts.push((*key, "host connect timed out", "tcp-connect-timeout"));
                     }
                 }
-                GuestEnd::Socket { handle, since, .. } => {
-                    let sock = stack.sockets.get::<stcp::Socket>(*handle);
+                GuestEnd::Socket { since, .. } => {
+                    let Some(sock) = flow.socket(stack) else {
+                        continue;
+                    };
                     // SynSent: an inbound flow whose guest has not answered its SYN.
                     let handshaking = matches!(
                         sock.state(),
@@ -1501,10 +1563,22 @@ impl Flows {
             self.abort_tcp(&key, why, counter, stack);
         }
         // Flows at rest give back the memory of their empty buffers.
-        let mut released = 0;
-        for flow in self.table.tcp.values_mut() {
-            released += u64::from(flow.rest(&stack.sockets, now));
+        // Quiet flows are parked here too (else only a service round parks them).
+        let (mut released, mut parked) = (0, 0);
+        for (key, flow) in self.table.tcp.iter_mut() {
+            released += u64::from(flow.rest(stack, now));
+            if flow.is_parked() {
+                continue;
+            }
+            if flow.park(stack, now) {
+                parked += 1;
+                self.awake.remove(key);
+            } else {
+                // Every flow not parked is pumped (a safety net for a flow added without it).
+                self.awake.insert(*key);
+            }
         }
+        self.counters.add("tcp-flows-parked", parked);
         self.counters.add("tcp-buffers-released", released);
         let idle: Vec<FlowKey> = self
             .table
@@ -1539,6 +1613,7 @@ impl Flows {
     pub fn reset(&mut self) {
         let n = self.table.len();
         self.udp_batch.clear();
+        self.awake.clear();
         let keys: Vec<FlowKey> = self.table.tcp.keys().copied().collect();
         for key in keys {
             if let Some(flow) = self.table.remove_tcp(&key) {

@@ -156,6 +156,7 @@ impl Link {
             &addressing.v6,
             settings.mtu,
             settings.flows.limits.guest_queue_frames,
+            settings.flows.limits.guest_queue_bytes,
         );
         let dhcp = DhcpServer {
             addrs: addressing.v4,
@@ -425,17 +426,17 @@ impl Link {
     /// Copies queued frames into the guest's RX buffers; returns how many were delivered.
     fn flush(&mut self, rx: &mut dyn GuestRx) -> usize {
         let mut delivered = 0;
-        while let Some(frame) = self.stack.port.to_guest.front() {
+        while let Some(frame) = self.stack.port.front() {
             match rx.push(&frame.header, frame.bytes()) {
                 RxOutcome::Delivered => delivered += 1,
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
                 RxOutcome::NoRoom if frame.header.is_gso() => {
                     // The guest's buffers cannot take the large segment now (too few, or
                     // not mergeable and too small): it goes as MTU-sized segments instead.
-                    if let Some(frame) = self.stack.port.to_guest.pop_front() {
+                    if let Some(frame) = self.stack.port.pop_front() {
                         let partial = self.offloads.rx_csum;
                         for piece in crate::stack::segment(frame, partial).into_iter().rev() {
-                            self.stack.port.to_guest.push_front(piece);
+                            self.stack.port.push_front(piece);
                         }
                         self.counters.inc("rx-gso-segmented");
                     }
@@ -443,7 +444,7 @@ impl Link {
                 }
                 RxOutcome::NoRoom => break,
             }
-            if let Some(frame) = self.stack.port.to_guest.pop_front() {
+            if let Some(frame) = self.stack.port.pop_front() {
                 self.stack.port.recycle(frame);
             }
         }
@@ -473,12 +474,14 @@ impl Link {
             if oversize > 0 {
                 self.counters.add("oversize-to-guest", oversize);
             }
-            let before = self.stack.port.to_guest.len();
+            let bound_hits = std::mem::take(&mut self.stack.port.byte_bound_hits);
+            self.counters.add("guest-queue-bytes-full", bound_hits);
+            let before = self.stack.port.queued_frames();
             let delivered = self.flush(rx);
-            if delivered == 0 && before == self.stack.port.to_guest.len() {
+            if delivered == 0 && before == self.stack.port.queued_frames() {
                 break;
             }
-            if !self.stack.port.to_guest.is_empty() && delivered == 0 {
+            if !self.stack.port.is_empty() && delivered == 0 {
                 break;
             }
         }
@@ -559,6 +562,7 @@ impl Drop for Link {
             decision_lines = self.flows.decision_lines(),
             denied_memo_hits = self.flows.denied_memo_hits(),
             tcp_buffered_peak = self.flows.tcp_buffered_peak,
+            guest_queue_peak_bytes = self.stack.port.queued_bytes_peak,
             open_tcp = tcp, open_udp = udp, open_echo = echo, open_dns_tcp = dns_tcp,
             open_inbound_udp = self.flows.inbound_udp_sessions(),
             "link closed"

@@ -37,7 +37,7 @@ use crate::device::{NetHeader, Offloads};
 
 use self::frames::Macs;
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{
     Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium, PacketMeta, RxToken,
     TxToken,
@@ -74,10 +74,25 @@ impl OutFrame {
 }
 
 /// The smoltcp device: one frame in (from the classifier), a bounded queue out (to the guest).
+///
+/// The queue is bounded twice: in frames (`guest-queue-frames`) and in bytes
+/// (`guest-queue-bytes`), since with GUEST_TSO one frame may be 64 KiB. smoltcp and the flows
+/// see a full queue as a busy device: smoltcp keeps its segments in its send buffers (and sends
+/// them later), UDP and echo replies stay in their host sockets. The byte bound is checked
+/// against the largest frame smoltcp may write (a whole TSO frame when the guest takes them),
+/// so the queue never holds more than the bound, except that an empty queue always takes one
+/// frame and a GSO frame cut into segments for a guest short of buffers gains their headers.
 pub struct GuestPort {
-    pub to_guest: VecDeque<OutFrame>,
+    to_guest: VecDeque<OutFrame>,
     /// Most frames `to_guest` holds (`guest-queue-frames`).
     capacity: usize,
+    /// Most bytes `to_guest` holds (`guest-queue-bytes`).
+    byte_capacity: usize,
+    /// Bytes of the frames in `to_guest`, and the most it ever was.
+    queued_bytes: usize,
+    pub queued_bytes_peak: usize,
+    /// Times the queue filled up to its byte bound (smoltcp and the flows then wait).
+    pub byte_bound_hits: u64,
     /// The guest's MTU as an Ethernet frame length.
     mtu: usize,
     /// What the VMM acked (nothing until it does).
@@ -88,10 +103,14 @@ pub struct GuestPort {
 }
 
 impl GuestPort {
-    fn new(mtu: u16, capacity: usize) -> Self {
+    fn new(mtu: u16, capacity: usize, byte_capacity: usize) -> Self {
         GuestPort {
             to_guest: VecDeque::new(),
             capacity: capacity.max(1),
+            byte_capacity: byte_capacity.max(1),
+            queued_bytes: 0,
+            queued_bytes_peak: 0,
+            byte_bound_hits: 0,
             mtu: usize::from(mtu) + 14,
             offloads: Offloads::default(),
             spare: Vec::new(),
@@ -99,23 +118,89 @@ impl GuestPort {
         }
     }
 
+    /// Whether `len` more bytes fit the byte bound (an empty queue takes any one frame).
+    fn bytes_fit(&self, len: usize) -> bool {
+        self.to_guest.is_empty() || self.queued_bytes + len <= self.byte_capacity
+    }
+
+    /// The largest frame smoltcp may write into the queue.
+    fn largest_frame(&self) -> usize {
+        if self.offloads.rx_tso4 || self.offloads.rx_tso6 {
+            TSO_FRAME.max(self.mtu)
+        } else {
+            self.mtu
+        }
+    }
+
+    /// Appends a frame and keeps the byte count (and its peak, and the bound's hits).
+    fn push(&mut self, frame: OutFrame) {
+        let had_room = self.has_room();
+        self.queued_bytes += frame.len;
+        self.queued_bytes_peak = self.queued_bytes_peak.max(self.queued_bytes);
+        self.to_guest.push_back(frame);
+        if had_room && !self.bytes_fit(self.largest_frame()) {
+            self.byte_bound_hits += 1;
+        }
+    }
+
     /// Queues a frame built outside smoltcp (DHCP, UDP, resets). Returns false when full.
     pub fn queue_frame(&mut self, frame: Vec<u8>) -> bool {
-        if self.to_guest.len() >= self.capacity {
+        if self.to_guest.len() >= self.capacity || !self.bytes_fit(frame.len()) {
             return false;
         }
-        self.to_guest.push_back(OutFrame::plain(frame));
+        self.push(OutFrame::plain(frame));
         true
     }
 
-    /// Frames that still fit in the queue.
+    /// Frames of up to the guest's MTU that still fit in the queue (in count and in bytes):
+    /// how many UDP or echo replies may be read now.
     pub fn room(&self) -> usize {
-        self.capacity.saturating_sub(self.to_guest.len())
+        let frames = self.capacity.saturating_sub(self.to_guest.len());
+        let bytes = if self.to_guest.is_empty() {
+            (self.byte_capacity / self.mtu).max(1)
+        } else {
+            self.byte_capacity.saturating_sub(self.queued_bytes) / self.mtu
+        };
+        frames.min(bytes)
+    }
+
+    /// The next frame for the guest.
+    pub fn front(&self) -> Option<&OutFrame> {
+        self.to_guest.front()
+    }
+
+    /// Takes the next frame for the guest off the queue.
+    pub fn pop_front(&mut self) -> Option<OutFrame> {
+        let frame = self.to_guest.pop_front()?;
+        self.queued_bytes -= frame.len;
+        Some(frame)
+    }
+
+    /// Puts a frame back at the head of the queue (a piece of a frame cut into segments). It
+    /// is taken whatever the bounds: it replaces what was taken off.
+    pub fn push_front(&mut self, frame: OutFrame) {
+        self.queued_bytes += frame.len;
+        self.queued_bytes_peak = self.queued_bytes_peak.max(self.queued_bytes);
+        self.to_guest.push_front(frame);
+    }
+
+    /// Frames in the queue.
+    pub fn queued_frames(&self) -> usize {
+        self.to_guest.len()
+    }
+
+    /// Bytes of the frames in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.to_guest.is_empty()
     }
 
     /// Drops every queued frame (the guest's rings restarted).
     pub fn clear(&mut self) {
-        while let Some(f) = self.to_guest.pop_front() {
+        while let Some(f) = self.pop_front() {
             self.recycle(f);
         }
     }
@@ -127,8 +212,10 @@ impl GuestPort {
         }
     }
 
+    /// Whether smoltcp may write a frame now: the queue has a frame's room and the byte room
+    /// for the largest frame smoltcp may write.
     pub fn has_room(&self) -> bool {
-        self.to_guest.len() < self.capacity
+        self.to_guest.len() < self.capacity && self.bytes_fit(self.largest_frame())
     }
 
     /// The offloads in use.
@@ -327,7 +414,7 @@ impl TxToken for LinkTx<'_> {
             .map(|m| m.get())
             .filter(|_| len > port.mtu);
         match port.finish(&mut buf[..len], hint) {
-            Some(header) => port.to_guest.push_back(OutFrame { header, buf, len }),
+            Some(header) => port.push(OutFrame { header, buf, len }),
             None => {
                 port.oversize_dropped += 1;
                 if port.spare.len() < SPARE_BUFFERS {
@@ -393,7 +480,12 @@ struct Addresses {
 /// smoltcp's interface, its sockets and its device, for one guest link.
 pub struct GuestStack {
     pub iface: Interface,
+    /// The sockets smoltcp polls: its every poll walks all of them.
     pub sockets: SocketSet<'static>,
+    /// Sockets of flows at rest, which smoltcp does not walk (see [`GuestStack::park`]).
+    pub parked: SocketSet<'static>,
+    /// One socket at a time, to ask smoltcp whether it has work before it is parked.
+    scratch: SocketSet<'static>,
     pub port: GuestPort,
     /// The gateway's and the guest's MAC, for the frames built outside smoltcp.
     pub macs: Macs,
@@ -409,8 +501,9 @@ impl GuestStack {
         addrs6: &LinkAddrs6,
         mtu: u16,
         queue_frames: usize,
+        queue_bytes: usize,
     ) -> Self {
-        let mut port = GuestPort::new(mtu, queue_frames);
+        let mut port = GuestPort::new(mtu, queue_frames, queue_bytes);
         let addresses = Addresses {
             gateway,
             prefix_len,
@@ -420,6 +513,8 @@ impl GuestStack {
         GuestStack {
             iface,
             sockets: SocketSet::new(Vec::new()),
+            parked: SocketSet::new(Vec::new()),
+            scratch: SocketSet::new(Vec::new()),
             port,
             macs,
             addresses,
@@ -440,7 +535,35 @@ impl GuestStack {
     /// Forgets every socket and every queued frame: the guest's rings restarted (reboot).
     pub fn reset(&mut self) {
         self.sockets = SocketSet::new(Vec::new());
+        self.parked = SocketSet::new(Vec::new());
+        self.scratch = SocketSet::new(Vec::new());
         self.port.clear();
+    }
+
+    /// Moves socket `handle` out of the set smoltcp polls into the parked set, if smoltcp has
+    /// nothing to do for it until a frame arrives (no ACK, retransmission or timer pending).
+    /// smoltcp's every poll, and every frame it takes in, walks all the sockets it polls: a
+    /// link with thousands of flows at rest would pay for each of them on every frame of a
+    /// busy one. A parked socket must be brought back ([`GuestStack::unpark`]) before a frame
+    /// for it reaches smoltcp (smoltcp would answer it with a reset) or before it is used.
+    /// Returns the socket's new handle and whether it is parked.
+    pub fn park(&mut self, handle: SocketHandle) -> (SocketHandle, bool) {
+        let now = self.now();
+        let socket = self.sockets.remove(handle);
+        let probe = self.scratch.add(socket);
+        let idle = self.iface.poll_at(now, &self.scratch).is_none();
+        let socket = self.scratch.remove(probe);
+        if idle {
+            (self.parked.add(socket), true)
+        } else {
+            (self.sockets.add(socket), false)
+        }
+    }
+
+    /// Brings a parked socket back into the set smoltcp polls; returns its handle there.
+    pub fn unpark(&mut self, parked: SocketHandle) -> SocketHandle {
+        let socket = self.parked.remove(parked);
+        self.sockets.add(socket)
     }
 
     /// smoltcp's clock: milliseconds since this stack was made.
@@ -574,4 +697,52 @@ pub fn segment(frame: OutFrame, partial_checksums: bool) -> Vec<OutFrame> {
         out.push(OutFrame { header, buf, len });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(bytes: usize) -> GuestPort {
+        GuestPort::new(1500, 1024, bytes)
+    }
+
+    #[test]
+    fn the_byte_bound_refuses_frames_and_counts_its_peak() {
+        let mut p = port(4000);
+        assert_eq!(p.room(), 2, "two MTU frames fit 4000 bytes");
+        assert!(p.queue_frame(vec![0; 1514]));
+        assert!(p.queue_frame(vec![0; 1514]));
+        assert_eq!(p.room(), 0);
+        assert!(!p.queue_frame(vec![0; 1000]), "past the byte bound");
+        assert!(p.queue_frame(vec![0; 900]), "what still fits is taken");
+        assert_eq!(p.queued_bytes(), 3928);
+        assert!(!p.has_room(), "no room for an MTU frame from smoltcp");
+        let f = p.pop_front().unwrap();
+        p.recycle(f);
+        assert!(p.has_room());
+        assert_eq!(p.queued_bytes(), 2414);
+        assert_eq!(p.queued_bytes_peak, 3928);
+        p.clear();
+        assert_eq!((p.queued_bytes(), p.queued_frames()), (0, 0));
+    }
+
+    #[test]
+    fn with_guest_tso_smoltcp_needs_room_for_a_whole_tso_frame() {
+        let mut p = port(256 * 1024);
+        p.offloads.rx_tso4 = true;
+        assert!(p.queue_frame(vec![0; 1514]));
+        for _ in 0..2 {
+            p.push(OutFrame::plain(vec![0; TSO_FRAME]));
+        }
+        assert!(p.has_room(), "3 frames, {} bytes", p.queued_bytes());
+        p.push(OutFrame::plain(vec![0; TSO_FRAME]));
+        assert!(!p.has_room(), "no room for another 64 KiB frame");
+        assert_eq!(p.byte_bound_hits, 1);
+        assert!(p.queued_bytes() <= 256 * 1024);
+        // An empty queue takes any one frame, whatever the bound.
+        let mut tiny = port(100);
+        assert!(tiny.has_room() && tiny.queue_frame(vec![0; 1514]));
+        assert!(!tiny.has_room() && tiny.room() == 0);
+    }
 }

@@ -40,22 +40,29 @@ use self::rings::RingMemory;
 use self::sni_gate::SniGate;
 use crate::secrets::{HttpRequestRewriter, PlaceholderScanner, StreamError, Violation};
 use crate::stack::frames::TcpHead;
+use crate::stack::GuestStack;
 
 /// The guest end of a flow.
 pub enum GuestEnd {
     /// The guest's SYN (the frame and its header), held while the host end connects.
     Held { syn_frame: Vec<u8>, syn: TcpHead },
     /// A smoltcp socket terminates the guest's connection; `since` it received the SYN.
-    /// `rings` is the memory of its buffers (kept until the socket is removed).
+    /// `rings` is the memory of its buffers (kept until the socket is removed). `parked`: the
+    /// socket is in the stack's parked set (the flow is at rest; see [`TcpFlow::park`]) and
+    /// `handle` is its handle there.
     Socket {
         handle: SocketHandle,
         since: Instant,
         rings: RingMemory,
+        parked: bool,
     },
 }
 
 /// How long a flow moves no byte before its buffers' memory is given back (if they are empty).
 pub const REST: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a flow moves no byte before its socket is parked (longer than smoltcp's 10 ms ACK
+/// delay, so that its last ACK is normally out).
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where the guest's byte stream stands, from the segments it sent: whether smoltcp's receive
 /// ring may hold bytes past what it put in order (an out-of-order segment waiting for a gap).
@@ -387,6 +394,7 @@ impl TcpFlow {
                 handle,
                 since: now,
                 rings,
+                parked: false,
             },
             middle,
             started: now,
@@ -409,18 +417,20 @@ impl TcpFlow {
     /// At rest (no byte moved for [`REST`] since the last release): gives back the memory of
     /// the guest end's buffers if both are empty and nothing waits out of order, and frees
     /// the middle stage's empty staging buffers. Returns whether the rings were released.
-    pub fn rest(&mut self, sockets: &SocketSet<'static>, now: Instant) -> bool {
+    pub fn rest(&mut self, stack: &GuestStack, now: Instant) -> bool {
         if self.released_at == Some(self.last_active) || now.duration_since(self.last_active) < REST
         {
             return false;
         }
-        let GuestEnd::Socket { handle, rings, .. } = &self.guest_end else {
+        let Some(sock) = self.socket(stack) else {
             return false;
         };
-        let sock = sockets.get::<tcp::Socket>(*handle);
         if sock.recv_queue() != 0 || sock.send_queue() != 0 || !self.guest_seq.all_in_order() {
             return false;
         }
+        let GuestEnd::Socket { rings, .. } = &self.guest_end else {
+            return false;
+        };
         rings.release();
         if let Some(middle) = &mut self.middle {
             middle.shrink();
@@ -429,11 +439,80 @@ impl TcpFlow {
         rings.is_mapped()
     }
 
-    /// The guest end's socket, once it exists.
+    /// The guest end's socket, wherever it is (polled or parked), once it exists.
+    pub fn socket<'s>(&self, stack: &'s GuestStack) -> Option<&'s tcp::Socket<'static>> {
+        match self.guest_end {
+            GuestEnd::Socket { handle, parked, .. } => Some(if parked {
+                stack.parked.get::<tcp::Socket>(handle)
+            } else {
+                stack.sockets.get::<tcp::Socket>(handle)
+            }),
+            GuestEnd::Held { .. } => None,
+        }
+    }
+
+    /// Whether the guest end's socket is parked.
+    pub fn is_parked(&self) -> bool {
+        matches!(self.guest_end, GuestEnd::Socket { parked: true, .. })
+    }
+
+    /// Brings a parked socket back where smoltcp polls it; returns whether it was parked.
+    pub fn wake(&mut self, stack: &mut GuestStack) -> bool {
+        if let GuestEnd::Socket { handle, parked, .. } = &mut self.guest_end {
+            if *parked {
+                *handle = stack.unpark(*handle);
+                *parked = false;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Parks the guest end's socket if the flow is quiet: established, no byte moved for
+    /// [`QUIET`], nothing held either way or waiting out of order, nothing to read from the
+    /// host, no middle stage, and smoltcp has nothing to send for it. A parked flow costs
+    /// nothing per round; a frame from the guest or an event on its host socket wakes it.
+    /// Returns whether it is parked now.
+    pub fn park(&mut self, stack: &mut GuestStack, now: Instant) -> bool {
+        if self.middle.is_some()
+            || self.host.readable
+            || self.host.eof
+            || self.host.write_shut
+            || self.guest_fin_seen
+            || now.duration_since(self.last_active) < QUIET
+            || !self.guest_seq.all_in_order()
+        {
+            return false;
+        }
+        let GuestEnd::Socket { handle, parked, .. } = &mut self.guest_end else {
+            return false;
+        };
+        if *parked {
+            return true;
+        }
+        let sock = stack.sockets.get::<tcp::Socket>(*handle);
+        if sock.state() != tcp::State::Established
+            || sock.send_queue() != 0
+            || sock.recv_queue() != 0
+        {
+            return false;
+        }
+        let (new, is_parked) = stack.park(*handle);
+        *handle = new;
+        *parked = is_parked;
+        is_parked
+    }
+
+    /// The guest end's socket in the set smoltcp polls, once it exists (`None` while it is
+    /// parked: wake it first).
     pub fn handle(&self) -> Option<SocketHandle> {
         match self.guest_end {
-            GuestEnd::Socket { handle, .. } => Some(handle),
-            GuestEnd::Held { .. } => None,
+            GuestEnd::Socket {
+                handle,
+                parked: false,
+                ..
+            } => Some(handle),
+            _ => None,
         }
     }
 
