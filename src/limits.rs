@@ -54,6 +54,9 @@ pub struct Limits {
     pub denied_memo_time: Duration,
     /// Frames waiting for room in the guest's RX queue.
     pub guest_queue_frames: usize,
+    /// With multiqueue: guest frames one queue pair has handed to another (the owner of their
+    /// flow) and that it has not served yet; more are dropped and counted (`handoff-full`).
+    pub handoff_frames: usize,
     /// A host connect that has not completed by then fails the guest's connection.
     pub connect_timeout: Duration,
     /// A guest that does not complete its TCP handshake (after the host side is up) by then
@@ -108,6 +111,7 @@ impl Default for Limits {
             denied_memo: 4096,
             denied_memo_time: Duration::from_secs(30),
             guest_queue_frames: 1024,
+            handoff_frames: 512,
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
@@ -253,6 +257,11 @@ pub const LIMITS: &[LimitSpec] = &[
         "guest-queue-frames",
         guest_queue_frames,
         "frames waiting for the guest's RX buffers"
+    ),
+    count!(
+        "handoff-frames",
+        handoff_frames,
+        "frames handed to another queue pair, per pair (--queues)"
     ),
     millis!(
         "connect-timeout-secs",

@@ -225,9 +225,8 @@ pub enum Served {
 /// Serves one VMM connection; `Ok(true)` when the link ended it (`block_and_terminate`).
 fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, String> {
     let terminator = Terminator::new(vmm.try_clone().ok());
-    let link = Link::new(settings.clone(), terminator.clone())
+    let links = Link::for_pairs(settings, &terminator, settings.pairs)
         .map_err(|e| format!("cannot set up the link: {e}"))?;
-    let links = vec![link];
     let device = DeviceSettings {
         guest_mac: settings.guest_mac,
         mtu: settings.mtu,

@@ -200,6 +200,9 @@ pub trait LinkDriver: Send + 'static {
     /// One Ethernet frame the guest sent, and its virtio-net header (unchecked: the link
     /// judges it against the acked [`Offloads`]).
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]);
+    /// Serves what other queue pairs handed to this one (multiqueue); the device calls it
+    /// before it drains the TX queue, so a flow that moved between queues stays in order.
+    fn take_handoffs(&mut self) {}
     /// The VMM acked features: from now on frames may use these offloads both ways. May come
     /// again (the guest's driver restarted with other features).
     fn set_offloads(&mut self, offloads: Offloads);

@@ -239,6 +239,7 @@ impl<L: LinkDriver> DeviceState<L> {
         };
         let mem = mem.memory();
         self.check_restart(rx, tx);
+        self.link.take_handoffs();
         // A rescan (the memory map changed) looks at TX as a kick would.
         let event = if event == self.rescan_event {
             TX_QUEUE

@@ -19,7 +19,10 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use std::sync::Arc;
+
 use super::icmp::{EchoFlow, EchoKey};
+use super::owners::Owners;
 use super::tcp::TcpFlow;
 use super::udp::UdpFlow;
 use super::FlowKey;
@@ -32,7 +35,7 @@ fn flow_map<K: Hash + Eq, V>() -> FlowMap<V, K> {
     HashMap::with_hasher(foldhash::fast::RandomState::default())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FlowRef {
     Tcp(FlowKey),
     Udp(FlowKey),
@@ -61,6 +64,8 @@ pub struct FlowTable {
     pub echo: FlowMap<EchoFlow, EchoKey>,
     tokens: FlowMap<FlowRef, u64>,
     next_token: u64,
+    /// With multiqueue: the VM's flow owners and this table's pair, told when a flow leaves.
+    owners: Option<(Arc<Owners>, u16)>,
 }
 
 impl FlowTable {
@@ -72,7 +77,20 @@ impl FlowTable {
             echo: flow_map(),
             tokens: flow_map(),
             next_token: 1,
+            owners: None,
         })
+    }
+
+    /// With multiqueue: this table serves queue pair `pair`; a flow leaving it releases its
+    /// key in `owners` (see [`super::owners`]).
+    pub fn set_owners(&mut self, owners: Arc<Owners>, pair: u16) {
+        self.owners = Some((owners, pair));
+    }
+
+    fn released(&self, key: FlowRef) {
+        if let Some((owners, pair)) = &self.owners {
+            owners.release(&key, *pair);
+        }
     }
 
     pub fn epoll_fd(&self) -> RawFd {
@@ -209,18 +227,21 @@ impl FlowTable {
     pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Tcp(*key));
         Some(flow)
     }
 
     pub fn remove_echo(&mut self, key: &EchoKey) -> Option<EchoFlow> {
         let flow = self.echo.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Echo(*key));
         Some(flow)
     }
 
     pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Udp(*key));
         Some(flow)
     }
 
@@ -232,6 +253,9 @@ impl FlowTable {
         self.tcp.clear();
         self.udp.clear();
         self.echo.clear();
+        if let Some((owners, pair)) = &self.owners {
+            owners.release_all(*pair);
+        }
         // The published ports' listeners stay watched.
         self.tokens.retain(|_, f| matches!(f, FlowRef::Listener(_)));
     }
