@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use common::process::field;
 use common::servers::*;
 use common::*;
+use vhost::vhost_user::VhostUserFrontend;
 
 /// Whether this build of netfence needs the development switch for `--queues` above 1.
 const UNFINISHED_MQ: (&str, &str) = ("NETFENCE_UNFINISHED_MQ", "1");
@@ -409,4 +411,112 @@ fn mq_handoff_bound_hit_and_counted() {
         full > 0,
         "an inbox of 1 overflows under a burst of {BURST}: {counts:?}"
     );
+}
+
+/// `tcp-flows` is a budget of the VM, not of each pair: with a limit of 4, three flows opened
+/// on pair 0 and three on pair 1 make exactly 4.
+#[test]
+fn mq_flow_budget_is_per_vm() {
+    let echo = TcpEchoServer::start();
+    let nf = spawn_mq(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{}", echo.port()),
+        "--limit".to_string(),
+        "tcp-flows=4".to_string(),
+    ]);
+    let mut g = guest_with(&nf, two_pairs());
+    g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("{e}"));
+    let queue = Arc::new(AtomicUsize::new(0));
+    let q = queue.clone();
+    g.fe().tx_steer = Some(Box::new(move |_| q.load(Ordering::SeqCst)));
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for pair in [0usize, 0, 0, 1, 1, 1] {
+        queue.store(pair, Ordering::SeqCst);
+        match g.tcp_connect(PUBLIC_IP, 80, Duration::from_millis(1500)) {
+            Ok(h) => open.push((pair, h)),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(open.len(), 4, "opened {open:?}, refused {refused}");
+    assert_eq!(refused, 2);
+    let denied: Vec<_> = nf
+        .decisions()
+        .into_iter()
+        .filter(|d| d.action == "deny")
+        .collect();
+    assert!(
+        denied.iter().all(|d| d.line.contains("tcp-flows")),
+        "{denied:?}"
+    );
+    // The flows open on both pairs carry data.
+    for (pair, h) in open {
+        queue.store(pair, Ordering::SeqCst);
+        let msg = pattern(10_000, pair as u64);
+        let back = g
+            .tcp_transfer(h, &msg, true, deadline(SHORT))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(back == msg);
+    }
+}
+
+/// The guest stops using pair 1 (QEMU after `ethtool -L eth0 combined 1`: SET_VRING_ENABLE 0
+/// on rings 2 and 3, which stay started): pair 1's flows are reset (their host connections
+/// closed) and their keys released; new flows open on pair 0.
+#[test]
+fn mq_pair1_disabled_midstream() {
+    let server = OneShotServer::start(|mut s| {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return "eof",
+                Err(_) => return "reset",
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return "reset";
+                    }
+                }
+            }
+        }
+    });
+    let echo = TcpEchoServer::start();
+    let nf = spawn_mq(&[
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:80=127.0.0.1:{}", server.port()),
+        "--map".to_string(),
+        format!("{PUBLIC_IP}:81=127.0.0.1:{}", echo.port()),
+    ]);
+    let mut g = guest_with(&nf, two_pairs());
+    g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("{e}"));
+    let queue = Arc::new(AtomicUsize::new(1));
+    let q = queue.clone();
+    g.fe().tx_steer = Some(Box::new(move |_| q.load(Ordering::SeqCst)));
+    let h = g
+        .tcp_connect(PUBLIC_IP, 80, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let msg = pattern(10_000, 1);
+    g.tcp_send_all(h, &msg, deadline(SHORT)).unwrap();
+    assert!(g.tcp_recv_exact(h, msg.len(), deadline(SHORT)).unwrap() == msg);
+    let mark = nf.log_mark();
+    for q in [2, 3] {
+        g.fe().vu.set_vring_enable(q, false).unwrap();
+    }
+    queue.store(0, Ordering::SeqCst);
+    nf.wait_for_log_after(mark, "stopped using this queue pair", SHORT)
+        .unwrap_or_else(|| panic!("pair 1 not dropped\n{}", nf.log_text()));
+    // Its host connection was closed.
+    let ended = server
+        .join_polling(&mut g, SHORT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ended == "reset" || ended == "eof", "{ended}");
+    g.tcp(h).abort();
+    g.poll();
+    // A new flow, from pair 0, works.
+    let h = g
+        .tcp_connect(PUBLIC_IP, 81, SHORT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let back = g
+        .tcp_transfer(h, &msg, true, deadline(SHORT))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(back == msg);
 }

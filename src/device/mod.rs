@@ -34,6 +34,9 @@ pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
 /// Most queue pairs a device offers (`--queues`).
 pub const MAX_PAIRS: u16 = 16;
+/// How long a started RX ring of a pair must stay disabled before the pair counts as dropped
+/// by the guest (a VMM pausing the VM disables it only for the moment before it stops it).
+pub const PAIR_DROPPED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest virtqueue we accept.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -203,6 +206,12 @@ pub trait LinkDriver: Send + 'static {
     /// Serves what other queue pairs handed to this one (multiqueue); the device calls it
     /// before it drains the TX queue, so a flow that moved between queues stays in order.
     fn take_handoffs(&mut self) {}
+    /// Whether this pair's RX queue can take frames now (enabled and started); told when it
+    /// changes. A multiqueue link gives new flows to pair 0 while its own cannot.
+    fn set_rx_usable(&mut self, _usable: bool) {}
+    /// The guest stopped using this pair: its RX queue stayed disabled while started (QEMU
+    /// after `ethtool -L combined` shrank the pairs) for [`PAIR_DROPPED_AFTER`].
+    fn pair_dropped(&mut self) {}
     /// The VMM acked features: from now on frames may use these offloads both ways. May come
     /// again (the guest's driver restarted with other features).
     fn set_offloads(&mut self, offloads: Offloads);

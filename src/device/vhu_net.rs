@@ -50,7 +50,7 @@ use super::rx_port::RxPort;
 use super::virtqueue::{self, RxScratch};
 use super::{
     first_link_event, rescan_event, DeviceSettings, GuestMemory, LinkDriver, Offloads, MAX_PAIRS,
-    MAX_QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    MAX_QUEUE_SIZE, PAIR_DROPPED_AFTER, RX_QUEUE, TX_QUEUE,
 };
 use crate::observe::{Counters, LogGate};
 
@@ -80,6 +80,11 @@ struct DeviceState<L> {
     counters: DeviceCounters,
     /// A ring was stopped (GET_VRING_BASE); see `check_restart`.
     stopped: bool,
+    /// Whether the RX ring was usable at the last event, as told to the link.
+    rx_usable: bool,
+    /// Since when the RX ring has been started but disabled, and whether the link was told.
+    rx_disabled_since: Option<Instant>,
+    pair_dropped: bool,
     bad_chain_log: LogGate,
 }
 
@@ -130,6 +135,9 @@ impl<L: LinkDriver> NetBackend<L> {
                     rx_scratch: RxScratch::default(),
                     counters: DeviceCounters::default(),
                     stopped: false,
+                    rx_usable: false,
+                    rx_disabled_since: None,
+                    pair_dropped: false,
                     bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
                 }),
                 exit,
@@ -233,12 +241,38 @@ impl<L: LinkDriver> DeviceState<L> {
         }
     }
 
+    /// Tells the link when its RX ring becomes usable or not, and when the guest has stopped
+    /// using the pair (see [`LinkDriver::pair_dropped`]).
+    fn check_rx_state(&mut self, rx: &VringRwLock) {
+        let (enabled, ready) = {
+            let state = rx.get_ref();
+            (state.is_enabled(), state.get_queue().ready())
+        };
+        let usable = enabled && ready;
+        if usable != self.rx_usable {
+            self.rx_usable = usable;
+            self.link.set_rx_usable(usable);
+        }
+        if enabled || !ready {
+            self.rx_disabled_since = None;
+            self.pair_dropped = false;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.rx_disabled_since.get_or_insert(now);
+        if !self.pair_dropped && now.duration_since(since) >= PAIR_DROPPED_AFTER {
+            self.pair_dropped = true;
+            self.link.pair_dropped();
+        }
+    }
+
     fn handle_event(&mut self, event: u16, rx: &VringRwLock, tx: &VringRwLock) {
         let Some(mem) = self.mem.clone() else {
             return;
         };
         let mem = mem.memory();
         self.check_restart(rx, tx);
+        self.check_rx_state(rx);
         self.link.take_handoffs();
         // A rescan (the memory map changed) looks at TX as a kick would.
         let event = if event == self.rescan_event {

@@ -214,16 +214,22 @@ impl Flows {
     }
 
     /// With multiqueue: these flows are queue pair `pair`'s; a flow leaving releases its key in
-    /// `owners`, and domain names come from the VM's one name cache `names` (filled by pair 0,
+    /// `owners`, the per-VM budgets count every pair's flows (`counts`), and domain names come from the VM's one name cache `names` (filled by pair 0,
     /// which serves DNS).
     pub fn join_vm(
         &mut self,
         owners: Arc<owners::Owners>,
+        counts: Arc<owners::PairCounts>,
         pair: u16,
         names: Arc<std::sync::RwLock<crate::dns::cache::NameCache>>,
     ) {
-        self.table.set_owners(owners, pair);
+        self.table.set_owners(owners, counts, pair);
         self.dns.service.share_cache(names);
+    }
+
+    /// With multiqueue: tells the other pairs this pair's flow counts as they are now.
+    pub fn publish_counts(&self) {
+        self.table.publish_counts();
     }
 
     /// Whether a flow of `key` is in this link's table.

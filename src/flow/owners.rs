@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::table::FlowRef;
@@ -84,6 +85,54 @@ impl Owners {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The flow counts of every pair of a multiqueue VM, so that the per-VM budgets (`tcp-flows`,
+/// `udp-flows`, `icmp-flows`, `inbound-tcp`, `max_connections`) hold for the VM as a whole.
+///
+/// Each pair publishes its own counts (one writer per slot) when it asks for room and when a
+/// flow leaves, counting the flow it is about to open; a pair asking for room adds the others'
+/// published counts to its own. Two pairs opening flows at the very same moment may each miss
+/// the other's newest flow, so the VM may exceed a budget by at most one flow per other pair.
+pub struct PairCounts {
+    slots: Vec<[AtomicUsize; KINDS]>,
+}
+
+/// What [`PairCounts`] counts.
+#[derive(Clone, Copy, Debug)]
+pub enum Counted {
+    Tcp = 0,
+    Udp = 1,
+    Echo = 2,
+    InboundTcp = 3,
+}
+const KINDS: usize = 4;
+
+impl PairCounts {
+    pub fn new(pairs: usize) -> Self {
+        PairCounts {
+            slots: (0..pairs).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Pair `pair`'s counts now.
+    pub fn publish(&self, pair: u16, counts: [usize; KINDS]) {
+        if let Some(slot) = self.slots.get(usize::from(pair)) {
+            for (a, n) in slot.iter().zip(counts) {
+                a.store(n, Ordering::Release);
+            }
+        }
+    }
+
+    /// What the pairs other than `pair` published of `kind`.
+    pub fn others(&self, pair: u16, kind: Counted) -> usize {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != usize::from(pair))
+            .map(|(_, s)| s[kind as usize].load(Ordering::Acquire))
+            .sum()
     }
 }
 

@@ -166,6 +166,8 @@ pub struct Link {
     /// With multiqueue, on pairs other than 0: when the guest's IPv4 MAC was last told to
     /// smoltcp (pair 0 serves ARP; see `ndp::arp_introduction`).
     arp_introduced: Option<Instant>,
+    /// Whether this pair's RX queue can take frames (else new flows go to pair 0).
+    rx_usable: bool,
 }
 
 impl Link {
@@ -218,6 +220,7 @@ impl Link {
             vm: None,
             handoffs: VecDeque::new(),
             arp_introduced: None,
+            rx_usable: false,
         })
     }
 
@@ -247,7 +250,8 @@ impl Link {
                 settings.flows.published = None;
             }
             let mut link = Link::new(settings, terminator.clone())?;
-            link.flows.join_vm(vm.owners.clone(), pair, names.clone());
+            link.flows
+                .join_vm(vm.owners.clone(), vm.counts.clone(), pair, names.clone());
             link.pair = pair;
             link.vm = Some(vm.clone());
             link.introduce_guest_v4();
@@ -305,7 +309,11 @@ impl Link {
             Some(owner) if owner == self.pair => Steer::Claimed(key),
             Some(owner) => Steer::To(owner),
             None if !opening => Steer::Here,
-            None => match vm.owners.claim(key, self.pair) {
+            // A pair that cannot answer (its RX queue is not usable) opens nothing itself.
+            None => match vm
+                .owners
+                .claim(key, if self.rx_usable { self.pair } else { 0 })
+            {
                 owner if owner == self.pair => Steer::Claimed(key),
                 owner => Steer::To(owner),
             },
@@ -597,6 +605,7 @@ impl Link {
         self.counters.add("fragment-evicted", evicted);
         self.introduced
             .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
+        self.flows.publish_counts();
         if self
             .arp_introduced
             .is_some_and(|at| now.duration_since(at) >= INTRODUCTION_REFRESH)
@@ -699,6 +708,24 @@ impl LinkDriver for Link {
 
     fn take_handoffs(&mut self) {
         Link::take_handoffs(self);
+    }
+
+    fn set_rx_usable(&mut self, usable: bool) {
+        self.rx_usable = usable;
+    }
+
+    fn pair_dropped(&mut self) {
+        if self.pair == 0 || self.vm.is_none() {
+            return;
+        }
+        let (tcp, udp, echo, _) = self.flows.counts();
+        if tcp + udp + echo > 0 {
+            info!(
+                pair = self.pair,
+                tcp, udp, echo, "the guest stopped using this queue pair: its flows are reset"
+            );
+        }
+        LinkDriver::reset(self);
     }
 
     fn set_offloads(&mut self, offloads: Offloads) {

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::NetHeader;
 use crate::dns::cache::NameCache;
-use crate::flow::owners::Owners;
+use crate::flow::owners::{Owners, PairCounts};
 
 /// A guest frame on its way to the pair that owns its flow.
 pub struct Handoff {
@@ -90,6 +90,8 @@ impl Inbox {
 pub struct VmShared {
     pub pairs: u16,
     pub owners: Arc<Owners>,
+    /// Every pair's flow counts (the flow budgets are per VM).
+    pub counts: Arc<PairCounts>,
     /// Pair `k`'s inbox at index `k`.
     pub inboxes: Vec<Inbox>,
     /// The VM's one IP -> names cache (pair 0's DNS service fills it).
@@ -108,6 +110,7 @@ impl VmShared {
         Ok(VmShared {
             pairs,
             owners: Arc::new(Owners::default()),
+            counts: Arc::new(PairCounts::new(usize::from(pairs))),
             inboxes: (0..pairs)
                 .map(|_| Inbox::new(handoff_frames))
                 .collect::<std::io::Result<_>>()?,

@@ -655,8 +655,9 @@ impl Frontend {
         1 + self.others.len()
     }
 
-    /// Exchanges the rings in `rx`/`tx` with pair `pair`'s (a no-op for pair 0 at rest).
-    fn swap_pair(&mut self, pair: usize) {
+    /// Exchanges the rings in `rx`/`tx` with pair `pair`'s (a no-op for pair 0 at rest); the
+    /// same call swaps them back. [`with_pair`](Self::with_pair) is the safe form.
+    pub fn swap_pair(&mut self, pair: usize) {
         if pair == 0 {
             return;
         }
