@@ -427,10 +427,17 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIG;
+        // QEMU (7.2) drives each queue pair as a vhost device of its own over the one
+        // connection, and every one of them sends ADD_MEM_REG for every region: the second
+        // pair's would overlap the first's and be refused. SET_MEM_TABLE it sends once.
+        if self.pairs.len() > 1 {
+            features
+        } else {
+            features | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -332,6 +332,13 @@ impl Link {
             header: *header,
             frame: frame.to_vec(),
         };
+        debug!(
+            pair = self.pair,
+            to,
+            rx_usable = self.rx_usable,
+            len = frame.len(),
+            "frame handed to its pair"
+        );
         if inbox.push(handoff) {
             vm.handed_off.fetch_add(1, Ordering::Relaxed);
             self.counters.inc("handoff");
