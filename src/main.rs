@@ -163,7 +163,8 @@ netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once\n  \
 netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n\n\
-Limits (--limit NAME=VALUE; counts are per guest, times in seconds):\n{}",
+Limits (--limit NAME=VALUE; counts are per guest, times in seconds; with --queues N, tcp-flows,\n\
+udp-flows, icmp-flows and inbound-tcp hold for the whole guest, the other counts per queue pair):\n{}",
         limits::help_table()
     )
 }
