@@ -591,11 +591,7 @@ fn netfence_guest_pairs(
     let nf = if pairs > 1 {
         args.extend(["--queues".to_string(), pairs.to_string()]);
         opts.pairs = pairs;
-        // Allowed while multiqueue is unfinished (ignored once it is not).
-        Netfence::builder()
-            .env("NETFENCE_UNFINISHED_MQ", "1")
-            .args(&args)
-            .spawn()
+        Netfence::spawn(&args)
     } else {
         Netfence::spawn(&args)
     };

@@ -506,17 +506,7 @@ fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// Set to 1 to allow `--queues` above 1 while multiqueue is not finished (development only).
-const UNFINISHED_MQ_ENV: &str = "NETFENCE_UNFINISHED_MQ";
-
 fn run(args: RunArgs) -> ExitCode {
-    if args.queues > 1 && std::env::var_os(UNFINISHED_MQ_ENV).is_none_or(|v| v != "1") {
-        eprintln!(
-            "netfence: --queues {}: multiqueue is not supported yet; use --queues 1 (the default)",
-            args.queues
-        );
-        return ExitCode::from(2);
-    }
     let config = match args.net.resolve() {
         Ok(c) => c,
         Err(e) => {

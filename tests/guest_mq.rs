@@ -48,7 +48,6 @@ fn real_guest_with_two_queue_pairs_fetches_in_parallel() {
     let script_file = tmp.path().join("guest.sh");
     std::fs::write(&script_file, guest_script()).expect("write guest script");
     let mut nf = Netfence::builder()
-        .env("NETFENCE_UNFINISHED_MQ", "1")
         .args(&[
             "--once".to_string(),
             "--queues".to_string(),

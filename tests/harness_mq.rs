@@ -17,12 +17,8 @@ use common::servers::*;
 use common::*;
 use vhost::vhost_user::VhostUserFrontend;
 
-/// Whether this build of netfence needs the development switch for `--queues` above 1.
-const UNFINISHED_MQ: (&str, &str) = ("NETFENCE_UNFINISHED_MQ", "1");
-
 fn spawn_mq(extra: &[String]) -> Netfence {
     Netfence::builder()
-        .env(UNFINISHED_MQ.0, UNFINISHED_MQ.1)
         .args(&["--queues", "2"])
         .args(extra)
         .spawn()
@@ -519,4 +515,21 @@ fn mq_pair1_disabled_midstream() {
         .tcp_transfer(h, &msg, true, deadline(SHORT))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(back == msg);
+}
+
+/// `--queues` outside 1-16 is a bad argument: exit 2, naming the flag and the accepted range.
+#[test]
+fn queues_out_of_range_are_refused() {
+    for bad in ["0", "17", "two"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_netfence"))
+            .args(["run", "--socket", "/nonexistent/nf.sock", "--queues", bad])
+            .output()
+            .expect("run netfence");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--queues {bad}: {stderr}");
+        assert!(
+            stderr.contains("--queues") && stderr.contains("1-16"),
+            "--queues {bad}: {stderr}"
+        );
+    }
 }
