@@ -522,3 +522,16 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pair_offers_no_multiqueue_and_more_pairs_offer_it_with_the_control_queue() {
+        let mq = (1u64 << VIRTIO_NET_F_MQ) | (1u64 << VIRTIO_NET_F_CTRL_VQ);
+        assert_eq!(offered_features(1) & mq, 0);
+        assert_eq!(offered_features(2) & mq, mq);
+        assert_eq!(offered_features(2) & !mq, offered_features(1));
+    }
+}
