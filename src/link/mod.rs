@@ -771,6 +771,11 @@ impl LinkDriver for Link {
         self.stack.reset();
         self.introduced.clear();
         self.last_advert = None;
+        // Frames handed over for the old driver's flows are not served to the new one.
+        if let Some(vm) = &self.vm {
+            vm.inboxes[usize::from(self.pair)].take_all(&mut self.handoffs);
+            self.handoffs.clear();
+        }
         self.introduce_guest_v4();
     }
 }
