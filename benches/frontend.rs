@@ -310,6 +310,8 @@ struct Driver {
     fe: Frontend,
     hl: usize,
     slot_base: GuestAddress,
+    /// The TX slots of pairs 1.. (multiqueue), swapped in with their rings by `on_pair`.
+    other_slots: Vec<GuestAddress>,
     slot_size: u64,
     calls: u64,
     rx_frames: u64,
@@ -323,16 +325,71 @@ impl Driver {
         let hl = fe.hdr_len();
         let slot_size = ((hl + max_frame) as u64).div_ceil(4096) * 4096;
         let slot_base = fe.mem.alloc(slot_size * QUEUE_SIZE as u64, 4096);
+        let other_slots = (1..fe.pairs())
+            .map(|_| fe.mem.alloc(slot_size * QUEUE_SIZE as u64, 4096))
+            .collect();
         Driver {
             fe,
             hl,
             slot_base,
+            other_slots,
             slot_size,
             calls: 0,
             rx_frames: 0,
             rx_buffers: 0,
             tx_frames: 0,
             scratch: vec![0u8; 256],
+        }
+    }
+
+    /// Runs `f` with queue pair `pair`'s rings and TX slots in place of pair 0's.
+    fn on_pair<R>(&mut self, pair: usize, f: impl FnOnce(&mut Driver) -> R) -> R {
+        if pair == 0 {
+            return f(self);
+        }
+        self.fe.swap_pair(pair);
+        std::mem::swap(&mut self.slot_base, &mut self.other_slots[pair - 1]);
+        let r = f(self);
+        std::mem::swap(&mut self.slot_base, &mut self.other_slots[pair - 1]);
+        self.fe.swap_pair(pair);
+        r
+    }
+
+    /// Sleeps until the device returns something on any pair's rings (or `max` passes).
+    fn wait_all(&mut self, max: Duration) {
+        let pairs = self.fe.pairs();
+        let mut fds = Vec::new();
+        for k in 0..pairs {
+            let pending = self.on_pair(k, |d| {
+                fds.extend(d.fe.call_fds());
+                d.fe.rx.enable_calls() | d.fe.tx.enable_calls()
+            });
+            if pending {
+                return;
+            }
+        }
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: pfds is a valid array of pollfds.
+        unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                max.as_millis().max(1) as i32,
+            )
+        };
+        for k in 0..pairs {
+            self.on_pair(k, |d| {
+                if d.fe.rx.drain_call() + d.fe.tx.drain_call() > 0 {
+                    d.calls += 1;
+                }
+            });
         }
     }
 
@@ -515,14 +572,30 @@ fn netfence_guest(
     extra: &[String],
     maps: &[(u16, u16)],
 ) -> Result<(Netfence, Driver, Ends), String> {
+    netfence_guest_pairs(extra, maps, 1)
+}
+
+/// [`netfence_guest`] with `pairs` queue pairs (`--queues`), when netfence offers them.
+fn netfence_guest_pairs(
+    extra: &[String],
+    maps: &[(u16, u16)],
+    pairs: u16,
+) -> Result<(Netfence, Driver, Ends), String> {
     let mut args: Vec<String> = Vec::new();
     for (port, host_port) in maps {
         args.push("--map".into());
         args.push(format!("{PUBLIC_IP}:{port}=127.0.0.1:{host_port}"));
     }
     args.extend(extra.iter().cloned());
-    let nf = Netfence::spawn(&args);
-    let fe = Frontend::connect(nf.socket_path(), bench_options())?;
+    let mut opts = bench_options();
+    let nf = if pairs > 1 {
+        args.extend(["--queues".to_string(), pairs.to_string()]);
+        opts.pairs = pairs;
+        Netfence::spawn(&args)
+    } else {
+        Netfence::spawn(&args)
+    };
+    let fe = Frontend::connect(nf.socket_path(), opts)?;
     let mut g = Guest::new(fe);
     let lease = g.dhcp(Duration::from_secs(10))?;
     let gw_mac = common::gateway_mac(&mut g);
@@ -860,20 +933,31 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
             extra.extend(["--limit".to_string(), l.to_string()]);
         }
     }
-    let (nf, mut d, e) = netfence_guest(
+    let (nf, mut d, e) = netfence_guest_pairs(
         &extra,
         &[(SINK_PORT, sink), (SOURCE_PORT, source), (HOLD_PORT, hold)],
-    )?;
+        pairs as u16,
+    )
+    .or_else(|e| {
+        if pairs > 1 {
+            // A netfence without multiqueue refuses the pairs (fewer queues than asked).
+            netfence_guest(&extra, &[(SINK_PORT, sink)])
+        } else {
+            Err(e)
+        }
+    })?;
     let pid = nf.pid().ok_or("netfence has no pid")?;
     let feats = features_text(&d);
     if pairs > 1 {
-        let why = if d.fe.backend_features & VIRTIO_NET_F_MQ == 0 {
-            "no-MQ"
-        } else {
-            "frontend-drives-one-pair"
-        };
-        println!("RESULT {name} pairs={pairs} na=\"{why}\" features={feats}");
-        return Ok(());
+        if d.fe.backend_features & VIRTIO_NET_F_MQ == 0 || d.fe.pairs() < pairs as usize {
+            println!("RESULT {name} pairs={pairs} na=\"no-MQ\" features={feats}");
+            return Ok(());
+        }
+        if dir != "up" || idle > 0 {
+            println!("RESULT {name} pairs={pairs} na=\"up-only\" features={feats}");
+            return Ok(());
+        }
+        return tcp_up_pairs(&name, secs, pairs as usize, nf, d, e, sunk, feats);
     }
     if idle > 0 {
         let ports: Vec<u16> = (20000..20000 + idle as u16).collect();
@@ -1033,6 +1117,145 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
         }
         if !progress {
             d.wait(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One guest->host flow's sender state in [`tcp_up_pairs`].
+struct UpFlow {
+    fl: Flow,
+    t: DataTemplate,
+    last_progress: Instant,
+    dupacks: u32,
+    retransmits: u64,
+}
+
+/// `tcp --dir up --pairs P`: one flow per queue pair (its SYN and data on that pair's TX
+/// queue, so each pair's worker owns one), every flow's window kept full as in [`tcp_leg`].
+#[allow(clippy::too_many_arguments)]
+fn tcp_up_pairs(
+    name: &str,
+    secs: f64,
+    pairs: usize,
+    nf: Netfence,
+    mut d: Driver,
+    e: Ends,
+    sunk: Arc<AtomicU64>,
+    feats: String,
+) -> Result<(), String> {
+    let pid = nf.pid().ok_or("netfence has no pid")?;
+    let mut flows = Vec::new();
+    for k in 0..pairs {
+        let sport = 40000 + k as u16;
+        let up = d.on_pair(k, |d| -> Result<UpFlow, String> {
+            let fl = open_flows(
+                d,
+                &e,
+                &[sport],
+                SINK_PORT,
+                1,
+                Instant::now() + Duration::from_secs(10),
+            )?[0];
+            let t = write_data_template(d, &e, &fl);
+            Ok(UpFlow {
+                fl,
+                t,
+                last_progress: Instant::now(),
+                dupacks: 0,
+                retransmits: 0,
+            })
+        })?;
+        flows.push(up);
+    }
+    let warm = Duration::from_millis(500);
+    let run = Duration::from_secs_f64(secs);
+    let begin = Instant::now();
+    let mut w0: Option<(Instant, f64, u64, u64)> = None;
+    let mut rx_by_pair = vec![0u64; pairs];
+    loop {
+        let now = Instant::now();
+        let bytes_now = sunk.load(Ordering::Relaxed);
+        if w0.is_none() && now - begin >= warm {
+            w0 = Some((now, cpu_secs(pid), bytes_now, d.tx_frames + d.rx_frames));
+        }
+        if let Some((start, cpu0, bytes0, frames0)) = w0 {
+            if now - start >= run {
+                let el = (now - start).as_secs_f64();
+                let cpu = cpu_secs(pid) - cpu0;
+                let bytes = bytes_now - bytes0;
+                let gb = bytes as f64 / 1e9;
+                let retransmits: u64 = flows.iter().map(|f| f.retransmits).sum();
+                println!(
+                    "RESULT {name} pairs={pairs} gbit={:.3} nf_cpu_s={:.2} nf_cpu_per_gb={:.2} nf_cores={:.2} frames_per_gb={:.0} retransmits={retransmits} rx_frames_by_pair={rx_by_pair:?} features={feats}",
+                    bytes as f64 * 8.0 / el / 1e9,
+                    cpu,
+                    cpu / gb.max(1e-9),
+                    cpu / el,
+                    (d.tx_frames + d.rx_frames - frames0) as f64 / gb.max(1e-9),
+                );
+                return Ok(());
+            }
+        }
+        let mut progress = false;
+        for (k, up) in flows.iter_mut().enumerate() {
+            progress |= d.on_pair(k, |d| {
+                let mut progress = d.reclaim() > 0;
+                let mut arps = Vec::new();
+                let fl = &mut up.fl;
+                let mut got = 0u64;
+                d.drain_rx(|f, _| {
+                    if f.len() >= 42 && f[12..14] == [0x08, 0x06] {
+                        arps.push(f.to_vec());
+                        return;
+                    }
+                    let Some(s) = parse_seg(f) else { return };
+                    if s.dport != fl.sport || s.sport != fl.dport {
+                        return;
+                    }
+                    got += 1;
+                    if s.flags & TCP_ACK != 0 && seq_gt(s.ack, fl.snd_una) {
+                        fl.snd_una = s.ack;
+                        up.last_progress = Instant::now();
+                        up.dupacks = 0;
+                    } else if s.flags & TCP_ACK != 0
+                        && s.payload == 0
+                        && s.ack == fl.snd_una
+                        && fl.snd_nxt != fl.snd_una
+                    {
+                        up.dupacks += 1;
+                    }
+                    if s.flags & TCP_ACK != 0 {
+                        fl.snd_wnd = (s.window as u64) << fl.peer_wscale;
+                    }
+                });
+                rx_by_pair[k] += got;
+                for f in arps.drain(..) {
+                    d.answer_arp(&f, &e);
+                }
+                progress |= got > 0;
+                if fl.snd_nxt != fl.snd_una
+                    && (up.dupacks >= 3 || up.last_progress.elapsed() > Duration::from_millis(200))
+                {
+                    up.dupacks = 0;
+                    fl.snd_nxt = fl.snd_una;
+                    up.retransmits += 1;
+                    up.last_progress = Instant::now();
+                }
+                let p = up.t.payload as u32;
+                while (fl.snd_nxt.wrapping_sub(fl.snd_una) as u64 + p as u64) <= fl.snd_wnd {
+                    let seq = fl.snd_nxt;
+                    if !send_data(d, &up.t, fl, seq) {
+                        break;
+                    }
+                    fl.snd_nxt = fl.snd_nxt.wrapping_add(p);
+                    progress = true;
+                }
+                d.fe.tx.kick_if_needed();
+                progress
+            });
+        }
+        if !progress {
+            d.wait_all(Duration::from_millis(50));
         }
     }
 }

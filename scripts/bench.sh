@@ -336,13 +336,16 @@ if want backend; then
         row "backend TCP 1 pair" "$label frames/GB" "$(val "tcp-$d" frames_per_gb)" "" ""
         row "backend TCP 1 pair" "$label kicks/GB" "$(val "tcp-$d" kicks_per_gb)" "" ""
     done
-    two="$(field tcp-up-pairs2 na)"
-    case "$two" in
-        no-MQ) two="n/a (no MQ)" ;;
-        "") two="n/a" ;;
-        *) two="n/a ($two)" ;;
-    esac
+    two="$(val tcp-up-pairs2 gbit)"
+    if [ "$two" = n/a ]; then
+        case "$(field tcp-up-pairs2 na)" in
+            no-MQ) two="n/a (no MQ)" ;;
+            "") two="n/a" ;;
+            *) two="n/a ($(field tcp-up-pairs2 na))" ;;
+        esac
+    fi
     row "backend TCP 2 pairs" "g->h Gbit/s" "$two" "1 pair" "$(val tcp-up gbit)"
+    row "backend TCP 2 pairs" "g->h CPU-s/GB" "$(val tcp-up-pairs2 nf_cpu_per_gb)" "1 pair" "$(val tcp-up nf_cpu_per_gb)"
 fi
 if want udp; then
     for s in 64 1400; do

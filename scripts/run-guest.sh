@@ -26,6 +26,9 @@
 #                       127.0.0.1/5202:5201 (repeatable; default none)
 #   --qemu-pidfile F    write QEMU's pid to F
 #   --passt-mtu N       passt's -m (default 1500; passt's own default is 65520)
+#   --queues N          vhost-user only: N queue pairs (-netdev queues=N, -device mq=on; netfence
+#                       run --queues N); the guest uses min(N, vCPUs) of them
+#   --smp N             vCPUs (default 1)
 # Environment: NETFENCE_GUEST_DIR (default target/guest), QEMU (default qemu-system-x86_64),
 #   QEMU_CPU (default qemu64: under TCG it moves ~2.5x the bytes per second that -cpu max does).
 #
@@ -55,6 +58,8 @@ QEMU_PIDFILE=""
 PASST_TCP=()
 PASST_MTU=1500
 MEM=512
+QUEUES=1
+SMP=1
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
@@ -73,6 +78,8 @@ while [ $# -gt 0 ]; do
         --passt-tcp) PASST_TCP+=(-t "${2:?}"); shift 2 ;;
         --qemu-pidfile) QEMU_PIDFILE="${2:?}"; shift 2 ;;
         --passt-mtu) PASST_MTU="${2:?}"; shift 2 ;;
+        --queues) QUEUES="${2:?}"; shift 2 ;;
+        --smp) SMP="${2:?}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "run-guest.sh: unknown argument '$1'" >&2; usage ;;
     esac
@@ -113,9 +120,15 @@ NET=()
 case "$MODE" in
     vhost-user)
         [ -S "$SOCK" ] || { echo "run-guest.sh: $SOCK is not a socket (is netfence running?)" >&2; exit 125; }
+        MQ_NETDEV=""
+        MQ_DEVICE=""
+        if [ "$QUEUES" -gt 1 ]; then
+            MQ_NETDEV=",queues=$QUEUES"
+            MQ_DEVICE=",mq=on"
+        fi
         NET=(-chardev "socket,id=c0,path=$SOCK"
-             -netdev vhost-user,id=n0,chardev=c0
-             -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0")
+             -netdev "vhost-user,id=n0,chardev=c0$MQ_NETDEV"
+             -device "virtio-net-pci,netdev=n0${MAC:+,mac=$MAC},vectors=0$MQ_DEVICE")
         ;;
     passt)
         command -v passt >/dev/null || { echo "run-guest.sh: passt not found; run scripts/install-deps.sh" >&2; exit 125; }
@@ -164,7 +177,7 @@ START=$(date +%s.%N)
 # where the end marker is looked for afterwards.
 set +e
 timeout --kill-after=5 "$TIMEOUT" "$QEMU" \
-    -accel tcg -machine pc -cpu "${QEMU_CPU:-qemu64}" -smp 1 -m "$MEM" \
+    -accel tcg -machine pc -cpu "${QEMU_CPU:-qemu64}" -smp "$SMP" -m "$MEM" \
     -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" -numa node,memdev=mem \
     -nodefaults -no-user-config -display none -monitor none \
     -chardev "stdio,id=con,signal=off,logfile=$WORK/console.log" -serial chardev:con \

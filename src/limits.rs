@@ -60,6 +60,9 @@ pub struct Limits {
     /// Bytes of frames waiting for room in the guest's RX queue (with GUEST_TSO a frame may be
     /// 64 KiB): past it smoltcp keeps its segments and UDP and echo replies are not read.
     pub guest_queue_bytes: usize,
+    /// With multiqueue: guest frames one queue pair has handed to another (the owner of their
+    /// flow) and that it has not served yet; more are dropped and counted (`handoff-full`).
+    pub handoff_frames: usize,
     /// A host connect that has not completed by then fails the guest's connection.
     pub connect_timeout: Duration,
     /// A guest that does not complete its TCP handshake (after the host side is up) by then
@@ -115,6 +118,7 @@ impl Default for Limits {
             denied_memo_time: Duration::from_secs(30),
             guest_queue_frames: 1024,
             guest_queue_bytes: GUEST_QUEUE_BYTES,
+            handoff_frames: 512,
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
@@ -265,6 +269,11 @@ pub const LIMITS: &[LimitSpec] = &[
         "guest-queue-bytes",
         guest_queue_bytes,
         "bytes of frames waiting for the guest's RX buffers"
+    ),
+    count!(
+        "handoff-frames",
+        handoff_frames,
+        "frames handed to another queue pair, per pair (--queues)"
     ),
     millis!(
         "connect-timeout-secs",

@@ -133,6 +133,12 @@ struct RunArgs {
     /// advertisements): 1280-65520, since IPv6 (always on) needs at least 1280.
     #[arg(long, default_value_t = 1500, value_parser = parse_mtu)]
     mtu: u16,
+    /// Virtqueue pairs offered to the guest (VIRTIO_NET_F_MQ), one worker thread each: 1-16.
+    /// QEMU: `-netdev vhost-user,...,queues=N` and `-device virtio-net-pci,...,mq=on`;
+    /// cloud-hypervisor: `--net vhost_user=true,...,num_queues=2N`. A guest uses at most one
+    /// pair per vCPU.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = parse_queues)]
+    queues: u16,
     /// DHCP lease time in seconds: 1-4294967295.
     #[arg(long, default_value_t = 3600, value_name = "SECS", value_parser = parse_lease_secs)]
     lease_secs: u32,
@@ -157,7 +163,8 @@ netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once\n  \
 netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n\n\
-Limits (--limit NAME=VALUE; counts are per guest, times in seconds):\n{}",
+Limits (--limit NAME=VALUE; counts are per guest, times in seconds; with --queues N, tcp-flows,\n\
+udp-flows, icmp-flows and inbound-tcp hold for the whole guest, the other counts per queue pair):\n{}",
         limits::help_table()
     )
 }
@@ -184,6 +191,17 @@ fn parse_mtu(s: &str) -> Result<u16, String> {
         .ok()
         .filter(|m| *m <= MAX_MTU)
         .ok_or_else(|| format!("too large; {accepted}"))
+}
+
+/// `--queues`: 1 to the device's most pairs.
+fn parse_queues(s: &str) -> Result<u16, String> {
+    let max = netfence::device::MAX_PAIRS;
+    let accepted = format!("expected 1-{max} (queue pairs)");
+    let n: u32 = s.parse().map_err(|_| format!("not a number; {accepted}"))?;
+    u16::try_from(n)
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| format!("out of range; {accepted}"))
 }
 
 /// `--lease-secs`: a lease of 0 seconds would expire as it is granted.
@@ -596,6 +614,7 @@ fn run(args: RunArgs) -> ExitCode {
         mtu: args.mtu,
         lease_secs: args.lease_secs,
         flows,
+        pairs: args.queues,
     };
     raise_nofile_limit();
     let public = match netfence::server::bind_public(&args.socket) {

@@ -225,14 +225,15 @@ pub enum Served {
 /// Serves one VMM connection; `Ok(true)` when the link ended it (`block_and_terminate`).
 fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, String> {
     let terminator = Terminator::new(vmm.try_clone().ok());
-    let link = Link::new(settings.clone(), terminator.clone())
+    let links = Link::for_pairs(settings, &terminator, settings.pairs)
         .map_err(|e| format!("cannot set up the link: {e}"))?;
     let device = DeviceSettings {
         guest_mac: settings.guest_mac,
         mtu: settings.mtu,
     };
-    let backend =
-        Arc::new(NetBackend::new(device, link).map_err(|e| format!("cannot create backend: {e}"))?);
+    let backend = Arc::new(
+        NetBackend::new(device, links).map_err(|e| format!("cannot create backend: {e}"))?,
+    );
     let mut daemon = VhostUserDaemon::new(
         "netfence".to_string(),
         backend.clone(),
@@ -240,14 +241,21 @@ fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, St
     )
     .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
     {
+        // One worker thread per queue pair, in pair order; each watches its own link's fds.
         let handlers = daemon.get_epoll_handlers();
-        let worker = handlers
-            .first()
-            .ok_or("vhost-user daemon has no worker thread")?;
-        for (fd, id) in backend.extra_fds() {
-            worker
-                .register_listener(fd, EventSet::IN, u64::from(id))
-                .map_err(|e| format!("cannot watch a link fd: {e}"))?;
+        if handlers.len() != usize::from(backend.pairs()) {
+            return Err(format!(
+                "vhost-user daemon has {} worker threads for {} queue pairs",
+                handlers.len(),
+                backend.pairs()
+            ));
+        }
+        for (pair, worker) in handlers.iter().enumerate() {
+            for (fd, id) in backend.extra_fds(pair) {
+                worker
+                    .register_listener(fd, EventSet::IN, u64::from(id))
+                    .map_err(|e| format!("cannot watch a link fd: {e}"))?;
+            }
         }
     }
     // The backend end of the relay: a private socket, connected (queued in its backlog), then

@@ -507,6 +507,21 @@ mod tests {
         assert_eq!(e.take(1), Some(1));
     }
 
+    /// With two pairs (QEMU `queues=2`): QEMU enables pair 0 and disables pair 1 before the
+    /// features are set (the guest has not chosen its pairs yet); each ring keeps its own state.
+    #[test]
+    fn early_enables_of_a_second_pair_are_kept_per_ring() {
+        let mut e = EarlyEnables::new(4);
+        for (ring, state) in [(0, 1), (1, 1), (2, 0), (3, 0)] {
+            assert!(e.record(ring, state));
+        }
+        assert!(!e.record(4, 1), "ring 4 does not exist with two pairs");
+        assert_eq!(
+            [e.take(2), e.take(3), e.take(0), e.take(1)],
+            [Some(0), Some(0), Some(1), Some(1)]
+        );
+    }
+
     #[test]
     fn no_queues_store_nothing() {
         let mut e = EarlyEnables::new(0);

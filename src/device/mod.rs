@@ -1,9 +1,10 @@
 //! The vhost-user-net device: what the VMM negotiates with us, and the virtqueues.
 //!
 //! The VMM (QEMU, cloud-hypervisor) connects to our socket, negotiates virtio-net features,
-//! shares guest memory and hands us one RX and one TX virtqueue. `vhost-user-backend` runs one
-//! worker thread that waits on the queues' kick eventfds and on the link's own fds (host
-//! sockets, timer); every event lands in [`vhu_net::NetBackend::handle_event`].
+//! shares guest memory and hands us one RX/TX virtqueue pair per `--queues` (VIRTIO_NET_F_MQ).
+//! `vhost-user-backend` runs one worker thread per pair that waits on that pair's kick eventfds
+//! and on its link's own fds (host sockets, timer); every event lands in
+//! [`vhu_net::NetBackend::handle_event`] with the pair's index as the thread id.
 //!
 //! The device knows nothing of what a frame means. It drains TX chains into frames
 //! ([`virtqueue`]), hands each to the link through the small [`LinkDriver`] interface it owns,
@@ -25,20 +26,31 @@ pub use vhu_net::NetBackend;
 /// Guest memory as the backend library hands it to us.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
-/// Queue index of the guest's receive queue (we write frames into it).
+/// Queue id of a pair's receive queue (we write frames into it), as the worker of that pair
+/// sees it: vhost-user-backend numbers a thread's queues from 0 in index order, so pair `k`'s
+/// RX ring (global index `2k`) reports as 0 and its TX ring (`2k + 1`) as 1 in every worker.
 pub const RX_QUEUE: u16 = 0;
-/// Queue index of the guest's transmit queue (we drain frames from it).
+/// Queue id of a pair's transmit queue (we drain frames from it); see [`RX_QUEUE`].
 pub const TX_QUEUE: u16 = 1;
-/// One RX/TX pair.
-pub const NUM_QUEUES: usize = 2;
+/// Most queue pairs a device offers (`--queues`).
+pub const MAX_PAIRS: u16 = 16;
+/// How long a started RX ring of a pair must stay disabled before the pair counts as dropped
+/// by the guest (a VMM pausing the VM disables it only for the moment before it stops it).
+pub const PAIR_DROPPED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest virtqueue we accept.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Event id of the device's own eventfd that makes the worker look at the rings again (after
-/// the memory map changed). Ids below `NUM_QUEUES` are the queues; `NUM_QUEUES` itself is the
-/// library's exit event.
-pub const RESCAN_EVENT: u16 = NUM_QUEUES as u16 + 1;
-/// Event id of the link's first own fd; the link's fd `i` carries `FIRST_LINK_EVENT + i`.
-pub const FIRST_LINK_EVENT: u16 = NUM_QUEUES as u16 + 2;
+
+/// Event id of a pair's own eventfd that makes its worker look at the rings again (after the
+/// memory map changed). Ids below `2 * pairs` are queues (only 0 and 1 come to a worker, see
+/// [`RX_QUEUE`]); `2 * pairs` itself is the library's exit and vring-enabled event.
+pub fn rescan_event(pairs: u16) -> u16 {
+    2 * pairs + 1
+}
+
+/// Event id of a link's first own fd; the link's fd `i` carries `first_link_event(pairs) + i`.
+pub fn first_link_event(pairs: u16) -> u16 {
+    2 * pairs + 2
+}
 
 /// What the guest sees of the device, fixed for the life of a connection.
 #[derive(Clone, Debug)]
@@ -191,6 +203,15 @@ pub trait LinkDriver: Send + 'static {
     /// One Ethernet frame the guest sent, and its virtio-net header (unchecked: the link
     /// judges it against the acked [`Offloads`]).
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]);
+    /// Serves what other queue pairs handed to this one (multiqueue); the device calls it
+    /// before it drains the TX queue, so a flow that moved between queues stays in order.
+    fn take_handoffs(&mut self) {}
+    /// Whether this pair's RX queue can take frames now (enabled and started); told when it
+    /// changes. A multiqueue link gives new flows to pair 0 while its own cannot.
+    fn set_rx_usable(&mut self, _usable: bool) {}
+    /// The guest stopped using this pair: its RX queue stayed disabled while started (QEMU
+    /// after `ethtool -L combined` shrank the pairs) for [`PAIR_DROPPED_AFTER`].
+    fn pair_dropped(&mut self) {}
     /// The VMM acked features: from now on frames may use these offloads both ways. May come
     /// again (the guest's driver restarted with other features).
     fn set_offloads(&mut self, offloads: Offloads);

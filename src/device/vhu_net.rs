@@ -1,9 +1,11 @@
 //! `VhostUserBackend` for virtio-net: features, config space, and the worker's events.
 //!
-//! One [`NetBackend`] serves one VMM connection. Its state (the link, guest memory, the
-//! negotiated header layout) sits behind one mutex that the vring worker holds for each event
-//! and that the control thread takes to change memory or stop a ring, so GET_VRING_BASE waits
-//! for a drain in flight and never sees a ring half-used.
+//! One [`NetBackend`] serves one VMM connection with one or more queue pairs. Each pair has its
+//! own link and its own worker thread; its state (the link, guest memory, the negotiated header
+//! layout) sits behind one mutex per pair that the pair's worker holds for each event and that
+//! the control thread takes to change memory or stop one of its rings, so GET_VRING_BASE waits
+//! for a drain in flight and never sees a ring half-used. The control thread takes one pair's
+//! lock at a time, never two.
 //!
 //! Events: a TX kick drains the TX queue into the link; an RX kick means the guest gave us
 //! buffers; the link's own fds (host sockets, timer) are passed on by index. After each event
@@ -15,7 +17,7 @@
 //! the VMM sends RESET_DEVICE, the link forgets every flow and queued frame: a new driver must
 //! not receive the old one's frames. When they come back where they stopped (the VM was
 //! paused), everything carries on. A change of the guest memory map makes the worker look at
-//! the rings again ([`RESCAN_EVENT`]): a kick that came while a ring was unreachable would
+//! the rings again ([`rescan_event`]): a kick that came while a ring was unreachable would
 //! otherwise be lost.
 
 use std::io;
@@ -28,9 +30,10 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -46,8 +49,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::rx_port::RxPort;
 use super::virtqueue::{self, RxScratch};
 use super::{
-    DeviceSettings, GuestMemory, LinkDriver, Offloads, FIRST_LINK_EVENT, MAX_QUEUE_SIZE,
-    NUM_QUEUES, RESCAN_EVENT, RX_QUEUE, TX_QUEUE,
+    first_link_event, rescan_event, DeviceSettings, GuestMemory, LinkDriver, Offloads, MAX_PAIRS,
+    MAX_QUEUE_SIZE, PAIR_DROPPED_AFTER, RX_QUEUE, TX_QUEUE,
 };
 use crate::observe::{Counters, LogGate};
 
@@ -60,9 +63,14 @@ pub struct DeviceCounters {
     pub drops: Counters,
 }
 
-/// Everything the worker and the control thread share, behind one lock.
+/// Everything a pair's worker and the control thread share, behind one lock.
 struct DeviceState<L> {
     link: L,
+    /// Which pair this is (for logs).
+    pair: u16,
+    /// This device's event ids (they depend on the number of pairs).
+    rescan_event: u16,
+    first_link_event: u16,
     mem: Option<GuestMemory>,
     hdr_len: usize,
     mergeable: bool,
@@ -72,63 +80,97 @@ struct DeviceState<L> {
     counters: DeviceCounters,
     /// A ring was stopped (GET_VRING_BASE); see `check_restart`.
     stopped: bool,
+    /// Whether the RX ring was usable at the last event, as told to the link.
+    rx_usable: bool,
+    /// Since when the RX ring has been started but disabled, and whether the link was told.
+    rx_disabled_since: Option<Instant>,
+    pair_dropped: bool,
     bad_chain_log: LogGate,
 }
 
-/// The `VhostUserBackend` of one VMM connection, over the link `L`.
+/// The `VhostUserBackend` of one VMM connection, over one link `L` per queue pair.
 pub struct NetBackend<L> {
     settings: DeviceSettings,
+    /// Pair `k` serves rings `2k` (RX) and `2k + 1` (TX) on worker thread `k`.
+    pairs: Vec<Pair<L>>,
+}
+
+/// One queue pair: its link and rings' state, and the fds of its worker.
+struct Pair<L> {
     state: Mutex<DeviceState<L>>,
     /// The link's fds, fixed at creation.
     link_fds: Vec<RawFd>,
+    /// The worker's exit event (one per worker: the library never consumes it).
     exit: (EventConsumer, EventNotifier),
     /// Written when the rings must be looked at again without a kick (memory map changed).
     rescan: EventFd,
 }
 
 impl<L: LinkDriver> NetBackend<L> {
-    pub fn new(settings: DeviceSettings, link: L) -> io::Result<Self> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        let link_fds = link.watched_fds();
-        Ok(NetBackend {
-            settings,
-            link_fds,
-            state: Mutex::new(DeviceState {
-                link,
-                mem: None,
-                hdr_len: 12,
-                mergeable: false,
-                scratch: vec![0u8; virtqueue::TX_SCRATCH].into_boxed_slice(),
-                rx_scratch: RxScratch::default(),
-                counters: DeviceCounters::default(),
-                stopped: false,
-                bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
-            }),
-            exit,
-            rescan: EventFd::new(EFD_NONBLOCK)?,
-        })
+    /// A device with one queue pair per link (1 to [`MAX_PAIRS`]).
+    pub fn new(settings: DeviceSettings, links: Vec<L>) -> io::Result<Self> {
+        let count = u16::try_from(links.len())
+            .ok()
+            .filter(|n| (1..=MAX_PAIRS).contains(n))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} queue pairs; expected 1-{MAX_PAIRS}", links.len()),
+                )
+            })?;
+        let mut pairs = Vec::with_capacity(links.len());
+        for (index, link) in links.into_iter().enumerate() {
+            let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+            pairs.push(Pair {
+                link_fds: link.watched_fds(),
+                state: Mutex::new(DeviceState {
+                    link,
+                    pair: index as u16,
+                    rescan_event: rescan_event(count),
+                    first_link_event: first_link_event(count),
+                    mem: None,
+                    hdr_len: 12,
+                    mergeable: false,
+                    scratch: vec![0u8; virtqueue::TX_SCRATCH].into_boxed_slice(),
+                    rx_scratch: RxScratch::default(),
+                    counters: DeviceCounters::default(),
+                    stopped: false,
+                    rx_usable: false,
+                    rx_disabled_since: None,
+                    pair_dropped: false,
+                    bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
+                }),
+                exit,
+                rescan: EventFd::new(EFD_NONBLOCK)?,
+            });
+        }
+        Ok(NetBackend { settings, pairs })
     }
 
-    /// The fds the worker thread must watch besides the queues, with their event ids.
-    pub fn extra_fds(&self) -> Vec<(RawFd, u16)> {
-        let mut fds = vec![(self.rescan.as_raw_fd(), RESCAN_EVENT)];
+    /// How many queue pairs the device has.
+    pub fn pairs(&self) -> u16 {
+        self.pairs.len() as u16
+    }
+
+    /// The fds worker thread `pair` must watch besides its queues, with their event ids.
+    pub fn extra_fds(&self, pair: usize) -> Vec<(RawFd, u16)> {
+        let Some(p) = self.pairs.get(pair) else {
+            return Vec::new();
+        };
+        let count = self.pairs();
+        let mut fds = vec![(p.rescan.as_raw_fd(), rescan_event(count))];
         fds.extend(
-            self.link_fds
+            p.link_fds
                 .iter()
                 .enumerate()
-                .map(|(i, fd)| (*fd, FIRST_LINK_EVENT + i as u16)),
+                .map(|(i, fd)| (*fd, first_link_event(count) + i as u16)),
         );
         fds
     }
 
-    /// A copy of the device's counters.
-    pub fn counters(&self) -> DeviceCounters {
-        self.lock().counters.clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState<L>> {
-        // A panic while holding the lock would be a bug; keep serving with what is there.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// A copy of pair `pair`'s device counters.
+    pub fn counters(&self, pair: usize) -> Option<DeviceCounters> {
+        self.pairs.get(pair).map(|p| p.lock().counters.clone())
     }
 
     /// The virtio-net config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
@@ -136,17 +178,25 @@ impl<L: LinkDriver> NetBackend<L> {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.settings.guest_mac);
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.pairs().to_le_bytes());
         c[10..12].copy_from_slice(&self.settings.mtu.to_le_bytes());
         c
     }
 }
 
-impl<L> Drop for NetBackend<L> {
+impl<L> Pair<L> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState<L>> {
+        // A panic while holding the lock would be a bug; keep serving with what is there.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<L> Drop for Pair<L> {
     fn drop(&mut self) {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.lock();
         let c = &state.counters;
         info!(
+            pair = state.pair,
             tx_frames = c.tx_frames,
             rx_frames = c.rx_frames,
             tx_bad_chains = c.drops.get("tx-bad-chain"),
@@ -181,10 +231,38 @@ impl<L: LinkDriver> DeviceState<L> {
         }
         self.stopped = false;
         if from_zero {
-            info!("rings restarted from 0 (guest driver started over): link reset");
+            info!(
+                pair = self.pair,
+                "rings restarted from 0 (guest driver started over): link reset"
+            );
             self.link.reset();
         } else {
             debug!("rings resumed where they stopped");
+        }
+    }
+
+    /// Tells the link when its RX ring becomes usable or not, and when the guest has stopped
+    /// using the pair (see [`LinkDriver::pair_dropped`]).
+    fn check_rx_state(&mut self, rx: &VringRwLock) {
+        let (enabled, ready) = {
+            let state = rx.get_ref();
+            (state.is_enabled(), state.get_queue().ready())
+        };
+        let usable = enabled && ready;
+        if usable != self.rx_usable {
+            self.rx_usable = usable;
+            self.link.set_rx_usable(usable);
+        }
+        if enabled || !ready {
+            self.rx_disabled_since = None;
+            self.pair_dropped = false;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.rx_disabled_since.get_or_insert(now);
+        if !self.pair_dropped && now.duration_since(since) >= PAIR_DROPPED_AFTER {
+            self.pair_dropped = true;
+            self.link.pair_dropped();
         }
     }
 
@@ -194,8 +272,10 @@ impl<L: LinkDriver> DeviceState<L> {
         };
         let mem = mem.memory();
         self.check_restart(rx, tx);
+        self.check_rx_state(rx);
+        self.link.take_handoffs();
         // A rescan (the memory map changed) looks at TX as a kick would.
-        let event = if event == RESCAN_EVENT {
+        let event = if event == self.rescan_event {
             TX_QUEUE
         } else {
             event
@@ -222,7 +302,9 @@ impl<L: LinkDriver> DeviceState<L> {
                 }
             }
             RX_QUEUE => {}
-            id if id >= FIRST_LINK_EVENT => self.link.fd_ready(usize::from(id - FIRST_LINK_EVENT)),
+            id if id >= self.first_link_event => {
+                self.link.fd_ready(usize::from(id - self.first_link_event))
+            }
             _ => {}
         }
         let mut port = RxPort::new(rx, &mem, self.hdr_len, self.mergeable, &mut self.rx_scratch);
@@ -285,9 +367,17 @@ fn drop_regions_past_eof(mem: &GuestMemory) -> Option<String> {
     Some(why)
 }
 
-/// The virtio feature bits we offer.
-pub fn offered_features() -> u64 {
-    (1 << VIRTIO_F_VERSION_1)
+/// The virtio feature bits we offer with `pairs` queue pairs: with more than one, MQ and the
+/// control queue it needs (the VMM serves the control queue itself; the guest's choice of
+/// pairs reaches us as rings enabled and disabled).
+pub fn offered_features(pairs: u16) -> u64 {
+    let multiqueue = if pairs > 1 {
+        (1 << VIRTIO_NET_F_MQ) | (1 << VIRTIO_NET_F_CTRL_VQ)
+    } else {
+        0
+    };
+    multiqueue
+        | (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_NET_F_MAC)
         | (1 << VIRTIO_NET_F_MRG_RXBUF)
         | (1 << VIRTIO_NET_F_STATUS)
@@ -308,7 +398,7 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.pairs.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -316,7 +406,7 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     }
 
     fn features(&self) -> u64 {
-        offered_features()
+        offered_features(self.pairs())
     }
 
     fn acked_features(&self, features: u64) {
@@ -325,19 +415,29 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
             "VMM acked features"
         );
         let v1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
-        let mut state = self.lock();
-        state.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-        state.hdr_len = virtqueue::header_len(v1 || state.mergeable);
+        let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let offloads = Offloads::from_features(features);
         debug!(?offloads, "offloads negotiated");
-        state.link.set_offloads(offloads);
+        for pair in &self.pairs {
+            let mut state = pair.lock();
+            state.mergeable = mergeable;
+            state.hdr_len = virtqueue::header_len(v1 || mergeable);
+            state.link.set_offloads(offloads);
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIG;
+        // QEMU (7.2) drives each queue pair as a vhost device of its own over the one
+        // connection, and every one of them sends ADD_MEM_REG for every region: the second
+        // pair's would overlap the first's and be refused. SET_MEM_TABLE it sends once.
+        if self.pairs.len() > 1 {
+            features
+        } else {
+            features | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -357,10 +457,12 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         let refused = drop_regions_past_eof(&mem);
-        self.lock().mem = Some(mem);
-        // A kick that came while a ring was outside the old map found nothing to read; with
-        // EVENT_IDX the guest will not kick again for those chains.
-        self.rescan.write(1)?;
+        for pair in &self.pairs {
+            pair.lock().mem = Some(mem.clone());
+            // A kick that came while a ring was outside the old map found nothing to read;
+            // with EVENT_IDX the guest will not kick again for those chains.
+            pair.rescan.write(1)?;
+        }
         match refused {
             None => Ok(()),
             Some(why) => Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
@@ -368,27 +470,32 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
     }
 
     fn reset_device(&self) {
-        debug!("VMM reset the device: resetting the link");
-        let mut state = self.lock();
-        state.stopped = false;
-        state.link.reset();
+        debug!("VMM reset the device: resetting the links");
+        for pair in &self.pairs {
+            let mut state = pair.lock();
+            state.stopped = false;
+            state.link.reset();
+        }
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Taking the lock waits for an event being handled (a TX drain, an RX fill) to end;
         // the library has already marked the ring not ready, so no later event touches it.
-        let mut state = self.lock();
-        state.stopped = true;
+        let Some(pair) = self.pairs.get(queue_index as usize / 2) else {
+            return Ok(());
+        };
+        pair.lock().stopped = true;
         debug!(queue_index, "ring stopped");
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![(1 << NUM_QUEUES) - 1]
+        (0..self.pairs.len()).map(|k| 0b11u64 << (2 * k)).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let exit = &self.pairs.get(thread_index)?.exit;
+        Some((exit.0.try_clone().ok()?, exit.1.try_clone().ok()?))
     }
 
     fn handle_event(
@@ -396,18 +503,35 @@ impl<L: LinkDriver> VhostUserBackend for NetBackend<L> {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        if evset.contains(EventSet::ERROR) && device_event >= FIRST_LINK_EVENT {
-            debug!(device_event, "error event on a link fd");
+        let Some(pair) = self.pairs.get(thread_id) else {
+            return Ok(());
+        };
+        let count = self.pairs();
+        if evset.contains(EventSet::ERROR) && device_event >= first_link_event(count) {
+            debug!(device_event, pair = thread_id, "error event on a link fd");
         }
-        if device_event == RESCAN_EVENT {
-            let _ = self.rescan.read();
+        if device_event == rescan_event(count) {
+            let _ = pair.rescan.read();
         }
         let [rx, tx] = vrings else {
             return Ok(());
         };
-        self.lock().handle_event(device_event, rx, tx);
+        pair.lock().handle_event(device_event, rx, tx);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pair_offers_no_multiqueue_and_more_pairs_offer_it_with_the_control_queue() {
+        let mq = (1u64 << VIRTIO_NET_F_MQ) | (1u64 << VIRTIO_NET_F_CTRL_VQ);
+        assert_eq!(offered_features(1) & mq, 0);
+        assert_eq!(offered_features(2) & mq, mq);
+        assert_eq!(offered_features(2) & !mq, offered_features(1));
     }
 }

@@ -274,12 +274,9 @@ pub fn drain_tx(
                 continue;
             }
             let len = read_tx_chain(chain, mem, scratch).filter(|&n| n >= hdr_len);
-            if let Err(e) = vring.add_used(head, 0) {
-                ring_warning("TX", &e);
-                stats.bad_chains += 1;
-                break 'rounds;
-            }
-            used_any = true;
+            // The frame is handed on before its chain is used: once the guest sees the chain
+            // used it may send the flow's next frame on another queue (multiqueue), and that
+            // one must not overtake this one.
             match len {
                 Some(len) => {
                     stats.frames += 1;
@@ -288,6 +285,12 @@ pub fn drain_tx(
                 }
                 None => stats.bad_chains += 1,
             }
+            if let Err(e) = vring.add_used(head, 0) {
+                ring_warning("TX", &e);
+                stats.bad_chains += 1;
+                break 'rounds;
+            }
+            used_any = true;
         }
         // Re-enable notifications; if the guest added chains meanwhile, go round again. A round
         // that took nothing gets one more look (a chain published between our last pop and

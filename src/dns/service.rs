@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -87,7 +88,8 @@ pub struct DnsService {
     next_udp: u64,
     preferred: usize,
     rng: IdSource,
-    cache: NameCache,
+    /// Shared with the other queue pairs' services of a multiqueue VM (see `share_cache`).
+    cache: Arc<RwLock<NameCache>>,
     stats: DnsStats,
     buf: Vec<u8>,
     /// Lines about single queries (blocked, SERVFAIL, rebinding): a guest asking a blocked name
@@ -110,7 +112,7 @@ impl DnsService {
             .map(|a| normalize_name(a))
             .collect();
         Ok(Self {
-            cache: NameCache::new(settings.cache_capacity),
+            cache: Arc::new(RwLock::new(NameCache::new(settings.cache_capacity))),
             settings,
             host_aliases,
             epoll,
@@ -140,8 +142,23 @@ impl DnsService {
     }
 
     /// The IP -> names cache, filled from every answer delivered to the guest.
-    pub fn cache(&self) -> &NameCache {
-        &self.cache
+    pub fn cache(&self) -> std::sync::RwLockReadGuard<'_, NameCache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cache, to share with the services of a multiqueue VM's other pairs.
+    pub fn cache_handle(&self) -> Arc<RwLock<NameCache>> {
+        self.cache.clone()
+    }
+
+    /// Uses `cache` (another pair's) instead of this service's own: a name pair 0 resolved
+    /// then decides a flow opened on any pair.
+    pub fn share_cache(&mut self, cache: Arc<RwLock<NameCache>>) {
+        self.cache = cache;
+    }
+
+    fn cache_mut(&self) -> std::sync::RwLockWriteGuard<'_, NameCache> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn stats(&self) -> DnsStats {
@@ -216,7 +233,7 @@ impl DnsService {
                 host_alias_reply(&query, &self.settings.gateway_v4, &self.settings.gateway_v6);
             let bytes = self.finish_local(&reply, &query, limit);
             for ip in answer_ips(&reply) {
-                self.cache.insert(
+                self.cache_mut().insert(
                     &query.qname,
                     ip,
                     Duration::from_secs(u64::from(HOST_ALIAS_TTL)),
@@ -631,9 +648,12 @@ impl DnsService {
         } else if vetted.rebind_removed > 0 {
             debug!(name = %p.query.qname, removed = vetted.rebind_removed, "dns: rebind protection removed addresses");
         }
-        for b in &vetted.cache {
-            let ttl = Duration::from_secs(u64::from(b.ttl));
-            self.cache.insert_as(&b.name, b.role, b.ip, ttl, now);
+        if !vetted.cache.is_empty() {
+            let mut cache = self.cache_mut();
+            for b in &vetted.cache {
+                let ttl = Duration::from_secs(u64::from(b.ttl));
+                cache.insert_as(&b.name, b.role, b.ip, ttl, now);
+            }
         }
         out.push((p.client, vetted.bytes));
     }

@@ -28,6 +28,7 @@ pub mod decide;
 pub mod dns_gateway;
 pub mod icmp;
 pub mod inbound;
+pub mod owners;
 pub mod table;
 pub mod tcp;
 pub mod udp;
@@ -225,6 +226,35 @@ impl Flows {
             terminate: false,
             settings,
         })
+    }
+
+    /// With multiqueue: these flows are queue pair `pair`'s; a flow leaving releases its key in
+    /// `owners`, the per-VM budgets count every pair's flows (`counts`), and domain names come from the VM's one name cache `names` (filled by pair 0,
+    /// which serves DNS).
+    pub fn join_vm(
+        &mut self,
+        owners: Arc<owners::Owners>,
+        counts: Arc<owners::PairCounts>,
+        pair: u16,
+        names: Arc<std::sync::RwLock<crate::dns::cache::NameCache>>,
+    ) {
+        self.table.set_owners(owners, counts, pair);
+        self.dns.service.share_cache(names);
+    }
+
+    /// With multiqueue: tells the other pairs this pair's flow counts as they are now.
+    pub fn publish_counts(&self) {
+        self.table.publish_counts();
+    }
+
+    /// Whether a flow of `key` is in this link's table.
+    pub fn has_flow(&self, key: &FlowRef) -> bool {
+        match key {
+            FlowRef::Tcp(k) => self.table.tcp.contains_key(k),
+            FlowRef::Udp(k) => self.table.udp.contains_key(k),
+            FlowRef::Echo(k) => self.table.echo.contains_key(k),
+            FlowRef::Listener(_) => false,
+        }
     }
 
     /// The fds to watch: the host sockets' epoll and the DNS service's upstream sockets.

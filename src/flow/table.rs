@@ -19,7 +19,10 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use std::sync::Arc;
+
 use super::icmp::{EchoFlow, EchoKey};
+use super::owners::{Counted, Owners, PairCounts};
 use super::tcp::TcpFlow;
 use super::udp::UdpFlow;
 use super::FlowKey;
@@ -32,7 +35,7 @@ fn flow_map<K: Hash + Eq, V>() -> FlowMap<V, K> {
     HashMap::with_hasher(foldhash::fast::RandomState::default())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FlowRef {
     Tcp(FlowKey),
     Udp(FlowKey),
@@ -61,6 +64,10 @@ pub struct FlowTable {
     pub echo: FlowMap<EchoFlow, EchoKey>,
     tokens: FlowMap<FlowRef, u64>,
     next_token: u64,
+    /// With multiqueue: the VM's flow owners and this table's pair, told when a flow leaves.
+    owners: Option<(Arc<Owners>, u16)>,
+    /// With multiqueue: every pair's flow counts, for the per-VM budgets.
+    counts: Option<Arc<PairCounts>>,
 }
 
 impl FlowTable {
@@ -72,7 +79,62 @@ impl FlowTable {
             echo: flow_map(),
             tokens: flow_map(),
             next_token: 1,
+            owners: None,
+            counts: None,
         })
+    }
+
+    /// With multiqueue: this table serves queue pair `pair`; a flow leaving it releases its
+    /// key in `owners` (see [`super::owners`]).
+    pub fn set_owners(&mut self, owners: Arc<Owners>, counts: Arc<PairCounts>, pair: u16) {
+        self.owners = Some((owners, pair));
+        self.counts = Some(counts);
+    }
+
+    fn released(&self, key: FlowRef) {
+        if let Some((owners, pair)) = &self.owners {
+            owners.release(&key, *pair);
+        }
+        self.publish(None);
+    }
+
+    /// With multiqueue: publishes this pair's counts as they are (a flow that was given room
+    /// but never opened stops counting).
+    pub fn publish_counts(&self) {
+        self.publish(None);
+    }
+
+    /// With multiqueue: publishes this pair's counts, with one more flow of `opening`.
+    fn publish(&self, opening: Option<NewFlow>) {
+        let (Some(counts), Some((_, pair))) = (&self.counts, &self.owners) else {
+            return;
+        };
+        let mut now = [
+            self.tcp.len(),
+            self.udp.len(),
+            self.echo.len(),
+            self.inbound_tcp(),
+        ];
+        let one = |c: Counted, now: &mut [usize; 4]| now[c as usize] += 1;
+        match opening {
+            Some(NewFlow::Tcp { .. }) => one(Counted::Tcp, &mut now),
+            Some(NewFlow::InboundTcp) => {
+                one(Counted::Tcp, &mut now);
+                one(Counted::InboundTcp, &mut now);
+            }
+            Some(NewFlow::Udp) => one(Counted::Udp, &mut now),
+            Some(NewFlow::Echo) => one(Counted::Echo, &mut now),
+            None => {}
+        }
+        counts.publish(*pair, now);
+    }
+
+    /// Flows of `kind` the other pairs of a multiqueue VM hold (0 with one pair).
+    fn others(&self, kind: Counted) -> usize {
+        match (&self.counts, &self.owners) {
+            (Some(counts), Some((_, pair))) => counts.others(*pair, kind),
+            _ => 0,
+        }
     }
 
     pub fn epoll_fd(&self) -> RawFd {
@@ -121,15 +183,32 @@ impl FlowTable {
         limits: &Limits,
         max_connections: Option<usize>,
     ) -> Result<(), String> {
+        let room = self.room_here(kind, limits, max_connections);
+        if room.is_ok() {
+            self.publish(Some(kind));
+        }
+        room
+    }
+
+    fn room_here(
+        &self,
+        kind: NewFlow,
+        limits: &Limits,
+        max_connections: Option<usize>,
+    ) -> Result<(), String> {
         let full = |name: &str, limit: usize| Err(format!("limit {name} ({limit}) reached"));
+        // Per VM: this pair's flows and (with multiqueue) the other pairs'.
+        let tcp = self.tcp.len() + self.others(Counted::Tcp);
+        let udp = self.udp.len() + self.others(Counted::Udp);
+        let echo = self.echo.len() + self.others(Counted::Echo);
         if let Some(max) = max_connections {
-            if self.len() >= max {
+            if tcp + udp + echo >= max {
                 return Err(format!("max_connections ({max}) reached"));
             }
         }
         match kind {
             NewFlow::Tcp { gated } => {
-                if self.tcp.len() >= limits.tcp_flows {
+                if tcp >= limits.tcp_flows {
                     return full("tcp-flows", limits.tcp_flows);
                 }
                 if self.tcp_connecting() >= limits.tcp_connecting {
@@ -140,17 +219,15 @@ impl FlowTable {
                 }
             }
             NewFlow::InboundTcp => {
-                if self.tcp.len() >= limits.tcp_flows {
+                if tcp >= limits.tcp_flows {
                     return full("tcp-flows", limits.tcp_flows);
                 }
-                if self.inbound_tcp() >= limits.inbound_tcp {
+                if self.inbound_tcp() + self.others(Counted::InboundTcp) >= limits.inbound_tcp {
                     return full("inbound-tcp", limits.inbound_tcp);
                 }
             }
-            NewFlow::Udp if self.udp.len() >= limits.udp_flows => {
-                return full("udp-flows", limits.udp_flows)
-            }
-            NewFlow::Echo if self.echo.len() >= limits.icmp_flows => {
+            NewFlow::Udp if udp >= limits.udp_flows => return full("udp-flows", limits.udp_flows),
+            NewFlow::Echo if echo >= limits.icmp_flows => {
                 return full("icmp-flows", limits.icmp_flows)
             }
             _ => {}
@@ -209,18 +286,21 @@ impl FlowTable {
     pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Tcp(*key));
         Some(flow)
     }
 
     pub fn remove_echo(&mut self, key: &EchoKey) -> Option<EchoFlow> {
         let flow = self.echo.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Echo(*key));
         Some(flow)
     }
 
     pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
         self.tokens.remove(&flow.token);
+        self.released(FlowRef::Udp(*key));
         Some(flow)
     }
 
@@ -232,6 +312,10 @@ impl FlowTable {
         self.tcp.clear();
         self.udp.clear();
         self.echo.clear();
+        if let Some((owners, pair)) = &self.owners {
+            owners.release_all(*pair);
+        }
+        self.publish(None);
         // The published ports' listeners stay watched.
         self.tokens.retain(|_, f| matches!(f, FlowRef::Listener(_)));
     }

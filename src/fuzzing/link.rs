@@ -493,6 +493,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         mtu: MTU,
         lease_secs: 3600,
         flows,
+        pairs: 1,
     }
 }
 

@@ -19,9 +19,11 @@ pub mod classify;
 pub mod dhcp;
 pub mod fragments;
 pub mod guard;
+pub mod mq;
 pub mod ndp;
 pub mod timer;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -35,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::addressing::Addressing;
 use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome};
+use crate::flow::table::FlowRef;
 use crate::flow::{FlowSettings, Flows};
 use crate::observe::{Counters, LogGate};
 use crate::stack::frames::{self, Macs};
@@ -44,6 +47,7 @@ use self::classify::{classify_offloaded, Classified, DropReason};
 use self::dhcp::DhcpServer;
 use self::fragments::{Reassembler, Reassembly, ReassemblyLimits};
 use self::guard::SourceGuard;
+use self::mq::{Handoff, VmShared};
 use self::timer::Timer;
 
 /// Housekeeping (timeouts, log summaries) runs at least this often.
@@ -59,6 +63,18 @@ const INTRODUCTION_REFRESH: Duration = Duration::from_secs(30);
 const FD_FLOWS: usize = 0;
 const FD_TIMER: usize = 1;
 const FD_DNS: usize = 2;
+/// With multiqueue: the eventfd of this pair's inbox of handed-off frames.
+const FD_INBOX: usize = 3;
+
+/// Where a guest frame is served (multiqueue steering, see [`mq`]).
+enum Steer {
+    /// By this pair.
+    Here,
+    /// By this pair, which just claimed the frame's flow: released if no flow came of it.
+    Claimed(FlowRef),
+    /// By pair `n`.
+    To(u16),
+}
 
 /// Everything a link needs to know, shared by all connections of one netfence process.
 #[derive(Clone)]
@@ -69,6 +85,8 @@ pub struct LinkSettings {
     pub mtu: u16,
     pub lease_secs: u32,
     pub flows: FlowSettings,
+    /// Queue pairs of the device (`--queues`), one link and worker thread each.
+    pub pairs: u16,
 }
 
 /// How a link ends its VMM's connection on its own: a secret's `block_and_terminate` takes
@@ -140,6 +158,16 @@ pub struct Link {
     down: bool,
     /// The offloads the VMM acked.
     offloads: Offloads,
+    /// Which queue pair this link serves; with more than one, what the pairs share.
+    pair: u16,
+    vm: Option<Arc<VmShared>>,
+    /// Frames taken from the inbox, being served.
+    handoffs: VecDeque<Handoff>,
+    /// With multiqueue, on pairs other than 0: when the guest's IPv4 MAC was last told to
+    /// smoltcp (pair 0 serves ARP; see `ndp::arp_introduction`).
+    arp_introduced: Option<Instant>,
+    /// Whether this pair's RX queue can take frames (else new flows go to pair 0).
+    rx_usable: bool,
 }
 
 impl Link {
@@ -189,13 +217,154 @@ impl Link {
             down: false,
             offloads: Offloads::default(),
             settings,
+            pair: 0,
+            vm: None,
+            handoffs: VecDeque::new(),
+            arp_introduced: None,
+            rx_usable: false,
         })
+    }
+
+    /// The links of a VM with `pairs` queue pairs (one link, as [`Link::new`] makes it, for one
+    /// pair). Pair 0 serves the gateway (ARP, DHCP, neighbour discovery, DNS, published
+    /// ports); every pair serves the flows it owns (see [`mq`]).
+    pub fn for_pairs(
+        settings: &LinkSettings,
+        terminator: &Terminator,
+        pairs: u16,
+    ) -> io::Result<Vec<Link>> {
+        if pairs <= 1 {
+            return Ok(vec![Link::new(settings.clone(), terminator.clone())?]);
+        }
+        let names = Arc::new(std::sync::RwLock::new(crate::dns::cache::NameCache::new(
+            settings.flows.dns.cache_capacity,
+        )));
+        let vm = Arc::new(VmShared::new(
+            pairs,
+            settings.flows.limits.handoff_frames,
+            names.clone(),
+        )?);
+        let mut links = Vec::with_capacity(usize::from(pairs));
+        for pair in 0..pairs {
+            let mut settings = settings.clone();
+            if pair > 0 {
+                settings.flows.published = None;
+            }
+            let mut link = Link::new(settings, terminator.clone())?;
+            link.flows
+                .join_vm(vm.owners.clone(), vm.counts.clone(), pair, names.clone());
+            link.pair = pair;
+            link.vm = Some(vm.clone());
+            link.introduce_guest_v4();
+            links.push(link);
+        }
+        Ok(links)
+    }
+
+    /// On pairs other than 0 of a multiqueue VM: tells smoltcp the guest's IPv4 MAC (pair 0
+    /// learns it from the guest's ARP).
+    fn introduce_guest_v4(&mut self) {
+        if self.pair == 0 || self.vm.is_none() {
+            return;
+        }
+        let v4 = self.settings.addressing.v4;
+        let frame = ndp::arp_introduction(&self.stack.macs, v4.guest, v4.gateway);
+        self.stack.receive(&frame);
+        self.arp_introduced = Some(Instant::now());
+    }
+
+    /// With multiqueue: which pair serves a classified guest frame. The gateway's own services
+    /// are pair 0's; a flow's frames go to the flow's owner, and an opening frame makes this
+    /// pair the owner of a new flow.
+    fn steer(&self, classified: &Classified) -> Steer {
+        let Some(vm) = &self.vm else {
+            return Steer::Here;
+        };
+        let addressing = &self.settings.addressing;
+        let gateway_or_dns = |dst: SocketAddr| {
+            addressing.is_gateway(dst.ip())
+                || (dst.port() == 53 && self.settings.flows.dns_intercept_all)
+        };
+        let (key, opening) = match classified {
+            Classified::Tcp(head) if !gateway_or_dns(head.dst) => {
+                (FlowRef::Tcp((head.src, head.dst)), head.syn && !head.ack)
+            }
+            Classified::Udp { src, dst, .. } if !gateway_or_dns(*dst) => {
+                (FlowRef::Udp((*src, *dst)), true)
+            }
+            Classified::IcmpEcho {
+                src, dst, ident, ..
+            } if !addressing.is_gateway(*dst) => (FlowRef::Echo((*src, *dst, *ident)), true),
+            _ => {
+                return if self.pair == 0 {
+                    Steer::Here
+                } else {
+                    Steer::To(0)
+                }
+            }
+        };
+        if self.flows.has_flow(&key) {
+            return Steer::Here;
+        }
+        match vm.owners.get(&key) {
+            Some(owner) if owner == self.pair => Steer::Claimed(key),
+            Some(owner) => Steer::To(owner),
+            None if !opening => Steer::Here,
+            // A pair that cannot answer (its RX queue is not usable) opens nothing itself.
+            None => match vm
+                .owners
+                .claim(key, if self.rx_usable { self.pair } else { 0 })
+            {
+                owner if owner == self.pair => Steer::Claimed(key),
+                owner => Steer::To(owner),
+            },
+        }
+    }
+
+    /// Hands a frame to pair `to` (dropped and counted when its inbox is full).
+    fn hand_off(&mut self, to: u16, header: &NetHeader, frame: &[u8]) {
+        let Some(vm) = &self.vm else {
+            return;
+        };
+        let Some(inbox) = vm.inboxes.get(usize::from(to)) else {
+            return;
+        };
+        let handoff = Handoff {
+            header: *header,
+            frame: frame.to_vec(),
+        };
+        debug!(
+            pair = self.pair,
+            to,
+            rx_usable = self.rx_usable,
+            len = frame.len(),
+            "frame handed to its pair"
+        );
+        if inbox.push(handoff) {
+            vm.handed_off.fetch_add(1, Ordering::Relaxed);
+            self.counters.inc("handoff");
+        } else {
+            vm.handoff_full.fetch_add(1, Ordering::Relaxed);
+            self.counters.inc("handoff-full");
+        }
+    }
+
+    /// Serves the frames other pairs handed to this one, in the order they came.
+    fn take_handoffs(&mut self) {
+        let Some(vm) = &self.vm else {
+            return;
+        };
+        vm.inboxes[usize::from(self.pair)].take_all(&mut self.handoffs);
+        while let Some(h) = self.handoffs.pop_front() {
+            self.receive_frame(&h.header, &h.frame, true);
+        }
     }
 
     /// Takes the link down when a secret's `block_and_terminate` fired: every flow is reset,
     /// nothing more is served, and the VMM's connection is ended.
     fn check_terminate(&mut self) {
-        if self.down || !self.flows.terminate_requested() {
+        // Any pair's secret takes every pair of the VM down.
+        if self.down || !(self.flows.terminate_requested() || self.terminator.requested()) {
             return;
         }
         self.down = true;
@@ -224,9 +393,12 @@ impl Link {
         self.stack.set_offloads(offloads);
         // The new interface knows no neighbour: introduce the guest's addresses again.
         self.introduced.clear();
+        self.introduce_guest_v4();
     }
 
-    fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
+    /// A frame from this pair's TX queue (`handed`: from another pair's, served here because
+    /// this pair owns its flow; it is never handed on again).
+    fn receive_frame(&mut self, header: &NetHeader, frame: &[u8], handed: bool) {
         if self.down {
             self.count_drop("link-down");
             return;
@@ -285,6 +457,26 @@ impl Link {
             }
             return;
         }
+        let steer = if handed {
+            Steer::Here
+        } else {
+            self.steer(&classified)
+        };
+        if let Steer::To(pair) = steer {
+            self.hand_off(pair, header, frame);
+            return;
+        }
+        self.serve_frame(classified, frame);
+        if let (Steer::Claimed(key), Some(vm)) = (steer, &self.vm) {
+            if !self.flows.has_flow(&key) {
+                // Denied, or refused: nothing of it stays here.
+                vm.owners.release(&key, self.pair);
+            }
+        }
+    }
+
+    /// Serves a classified frame that this pair owns.
+    fn serve_frame(&mut self, classified: Classified, frame: &[u8]) {
         match classified.source() {
             Some(IpAddr::V6(src)) => {
                 self.introduce_guest(src);
@@ -421,6 +613,13 @@ impl Link {
         self.counters.add("fragment-evicted", evicted);
         self.introduced
             .retain(|(_, at)| now.duration_since(*at) < INTRODUCTION_REFRESH);
+        self.flows.publish_counts();
+        if self
+            .arp_introduced
+            .is_some_and(|at| now.duration_since(at) >= INTRODUCTION_REFRESH)
+        {
+            self.introduce_guest_v4();
+        }
     }
 
     /// Copies queued frames into the guest's RX buffers; returns how many were delivered.
@@ -507,11 +706,36 @@ impl LinkDriver for Link {
         fds[FD_FLOWS] = flows;
         fds[FD_TIMER] = self.timer.as_raw_fd();
         fds[FD_DNS] = dns;
+        if let Some(vm) = &self.vm {
+            fds.push(vm.inboxes[usize::from(self.pair)].fd());
+        }
         fds
     }
 
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
-        Link::guest_frame(self, header, frame);
+        Link::receive_frame(self, header, frame, false);
+    }
+
+    fn take_handoffs(&mut self) {
+        Link::take_handoffs(self);
+    }
+
+    fn set_rx_usable(&mut self, usable: bool) {
+        self.rx_usable = usable;
+    }
+
+    fn pair_dropped(&mut self) {
+        if self.pair == 0 || self.vm.is_none() {
+            return;
+        }
+        let (tcp, udp, echo, _) = self.flows.counts();
+        if tcp + udp + echo > 0 {
+            info!(
+                pair = self.pair,
+                tcp, udp, echo, "the guest stopped using this queue pair: its flows are reset"
+            );
+        }
+        LinkDriver::reset(self);
     }
 
     fn set_offloads(&mut self, offloads: Offloads) {
@@ -530,6 +754,12 @@ impl LinkDriver for Link {
                 self.flows.dns_ready(&mut self.stack);
             }
             FD_DNS => self.flows.dns_ready(&mut self.stack),
+            FD_INBOX => {
+                if let Some(vm) = &self.vm {
+                    vm.inboxes[usize::from(self.pair)].consume_wake();
+                }
+                self.take_handoffs();
+            }
             _ => {}
         }
     }
@@ -544,6 +774,12 @@ impl LinkDriver for Link {
         self.stack.reset();
         self.introduced.clear();
         self.last_advert = None;
+        // Frames handed over for the old driver's flows are not served to the new one.
+        if let Some(vm) = &self.vm {
+            vm.inboxes[usize::from(self.pair)].take_all(&mut self.handoffs);
+            self.handoffs.clear();
+        }
+        self.introduce_guest_v4();
     }
 }
 
@@ -558,6 +794,7 @@ impl Drop for Link {
             .collect();
         let (tcp, udp, echo, dns_tcp) = self.flows.counts();
         info!(
+            pair = self.pair,
             drops = ?drops.join(","),
             decision_lines = self.flows.decision_lines(),
             denied_memo_hits = self.flows.denied_memo_hits(),

@@ -8,7 +8,7 @@
 //! (routers) or sends without the Router flag (neighbours); smoltcp still resolves the guest's
 //! addresses when it has segments for them.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use smoltcp::wire::{EthernetAddress, Icmpv6Packet, IpProtocol};
@@ -100,6 +100,24 @@ pub fn guest_introduction(macs: &Macs, guest: Ipv6Addr, gateway: Ipv6Addr) -> Ve
     ndp_frame(&reversed, guest, gateway, &msg)
 }
 
+/// An ARP reply as if the guest had sent it to the gateway for its IPv4 address `guest`, for
+/// smoltcp's neighbour cache. With multiqueue, ARP is served by pair 0 only, so the stacks of
+/// the other pairs would never learn the guest's MAC; this tells them (it fills the cache and
+/// makes smoltcp send nothing).
+pub fn arp_introduction(macs: &Macs, guest: Ipv4Addr, gateway: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(macs.gateway_mac.as_bytes());
+    f.extend_from_slice(macs.guest_mac.as_bytes());
+    f.extend_from_slice(&[0x08, 0x06]);
+    // Ethernet, IPv4, 6- and 4-byte addresses, operation 2 (reply).
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(macs.guest_mac.as_bytes());
+    f.extend_from_slice(&guest.octets());
+    f.extend_from_slice(macs.gateway_mac.as_bytes());
+    f.extend_from_slice(&gateway.octets());
+    f
+}
+
 /// An NDP message (`msg`, checksum left zero) from `src` to `dst` with hop limit 255.
 fn ndp_frame(macs: &Macs, src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
     frames::ip_frame_with_hop_limit(
@@ -126,6 +144,29 @@ mod tests {
         EthernetFrame, Icmpv6Repr, Ipv6Packet, NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscRepr,
         RawHardwareAddress,
     };
+
+    #[test]
+    fn arp_introduction_is_a_well_formed_reply() {
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol};
+        let m = macs();
+        let guest = Ipv4Addr::new(10, 0, 0, 2);
+        let gateway = Ipv4Addr::new(10, 0, 0, 1);
+        let f = arp_introduction(&m, guest, gateway);
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        assert_eq!(eth.ethertype(), EthernetProtocol::Arp);
+        assert_eq!(eth.src_addr(), m.guest_mac);
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        assert_eq!(
+            arp,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: m.guest_mac,
+                source_protocol_addr: guest,
+                target_hardware_addr: m.gateway_mac,
+                target_protocol_addr: gateway,
+            }
+        );
+    }
 
     fn macs() -> Macs {
         Macs {

@@ -129,6 +129,11 @@ pub struct FrontendOptions {
     /// How long a vhost-user call waits for the backend's reply before it fails (so that a
     /// backend that never answers fails a test instead of hanging it).
     pub reply_timeout: Duration,
+    /// Queue pairs the frontend sets up (rings `2k`, `2k + 1`); the backend must have them.
+    pub pairs: u16,
+    /// Pairs enabled by [`Frontend::enable_vrings`] (the first n; None = all): the others are
+    /// set up but never enabled, as a VMM does for pairs the guest does not use.
+    pub enabled_pairs: Option<u16>,
 }
 
 /// The byte `FrontendOptions::reserve_low` memory is filled with.
@@ -155,6 +160,8 @@ impl Default for FrontendOptions {
             fallback_mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             reserve_low: 0,
             reply_timeout: Duration::from_secs(10),
+            pairs: 1,
+            enabled_pairs: None,
         }
     }
 }
@@ -258,6 +265,9 @@ pub struct FrontendStats {
     pub rx_largest_frame: usize,
     pub rx_largest_gso_size: u16,
     pub calls_seen: u64,
+    /// Frames received and sent on each queue pair (multiqueue).
+    pub rx_frames_by_pair: Vec<u64>,
+    pub tx_frames_by_pair: Vec<u64>,
 }
 
 /// Descriptor chain shapes a well-behaved driver never publishes.
@@ -336,6 +346,28 @@ pub struct Frontend {
     /// More fds `wait` polls besides the call eventfds (e.g. a server's "done" eventfd); they
     /// are not read, so whoever registered one must consume or remove it.
     pub extra_wait_fds: Vec<i32>,
+    /// Multiqueue: the rings of pairs 1.. while pair 0's are in `rx`/`tx` (the methods of one
+    /// pair work on `rx`/`tx`; [`Frontend::with_pair`] swaps another pair in for a call).
+    others: Vec<PairRings>,
+    /// The pair whose rings are in `rx`/`tx` now.
+    active: usize,
+    /// Chooses the TX pair of each frame sent with `try_send_frame*` (None: pair 0).
+    pub tx_steer: Option<TxSteer>,
+    /// Sees every frame received, with its pair.
+    pub rx_observer: Option<RxObserver>,
+}
+
+/// Picks the TX queue pair of a frame (multiqueue).
+pub type TxSteer = Box<dyn FnMut(&[u8]) -> usize + Send>;
+/// Sees a received frame and the pair it came on.
+pub type RxObserver = Box<dyn FnMut(usize, &[u8]) + Send>;
+
+/// The rings of one queue pair and their buffers.
+struct PairRings {
+    rx: SplitQueue,
+    tx: SplitQueue,
+    rx_area: GuestAddress,
+    tx_area: GuestAddress,
 }
 
 fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
@@ -429,7 +461,7 @@ impl Frontend {
     /// Connects and runs the whole vhost-user handshake; the device is live on return.
     pub fn connect(path: &Path, opts: FrontendOptions) -> Result<Frontend, String> {
         let mut fe = Frontend::prepare(path, opts)?;
-        for q in [RX_QUEUE, TX_QUEUE] {
+        for q in 0..2 * fe.opts.pairs as usize {
             fe.setup_vring(q, 0)?;
         }
         fe.enable_vrings(true)?;
@@ -440,7 +472,8 @@ impl Frontend {
     /// and SET_VRING_NUM for both queues, with the RX buffers posted and the RX kick pending.
     /// The rings themselves are set up by [`setup_vring`](Self::setup_vring).
     pub fn prepare(path: &Path, opts: FrontendOptions) -> Result<Frontend, String> {
-        let mut vu = VuFrontend::connect(path, 2).map_err(err("connect"))?;
+        let pairs = opts.pairs.max(1) as usize;
+        let mut vu = VuFrontend::connect(path, 2 * pairs as u64).map_err(err("connect"))?;
         set_reply_timeout(&vu, opts.reply_timeout)?;
         let mut hl = Vec::new();
 
@@ -472,8 +505,11 @@ impl Frontend {
         let queue_num = if acked_protocol_features.contains(VhostUserProtocolFeatures::MQ) {
             let n = vu.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
             hl.push(format!("GET_QUEUE_NUM -> {n}"));
-            if n < 2 {
-                return Err(format!("backend has {n} queues, need 2 (one RX/TX pair)"));
+            if n < 2 * pairs as u64 {
+                return Err(format!(
+                    "backend has {n} queues, need {} ({pairs} RX/TX pairs)",
+                    2 * pairs
+                ));
             }
             Some(n)
         } else {
@@ -548,12 +584,41 @@ impl Frontend {
             stats: FrontendStats::default(),
             last_rx_hdr: None,
             extra_wait_fds: Vec::new(),
+            others: Vec::new(),
+            active: 0,
+            tx_steer: None,
+            rx_observer: None,
         };
-        for k in 0..nbufs {
-            fe.post_rx_buffer(k as u64);
+        fe.stats.rx_frames_by_pair = vec![0; pairs];
+        fe.stats.tx_frames_by_pair = vec![0; pairs];
+        for k in 1..pairs {
+            let mut rx = SplitQueue::new(&mut fe.mem, 2 * k, qs);
+            let mut tx = SplitQueue::new(&mut fe.mem, 2 * k + 1, qs);
+            rx.event_idx = event_idx;
+            tx.event_idx = event_idx;
+            rx.always_kick = opts.always_kick;
+            tx.always_kick = opts.always_kick;
+            let rx_area = fe.mem.alloc(
+                nbufs as u64 * opts.rx_descs_per_buf as u64 * opts.rx_buf_size as u64,
+                4096,
+            );
+            let tx_area = fe.mem.alloc(qs as u64 * opts.tx_chunk as u64, 4096);
+            fe.others.push(PairRings {
+                rx,
+                tx,
+                rx_area,
+                tx_area,
+            });
         }
-        // The guest kicked after filling the ring; the eventfd holds that kick for the backend.
-        fe.rx.kick.write(1).map_err(err("RX kick"))?;
+        for pair in 0..pairs {
+            fe.with_pair(pair, |fe| -> Result<(), String> {
+                for k in 0..nbufs {
+                    fe.post_rx_buffer(k as u64);
+                }
+                // The guest kicked after filling the ring; the eventfd holds that kick.
+                fe.rx.kick.write(1).map_err(err("RX kick"))
+            })?;
+        }
 
         // --- activate (CH: setup_vhost_user) ---
         fe.vu
@@ -579,16 +644,58 @@ impl Frontend {
             fe.handshake_log
                 .push(format!("SET_MEM_TABLE {} regions", regions.len()));
         }
-        for q in [RX_QUEUE, TX_QUEUE] {
+        for q in 0..2 * pairs {
             fe.vu.set_vring_num(q, qs).map_err(err("SET_VRING_NUM"))?;
         }
         Ok(fe)
     }
 
+    /// Queue pairs set up.
+    pub fn pairs(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Exchanges the rings in `rx`/`tx` with pair `pair`'s (a no-op for pair 0 at rest); the
+    /// same call swaps them back. [`with_pair`](Self::with_pair) is the safe form.
+    pub fn swap_pair(&mut self, pair: usize) {
+        if pair == 0 {
+            return;
+        }
+        let other = &mut self.others[pair - 1];
+        std::mem::swap(&mut self.rx, &mut other.rx);
+        std::mem::swap(&mut self.tx, &mut other.tx);
+        std::mem::swap(&mut self.rx_area, &mut other.rx_area);
+        std::mem::swap(&mut self.tx_area, &mut other.tx_area);
+        self.active = if self.active == pair { 0 } else { pair };
+    }
+
+    /// Runs `f` with pair `pair`'s rings in `rx`/`tx` (every single-pair method then works on
+    /// that pair; received frames of every pair land in the one pending queue).
+    pub fn with_pair<R>(&mut self, pair: usize, f: impl FnOnce(&mut Frontend) -> R) -> R {
+        assert_eq!(self.active, 0, "with_pair does not nest");
+        assert!(pair < self.pairs(), "pair {pair} was not set up");
+        self.swap_pair(pair);
+        let r = f(self);
+        self.swap_pair(pair);
+        r
+    }
+
+    /// Queues one frame on pair `pair`'s TX queue, waiting for room like `send_frame`.
+    pub fn send_frame_on(&mut self, pair: usize, frame: &[u8]) {
+        self.with_pair(pair, |fe| fe.send_frame_here(frame));
+    }
+
     /// SET_VRING_ADDR, SET_VRING_BASE `base`, SET_VRING_CALL and SET_VRING_KICK for queue `q`.
     pub fn setup_vring(&mut self, q: usize, base: u16) -> Result<(), String> {
+        if q >= 2 && self.active == 0 {
+            return self.with_pair(q / 2, |fe| fe.setup_vring(q, base));
+        }
         let (cfg, call, kick) = {
-            let vq = if q == RX_QUEUE { &self.rx } else { &self.tx };
+            let vq = if q % 2 == RX_QUEUE {
+                &self.rx
+            } else {
+                &self.tx
+            };
             (vq.config_data(&self.mem), &vq.call, &vq.kick)
         };
         self.vu
@@ -613,13 +720,17 @@ impl Frontend {
     /// SET_VRING_ENABLE for both queues (only with VHOST_USER_F_PROTOCOL_FEATURES acked).
     pub fn enable_vrings(&mut self, enable: bool) -> Result<(), String> {
         if self.backend_acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            for q in [RX_QUEUE, TX_QUEUE] {
+            let pairs = self
+                .opts
+                .enabled_pairs
+                .map_or(self.pairs(), |n| (n as usize).min(self.pairs()));
+            for q in 0..2 * pairs {
                 self.vu
                     .set_vring_enable(q, enable)
                     .map_err(err("SET_VRING_ENABLE"))?;
             }
             self.handshake_log
-                .push(format!("SET_VRING_ENABLE 0,1 {enable}"));
+                .push(format!("SET_VRING_ENABLE 0..{} {enable}", 2 * pairs));
         }
         Ok(())
     }
@@ -742,6 +853,30 @@ impl Frontend {
     /// Moves every complete frame from the RX used ring to the pending queue, reposting buffers.
     /// Returns the number of frames moved.
     pub fn poll_rx(&mut self) -> usize {
+        let mut frames = self.poll_rx_here();
+        for pair in 1..self.pairs() {
+            frames += self.with_pair(pair, |fe| fe.poll_rx_here());
+        }
+        frames
+    }
+
+    /// [`poll_rx`](Self::poll_rx) for the pair in `rx`.
+    fn poll_rx_here(&mut self) -> usize {
+        let before = self.rx_pending.len();
+        let frames = self.poll_rx_ring();
+        let pair = self.active;
+        if let Some(n) = self.stats.rx_frames_by_pair.get_mut(pair) {
+            *n += frames as u64;
+        }
+        if let Some(observe) = self.rx_observer.as_mut() {
+            for (_, f) in self.rx_pending.iter().skip(before) {
+                observe(pair, f);
+            }
+        }
+        frames
+    }
+
+    fn poll_rx_ring(&mut self) -> usize {
         let hl = self.hdr_len();
         let mut frames = 0;
         let mut reposted = false;
@@ -878,8 +1013,12 @@ impl Frontend {
     /// or `deadline` passes (None = forever). Returns true if there may be work (a call fired or
     /// used entries were already pending).
     pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
-        let pending_rx = self.rx.enable_calls();
-        let pending_tx = self.tx.enable_calls();
+        let mut pending_rx = self.rx.enable_calls();
+        let mut pending_tx = self.tx.enable_calls();
+        for p in &mut self.others {
+            pending_rx |= p.rx.enable_calls();
+            pending_tx |= p.tx.enable_calls();
+        }
         // Frames already pulled off the ring only count as work if they could be answered.
         let frames_ready = !self.rx_pending.is_empty()
             && self.tx.num_free() >= self.tx_descs_needed(self.mtu() as usize + 14);
@@ -910,6 +1049,15 @@ impl Frontend {
                 revents: 0,
             },
         ];
+        for p in &self.others {
+            for fd in [p.rx.call.as_raw_fd(), p.tx.call.as_raw_fd()] {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
         for &fd in &self.extra_wait_fds {
             fds.push(libc::pollfd {
                 fd,
@@ -930,6 +1078,11 @@ impl Frontend {
         if self.tx.drain_call() > 0 {
             self.stats.calls_seen += 1;
         }
+        for p in &mut self.others {
+            if p.rx.drain_call() + p.tx.drain_call() > 0 {
+                self.stats.calls_seen += 1;
+            }
+        }
         r > 0
     }
 
@@ -942,6 +1095,16 @@ impl Frontend {
 
     /// Frees TX chains the device has consumed. Returns how many came back.
     pub fn reclaim_tx(&mut self) -> usize {
+        let mut n = self.reclaim_tx_here();
+        if self.active == 0 {
+            for pair in 1..self.pairs() {
+                n += self.with_pair(pair, |fe| fe.reclaim_tx_here());
+            }
+        }
+        n
+    }
+
+    fn reclaim_tx_here(&mut self) -> usize {
         let mut n = 0;
         while let Some((_, fl)) = self.tx.pop_used() {
             if fl.tag & TAG_BAD != 0 {
@@ -966,7 +1129,9 @@ impl Frontend {
     /// Is there room in the TX ring for a frame of `frame_len` bytes (after reclaiming)?
     pub fn tx_has_room(&mut self, frame_len: usize) -> bool {
         self.reclaim_tx();
-        self.tx.num_free() >= self.tx_descs_needed(frame_len)
+        let needed = self.tx_descs_needed(frame_len);
+        self.tx.num_free() >= needed
+            && (self.active != 0 || self.others.iter().all(|p| p.tx.num_free() >= needed))
     }
 
     /// Queues one frame (header prepended) if the ring has room; kicks as the device asks.
@@ -976,6 +1141,14 @@ impl Frontend {
 
     /// Like [`try_send_frame`](Self::try_send_frame) with `hdr` as the virtio-net header.
     pub fn try_send_frame_with(&mut self, hdr: &NetHdr, frame: &[u8]) -> bool {
+        if self.active == 0 {
+            if let Some(steer) = self.tx_steer.as_mut() {
+                let pair = steer(frame).min(self.pairs() - 1);
+                if pair != 0 {
+                    return self.with_pair(pair, |fe| fe.try_send_frame_with(hdr, frame));
+                }
+            }
+        }
         let hl = self.hdr_len();
         if !self.tx_has_room(frame.len()) {
             return false;
@@ -984,12 +1157,19 @@ impl Frontend {
         hdr[10..12].fill(0); // num_buffers is unused on TX
         self.publish_tx(&hdr[..hl], frame, 0);
         self.stats.tx_frames += 1;
+        if let Some(n) = self.stats.tx_frames_by_pair.get_mut(self.active) {
+            *n += 1;
+        }
         self.tx.kick_if_needed();
         true
     }
 
     /// Queues one frame, waiting up to 5 s for room in the TX ring. Panics if there never is.
     pub fn send_frame(&mut self, frame: &[u8]) {
+        self.send_frame_here(frame)
+    }
+
+    fn send_frame_here(&mut self, frame: &[u8]) {
         let needed = self.tx_descs_needed(frame.len());
         assert!(
             needed <= self.opts.queue_size as usize,

@@ -120,6 +120,11 @@ pub fn http_server(body: Arc<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
 /// Boots the guest with `script` on netfence's `socket`; returns its console (run-guest.sh's
 /// stdout, then its stderr) and run-guest.sh's exit code.
 pub fn boot_guest(socket: &Path, script: &Path) -> (String, Option<i32>) {
+    boot_guest_with(socket, script, &[])
+}
+
+/// [`boot_guest`] with more run-guest.sh options (e.g. `--queues 2 --smp 2`).
+pub fn boot_guest_with(socket: &Path, script: &Path, options: &[&str]) -> (String, Option<i32>) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut child = Command::new("bash")
         .arg(root.join("scripts/run-guest.sh"))
@@ -129,6 +134,7 @@ pub fn boot_guest(socket: &Path, script: &Path) -> (String, Option<i32>) {
         .arg(script)
         .arg("--timeout")
         .arg(GUEST_TIMEOUT_SECS.to_string())
+        .args(options)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
