@@ -567,6 +567,11 @@ fn reboots_during_bulk_transfers() {
     }
     g.ping(GATEWAY, SHORT).unwrap_or_else(|e| panic!("{e}"));
     assert!(nf.is_running(), "netfence died");
+    assert_eq!(
+        nf.log_text().matches("link reset").count(),
+        ROUNDS,
+        "every reboot resets the link"
+    );
 }
 
 /// A guest sends the second half of its data before the first and then waits past the rest
