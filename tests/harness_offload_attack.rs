@@ -633,3 +633,97 @@ fn out_of_order_bytes_survive_a_rest() {
         panic!("the host got other bytes than the guest sent: {m}");
     }
 }
+
+/// netfence's resident set in KiB.
+fn rss_kib(nf: &Netfence) -> u64 {
+    let pid = nf.pid().expect("netfence running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+/// A loopback listener whose accept queue is full and never drained: a connect to it stays
+/// in progress (Linux drops SYNs to a full accept queue), as to a host that does not answer.
+fn unanswering_listener() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // SAFETY: listen(2) on our own socket, to shrink its backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let addr = l.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => queued.push(s),
+            Err(_) => break,
+        }
+        assert!(queued.len() < 16, "the accept queue does not fill");
+    }
+    (l, queued)
+}
+
+/// SYNs carrying 60 KB each (TSO frames) to a host that does not answer: each flow holds its
+/// SYN while the host side connects, for up to the connect timeout. The SYN's data is not
+/// held with it (smoltcp takes none from a SYN): 200 such flows cost netfence a few hundred
+/// KiB, not 12 MB.
+#[test]
+fn held_syns_do_not_hold_their_data() {
+    const SYNS: u16 = 200;
+    let (listener, _queued) = unanswering_listener();
+    const SLOW_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!(
+            "{SLOW_IP}:80=127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        ),
+    ]);
+    let mut g = guest(&nf);
+    let mark = nf.log_mark();
+    g.dhcp(SHORT * 2).unwrap_or_else(|e| panic!("{e}"));
+    let gw = gateway_mac(&mut g);
+    let (src, dst) = (IpAddr::V4(GUEST_IP), IpAddr::V4(SLOW_IP));
+    let data = pattern(60_000, 99);
+    let mac = g.mac;
+    let syn = |sport: u16| {
+        let seg = frames::tcp_segment(src, dst, sport, 80, 1, 0, Flags::SYN, 65535, &data);
+        let mut f = frames::ip_frame(mac, gw, src, dst, 6, &seg);
+        let cs = make_partial(&mut f, src, dst);
+        let hdr = NetHdr {
+            flags: NET_HDR_F_NEEDS_CSUM,
+            gso_type: NET_HDR_GSO_TCPV4,
+            hdr_len: cs + 24,
+            gso_size: 1448,
+            csum_start: cs,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        (hdr, f)
+    };
+    // One first, so that what every flow shares is in the baseline.
+    let (hdr, f) = syn(30000);
+    send_with(&mut g, &hdr, &f);
+    settle_tx(&mut g, gw);
+    let before = rss_kib(&nf);
+    for k in 1..SYNS {
+        let (hdr, f) = syn(30000 + k);
+        send_with(&mut g, &hdr, &f);
+    }
+    settle_tx(&mut g, gw);
+    let after = rss_kib(&nf);
+    eprintln!("netfence RSS: {before} KiB, {after} KiB with {SYNS} held SYNs of 60 KB");
+    let counts = close_and_count(&nf, g, mark);
+    assert_eq!(
+        counts.get("open_tcp"),
+        u64::from(SYNS),
+        "the SYNs' flows were not all held: {}",
+        nf.log_text()
+    );
+    assert!(
+        after <= before + 8 * u64::from(SYNS),
+        "{SYNS} held SYNs cost {} KiB",
+        after - before
+    );
+}
