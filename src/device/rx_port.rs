@@ -98,6 +98,7 @@ impl GuestRx for RxPort<'_> {
                     self.dropped += 1;
                     return RxOutcome::Dropped;
                 }
+                Err(RxError::TooLarge) => return RxOutcome::TooLarge,
             }
         }
     }

@@ -322,6 +322,9 @@ pub enum RxError {
     NoBuffers,
     /// The guest's buffers are unusable (bad addresses); the frame is dropped.
     BadChain,
+    /// A GSO frame larger than any room the guest has offered at once (see
+    /// [`RxScratch::largest_room`]): waiting for buffers would not help.
+    TooLarge,
 }
 
 /// Buffers [`push_rx`] reuses from frame to frame, so that writing a frame allocates nothing.
@@ -333,6 +336,13 @@ pub struct RxScratch {
     chains: Vec<(u16, usize)>,
     /// What goes to the used ring: head and bytes written.
     used: Vec<(u16, u32)>,
+    /// The most room the guest has offered at once since its ring started: bytes of one
+    /// buffer without mergeable buffers, of every available buffer with them (a lower bound:
+    /// a frame that fit stops the count). A large segment that does not fit now but would
+    /// have fit that room waits for the guest to repost; one larger is cut by the link. (A
+    /// guest that is merely slower than netfence would otherwise get its large segments cut
+    /// in software whenever its ring ran dry for a moment.)
+    largest_room: usize,
 }
 
 /// Walks an RX chain once, appending its device-writable segments to `segs` (after checking
@@ -389,7 +399,16 @@ pub fn push_rx(
     if check_ring(&state).is_err() {
         return Err(RxError::NoBuffers);
     }
-    let RxScratch { segs, chains, used } = scratch;
+    let RxScratch {
+        segs,
+        chains,
+        used,
+        largest_room,
+    } = scratch;
+    if state.get_queue().next_avail() == 0 {
+        // The ring (re)started, perhaps with other buffers: learn their room again.
+        *largest_room = 0;
+    }
     segs.clear();
     chains.clear();
     used.clear();
@@ -420,13 +439,17 @@ pub fn push_rx(
             break;
         }
     }
+    *largest_room = (*largest_room).max(capacity);
     if capacity < needed {
         for _ in 0..chains.len() {
             state.get_queue_mut().go_to_previous_position();
         }
-        // A large segment that a non-mergeable buffer cannot hold is no reason to drop it:
-        // the link cuts it to MTU-sized segments.
-        return Err(if chains.is_empty() || mergeable || header.is_gso() {
+        // A large segment that the guest's buffers cannot hold is no reason to drop it: if
+        // they never held that much at once, the link cuts it to MTU-sized segments; else it
+        // waits for the guest to repost.
+        return Err(if header.is_gso() && needed > *largest_room {
+            RxError::TooLarge
+        } else if chains.is_empty() || mergeable || header.is_gso() {
             RxError::NoBuffers
         } else {
             RxError::BadChain
