@@ -131,6 +131,43 @@ pub fn enable_notification(vring: &VringRwLock) -> bool {
     check_ring(&state).is_ok() && matches!(state.enable_notification(), Ok(true))
 }
 
+/// Asks the guest for a kick when it makes more buffers available than it has now: the RX
+/// ring holds buffers, but too few for the frame at hand. `enable_notification` alone asks,
+/// with EVENT_IDX, for a kick once the guest passes `next_avail`, which it passed long ago: a
+/// Linux guest would then not kick again and the frame would wait for some unrelated event.
+/// So `avail_event` is set to the available index seen now. Returns whether the guest made
+/// more buffers available meanwhile (try again at once). A ring that is not usable is not
+/// written and reports `false`.
+pub fn await_more_buffers(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> bool {
+    use std::sync::atomic::{fence, Ordering};
+    let mut state = vring.get_mut();
+    if check_ring(&state).is_err() {
+        return false;
+    }
+    let queue = state.get_queue();
+    let Ok(seen) = queue.avail_idx(mem, Ordering::Acquire) else {
+        return false;
+    };
+    if state.enable_notification().is_err() {
+        return false;
+    }
+    let queue = state.get_queue();
+    if queue.event_idx_enabled() {
+        // avail_event follows the used ring's elements (virtio 1.x, 2.7.8).
+        let at = queue.used_ring() + 4 + 8 * u64::from(queue.size());
+        if mem
+            .store(u16::to_le(seen.0), GuestAddress(at), Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+    }
+    fence(Ordering::SeqCst);
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|now| now != seen)
+}
+
 /// Kicks the ring ourselves, as the guest would: the worker comes back to it after the other
 /// events that are ready. The kick eventfd is the VMM's; a write that could block (a full
 /// counter, or not an eventfd at all) is not attempted, and notifications are re-enabled
