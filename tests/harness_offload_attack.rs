@@ -28,18 +28,6 @@ use smoltcp::wire::{checksum, IpAddress, IpProtocol};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
-/// The offload feature bits a frontend may offer.
-const OFFLOAD_BITS: u64 = VIRTIO_NET_F_CSUM
-    | VIRTIO_NET_F_GUEST_CSUM
-    | VIRTIO_NET_F_GUEST_TSO4
-    | VIRTIO_NET_F_GUEST_TSO6
-    | VIRTIO_NET_F_GUEST_ECN
-    | VIRTIO_NET_F_GUEST_UFO
-    | VIRTIO_NET_F_HOST_TSO4
-    | VIRTIO_NET_F_HOST_TSO6
-    | VIRTIO_NET_F_HOST_ECN
-    | VIRTIO_NET_F_HOST_UFO;
-
 /// A host server that sends `total` bytes of `pattern(total, seed)`, then closes.
 fn bulk_sender(total: usize, seed: u64) -> OneShotServer<Result<(), String>> {
     OneShotServer::start(move |mut s| {
