@@ -58,21 +58,18 @@ pub const NET_HDR_LEN: usize = 12;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
-/// The offload feature bits a frontend may offer (checksums, TSO, ECN, UFO, both ways).
-pub const OFFLOAD_BITS: u64 = VIRTIO_NET_F_CSUM
-    | VIRTIO_NET_F_GUEST_CSUM
-    | VIRTIO_NET_F_GUEST_TSO4
-    | VIRTIO_NET_F_GUEST_TSO6
-    | VIRTIO_NET_F_GUEST_ECN
-    | VIRTIO_NET_F_GUEST_UFO
-    | VIRTIO_NET_F_HOST_TSO4
-    | VIRTIO_NET_F_HOST_TSO6
-    | VIRTIO_NET_F_HOST_ECN
-    | VIRTIO_NET_F_HOST_UFO;
-
 /// What cloud-hypervisor's vhost-user-net device offers the backend (offloads on, the default).
 pub fn ch_features() -> u64 {
-    OFFLOAD_BITS
+    VIRTIO_NET_F_CSUM
+        | VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_GUEST_TSO6
+        | VIRTIO_NET_F_GUEST_ECN
+        | VIRTIO_NET_F_GUEST_UFO
+        | VIRTIO_NET_F_HOST_TSO4
+        | VIRTIO_NET_F_HOST_TSO6
+        | VIRTIO_NET_F_HOST_ECN
+        | VIRTIO_NET_F_HOST_UFO
         | VIRTIO_NET_F_MRG_RXBUF
         | VIRTIO_NET_F_CTRL_VQ
         | VIRTIO_NET_F_GUEST_ANNOUNCE
