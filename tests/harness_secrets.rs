@@ -16,7 +16,7 @@ use std::net::{IpAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::tls::{client_config, request_end, GuestTls, HttpsServer, TestCa};
+use common::tls::{client_config, request_end, spawn_intercepting, GuestTls, HttpsServer, TestCa};
 use common::*;
 use dnsfake::{udp_lookup, Answer, FakeDns};
 use hickory_proto::rr::RecordType;
@@ -41,32 +41,7 @@ fn spawn(
     args: &[String],
     env: &[(&str, &str)],
 ) -> (Netfence, String, TempDir) {
-    let dir = TempDir::new("nf-secrets");
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, &up_ca.cert_pem).unwrap();
-    let cfg = dir.path().join("netfence.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{toml}\n[tls]\nupstream_ca_certs = [{:?}]\n",
-            ca_file.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let ca_out = dir.path().join("ca.pem");
-    let mut b = Netfence::builder().args(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--ca-out",
-        ca_out.to_str().unwrap(),
-    ]);
-    b = b.args(args);
-    for (k, v) in env {
-        b = b.env(*k, *v);
-    }
-    let nf = b.spawn();
-    let pem = std::fs::read_to_string(&ca_out).expect("the CA file");
-    (nf, pem, dir)
+    spawn_intercepting(up_ca, toml, "", args, env)
 }
 
 fn map_all(port: u16) -> Vec<String> {

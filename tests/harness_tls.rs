@@ -9,11 +9,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::path::Path;
 use std::time::Duration;
 
 use common::process::close_and_count;
-use common::tls::{client_config, dns_names, issuer_cn, GuestTls, HttpsServer, TestCa};
+use common::tls::{
+    client_config, dns_names, issuer_cn, spawn_intercepting, GuestTls, HttpsServer, TestCa,
+};
 use common::*;
 use smoltcp::socket::tcp::State;
 
@@ -38,33 +39,7 @@ fn intercepting_logged(
     args: &[String],
     log: &str,
 ) -> (Netfence, String, TempDir) {
-    let dir = TempDir::new("nf-tls");
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, &upstream_ca.cert_pem).unwrap();
-    let cfg = dir.path().join("netfence.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[tls]\nupstream_ca_certs = [{:?}]\n{tls_extra}\n",
-            ca_file.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let ca_out = dir.path().join("netfence-ca.pem");
-    let mut all = vec![
-        "--config".to_string(),
-        cfg.to_str().unwrap().to_string(),
-        "--ca-out".to_string(),
-        ca_out.to_str().unwrap().to_string(),
-    ];
-    all.extend(args.iter().cloned());
-    let nf = Netfence::builder().args(&all).env("RUST_LOG", log).spawn();
-    let pem = read(&ca_out);
-    (nf, pem, dir)
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    spawn_intercepting(upstream_ca, "", tls_extra, args, &[("RUST_LOG", log)])
 }
 
 fn map_443(port: u16) -> Vec<String> {

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::process::close_and_count;
-use common::tls::{client_config, GuestTls, HttpsServer, TestCa};
+use common::tls::{client_config, spawn_intercepting, GuestTls, HttpsServer, TestCa};
 use common::*;
 use netfence::config::default_placeholder;
 
@@ -34,29 +34,7 @@ fn spawn_tls(
     tls_extra: &str,
     args: &[String],
 ) -> (Netfence, String, TempDir) {
-    let dir = TempDir::new("nf-tls-attack");
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, &up_ca.cert_pem).unwrap();
-    let cfg = dir.path().join("netfence.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{toml}\n[tls]\nupstream_ca_certs = [{:?}]\n{tls_extra}\n",
-            ca_file.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let ca_out = dir.path().join("ca.pem");
-    let mut all = vec![
-        "--config".to_string(),
-        cfg.to_str().unwrap().to_string(),
-        "--ca-out".to_string(),
-        ca_out.to_str().unwrap().to_string(),
-    ];
-    all.extend(args.iter().cloned());
-    let nf = Netfence::builder().args(&all).spawn();
-    let pem = std::fs::read_to_string(&ca_out).expect("the CA file");
-    (nf, pem, dir)
+    spawn_intercepting(up_ca, toml, tls_extra, args, &[])
 }
 
 /// The `[[secrets]]` table of API_KEY: `value` for api.example.com, and `extra` lines.

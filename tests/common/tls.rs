@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use smoltcp::iface::SocketHandle;
 
-use super::Guest;
+use super::{Guest, Netfence, TempDir};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -346,4 +346,45 @@ pub fn issuer_cn(cert: &CertificateDer<'_>) -> String {
         .unwrap_or_default()
         .to_string();
     cn
+}
+
+/// netfence intercepting TLS with `up_ca` trusted upstream (`tls.upstream_ca_certs`): `toml`
+/// goes ahead of the config's `[tls]` table and `tls_extra` lines into it; then `args` and the
+/// environment `env`. Returns it, the PEM of its CA (written by `--ca-out`) and the scratch
+/// directory that holds both files.
+pub fn spawn_intercepting(
+    up_ca: &TestCa,
+    toml: &str,
+    tls_extra: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> (Netfence, String, TempDir) {
+    let dir = TempDir::new("nf-tls");
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &up_ca.cert_pem).unwrap();
+    let cfg = dir.path().join("netfence.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{toml}\n[tls]\nupstream_ca_certs = [{:?}]\n{tls_extra}\n",
+            ca_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let ca_out = dir.path().join("netfence-ca.pem");
+    let mut b = Netfence::builder()
+        .args(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--ca-out",
+            ca_out.to_str().unwrap(),
+        ])
+        .args(args);
+    for (k, v) in env {
+        b = b.env(*k, *v);
+    }
+    let nf = b.spawn();
+    let pem =
+        std::fs::read_to_string(&ca_out).unwrap_or_else(|e| panic!("{}: {e}", ca_out.display()));
+    (nf, pem, dir)
 }
