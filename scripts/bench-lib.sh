@@ -1,6 +1,10 @@
-# Shared by the guest benchmarks (bench-guest.sh, bench-tls.sh); sourced, not run.
+# Shared by the benchmarks (bench.sh, bench-guest.sh, bench-ports.sh, bench-tls.sh); sourced,
+# not run.
 #
-# The caller sets ROOT (the checkout) and WORK (a scratch directory). Provides:
+# The caller sets ROOT (the checkout). Provides:
+#   bench_workdir NAME           makes the scratch directory WORK and the list PIDS of background
+#                                processes: at exit they are killed and WORK removed (kept, and
+#                                named, when BENCH_KEEP is set)
 #   TCK                          clock ticks per second (/proc/PID/stat counts in ticks)
 #   cpu_ticks PID                utime + stime of a process, all threads; 0 when it is gone
 #   run_leg NAME PIDFILE TIMEOUT -- run-guest.sh args...
@@ -14,6 +18,19 @@
 #   per A B / ratio A B          A/B with two decimals, "n/a" when either is n/a or B is 0
 
 TCK="$(getconf CLK_TCK)"
+
+bench_workdir() {
+    BENCH_NAME="$1"
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/netfence-$1.XXXXXX")"
+    PIDS=()
+    trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "${BENCH_KEEP:-}" ]; then echo "$BENCH_NAME.sh: kept $WORK"; else rm -rf "$WORK"; fi
+}
 
 cpu_ticks() { [ -n "$1" ] || { echo 0; return; }; awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 

@@ -43,17 +43,9 @@ if [ "$BUILD" = 1 ]; then
 fi
 NETFENCE="${CARGO_TARGET_DIR:-$ROOT/target}/release/netfence"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/netfence-bench-ports.XXXXXX")"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${BENCH_KEEP:-}" ]; then echo "bench-ports.sh: kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+bench_workdir bench-ports
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

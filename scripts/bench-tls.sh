@@ -45,17 +45,9 @@ fi
 NETFENCE="${CARGO_TARGET_DIR:-$ROOT/target}/release/netfence"
 [ -x "$NETFENCE" ] || { echo "bench-tls.sh: $NETFENCE missing (cargo build --release)" >&2; exit 1; }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/netfence-bench-tls.XXXXXX")"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${BENCH_KEEP:-}" ]; then echo "bench-tls.sh: kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+bench_workdir bench-tls
 
 # wait_port LOG: the port a server printed as "port N" in LOG
 wait_port() {

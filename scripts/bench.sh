@@ -58,17 +58,9 @@ FRONTEND="$(cd "$ROOT" && cargo bench --bench frontend --no-run 2>&1 | grep -o '
 [ -n "$FRONTEND" ] && [ "${FRONTEND#/}" = "$FRONTEND" ] && FRONTEND="$ROOT/$FRONTEND"
 NETFENCE="${CARGO_TARGET_DIR:-$ROOT/target}/release/netfence"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/netfence-bench-all.XXXXXX")"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${BENCH_KEEP:-}" ]; then echo "bench.sh: kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+bench_workdir bench
 
 FAILED=()
 ROWS="$WORK/rows"
