@@ -102,7 +102,6 @@ fn a_guest_that_does_not_read_finds_at_most_the_byte_bound_queued() {
 /// sends (a host event wakes them) or the guest does (its segment wakes them): each of them
 /// carries bytes both ways byte-exact after resting, then closes cleanly.
 #[test]
-#[ignore = "parking is off (PARK_QUIET_FLOWS) until the reset after a SYN flood is found"]
 fn resting_flows_are_parked_and_woken_by_either_side() {
     const FLOWS: usize = 20;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

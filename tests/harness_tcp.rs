@@ -490,3 +490,108 @@ fn set_rcvbuf(l: &std::net::TcpListener, bytes: libc::c_int) {
         );
     }
 }
+
+/// A guest that resets its own half-open connection ends that flow: netfence closes the
+/// host connection, and the next connection to the same address (from another port) runs on
+/// a host connection of its own. smoltcp returns a socket reset in SYN-RECEIVED to listening;
+/// kept, it took the next SYN to that address and carried the new connection's bytes into the
+/// old flow's host connection (and, once parked, reset it).
+#[test]
+fn a_handshake_the_guest_resets_ends_its_flow() {
+    use common::frames::{self, Flags};
+    use std::net::TcpListener;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!(
+            "{PUBLIC_IP}:87=127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        ),
+    ]);
+    let mut g = guest_up(&nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    let fe = &mut g.dev.fe;
+    let seg = |sport: u16, seq: u32, ack: u32, flags: Flags, payload: &[u8]| {
+        let t = frames::tcp_segment(
+            GUEST_IP, PUBLIC_IP, sport, 87, seq, ack, flags, 65535, payload,
+        );
+        frames::eth(
+            gw,
+            me,
+            0x0800,
+            &frames::ipv4_packet(GUEST_IP, PUBLIC_IP, 6, 1, &t),
+        )
+    };
+    let syn_ack = |fe: &mut Frontend, sport: u16| {
+        fe.recv_matching(deadline(SHORT), |f| {
+            frames::parse_tcp(f)
+                .is_some_and(|t| t.dport == sport && t.sport == 87 && t.flags.syn && t.flags.ack)
+        })
+        .and_then(|f| frames::parse_tcp(&f))
+        .unwrap_or_else(|| panic!("no SYN-ACK for guest port {sport}"))
+    };
+    // The first connection: SYN, SYN-ACK (the host side is connected by then), then RST.
+    let (first_port, first_iss) = (41001, 7_000_000u32);
+    fe.send_frame(&frames::tcp_syn_frame(
+        me, gw, GUEST_IP, PUBLIC_IP, first_port, 87, first_iss,
+    ));
+    syn_ack(fe, first_port);
+    let (mut first_host, _) = listener.accept().unwrap();
+    fe.send_frame(&seg(
+        first_port,
+        first_iss.wrapping_add(1),
+        0,
+        Flags::RST,
+        &[],
+    ));
+    // The second connection, from another port: handshake, then bytes.
+    let (second_port, second_iss) = (41002, 9_000_000u32);
+    fe.send_frame(&frames::tcp_syn_frame(
+        me,
+        gw,
+        GUEST_IP,
+        PUBLIC_IP,
+        second_port,
+        87,
+        second_iss,
+    ));
+    let sa = syn_ack(fe, second_port);
+    let (mut second_host, _) = listener.accept().unwrap();
+    let flags = Flags {
+        ack: true,
+        psh: true,
+        ..Default::default()
+    };
+    let seq = second_iss.wrapping_add(1);
+    fe.send_frame(&seg(
+        second_port,
+        seq,
+        sa.seq.wrapping_add(1),
+        flags,
+        b"second",
+    ));
+    second_host.set_read_timeout(Some(SHORT)).unwrap();
+    let mut got = [0u8; 6];
+    second_host.read_exact(&mut got).unwrap_or_else(|e| {
+        panic!(
+            "the second connection's bytes did not reach its own host connection: {e}\n{}",
+            nf.log_text()
+        )
+    });
+    assert_eq!(&got, b"second");
+    // The reset flow's host connection ends (EOF or reset), carrying nothing.
+    first_host.set_read_timeout(Some(SHORT)).unwrap();
+    let mut rest = Vec::new();
+    match first_host.read_to_end(&mut rest) {
+        Ok(_) | Err(_) if !rest.is_empty() => {
+            panic!(
+                "the reset flow's host connection carried {:?}",
+                String::from_utf8_lossy(&rest)
+            )
+        }
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the reset flow's host connection stayed open: {other:?}"),
+    }
+}

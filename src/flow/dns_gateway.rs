@@ -117,6 +117,26 @@ impl GatewayDns {
             },
         );
         stack.receive(syn_frame);
+        self.forget_if_listening(&key, stack);
+    }
+
+    /// A segment of an open DNS-over-TCP connection from the guest.
+    pub fn tcp_segment(&mut self, key: FlowKey, frame: &[u8], stack: &mut GuestStack) {
+        stack.receive(frame);
+        self.forget_if_listening(&key, stack);
+    }
+
+    /// Removes connection `key` if its socket listens (again): its SYN was not taken (the
+    /// queue to the guest was full), or the guest reset the handshake, which smoltcp answers
+    /// by returning the socket to listening. A listening socket takes the next SYN to the
+    /// same address and port from any guest port: it must never stay in the set.
+    fn forget_if_listening(&mut self, key: &FlowKey, stack: &mut GuestStack) {
+        let listening = self.tcp.get(key).is_some_and(|c| {
+            stack.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::Listen
+        });
+        if listening {
+            self.remove_tcp(key, stack);
+        }
     }
 
     /// Closes (resets) the DNS-over-TCP connections idle for longer than `idle`; returns how
@@ -149,7 +169,7 @@ impl GatewayDns {
             .filter(|(_, c)| {
                 matches!(
                     stack.sockets.get::<tcp::Socket>(c.handle).state(),
-                    tcp::State::Closed | tcp::State::TimeWait
+                    tcp::State::Closed | tcp::State::TimeWait | tcp::State::Listen
                 )
             })
             .map(|(k, _)| *k)

@@ -321,7 +321,7 @@ impl Flows {
     pub fn tcp_segment(&mut self, head: TcpHead, frame: &[u8], stack: &mut GuestStack) {
         let key = (head.src, head.dst);
         if self.dns.has_tcp(&key) {
-            stack.receive(frame);
+            self.dns.tcp_segment(key, frame, stack);
             return;
         }
         if let Some(flow) = self.table.tcp.get_mut(&key) {
@@ -383,6 +383,13 @@ impl Flows {
                         stcp::State::Closed | stcp::State::Listen | stcp::State::SynSent
                     );
                     flow.guest_seq.segment(&head, accepted, synced);
+                    if sock.state() == stcp::State::Listen {
+                        // The guest reset the handshake and smoltcp went back to listening:
+                        // a listening socket would take the next SYN to this address from
+                        // any guest port, into this flow's host connection.
+                        self.counters.inc("tcp-guest-reset-handshake");
+                        self.close_tcp(&key, "guest reset the handshake", stack);
+                    }
                 }
             }
             return;
@@ -666,6 +673,15 @@ impl Flows {
                 debug!(src = %flow.guest, dst = %flow.dst, "host connected; completing guest handshake");
                 stack.receive(&syn);
                 let sock = stack.sockets.get::<stcp::Socket>(handle);
+                if sock.state() == stcp::State::Listen {
+                    // smoltcp did not take the SYN (the queue to the guest is full). The
+                    // socket must not stay listening (it would take another guest port's
+                    // SYN to this address): the flow goes, and the guest's next SYN opens
+                    // a new one.
+                    self.counters.inc("tcp-handshake-not-taken");
+                    self.close_tcp(&key, "SYN not taken (queue to the guest full)", stack);
+                    return;
+                }
                 let synced = !matches!(sock.state(), stcp::State::Closed | stcp::State::Listen);
                 flow.guest_seq.segment(&head, sock.recv_queue(), synced);
             }

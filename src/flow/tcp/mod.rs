@@ -63,11 +63,6 @@ pub const REST: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a flow moves no byte before its socket is parked (longer than smoltcp's 10 ms ACK
 /// delay, so that its last ACK is normally out).
 pub const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
-/// Whether quiet flows are parked at all. Off for now: with parking on, a connection the guest
-/// opens right after a SYN flood is sometimes closed before its first bytes come back
-/// (`harness_boundary::a_syn_flood_keeps_memory_and_log_bounded`, about 1 run in 4 to 12;
-/// never in 16 runs with parking off). Turn it back on once that is found.
-pub const PARK_QUIET_FLOWS: bool = false;
 
 /// Where the guest's byte stream stands, from the segments it sent: whether smoltcp's receive
 /// ring may hold bytes past what it put in order (an out-of-order segment waiting for a gap).
@@ -479,8 +474,7 @@ impl TcpFlow {
     /// nothing per round; a frame from the guest or an event on its host socket wakes it.
     /// Returns whether it is parked now.
     pub fn park(&mut self, stack: &mut GuestStack, now: Instant) -> bool {
-        if !PARK_QUIET_FLOWS
-            || self.middle.is_some()
+        if self.middle.is_some()
             || self.host.readable
             || self.host.eof
             || self.host.write_shut
