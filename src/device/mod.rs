@@ -69,6 +69,9 @@ pub enum RxOutcome {
     NoRoom,
     /// The guest's buffers were unusable; the frame is gone (counted by the device).
     Dropped,
+    /// A large segment (GSO) bigger than the guest has ever offered room for at once: it
+    /// would wait for ever. The link cuts it into MTU-sized segments.
+    TooLarge,
 }
 
 /// The virtio-net header of one frame (virtio 1.x 5.1.6), in either direction, without

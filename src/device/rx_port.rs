@@ -86,10 +86,10 @@ impl GuestRx for RxPort<'_> {
                 }
                 Err(RxError::NoBuffers) => {
                     // Too few buffers for this frame: announce what was filled (so the guest
-                    // can repost), ask for a kick, and wait for it. One retry covers buffers
-                    // that arrived while notifications were off.
+                    // can repost), ask for a kick when it adds buffers, and wait for it. One
+                    // retry covers buffers that arrived while we asked.
                     virtqueue::signal_if_needed(self.vring);
-                    if self.retried || !virtqueue::enable_notification(self.vring) {
+                    if self.retried || !virtqueue::await_more_buffers(self.vring, self.mem) {
                         return RxOutcome::NoRoom;
                     }
                     self.retried = true;
@@ -98,6 +98,7 @@ impl GuestRx for RxPort<'_> {
                     self.dropped += 1;
                     return RxOutcome::Dropped;
                 }
+                Err(RxError::TooLarge) => return RxOutcome::TooLarge,
             }
         }
     }

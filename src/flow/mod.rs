@@ -330,8 +330,7 @@ impl Flows {
                     if head.rst {
                         self.close_tcp(&key, "guest reset while connecting", stack);
                     } else if head.syn && !head.ack {
-                        syn_frame.clear();
-                        syn_frame.extend_from_slice(frame);
+                        *syn_frame = frames::syn_headers(frame);
                         *syn = head;
                     }
                 }
@@ -597,7 +596,7 @@ impl Flows {
         let host = HostEnd::new(socket, target);
         self.table.tcp.insert(
             key,
-            TcpFlow::new(token, *head, host, syn.to_vec(), middle, now),
+            TcpFlow::new(token, *head, host, frames::syn_headers(syn), middle, now),
         );
         self.awake.insert(key);
         Ok(())

@@ -629,9 +629,9 @@ impl Link {
             match rx.push(&frame.header, frame.bytes()) {
                 RxOutcome::Delivered => delivered += 1,
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
-                RxOutcome::NoRoom if frame.header.is_gso() => {
-                    // The guest's buffers cannot take the large segment now (too few, or
-                    // not mergeable and too small): it goes as MTU-sized segments instead.
+                RxOutcome::TooLarge => {
+                    // The guest's buffers never held a segment this large (too few, or not
+                    // mergeable and too small): it goes as MTU-sized segments instead.
                     if let Some(frame) = self.stack.port.pop_front() {
                         let partial = self.offloads.rx_csum;
                         for piece in crate::stack::segment(frame, partial).into_iter().rev() {
