@@ -50,16 +50,18 @@ impl<'a> RxPort<'a> {
         }
     }
 
-    /// Signals the guest about what this pass delivered (if it asked to be told).
-    pub fn finish(self) {
+    /// Signals the guest about what this pass delivered (if it asked to be told); returns
+    /// whether it did.
+    pub fn finish(self) -> bool {
         if self.delivered == 0 && self.dropped == 0 {
-            return;
+            return false;
         }
         if self.force_signal {
             let _ = self.vring.needs_notification();
             let _ = self.vring.signal_used_queue();
+            true
         } else {
-            virtqueue::signal_if_needed(self.vring);
+            virtqueue::signal_if_needed(self.vring)
         }
     }
 }

@@ -559,9 +559,11 @@ fn publish_used(
 }
 
 /// Tells the guest about new used entries if it wants to know (EVENT_IDX aware). A ring that is
-/// not usable is left alone.
-pub fn signal_if_needed(vring: &VringRwLock) {
+/// not usable is left alone. Returns whether it signalled.
+pub fn signal_if_needed(vring: &VringRwLock) -> bool {
     if ring_usable(vring) && vring.needs_notification().unwrap_or(true) {
         let _ = vring.signal_used_queue();
+        return true;
     }
+    false
 }

@@ -78,7 +78,15 @@ pub struct DecisionLog {
     recent: LruCache<AggKey, (Instant, u64)>,
     /// Lines written in all (for tests and counters).
     pub lines: u64,
+    /// Decisions by (allowed, reason), for the operator's metrics; at most
+    /// [`DECISION_REASONS`] reasons, the rest count as "other".
+    pub counts: std::collections::BTreeMap<(bool, String), u64>,
+    /// The reason of the last decision recorded (what a new flow was allowed by).
+    pub last_reason: String,
 }
+
+/// Distinct (action, reason) pairs counted (reasons may carry names a guest chose).
+pub const DECISION_REASONS: usize = 128;
 
 impl DecisionLog {
     pub fn new(lines_per_sec: usize) -> Self {
@@ -89,6 +97,8 @@ impl DecisionLog {
             rate_suppressed: 0,
             recent: LruCache::new(NonZeroUsize::new(AGGREGATION_KEYS).expect("nonzero")),
             lines: 0,
+            counts: std::collections::BTreeMap::new(),
+            last_reason: String::new(),
         }
     }
 
@@ -110,6 +120,19 @@ impl DecisionLog {
 
     /// Logs `ev` now, or counts it toward a summary.
     pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
+        self.last_reason.clear();
+        self.last_reason.push_str(ev.reason);
+        let counted = (ev.allowed, ev.reason.to_string());
+        if let Some(n) = self.counts.get_mut(&counted) {
+            *n += 1;
+        } else if self.counts.len() < DECISION_REASONS {
+            self.counts.insert(counted, 1);
+        } else {
+            *self
+                .counts
+                .entry((ev.allowed, "other".to_string()))
+                .or_default() += 1;
+        }
         let key = (
             ev.protocol,
             ev.dst,
@@ -387,6 +410,39 @@ impl Decider {
     /// Logs a decision made elsewhere (the SNI of a TLS flow).
     pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
         self.log.record(ev, now);
+    }
+
+    /// Judges a flow that is already open against the policy in force (after a reload): as
+    /// [`Decider::decide`] would, but nothing is remembered, logged or counted. `Ok` carries
+    /// the rule that allows it, `Err` the one that denies it.
+    pub fn judge_open(
+        &self,
+        protocol: Protocol,
+        dst: SocketAddr,
+        names: &CachedNames,
+    ) -> Result<String, String> {
+        let query = FlowQuery {
+            direction: Direction::Egress,
+            protocol,
+            dst: dst.ip(),
+            dst_port: Some(dst.port()),
+            domains: &names.asked,
+        };
+        let decision = names.decide(&self.policy, &query);
+        if decision.allowed() && !guest_loopback(dst.ip()) {
+            Ok(decision.reason.to_string())
+        } else if decision.allowed() {
+            Err(GUEST_LOOPBACK.to_string())
+        } else {
+            Err(decision.reason.to_string())
+        }
+    }
+
+    /// Judges from now on with `policy` (a reload); what was remembered under the old one is
+    /// forgotten.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        self.clear();
     }
 
     /// Forgets every memory (the guest restarted).

@@ -28,6 +28,9 @@ pub struct EchoFlow {
     /// The host socket reported readable and has not yet said `WouldBlock`.
     pub readable: bool,
     pub last_active: Instant,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    pub started: Instant,
 }
 
 /// Opens a non-blocking ICMP (or ICMPv6, for an IPv6 target) datagram socket to `target`.

@@ -28,6 +28,7 @@ pub mod decide;
 pub mod dns_gateway;
 pub mod icmp;
 pub mod inbound;
+pub mod operator;
 pub mod owners;
 pub mod table;
 pub mod tcp;
@@ -594,10 +595,9 @@ impl Flows {
             self.clear_filter(dst, names)
         };
         let host = HostEnd::new(socket, target);
-        self.table.tcp.insert(
-            key,
-            TcpFlow::new(token, *head, host, frames::syn_headers(syn), middle, now),
-        );
+        let mut flow = TcpFlow::new(token, *head, host, frames::syn_headers(syn), middle, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.tcp.insert(key, flow);
         self.awake.insert(key);
         Ok(())
     }
@@ -918,8 +918,13 @@ impl Flows {
             return;
         };
         if allowed {
+            if stage.is_some() {
+                self.counters.inc("tls-intercepted");
+            }
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
+            flow.rule = reason.to_string();
+            flow.domain = names.first().cloned();
             if flow.middle.is_none() {
                 // Relayed as it is (not intercepted: bypassed, interception off, or
                 // allow_no_sni): whatever of it is in clear is scanned, as on any other port.
@@ -1266,9 +1271,9 @@ impl Flows {
             self.counters.inc("udp-epoll-failed");
             return false;
         };
-        self.table
-            .udp
-            .insert(key, UdpFlow::new(token, src, dst, host, now));
+        let mut flow = UdpFlow::new(token, src, dst, host, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.udp.insert(key, flow);
         true
     }
 
@@ -1435,6 +1440,8 @@ impl Flows {
                 host,
                 readable: false,
                 last_active: now,
+                rule: self.decider.log.last_reason.clone(),
+                started: now,
             },
         );
         true

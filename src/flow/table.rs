@@ -68,6 +68,18 @@ pub struct FlowTable {
     owners: Option<(Arc<Owners>, u16)>,
     /// With multiqueue: every pair's flow counts, for the per-VM budgets.
     counts: Option<Arc<PairCounts>>,
+    /// Bytes (TCP) and datagrams (UDP) the flows that left this table carried, for the
+    /// operator's totals.
+    pub closed: ClosedTotals,
+}
+
+/// What flows that are gone carried.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct ClosedTotals {
+    pub tcp_bytes_to_host: u64,
+    pub tcp_bytes_to_guest: u64,
+    pub udp_datagrams_to_host: u64,
+    pub udp_datagrams_to_guest: u64,
 }
 
 impl FlowTable {
@@ -78,6 +90,7 @@ impl FlowTable {
             udp: flow_map(),
             echo: flow_map(),
             tokens: flow_map(),
+            closed: ClosedTotals::default(),
             next_token: 1,
             owners: None,
             counts: None,
@@ -285,6 +298,8 @@ impl FlowTable {
 
     pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
+        self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+        self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Tcp(*key));
         Some(flow)
@@ -299,6 +314,8 @@ impl FlowTable {
 
     pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
+        self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+        self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Udp(*key));
         Some(flow)
@@ -308,6 +325,12 @@ impl FlowTable {
     pub fn clear(&mut self) {
         for flow in self.tcp.values() {
             flow.host.reset_on_close();
+            self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+            self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
+        }
+        for flow in self.udp.values() {
+            self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+            self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         }
         self.tcp.clear();
         self.udp.clear();

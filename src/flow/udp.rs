@@ -59,6 +59,9 @@ pub struct UdpFlow {
     pending: Vec<Span>,
     /// The kernel refused a GSO send on this socket: its datagrams go out one by one.
     gso_refused: bool,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    pub started: Instant,
 }
 
 /// Opens a non-blocking UDP socket connected to `target`.
@@ -95,6 +98,8 @@ impl UdpFlow {
             datagrams_to_guest: 0,
             pending: Vec::new(),
             gso_refused: false,
+            rule: String::new(),
+            started: now,
         }
     }
 

@@ -132,6 +132,10 @@ pub struct TcpFlow {
     pub released_at: Option<Instant>,
     /// When the buffers' memory was last given back (or the flow started).
     pub last_release: Instant,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    /// The name the flow was allowed for, when its ClientHello named one.
+    pub domain: Option<String>,
 }
 
 /// Why an inbound flow ended when the guest refused the connection.
@@ -370,6 +374,8 @@ impl TcpFlow {
             guest_seq: GuestSeq::default(),
             released_at: None,
             last_release: now,
+            rule: String::new(),
+            domain: None,
         }
     }
 
@@ -410,6 +416,8 @@ impl TcpFlow {
             guest_seq: GuestSeq::default(),
             released_at: None,
             last_release: now,
+            rule: String::new(),
+            domain: None,
         }
     }
 
