@@ -291,3 +291,66 @@ fn reload_resets_denied_flows_and_keeps_allowed_ones() {
         .expect("81 allowed again");
     echo(&mut g, back, b"again");
 }
+
+/// A connection through a published port that a reload's ingress rules deny is reset: the
+/// host client sees the reset, the guest's end is reset too.
+#[test]
+fn reload_resets_a_published_port_connection_the_new_rules_deny() {
+    let hp = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let allow_in = "[policy]\ndefault_egress = \"deny\"\ndefault_ingress = \"allow\"\n";
+    let dir = TempDir::new("control");
+    let config = dir.path().join("netfence.toml");
+    std::fs::write(&config, allow_in).unwrap();
+    let control = dir.path().join("nf.ctl");
+    let nf = Netfence::spawn(&[
+        "--config".to_string(),
+        config.display().to_string(),
+        "--control".to_string(),
+        control.display().to_string(),
+        "-p".to_string(),
+        format!("{hp}:8080"),
+    ]);
+    let mut g = guest_up(&nf);
+    let h = g.tcp_socket(64 * 1024, 64 * 1024);
+    g.tcp(h).listen(8080).unwrap();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", hp)).unwrap();
+        s.set_read_timeout(Some(LONG)).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(got),
+            other => Err(format!("{other:?} after {got:?}")),
+        }
+    });
+    assert!(
+        g.tcp_wait_state(h, &[State::Established], deadline(SHORT))
+            .is_some(),
+        "no inbound connection\n{}",
+        nf.log_text()
+    );
+    assert_eq!(g.tcp_recv_exact(h, 5, deadline(SHORT)).unwrap(), b"hello");
+    std::fs::write(
+        &config,
+        format!(
+            "{allow_in}rules = [ {{ action = \"deny\", direction = \"ingress\", destination = \"loopback\" }} ]\n"
+        ),
+    )
+    .unwrap();
+    let done = ctl_json(&control, "reload");
+    assert_eq!(done["flows_reset"], 1, "{done}");
+    let closed = g.poll_until(deadline(SHORT), |g| {
+        (g.tcp(h).state() == State::Closed).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "the guest end was not reset: {:?}",
+        g.tcp(h).state()
+    );
+    let seen = client.join().unwrap();
+    assert!(seen.is_ok(), "the host client was not reset: {seen:?}");
+}

@@ -438,6 +438,28 @@ impl Decider {
         }
     }
 
+    /// Judges an open connection from host client `peer` through a published port to the
+    /// guest's `guest_port` against the ingress rules in force (after a reload).
+    pub fn judge_ingress_open(
+        &self,
+        protocol: Protocol,
+        peer: SocketAddr,
+        guest_port: u16,
+    ) -> Result<String, String> {
+        let decision = self.policy.decide(&FlowQuery {
+            direction: Direction::Ingress,
+            protocol,
+            dst: peer.ip(),
+            dst_port: Some(guest_port),
+            domains: &[],
+        });
+        if decision.allowed() {
+            Ok(decision.reason.to_string())
+        } else {
+            Err(decision.reason.to_string())
+        }
+    }
+
     /// Judges from now on with `policy` (a reload); what was remembered under the old one is
     /// forgotten.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {

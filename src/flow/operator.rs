@@ -9,8 +9,9 @@
 //! judged again as its first packet was: with the names it was allowed for (the ClientHello's
 //! name for a TLS flow, else the DNS cache's names for its address). A flow the new policy
 //! denies is reset both ways (TCP) or closed (UDP, ICMP), with one log line naming the rule;
-//! the others keep flowing untouched. Flows through published ports are judged by their
-//! ingress rules when they open and are not judged again here.
+//! the others keep flowing untouched. A connection through a published port is judged again
+//! by the ingress rules on its client's address (UDP clients of published ports are not: their
+//! sessions end on their own idle timeout).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -106,7 +107,7 @@ impl Flows {
             if with_flows && listed < LISTED_FLOWS {
                 listed += 1;
                 let (src, dst) = if flow.inbound {
-                    (flow.dst, flow.guest)
+                    (flow.host.target, flow.guest)
                 } else {
                     *key
                 };
@@ -191,10 +192,12 @@ impl Flows {
         let mut gate = LogGate::new(RESET_LINES, std::time::Duration::from_secs(3600));
         let mut denied: Vec<(FlowKey, String)> = Vec::new();
         for (key, flow) in &self.table.tcp {
-            if flow.inbound {
-                continue;
-            }
             let verdict = match &flow.domain {
+                _ if flow.inbound => self.decider.judge_ingress_open(
+                    Protocol::Tcp,
+                    flow.host.target,
+                    flow.guest.port(),
+                ),
                 Some(name) => self.sni_verdict(key.1, name, now),
                 None => self.judge_open(Protocol::Tcp, key.1, now),
             };
