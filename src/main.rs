@@ -218,7 +218,12 @@ fn run_after_help() -> String {
 netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once\n  \
-netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n\n\
+netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n  \
+netfence run --socket /tmp/nf.sock --config nf.toml --control /tmp/nf.ctl --metrics 9464\n\n\
+Reload: SIGHUP (or `netfence ctl --control PATH reload`) re-reads the config file; new flows \
+follow it at once, open flows it denies are reset, the rest keep flowing. A config that does \
+not validate is refused and the running one stays; ipv4_pool, ipv6_pool, ports, dns, tls and \
+trust_host_cas cannot change while netfence runs.\n\n\
 Limits (--limit NAME=VALUE; counts are per guest, times in seconds; with --queues N, tcp-flows,\n\
 udp-flows, icmp-flows and inbound-tcp hold for the whole guest, the other counts per queue pair):\n{}",
         limits::help_table()
