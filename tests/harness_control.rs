@@ -354,3 +354,55 @@ fn reload_resets_a_published_port_connection_the_new_rules_deny() {
     let seen = client.join().unwrap();
     assert!(seen.is_ok(), "the host client was not reset: {seen:?}");
 }
+
+/// A metrics client that trickles its request a byte at a time, and a control client that
+/// says nothing, hold their listener for a bounded time: a scrape and a `ctl status` behind
+/// them are answered.
+#[test]
+fn slow_clients_do_not_hold_metrics_or_control() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let op = operated(&allow_ports(&[80]), &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (connected_tx, connected) = std::sync::mpsc::channel();
+    let trickler = {
+        let (stop, addr) = (stop.clone(), op.metrics);
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            connected_tx.send(()).unwrap();
+            // Never a whole request: "GET /metrics HTTP/1.1\r\n" and then header bytes.
+            for b in b"GET /metrics HTTP/1.1\r\nX-Slow: "
+                .iter()
+                .chain([b'a'; 200].iter())
+            {
+                if stop.load(Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    // Both slow clients are connected (queued first) before the requests behind them.
+    let silent = std::os::unix::net::UnixStream::connect(&op.control).unwrap();
+    connected.recv_timeout(SHORT).expect("the trickler connected");
+    let scraper = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(op.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).map(|_| text)
+    });
+    let status = ctl(&op.control, &["status"]);
+    assert!(
+        status.status.success(),
+        "ctl status behind a silent client failed"
+    );
+    let text = scraper
+        .join()
+        .unwrap()
+        .expect("the scrape behind a trickling client timed out");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:.200}");
+    stop.store(true, Ordering::Relaxed);
+    drop(silent);
+    trickler.join().unwrap();
+}

@@ -252,7 +252,18 @@ fn respond(mut stream: TcpStream, hub: &Hub) -> std::io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
+    // The whole request within CLIENT_TIMEOUT (not each read: a client trickling a byte at a
+    // time would hold the listener for hours).
+    let until = Instant::now() + CLIENT_TIMEOUT;
     let path = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not complete in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());

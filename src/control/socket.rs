@@ -7,11 +7,11 @@
 //! timeouts, so a client that connects and says nothing holds the socket for at most
 //! [`CLIENT_TIMEOUT`] and no client can make netfence hold more than one answer.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tracing::{info, warn};
@@ -62,10 +62,8 @@ fn accept_loop(listener: UnixListener, hub: Arc<Hub>, reloader: Arc<Reloader>) {
 }
 
 fn answer(stream: UnixStream, hub: &Hub, reloader: &Reloader) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+    let line = read_command(&stream)?;
     let reply = match line.trim() {
         "status" => Ok(status_json(&hub.snapshot())),
         "flows" => Ok(flows_json(&hub.snapshot())),
@@ -84,6 +82,31 @@ fn answer(stream: UnixStream, hub: &Hub, reloader: &Reloader) -> std::io::Result
     let mut stream = stream;
     serde_json::to_writer(&mut stream, &body)?;
     stream.write_all(b"\n")
+}
+
+/// The command line, read whole within [`CLIENT_TIMEOUT`] (not per read: a client trickling a
+/// byte at a time must not hold the socket for minutes).
+fn read_command(mut stream: &UnixStream) -> std::io::Result<String> {
+    let until = Instant::now() + CLIENT_TIMEOUT;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 64];
+    while !line.contains(&b'\n') && (line.len() as u64) < MAX_REQUEST {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "command not complete in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut byte)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&byte[..n]);
+    }
+    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+    Ok(String::from_utf8_lossy(&line[..end]).into_owned())
 }
 
 /// The sum of the live links' and the retired links' counts.
