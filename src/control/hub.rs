@@ -22,9 +22,9 @@ use crate::flow::FlowSettings;
 
 /// How long a requester waits for every link to answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Distinct (action, reason) pairs counted per link; the rest count as reason "other" (reasons
-/// can carry names, and a guest chooses names).
-pub const DECISION_REASONS: usize = 128;
+/// Distinct (action, reason) pairs kept in totals (each link keeps as many); the rest count as
+/// reason "other" (reasons can carry names, and a guest chooses names).
+pub use crate::flow::decide::DECISION_REASONS;
 /// Flows listed per link in a snapshot (a link holds at most `tcp-flows` + `udp-flows` +
 /// `icmp-flows` anyway; this caps what one `ctl flows` answer can carry).
 pub const LISTED_FLOWS: usize = 4096;
@@ -90,8 +90,16 @@ impl LinkSnapshot {
         for (k, v) in &other.counters {
             *self.counters.entry(k).or_default() += v;
         }
-        for (k, v) in &other.decisions {
-            *self.decisions.entry(k.clone()).or_default() += v;
+        for ((allowed, reason), v) in &other.decisions {
+            // Bounded as a link's own counts are: reasons can carry guest-chosen names.
+            let key = if self.decisions.len() < DECISION_REASONS
+                || self.decisions.contains_key(&(*allowed, reason.clone()))
+            {
+                (*allowed, reason.clone())
+            } else {
+                (*allowed, "other".to_string())
+            };
+            *self.decisions.entry(key).or_default() += v;
         }
         for (k, v) in &other.dns {
             *self.dns.entry(k).or_default() += v;
@@ -385,4 +393,25 @@ pub struct Installed {
     /// Links that had not applied the settings within the answer timeout (they will).
     pub late: usize,
     pub flows_reset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_keep_a_bounded_number_of_decision_reasons() {
+        let mut totals = LinkSnapshot::default();
+        for link in 0..10 {
+            let mut one = LinkSnapshot::default();
+            for i in 0..DECISION_REASONS {
+                one.decisions.insert((false, format!("SNI n{link}-{i}.example")), 1);
+            }
+            totals.absorb_counts(&one);
+        }
+        assert!(totals.decisions.len() <= DECISION_REASONS + 1);
+        let all: u64 = totals.decisions.values().sum();
+        assert_eq!(all, 10 * DECISION_REASONS as u64, "every decision still counted");
+        assert!(totals.decisions.contains_key(&(false, "other".to_string())));
+    }
 }

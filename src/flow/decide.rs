@@ -478,6 +478,23 @@ impl Decider {
 mod tests {
     use super::*;
 
+    #[test]
+    fn decision_counts_keep_a_bounded_number_of_reasons() {
+        let mut log = DecisionLog::new(1000);
+        let now = Instant::now();
+        let reasons: Vec<String> = (0..DECISION_REASONS * 2)
+            .map(|i| format!("SNI n{i}.example was not resolved"))
+            .collect();
+        for reason in &reasons {
+            let mut e = ev("203.0.113.7:443", false);
+            e.reason = reason;
+            log.record(&e, now);
+        }
+        assert!(log.counts.len() <= DECISION_REASONS + 1);
+        assert_eq!(log.counts.values().sum::<u64>(), reasons.len() as u64);
+        assert_eq!(log.last_reason, *reasons.last().unwrap());
+    }
+
     fn ev(dst: &str, allowed: bool) -> DecisionEvent<'static> {
         DecisionEvent {
             direction: Direction::Egress,
