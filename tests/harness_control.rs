@@ -384,7 +384,9 @@ fn slow_clients_do_not_hold_metrics_or_control() {
     };
     // Both slow clients are connected (queued first) before the requests behind them.
     let silent = std::os::unix::net::UnixStream::connect(&op.control).unwrap();
-    connected.recv_timeout(SHORT).expect("the trickler connected");
+    connected
+        .recv_timeout(SHORT)
+        .expect("the trickler connected");
     let scraper = std::thread::spawn(move || {
         let mut s = TcpStream::connect(op.metrics).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -405,4 +407,39 @@ fn slow_clients_do_not_hold_metrics_or_control() {
     stop.store(true, Ordering::Relaxed);
     drop(silent);
     trickler.join().unwrap();
+}
+
+/// A DNS-over-TCP connection the guest resets during its handshake is forgotten at once: its
+/// socket, back to listening, must not take the next connection's SYN (the open DNS-TCP
+/// connections, as `ctl status` counts them, are the live one only).
+#[test]
+fn a_dns_tcp_handshake_the_guest_resets_is_forgotten() {
+    use common::frames::{self, Flags};
+    let dns = "[policy]\ndefault_egress = \"deny\"\nrules = [ { action = \"allow\", destination = \"host\", protocols = [\"tcp\"], ports = [53] } ]\n";
+    let op = operated(dns, &[]);
+    let mut g = guest_up(&op.nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    let (sport, iss) = (42001u16, 5_000_000u32);
+    let fe = &mut g.dev.fe;
+    fe.send_frame(&frames::tcp_syn_frame(
+        me, gw, GUEST_IP, GATEWAY, sport, 53, iss,
+    ));
+    fe.recv_matching(deadline(SHORT), |f| {
+        frames::parse_tcp(f).is_some_and(|t| t.dport == sport && t.flags.syn && t.flags.ack)
+    })
+    .expect("SYN-ACK from the gateway's DNS");
+    let rst = frames::tcp_segment(GUEST_IP, GATEWAY, sport, 53, iss + 1, 0, Flags::RST, 0, &[]);
+    fe.send_frame(&frames::eth(
+        gw,
+        me,
+        0x0800,
+        &frames::ipv4_packet(GUEST_IP, GATEWAY, 6, 1, &rst),
+    ));
+    let live = g
+        .tcp_connect(GATEWAY, 53, SHORT)
+        .expect("a second DNS-TCP connection");
+    assert_eq!(g.tcp(live).state(), State::Established);
+    let status = ctl_json(&op.control, "status");
+    assert_eq!(status["open"]["dns-tcp"], 1, "{status}");
 }

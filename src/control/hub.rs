@@ -405,13 +405,18 @@ mod tests {
         for link in 0..10 {
             let mut one = LinkSnapshot::default();
             for i in 0..DECISION_REASONS {
-                one.decisions.insert((false, format!("SNI n{link}-{i}.example")), 1);
+                one.decisions
+                    .insert((false, format!("SNI n{link}-{i}.example")), 1);
             }
             totals.absorb_counts(&one);
         }
         assert!(totals.decisions.len() <= DECISION_REASONS + 1);
         let all: u64 = totals.decisions.values().sum();
-        assert_eq!(all, 10 * DECISION_REASONS as u64, "every decision still counted");
+        assert_eq!(
+            all,
+            10 * DECISION_REASONS as u64,
+            "every decision still counted"
+        );
         assert!(totals.decisions.contains_key(&(false, "other".to_string())));
     }
 }
