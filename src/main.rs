@@ -21,6 +21,7 @@ use netfence::flow::FlowSettings;
 use netfence::ingress::PublishedPorts;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
+use netfence::observe::records::{RecordArgs, Records};
 use netfence::policy::{HostAddrs, LocalAddrs};
 use netfence::secrets::SecretSet;
 use netfence::server::BindError;
@@ -151,6 +152,8 @@ struct RunArgs {
     /// `trust_host_cas = true` the host's trusted roots follow it). Replaced at every start.
     #[arg(long, value_name = "FILE")]
     ca_out: Option<PathBuf>,
+    #[command(flatten)]
+    records: RecordArgs,
     #[command(flatten)]
     net: NetworkArgs,
 }
@@ -552,6 +555,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // Created now: a path that cannot be written is an argument error, before any VMM comes.
+    // Dropped last, when the records queued so far are written.
+    let records = match Records::open(&args.records, &limits) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let host = config
         .gateway_addrs(args.slot)
         .with_local(LocalAddrs::System);
@@ -606,6 +618,7 @@ fn run(args: RunArgs) -> ExitCode {
         dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
         tls: tls_settings,
         limits,
+        audit: records.audit.clone(),
     };
     let settings = LinkSettings {
         addressing,
@@ -615,6 +628,7 @@ fn run(args: RunArgs) -> ExitCode {
         lease_secs: args.lease_secs,
         flows,
         pairs: args.queues,
+        pcap: records.pcap.clone(),
     };
     raise_nofile_limit();
     let public = match netfence::server::bind_public(&args.socket) {
@@ -633,7 +647,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match netfence::server::serve(public, &args.socket, args.once, settings) {
+    let served = netfence::server::serve(public, &args.socket, args.once, settings);
+    records.finish();
+    match served {
         Ok(netfence::server::Served::Done) => ExitCode::SUCCESS,
         Ok(netfence::server::Served::Terminated) => {
             error!("exiting with status 3: a secret's block_and_terminate ended the VM's network");

@@ -485,6 +485,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         secrets: None,
         published: None,
         limits,
+        audit: None,
     };
     LinkSettings {
         addressing,
@@ -494,6 +495,7 @@ pub fn sealed_link_settings() -> LinkSettings {
         lease_secs: 3600,
         flows,
         pairs: 1,
+        pcap: None,
     }
 }
 

@@ -14,6 +14,10 @@
 //!
 //! Nothing blocks and nothing loops unbounded: a side that cannot take more simply stops being
 //! read. Time-based work (smoltcp retransmissions, timeouts) runs from one timerfd ([`timer`]).
+//!
+//! With `--pcap`, every frame is recorded where it crosses the device: as the device hands it
+//! over ([`LinkDriver::guest_frame`]) and as it is written into the guest's RX buffers
+//! ([`Link::flush`]); see [`crate::observe::pcap`].
 
 pub mod classify;
 pub mod dhcp;
@@ -39,6 +43,7 @@ use crate::config::addressing::Addressing;
 use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome};
 use crate::flow::table::FlowRef;
 use crate::flow::{FlowSettings, Flows};
+use crate::observe::pcap::PcapLog;
 use crate::observe::{Counters, LogGate};
 use crate::stack::frames::{self, Macs};
 use crate::stack::GuestStack;
@@ -87,6 +92,8 @@ pub struct LinkSettings {
     pub flows: FlowSettings,
     /// Queue pairs of the device (`--queues`), one link and worker thread each.
     pub pairs: u16,
+    /// `--pcap`: where every frame between the guest and the link is recorded.
+    pub pcap: Option<Arc<PcapLog>>,
 }
 
 /// How a link ends its VMM's connection on its own: a secret's `block_and_terminate` takes
@@ -168,6 +175,8 @@ pub struct Link {
     arp_introduced: Option<Instant>,
     /// Whether this pair's RX queue can take frames (else new flows go to pair 0).
     rx_usable: bool,
+    /// `--pcap` (a copy of the settings' handle, read once per frame).
+    pcap: Option<Arc<PcapLog>>,
 }
 
 impl Link {
@@ -198,6 +207,7 @@ impl Link {
             timeout: limits.fragment_timeout,
             ..ReassemblyLimits::default()
         });
+        let pcap = settings.pcap.clone();
         Ok(Link {
             fragments,
             flows: Flows::new(settings.flows.clone())?,
@@ -222,6 +232,7 @@ impl Link {
             handoffs: VecDeque::new(),
             arp_introduced: None,
             rx_usable: false,
+            pcap,
         })
     }
 
@@ -233,8 +244,12 @@ impl Link {
         terminator: &Terminator,
         pairs: u16,
     ) -> io::Result<Vec<Link>> {
+        // The number `--audit` gives this VMM connection.
+        let audit_link = settings.flows.audit.as_ref().map_or(0, |a| a.next_link());
         if pairs <= 1 {
-            return Ok(vec![Link::new(settings.clone(), terminator.clone())?]);
+            let mut link = Link::new(settings.clone(), terminator.clone())?;
+            link.flows.audit_as(audit_link, 0);
+            return Ok(vec![link]);
         }
         let names = Arc::new(std::sync::RwLock::new(crate::dns::cache::NameCache::new(
             settings.flows.dns.cache_capacity,
@@ -254,6 +269,7 @@ impl Link {
             link.flows
                 .join_vm(vm.owners.clone(), vm.counts.clone(), pair, names.clone());
             link.pair = pair;
+            link.flows.audit_as(audit_link, pair);
             link.vm = Some(vm.clone());
             link.introduce_guest_v4();
             links.push(link);
@@ -627,7 +643,14 @@ impl Link {
         let mut delivered = 0;
         while let Some(frame) = self.stack.port.front() {
             match rx.push(&frame.header, frame.bytes()) {
-                RxOutcome::Delivered => delivered += 1,
+                RxOutcome::Delivered => {
+                    delivered += 1;
+                    if let Some(pcap) = &self.pcap {
+                        if !pcap.record(frame.bytes()) {
+                            self.counters.inc("pcap-queue-full");
+                        }
+                    }
+                }
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
                 RxOutcome::NoRoom if frame.header.is_gso() => {
                     // The guest's buffers cannot take the large segment now (too few, or
@@ -713,6 +736,11 @@ impl LinkDriver for Link {
     }
 
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
+        if let Some(pcap) = &self.pcap {
+            if !pcap.record(frame) {
+                self.counters.inc("pcap-queue-full");
+            }
+        }
         Link::receive_frame(self, header, frame, false);
     }
 
