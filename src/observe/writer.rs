@@ -7,19 +7,21 @@
 //! `pcap-queue-bytes`, `audit-queue-bytes`) the record is dropped and counted instead, so a
 //! slow disk costs records, never datapath time, and the memory held is bounded. A reserved
 //! record is built (only then: a dropped frame costs no copy) and handed to the writer thread
-//! over a channel ([`RecordWriter::send_reserved`]). The writer thread appends records to a
-//! [`RotatingFile`], subtracts what it took from the bytes queued and flushes whenever the
-//! queue is empty, so the file is complete whenever the datapath is idle.
+//! over a channel ([`RecordWriter::send_reserved`]). The writer thread collects records for a
+//! [`RotatingFile`] and writes them with one `writev` when it holds 256 KiB or the channel is
+//! empty (so the file is complete whenever the datapath is idle); only then are they taken off
+//! the bytes queued, so the bound covers what the writer holds too.
 //!
 //! [`RotatingFile`] keeps one file under `max_bytes`: when the next record would take it past
 //! the bound, FILE.(k-1) becomes FILE.k, ..., FILE becomes FILE.1 (at most `keep` old files; the
 //! oldest goes) and a new FILE starts with the format's header (the pcap global header; none
-//! for JSON lines). A FILE already there at start-up is rotated the same way, never truncated.
+//! for JSON lines). A FILE already there at start-up is rotated the same way, never truncated;
+//! one that is not a regular file (a device, a symlink) is refused.
 //! Files are created 0600. A write error (a full disk) is logged, the records meanwhile are
 //! counted as lost, and after [`WRITE_RETRY`] a fresh file is started.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,8 +39,10 @@ pub const WRITE_RETRY: Duration = Duration::from_secs(10);
 const DROP_REPORT: Duration = Duration::from_secs(10);
 /// How long [`RecordWriter::finish`] waits for the writer thread to write what is queued.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes the writer thread buffers before a write(2).
-const WRITE_BUFFER: usize = 256 * 1024;
+/// Bytes of records the writer thread holds before it writes them (one `writev`).
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Records it holds at most (a `writev` takes at most IOV_MAX = 1024 buffers).
+const WRITE_BATCH_RECORDS: usize = 512;
 /// Most old files a rotation keeps (`--pcap-files`, `--audit-files`).
 pub const MAX_KEEP: u32 = 100;
 
@@ -59,16 +63,29 @@ pub fn numbered(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// A file of records that rotates at a size bound (see the module comment).
+/// A file of records that rotates at a size bound (see the module comment). Records are held
+/// until [`RotatingFile::flush`] writes them with one `writev`: the writer thread copies no
+/// byte itself.
 pub struct RotatingFile {
     spec: FileSpec,
     /// Written at the start of every file.
     header: Vec<u8>,
-    out: BufWriter<File>,
-    /// Bytes in the current file (header included), buffered ones too.
-    written: u64,
+    file: File,
+    /// Records taken and not yet written, and their bytes.
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
+    /// Bytes in the current file (header included), pending ones too.
+    size: u64,
     /// Rotations so far (the one at start-up of an existing file included).
     pub rotations: u64,
+}
+
+/// What [`RotatingFile::flush`] did with the records it held.
+pub struct Flushed {
+    pub records: u64,
+    pub bytes: usize,
+    /// `Err`: the records were lost.
+    pub result: io::Result<()>,
 }
 
 impl RotatingFile {
@@ -83,17 +100,26 @@ impl RotatingFile {
                     "is a directory; expected a file name",
                 ))
             }
-            Ok(_) => {
+            Ok(meta) if meta.is_file() => {
                 shift_old_files(&spec)?;
                 rotations += 1;
+            }
+            // A device, a pipe, a symlink: rotating would rename what is not ours.
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "exists and is not a regular file; refusing to touch it",
+                ))
             }
             Err(_) => {}
         }
         let mut file = RotatingFile {
-            out: BufWriter::with_capacity(WRITE_BUFFER, open_new(&spec.path)?),
+            file: open_new(&spec.path)?,
             spec,
             header,
-            written: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            size: 0,
             rotations,
         };
         file.start()?;
@@ -101,42 +127,71 @@ impl RotatingFile {
     }
 
     fn start(&mut self) -> io::Result<()> {
-        self.written = self.header.len() as u64;
-        let header = std::mem::take(&mut self.header);
-        let result = self.out.write_all(&header);
-        self.header = header;
-        result
+        self.size = self.header.len() as u64;
+        self.file.write_all(&self.header)
     }
 
     pub fn path(&self) -> &Path {
         &self.spec.path
     }
 
-    /// Appends one record, rotating first if it would take the file past its bound (a file
-    /// that holds nothing but its header takes any record).
-    pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
-        let len = record.len() as u64;
-        if self.written + len > self.spec.max_bytes && self.written > self.header.len() as u64 {
-            self.rotate()?;
+    /// Whether a record of `len` bytes would take the file past its bound (a file that holds
+    /// nothing but its header takes any record).
+    pub fn would_pass(&self, len: usize) -> bool {
+        self.size + len as u64 > self.spec.max_bytes && self.size > self.header.len() as u64
+    }
+
+    /// Takes a record, to be written at the next [`RotatingFile::flush`].
+    pub fn push(&mut self, record: Vec<u8>) {
+        self.size += record.len() as u64;
+        self.pending_bytes += record.len();
+        self.pending.push(record);
+    }
+
+    /// Whether enough is held to be worth a write now.
+    pub fn batch_full(&self) -> bool {
+        self.pending_bytes >= WRITE_BATCH_BYTES || self.pending.len() >= WRITE_BATCH_RECORDS
+    }
+
+    /// Writes the records held (one `writev` while the kernel takes everything); they are
+    /// gone either way.
+    pub fn flush(&mut self) -> Flushed {
+        let records = self.pending.len() as u64;
+        let bytes = std::mem::take(&mut self.pending_bytes);
+        let result = write_all_vectored(&mut self.file, &self.pending);
+        self.pending.clear();
+        Flushed {
+            records,
+            bytes,
+            result,
         }
-        self.out.write_all(record)?;
-        self.written += len;
+    }
+
+    /// Closes the current file, shifts the old ones and starts a new one (flush first: records
+    /// still held would be written to the new file).
+    pub fn rotate(&mut self) -> io::Result<()> {
+        shift_old_files(&self.spec)?;
+        self.file = open_new(&self.spec.path)?;
+        self.rotations += 1;
+        self.start()?;
+        self.size += self.pending_bytes as u64;
         Ok(())
     }
+}
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+/// Writes every byte of `records`, as few `writev` calls as the kernel allows.
+fn write_all_vectored(file: &mut File, records: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice> = records.iter().map(|r| IoSlice::new(r)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-
-    /// Closes the current file, shifts the old ones and starts a new one.
-    pub fn rotate(&mut self) -> io::Result<()> {
-        // What cannot be flushed any more (the error that made us rotate) is lost.
-        let _ = self.out.flush();
-        shift_old_files(&self.spec)?;
-        self.out = BufWriter::with_capacity(WRITE_BUFFER, open_new(&self.spec.path)?);
-        self.rotations += 1;
-        self.start()
-    }
+    Ok(())
 }
 
 /// FILE.(keep-1) -> FILE.keep, ..., FILE -> FILE.1; with `keep` 0, FILE is removed.
@@ -178,7 +233,7 @@ struct Shared {
     queued: AtomicUsize,
     /// Records dropped because the queue was full (or the writer had stopped).
     dropped: AtomicU64,
-    /// Records written (buffered for the file).
+    /// Records written to the file.
     written: AtomicU64,
     /// Records lost to write errors.
     lost: AtomicU64,
@@ -332,20 +387,16 @@ impl WriterThread {
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
-                    Message::Record(record) => self.write(&record),
+                    Message::Record(record) => self.write(record),
                     Message::Stop => break 'outer,
                 }
                 next = rx.try_recv().ok();
             }
-            // The queue is empty: what was written reaches the file now.
-            if let Err(e) = self.file.flush() {
-                self.failed(&e);
-            }
+            // The queue is empty: what was taken reaches the file now.
+            self.flush();
             self.report_drops(false);
         }
-        if let Err(e) = self.file.flush() {
-            self.failed(&e);
-        }
+        self.flush();
         self.report_drops(true);
         let stats = (
             self.shared.written.load(Ordering::Relaxed),
@@ -364,30 +415,59 @@ impl WriterThread {
         );
     }
 
-    fn write(&mut self, record: &[u8]) {
-        self.shared.queued.fetch_sub(record.len(), Ordering::AcqRel);
+    fn write(&mut self, record: Vec<u8>) {
         if let Some(at) = self.failed_at {
             if at.elapsed() < WRITE_RETRY {
-                self.shared.lost.fetch_add(1, Ordering::Relaxed);
+                self.lose(record.len());
                 return;
             }
             if let Err(e) = self.file.rotate() {
                 self.failed(&e);
-                self.shared.lost.fetch_add(1, Ordering::Relaxed);
+                self.lose(record.len());
                 return;
             }
             self.failed_at = None;
             info!(what = self.what, path = %self.file.path().display(), "{} writing again after an error (new file)", self.what);
         }
-        match self.file.append(record) {
-            Ok(()) => {
-                self.shared.written.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
+        if self.file.would_pass(record.len()) {
+            self.flush();
+            if let Err(e) = self.file.rotate() {
                 self.failed(&e);
-                self.shared.lost.fetch_add(1, Ordering::Relaxed);
+                self.lose(record.len());
+                return;
             }
         }
+        self.file.push(record);
+        if self.file.batch_full() {
+            self.flush();
+        }
+    }
+
+    /// Writes what the file holds; its bytes leave the queue's count either way.
+    fn flush(&mut self) {
+        let flushed = self.file.flush();
+        self.shared
+            .queued
+            .fetch_sub(flushed.bytes, Ordering::AcqRel);
+        match flushed.result {
+            Ok(()) => {
+                self.shared
+                    .written
+                    .fetch_add(flushed.records, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.shared
+                    .lost
+                    .fetch_add(flushed.records, Ordering::Relaxed);
+                self.failed(&e);
+            }
+        }
+    }
+
+    /// A record that will not be written.
+    fn lose(&mut self, len: usize) {
+        self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+        self.shared.lost.fetch_add(1, Ordering::Relaxed);
     }
 
     fn failed(&mut self, e: &io::Error) {
@@ -433,6 +513,17 @@ mod tests {
         dir
     }
 
+    /// Runs a writer over `spec` with `header` and `records`, to its end.
+    fn write_all(spec: &FileSpec, header: &[u8], records: &[Vec<u8>]) -> WriterStats {
+        let file = RotatingFile::create(spec.clone(), header.to_vec()).unwrap();
+        let w = RecordWriter::start("test", "test-queue-bytes", 1 << 20, file).unwrap();
+        for r in records {
+            assert!(w.push(r.clone()));
+        }
+        w.finish();
+        w.stats()
+    }
+
     #[test]
     fn files_rotate_at_the_bound_and_keep_at_most_keep_old_ones() {
         let dir = scratch("rotate");
@@ -441,11 +532,11 @@ mod tests {
             max_bytes: 100,
             keep: 2,
         };
-        let mut f = RotatingFile::create(spec.clone(), b"HDR\n".to_vec()).unwrap();
-        for i in 0..40u32 {
-            f.append(format!("record {i:04}\n").as_bytes()).unwrap();
-        }
-        f.flush().unwrap();
+        let records: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| format!("record {i:04}\n").into_bytes())
+            .collect();
+        let stats = write_all(&spec, b"HDR\n", &records);
+        assert_eq!(stats.written, 40);
         let read = |p: &Path| std::fs::read_to_string(p).unwrap();
         for p in [
             spec.path.clone(),
@@ -455,6 +546,9 @@ mod tests {
             let text = read(&p);
             assert!(text.starts_with("HDR\n"), "{}: {text}", p.display());
             assert!(text.len() <= 100, "{} is {} bytes", p.display(), text.len());
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
         }
         assert!(
             !numbered(&spec.path, 3).exists(),
@@ -475,14 +569,11 @@ mod tests {
             .collect();
         assert_eq!(numbers.last(), Some(&39));
         assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&spec.path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
         // A restart keeps the last run's file as FILE.1.
-        drop(f);
         let before = read(&spec.path);
         let _f = RotatingFile::create(spec.clone(), b"HDR\n".to_vec()).unwrap();
         assert_eq!(read(&numbered(&spec.path, 1)), before);
+        assert_eq!(read(&spec.path), "HDR\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -494,11 +585,7 @@ mod tests {
             max_bytes: 10,
             keep: 0,
         };
-        let mut f = RotatingFile::create(spec.clone(), Vec::new()).unwrap();
-        for _ in 0..5 {
-            f.append(b"12345678\n").unwrap();
-        }
-        f.flush().unwrap();
+        write_all(&spec, b"", &vec![b"12345678\n".to_vec(); 5]);
         assert_eq!(std::fs::read(&spec.path).unwrap(), b"12345678\n");
         assert!(!numbered(&spec.path, 1).exists());
         let as_dir = FileSpec {
@@ -512,6 +599,73 @@ mod tests {
             keep: 0,
         };
         assert!(RotatingFile::create(missing, Vec::new()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_that_is_not_regular_is_refused_untouched() {
+        let dir = scratch("special");
+        let link = dir.join("link.log");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        let spec = FileSpec {
+            path: link.clone(),
+            max_bytes: 10,
+            keep: 2,
+        };
+        let e = RotatingFile::create(spec, Vec::new())
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(!numbered(&link, 1).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write that fails loses its records (counted) and those of the next
+    /// [`WRITE_RETRY`]; then a fresh file is started and writing goes on.
+    #[test]
+    fn write_errors_lose_records_until_a_new_file_is_started() {
+        let dir = scratch("errors");
+        let spec = FileSpec {
+            path: dir.join("e.log"),
+            max_bytes: 1 << 20,
+            keep: 1,
+        };
+        let mut file = RotatingFile::create(spec.clone(), b"H\n".to_vec()).unwrap();
+        // A handle that cannot write: every write fails (EBADF), as on a full disk.
+        file.file = File::open(&spec.path).unwrap();
+        let shared = Arc::new(Shared::default());
+        let mut t = WriterThread {
+            what: "test",
+            limit_name: "test-queue-bytes",
+            file,
+            shared: shared.clone(),
+            failed_at: None,
+            error_log: LogGate::new(3, Duration::from_secs(60)),
+            reported_drops: 0,
+            last_report: Instant::now(),
+        };
+        let record = |s: &str| {
+            shared.queued.fetch_add(s.len(), Ordering::AcqRel);
+            s.as_bytes().to_vec()
+        };
+        t.write(record("one\n"));
+        t.flush();
+        assert_eq!(shared.lost.load(Ordering::Relaxed), 1);
+        assert!(t.failed_at.is_some());
+        t.write(record("two\n"));
+        assert_eq!(shared.lost.load(Ordering::Relaxed), 2, "lost while failed");
+        t.failed_at = Instant::now().checked_sub(WRITE_RETRY);
+        t.write(record("three\n"));
+        t.flush();
+        assert_eq!(shared.written.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            shared.queued.load(Ordering::Relaxed),
+            0,
+            "every byte left the queue"
+        );
+        assert_eq!(std::fs::read(&spec.path).unwrap(), b"H\nthree\n");
+        assert_eq!(std::fs::read(numbered(&spec.path, 1)).unwrap(), b"H\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
