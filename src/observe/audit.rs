@@ -89,10 +89,18 @@ fn now_rfc3339() -> String {
 }
 
 fn rfc3339(t: SystemTime) -> String {
+    // Fixed width (always six digits of fraction), so that lines sort as text.
     let t = time::OffsetDateTime::from(t);
-    let t = t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 /// The rule index at the start of a decision's reason (`rule 3 "allow@public" ...`).
@@ -384,6 +392,8 @@ mod tests {
     fn times_are_rfc3339_utc_with_microseconds() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
         assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
+        let whole = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_920_000);
+        assert_eq!(rfc3339(whole), "2023-11-14T22:13:20.920000Z");
     }
 
     #[test]
