@@ -225,6 +225,15 @@ pub enum Served {
 /// Serves one VMM connection; `Ok(true)` when the link ended it (`block_and_terminate`).
 fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, String> {
     let terminator = Terminator::new(vmm.try_clone().ok());
+    // The settings in force now (a reload may have changed them since start-up).
+    let mut settings = settings.clone();
+    if let Some(hub) = &settings.hub {
+        let (generation, flows) = hub.current_settings();
+        settings.flows = (*flows).clone();
+        settings.settings_generation = generation;
+        settings.vm = hub.vmm_connected();
+    }
+    let settings = &settings;
     let links = Link::for_pairs(settings, &terminator, settings.pairs)
         .map_err(|e| format!("cannot set up the link: {e}"))?;
     let device = DeviceSettings {

@@ -28,6 +28,8 @@ pub struct EchoFlow {
     /// The host socket reported readable and has not yet said `WouldBlock`.
     pub readable: bool,
     pub last_active: Instant,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
     pub started: Instant,
     /// Echo data bytes sent to the host and relayed to the guest.
     pub bytes_to_host: u64,

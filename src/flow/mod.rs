@@ -28,6 +28,7 @@ pub mod decide;
 pub mod dns_gateway;
 pub mod icmp;
 pub mod inbound;
+pub mod operator;
 pub mod owners;
 pub mod table;
 pub mod tcp;
@@ -133,8 +134,6 @@ pub struct FlowSettings {
     /// The published ports (`-p`, `ports`), bound for the whole process; `None` without any.
     pub published: Option<Arc<PublishedPorts>>,
     pub limits: Limits,
-    /// `--audit`: where decisions, flow ends and secret violations are written.
-    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// The flows of one link.
@@ -245,14 +244,10 @@ impl Flows {
         self.dns.service.share_cache(names);
     }
 
-    /// With `--audit`: this link's decisions, flow ends and secret violations are written as
+    /// With `--audit`: this link's decisions, flow ends and secret violations go to `log` as
     /// those of VMM connection `link`, queue pair `pair`.
-    pub fn audit_as(&mut self, link: u64, pair: u16) {
-        let tag = self
-            .settings
-            .audit
-            .as_ref()
-            .map(|log| AuditTag::new(log.clone(), link, pair));
+    pub fn audit_as(&mut self, log: Option<Arc<AuditLog>>, link: u64, pair: u16) {
+        let tag = log.map(|log| AuditTag::new(log, link, pair));
         let rate = self.settings.limits.audit_deny_rate;
         self.decider
             .log
@@ -348,8 +343,7 @@ impl Flows {
                     if head.rst {
                         self.close_tcp(&key, "guest reset while connecting", stack);
                     } else if head.syn && !head.ack {
-                        syn_frame.clear();
-                        syn_frame.extend_from_slice(frame);
+                        *syn_frame = frames::syn_headers(frame);
                         *syn = head;
                     }
                 }
@@ -616,10 +610,9 @@ impl Flows {
             self.clear_filter(dst, names)
         };
         let host = HostEnd::new(socket, target);
-        self.table.tcp.insert(
-            key,
-            TcpFlow::new(token, *head, host, syn.to_vec(), middle, now),
-        );
+        let mut flow = TcpFlow::new(token, *head, host, frames::syn_headers(syn), middle, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.tcp.insert(key, flow);
         self.awake.insert(key);
         Ok(())
     }
@@ -940,8 +933,13 @@ impl Flows {
             return;
         };
         if allowed {
+            if stage.is_some() {
+                self.counters.inc("tls-intercepted");
+            }
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
+            flow.rule = reason.to_string();
+            flow.domain = names.first().cloned();
             if flow.middle.is_none() {
                 // Relayed as it is (not intercepted: bypassed, interception off, or
                 // allow_no_sni): whatever of it is in clear is scanned, as on any other port.
@@ -1291,9 +1289,9 @@ impl Flows {
             self.counters.inc("udp-epoll-failed");
             return false;
         };
-        self.table
-            .udp
-            .insert(key, UdpFlow::new(token, src, dst, host, now));
+        let mut flow = UdpFlow::new(token, src, dst, host, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.udp.insert(key, flow);
         true
     }
 
@@ -1463,6 +1461,7 @@ impl Flows {
                 host,
                 readable: false,
                 last_active: now,
+                rule: self.decider.log.last_reason.clone(),
                 started: now,
                 bytes_to_host: 0,
                 bytes_to_guest: 0,

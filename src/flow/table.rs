@@ -77,6 +77,18 @@ pub struct FlowTable {
     counts: Option<Arc<PairCounts>>,
     /// `--audit`: where flows that end are written.
     pub audit: Option<AuditTag>,
+    /// Bytes (TCP) and datagrams (UDP) the flows that left this table carried, for the
+    /// operator's totals.
+    pub closed: ClosedTotals,
+}
+
+/// What flows that are gone carried.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct ClosedTotals {
+    pub tcp_bytes_to_host: u64,
+    pub tcp_bytes_to_guest: u64,
+    pub udp_datagrams_to_host: u64,
+    pub udp_datagrams_to_guest: u64,
 }
 
 impl FlowTable {
@@ -87,6 +99,7 @@ impl FlowTable {
             udp: flow_map(),
             echo: flow_map(),
             tokens: flow_map(),
+            closed: ClosedTotals::default(),
             next_token: 1,
             owners: None,
             counts: None,
@@ -300,6 +313,8 @@ impl FlowTable {
     /// Removes a TCP flow that ended for `why` (the audit's `close` line says it).
     pub fn remove_tcp_because(&mut self, key: &FlowKey, why: &str) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
+        self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+        self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Tcp(*key));
         if let Some(audit) = &self.audit {
@@ -328,6 +343,8 @@ impl FlowTable {
 
     pub fn remove_udp_because(&mut self, key: &FlowKey, why: &str) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
+        self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+        self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Udp(*key));
         if let Some(audit) = &self.audit {
@@ -358,6 +375,12 @@ impl FlowTable {
         self.audit_all("guest restarted");
         for flow in self.tcp.values() {
             flow.host.reset_on_close();
+            self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+            self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
+        }
+        for flow in self.udp.values() {
+            self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+            self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         }
         self.tcp.clear();
         self.udp.clear();

@@ -59,11 +59,13 @@ pub struct UdpFlow {
     /// queued for the guest.
     pub bytes_to_host: u64,
     pub bytes_to_guest: u64,
-    pub started: Instant,
     /// This flow's datagrams in the current batch, in the guest's order.
     pending: Vec<Span>,
     /// The kernel refused a GSO send on this socket: its datagrams go out one by one.
     gso_refused: bool,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    pub started: Instant,
 }
 
 /// Opens a non-blocking UDP socket connected to `target`.
@@ -100,9 +102,10 @@ impl UdpFlow {
             datagrams_to_guest: 0,
             bytes_to_host: 0,
             bytes_to_guest: 0,
-            started: now,
             pending: Vec::new(),
             gso_refused: false,
+            rule: String::new(),
+            started: now,
         }
     }
 

@@ -2,7 +2,8 @@
 //! and their log shippers.
 //!
 //! Three kinds of line (`"event"`), each with `time` (RFC 3339, UTC), `link` (the number of
-//! the VMM connection since netfence started, from 1) and `pair` (its queue pair):
+//! the VMM connection since netfence started, from 1, as `ctl` reports it) and `pair` (its
+//! queue pair):
 //!
 //! - `decision`: a new flow was judged: `direction` (egress: the guest's flow; ingress: a host
 //!   client through a published port, `src` the client, `dst` the guest), `protocol`, `src`,
@@ -30,7 +31,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -46,7 +46,6 @@ const DENY_WINDOW: Duration = Duration::from_secs(1);
 /// The audit file and its writer thread, shared by every link of the process.
 pub struct AuditLog {
     writer: RecordWriter,
-    links: AtomicU64,
 }
 
 impl AuditLog {
@@ -56,13 +55,7 @@ impl AuditLog {
         let file = RotatingFile::create(spec, Vec::new())?;
         Ok(AuditLog {
             writer: RecordWriter::start("audit", "audit-queue-bytes", queue_bytes, file)?,
-            links: AtomicU64::new(0),
         })
-    }
-
-    /// The number of a new VMM connection (1, 2, ...).
-    pub fn next_link(&self) -> u64 {
-        self.links.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn write(&self, line: &impl Serialize) -> bool {
@@ -400,7 +393,7 @@ mod tests {
     fn denials_past_the_rate_are_summarised_and_allows_are_not_limited() {
         let spec = scratch("rate");
         let log = Arc::new(AuditLog::create(spec.clone(), 1 << 20).unwrap());
-        let tag = AuditTag::new(log.clone(), log.next_link(), 0);
+        let tag = AuditTag::new(log.clone(), 1, 0);
         let mut audit = DecisionAudit::new(tag, 3);
         let t0 = Instant::now();
         let names = ["example.com".to_string()];
