@@ -791,3 +791,87 @@ fn record_options_are_checked_at_start_up() {
     assert_eq!(mode(&pcap), 0o600);
     drop(nf);
 }
+
+/// A reload (`ctl reload`) keeps the audit going: the flow it denies has a close line saying
+/// so, and a new flow is decided by the new policy, on the same audit file.
+#[test]
+fn audit_follows_a_reload() {
+    let allow = |ports: &str| {
+        format!(
+            "[policy]\ndefault_egress = \"deny\"\nrules = [ {{ action = \"allow\", destination = \"{PUBLIC_IP}\", protocols = [\"tcp\"], ports = [{ports}] }} ]\n"
+        )
+    };
+    let dir = TempDir::new("nf-audit-reload");
+    let audit = dir.path().join("audit.jsonl");
+    let config = dir.path().join("netfence.toml");
+    std::fs::write(&config, allow("80, 81")).unwrap();
+    let control = dir.path().join("nf.ctl");
+    let (kept, cut) = (TcpEchoServer::start(), TcpEchoServer::start());
+    let mut args = vec![
+        "--once".to_string(),
+        "--audit".to_string(),
+        audit.display().to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+        "--control".to_string(),
+        control.display().to_string(),
+    ];
+    args.extend(map(format!("{PUBLIC_IP}:80"), kept.port()));
+    args.extend(map(format!("{PUBLIC_IP}:81"), cut.port()));
+    let nf = Netfence::spawn(&args);
+    let mut g = guest_up(&nf);
+    let stay = g.tcp_connect(PUBLIC_IP, 80, SHORT).expect("flow to 80");
+    let go = g.tcp_connect(PUBLIC_IP, 81, SHORT).expect("flow to 81");
+    let go_port = g.tcp(go).local_endpoint().unwrap().port;
+    g.tcp_send_all(go, b"before", deadline(SHORT)).unwrap();
+    assert_eq!(g.tcp_recv_exact(go, 6, deadline(SHORT)).unwrap(), b"before");
+    std::fs::write(&config, allow("80")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netfence"))
+        .args(["ctl", "--control", control.to_str().unwrap(), "reload"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let closed = g.poll_until(deadline(SHORT), |g| {
+        (g.tcp(go).state() == smoltcp::socket::tcp::State::Closed).then_some(())
+    });
+    assert!(closed.is_some(), "the denied flow was not reset");
+    assert!(g
+        .tcp_connect(PUBLIC_IP, 81, std::time::Duration::from_millis(500))
+        .is_err());
+    g.tcp_send_all(stay, b"after", deadline(SHORT)).unwrap();
+    assert_eq!(
+        g.tcp_recv_exact(stay, 5, deadline(SHORT)).unwrap(),
+        b"after"
+    );
+    let (_nf, _counts) = finish(nf, g);
+
+    let lines = audit_lines(&audit);
+    let text = show(&lines);
+    let to_81 = format!("{PUBLIC_IP}:81");
+    let reset = lines
+        .iter()
+        .find(|l| l["event"] == "close" && l["src"] == format!("{GUEST_IP}:{go_port}"))
+        .unwrap_or_else(|| panic!("no close line for the reset flow\n{text}"));
+    assert_eq!(reset["why"], "denied by the reloaded policy", "{reset}");
+    assert_eq!(reset["bytes_to_host"], 6);
+    let decisions_81: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "decision" && l["dst"] == to_81)
+        .collect();
+    assert_eq!(decisions_81.len(), 2, "{text}");
+    assert_eq!(decisions_81[0]["action"], "allow");
+    assert_eq!(
+        decisions_81[1]["action"], "deny",
+        "the reloaded policy: {text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "close" && l["dst"] == format!("{PUBLIC_IP}:80")),
+        "the kept flow's close line: {text}"
+    );
+}
