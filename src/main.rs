@@ -19,6 +19,7 @@ use netfence::control::reload::{flow_settings, Fixed, Reloader};
 use netfence::ingress::PublishedPorts;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
+use netfence::observe::records::{RecordArgs, Records};
 use netfence::server::BindError;
 use netfence::tls::{InterceptionCa, TlsSettings, DEFAULT_CA_CN};
 
@@ -163,6 +164,8 @@ struct RunArgs {
     /// 127.0.0.1. Anyone who can reach it sees the flow counts: keep it on loopback.
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    records: RecordArgs,
     #[command(flatten)]
     net: NetworkArgs,
 }
@@ -580,6 +583,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // Created now: a path that cannot be written is an argument error, before any VMM comes.
+    // Dropped last, when the records queued so far are written.
+    let records = match Records::open(&args.records, &limits) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let fixed = Fixed {
         net: args.net.clone(),
         slot: args.slot,
@@ -619,6 +631,8 @@ fn run(args: RunArgs) -> ExitCode {
         hub: Some(hub.clone()),
         settings_generation: 0,
         vm: 0,
+        pcap: records.pcap.clone(),
+        audit: records.audit.clone(),
     };
     raise_nofile_limit();
     let public = match netfence::server::bind_public(&args.socket) {
@@ -657,7 +671,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match netfence::server::serve(public, &args.socket, args.once, settings) {
+    let served = netfence::server::serve(public, &args.socket, args.once, settings);
+    records.finish();
+    match served {
         Ok(netfence::server::Served::Done) => ExitCode::SUCCESS,
         Ok(netfence::server::Served::Terminated) => {
             error!("exiting with status 3: a secret's block_and_terminate ended the VM's network");

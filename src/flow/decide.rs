@@ -13,7 +13,8 @@
 //! (protocol, destination, action) is written at once, repeats within the aggregation window are
 //! counted and summarised in one line, and at most `decision-log-rate` lines a second are
 //! written (the rest counted and reported). A guest flooding SYNs gets a few lines, not one per
-//! packet.
+//! packet. With `--audit`, every decision that reaches the log also goes to the audit file,
+//! before aggregation (see `observe::audit` for its own bound on denials).
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -24,6 +25,7 @@ use lru::LruCache;
 use tracing::info;
 
 use crate::dns::cache::CachedNames;
+use crate::observe::audit::{DecisionAudit, DecisionRecord};
 use crate::policy::{guest_loopback, Direction, FlowQuery, Policy, Protocol, GUEST_LOOPBACK};
 
 use super::FlowKey;
@@ -41,7 +43,7 @@ pub enum NameSource {
 }
 
 impl NameSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             NameSource::DnsCache => "dns-cache",
             NameSource::Sni => "sni",
@@ -78,6 +80,8 @@ pub struct DecisionLog {
     recent: LruCache<AggKey, (Instant, u64)>,
     /// Lines written in all (for tests and counters).
     pub lines: u64,
+    /// `--audit`: where every decision is written too.
+    audit: Option<DecisionAudit>,
     /// Decisions by (allowed, reason), for the operator's metrics; at most
     /// [`DECISION_REASONS`] reasons, the rest count as "other".
     pub counts: std::collections::BTreeMap<(bool, String), u64>,
@@ -97,9 +101,15 @@ impl DecisionLog {
             rate_suppressed: 0,
             recent: LruCache::new(NonZeroUsize::new(AGGREGATION_KEYS).expect("nonzero")),
             lines: 0,
+            audit: None,
             counts: std::collections::BTreeMap::new(),
             last_reason: String::new(),
         }
+    }
+
+    /// Writes every decision to the audit too (`--audit`).
+    pub fn set_audit(&mut self, audit: Option<DecisionAudit>) {
+        self.audit = audit;
     }
 
     fn rate_allows(&mut self, now: Instant) -> bool {
@@ -120,6 +130,22 @@ impl DecisionLog {
 
     /// Logs `ev` now, or counts it toward a summary.
     pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
+        if let Some(audit) = &mut self.audit {
+            audit.decision(
+                &DecisionRecord {
+                    direction: ev.direction,
+                    protocol: ev.protocol,
+                    src: ev.src,
+                    dst: ev.dst,
+                    allowed: ev.allowed,
+                    reason: ev.reason,
+                    domains: ev.names,
+                    domain_source: (!ev.names.is_empty() || ev.source == NameSource::Sni)
+                        .then(|| ev.source.as_str()),
+                },
+                now,
+            );
+        }
         self.last_reason.clear();
         self.last_reason.push_str(ev.reason);
         let counted = (ev.allowed, ev.reason.to_string());
@@ -196,6 +222,9 @@ impl DecisionLog {
 
     /// Writes the summaries of windows that ended, and the rate-limit report.
     pub fn flush(&mut self, now: Instant) {
+        if let Some(audit) = &mut self.audit {
+            audit.flush(now);
+        }
         let ended: Vec<AggKey> = self
             .recent
             .iter()

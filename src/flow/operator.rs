@@ -233,7 +233,8 @@ impl Flows {
                 info!(src = %key.0, dst = %key.1, rule = %rule, suppressed,
                     "UDP flow closed: the reloaded policy denies it");
             }
-            self.table.remove_udp(key);
+            self.table
+                .remove_udp_because(key, "denied by the reloaded policy");
             self.counters.inc("udp-closed-by-reload");
         }
         let echo_denied: Vec<_> = self
@@ -251,7 +252,8 @@ impl Flows {
             })
             .collect();
         for (key, _) in &echo_denied {
-            self.table.remove_echo(key);
+            self.table
+                .remove_echo_because(key, "denied by the reloaded policy");
             self.counters.inc("icmp-closed-by-reload");
         }
         let total = resets + udp_denied.len() as u64 + echo_denied.len() as u64;

@@ -55,6 +55,10 @@ pub struct UdpFlow {
     pub last_active: Instant,
     pub datagrams_to_host: u64,
     pub datagrams_to_guest: u64,
+    /// Payload bytes the guest sent on the session (batched for the host socket) and that were
+    /// queued for the guest.
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
     /// This flow's datagrams in the current batch, in the guest's order.
     pending: Vec<Span>,
     /// The kernel refused a GSO send on this socket: its datagrams go out one by one.
@@ -96,6 +100,8 @@ impl UdpFlow {
             last_active: now,
             datagrams_to_host: 0,
             datagrams_to_guest: 0,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
             pending: Vec::new(),
             gso_refused: false,
             rule: String::new(),
@@ -199,6 +205,7 @@ impl UdpBatch {
             start: self.bytes.len(),
             len: payload.len(),
         });
+        flow.bytes_to_host += payload.len() as u64;
         self.bytes.extend_from_slice(payload);
         self.datagrams += 1;
     }

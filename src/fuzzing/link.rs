@@ -497,6 +497,8 @@ pub fn sealed_link_settings() -> LinkSettings {
         hub: None,
         settings_generation: 0,
         vm: 0,
+        pcap: None,
+        audit: None,
     }
 }
 

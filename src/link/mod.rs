@@ -14,6 +14,10 @@
 //!
 //! Nothing blocks and nothing loops unbounded: a side that cannot take more simply stops being
 //! read. Time-based work (smoltcp retransmissions, timeouts) runs from one timerfd ([`timer`]).
+//!
+//! With `--pcap`, every frame is recorded where it crosses the device: as the device hands it
+//! over ([`LinkDriver::guest_frame`]) and as it is written into the guest's RX buffers
+//! ([`Link::flush`]); see [`crate::observe::pcap`].
 
 pub mod classify;
 pub mod dhcp;
@@ -40,6 +44,8 @@ use crate::control::hub::{Hub, LinkSnapshot, Mailbox};
 use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome, VringCounts};
 use crate::flow::table::FlowRef;
 use crate::flow::{FlowSettings, Flows};
+use crate::observe::audit::AuditLog;
+use crate::observe::pcap::PcapLog;
 use crate::observe::{Counters, LogGate};
 use crate::stack::frames::{self, Macs};
 use crate::stack::GuestStack;
@@ -90,6 +96,10 @@ pub struct LinkSettings {
     pub flows: FlowSettings,
     /// Queue pairs of the device (`--queues`), one link and worker thread each.
     pub pairs: u16,
+    /// `--pcap`: where every frame between the guest and the link is recorded.
+    pub pcap: Option<Arc<PcapLog>>,
+    /// `--audit`: where decisions, flow ends and secret violations are written.
+    pub audit: Option<Arc<AuditLog>>,
     /// The process's control hub (reports, reload), and which of its settings these are.
     pub hub: Option<Arc<Hub>>,
     pub settings_generation: u64,
@@ -176,6 +186,8 @@ pub struct Link {
     arp_introduced: Option<Instant>,
     /// Whether this pair's RX queue can take frames (else new flows go to pair 0).
     rx_usable: bool,
+    /// `--pcap` (a copy of the settings' handle, read once per frame).
+    pcap: Option<Arc<PcapLog>>,
     /// Where the operator's requests arrive (see `control::hub`).
     mailbox: Arc<Mailbox>,
     /// The device's notification counts for this pair.
@@ -215,6 +227,7 @@ impl Link {
             timeout: limits.fragment_timeout,
             ..ReassemblyLimits::default()
         });
+        let pcap = settings.pcap.clone();
         let vring = Arc::new(VringCounts::default());
         let mailbox = Arc::new(Mailbox::new(vring.clone())?);
         if let Some(hub) = &settings.hub {
@@ -250,6 +263,7 @@ impl Link {
             handoffs: VecDeque::new(),
             arp_introduced: None,
             rx_usable: false,
+            pcap,
         };
         // A reload between the time these settings were taken and the registration: catch up.
         let newer = link
@@ -322,7 +336,9 @@ impl Link {
         pairs: u16,
     ) -> io::Result<Vec<Link>> {
         if pairs <= 1 {
-            return Ok(vec![Link::new(settings.clone(), terminator.clone())?]);
+            let mut link = Link::new(settings.clone(), terminator.clone())?;
+            link.flows.audit_as(settings.audit.clone(), settings.vm, 0);
+            return Ok(vec![link]);
         }
         let names = Arc::new(std::sync::RwLock::new(crate::dns::cache::NameCache::new(
             settings.flows.dns.cache_capacity,
@@ -333,6 +349,7 @@ impl Link {
             names.clone(),
         )?);
         let mut links = Vec::with_capacity(usize::from(pairs));
+        let (audit, number) = (settings.audit.clone(), settings.vm);
         for pair in 0..pairs {
             let mut settings = settings.clone();
             if pair > 0 {
@@ -342,6 +359,7 @@ impl Link {
             link.flows
                 .join_vm(vm.owners.clone(), vm.counts.clone(), pair, names.clone());
             link.pair = pair;
+            link.flows.audit_as(audit.clone(), number, pair);
             link.vm = Some(vm.clone());
             link.introduce_guest_v4();
             links.push(link);
@@ -717,6 +735,11 @@ impl Link {
             match rx.push(&frame.header, frame.bytes()) {
                 RxOutcome::Delivered => {
                     delivered += 1;
+                    if let Some(pcap) = &self.pcap {
+                        if !pcap.record(frame.bytes()) {
+                            self.counters.inc("pcap-queue-full");
+                        }
+                    }
                     self.frames_to_guest += 1;
                     self.bytes_to_guest += frame.bytes().len() as u64;
                 }
@@ -806,6 +829,11 @@ impl LinkDriver for Link {
     }
 
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
+        if let Some(pcap) = &self.pcap {
+            if !pcap.record(frame) {
+                self.counters.inc("pcap-queue-full");
+            }
+        }
         self.frames_from_guest += 1;
         self.bytes_from_guest += frame.len() as u64;
         Link::receive_frame(self, header, frame, false);
