@@ -81,8 +81,9 @@ impl std::fmt::Display for BindError {
 ///
 /// The socket is bound under umask 0177, so the kernel creates it 0600 and no moment exists
 /// where it is wider (a chmod after bind would leave one). umask is process-wide: this runs
-/// from `main` before any thread that creates files is started (only the log writer runs), and
-/// the old umask is restored right after.
+/// from `main` (the VMM socket, then the control socket) and the old umask is restored right
+/// after; the only threads that may create files meanwhile are the record writers (`--pcap`,
+/// `--audit`), whose files are 0600 anyway, which a umask of 0177 leaves as it is.
 pub fn bind_public(path: &Path) -> Result<UnixListener, BindError> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
