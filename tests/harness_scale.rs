@@ -419,7 +419,9 @@ fn trickling_flows_give_back_what_a_burst_committed() {
         got.iter().all(|&n| n > BURST).then_some(())
     })
     .unwrap_or_else(|| panic!("bursts not through: {got:?}"));
-    let bound = before + 64 * FLOWS as u64;
+    // 64 KiB a flow, and 1 MiB for the allocator's own growth meanwhile (seen: 128 KiB over
+    // the per-flow share once in a full run); not giving the bursts back keeps ~11 MiB.
+    let bound = before + 64 * FLOWS as u64 + 1024;
     let end = Instant::now() + Duration::from_secs(8);
     let mut rss = rss_kib(&nf);
     while rss > bound && Instant::now() < end {
@@ -443,7 +445,7 @@ fn trickling_flows_give_back_what_a_burst_committed() {
     }
     assert!(
         rss <= bound,
-        "{FLOWS} trickling flows keep {rss} KiB resident, more than {before} KiB + 64 KiB per flow"
+        "{FLOWS} trickling flows keep {rss} KiB resident, more than {before} KiB + 64 KiB per flow + 1 MiB"
     );
 }
 
