@@ -153,6 +153,8 @@ struct RunArgs {
     ca_out: Option<PathBuf>,
     #[command(flatten)]
     net: NetworkArgs,
+    #[command(flatten)]
+    confine: netfence::confine::ConfineArgs,
 }
 
 /// The examples and the table of `--limit` names for `run --help`.
@@ -507,6 +509,13 @@ fn exit_code(code: i32) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let confinement = match args.confine.prepare() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = match args.net.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -627,6 +636,18 @@ fn run(args: RunArgs) -> ExitCode {
             };
         }
     };
+    // Everything is read and bound: from here on netfence keeps only what serving needs.
+    let files = netfence::confine::FileAccess::for_run(
+        &args.socket,
+        args.net.config.as_deref(),
+        &config,
+        &[],
+    );
+    if let Err(e) = netfence::confine::confine(&args.confine, &confinement, &args.socket, &files) {
+        eprintln!("netfence: {e}");
+        let _ = std::fs::remove_file(&args.socket);
+        return ExitCode::from(1);
+    }
     if let Some(ports) = &published {
         if let Err(e) = ports.start_refuser() {
             eprintln!("netfence: published ports: cannot start their thread: {e}");
