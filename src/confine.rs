@@ -725,8 +725,7 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
                 libc::FIONCLEX,
                 libc::FIONREAD,
                 libc::SIOCGIFINDEX,
-            ]
-            .map(|r| r as u64),
+            ],
             false,
         ),
     ));
