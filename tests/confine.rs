@@ -64,6 +64,32 @@ fn by_default_a_forbidden_system_call_kills_the_process_with_sigsys() {
 }
 
 #[test]
+fn a_listed_call_with_a_forbidden_argument_kills_too() {
+    // socket() is allowed for unix and IP families; a netlink socket is not.
+    let mut nf = Netfence::builder()
+        .args(&["--confine-selftest", "netlink-socket"])
+        .no_wait()
+        .spawn();
+    let status = nf.wait_exit(Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!(
+            "netfence still runs after socket(AF_NETLINK)\n{}",
+            nf.log_text()
+        )
+    });
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "{status:?}\n{}",
+        nf.log_text()
+    );
+
+    // The same call goes through with the filter off.
+    let nf = Netfence::spawn(&["--seccomp", "off", "--confine-selftest", "netlink-socket"]);
+    nf.wait_for_log("a netlink socket was not stopped", SHORT)
+        .unwrap_or_else(|| panic!("{}", nf.log_text()));
+}
+
+#[test]
 fn seccomp_log_lets_the_call_through_and_serves() {
     let mut nf = Netfence::spawn(&["--seccomp", "log", "--confine-selftest", "execve"]);
     let line = nf
