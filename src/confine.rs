@@ -162,8 +162,9 @@ pub struct FileAccess {
     /// Record files (pcap, audit): their directories allow writing, creating, truncating,
     /// listing and removing regular files (rotation renames within the directory).
     pub records: Vec<PathBuf>,
-    /// Directories where directories and sockets are made and removed at run time (the
-    /// per-VMM relay directory).
+    /// Directories where directories and sockets are made and removed at run time. The base
+    /// of the per-VMM relay directories (`server::relay_dir_base`) is added by [`confine`]
+    /// itself, after `--user`, which may change it.
     pub runtime_dirs: Vec<PathBuf>,
     /// The VMM socket: its directory allows removing it (`--once` removes it at exit).
     pub socket: Option<PathBuf>,
@@ -194,7 +195,7 @@ impl FileAccess {
                 PathBuf::from("/proc/sys/vm/overcommit_memory"),
             ],
             records: records.to_vec(),
-            runtime_dirs: vec![crate::server::relay_dir_base()],
+            runtime_dirs: Vec::new(),
             socket: Some(socket.to_path_buf()),
         }
     }
@@ -223,10 +224,12 @@ pub fn confine(
         done.user = Some(format!("{} ({}:{})", user.name, user.uid, user.gid));
         check_relay_base(user)?;
     }
+    let mut files = files.clone();
+    files.runtime_dirs.push(crate::server::relay_dir_base());
     let threads_before = thread_names();
     done.landlock = match args.landlock {
         LandlockMode::Off => "off".into(),
-        mode => landlock(files, mode == LandlockMode::Required, &threads_before)?,
+        mode => landlock(&files, mode == LandlockMode::Required, &threads_before)?,
     };
     // SAFETY: prctl with these arguments only sets a flag of the calling thread; seccomp's
     // TSYNC below carries it to every other thread.

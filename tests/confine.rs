@@ -243,12 +243,24 @@ fn started_as_root_user_drops_to_nobody_and_still_serves_a_guest() {
         "this test starts netfence as root (scripts/test.sh runs as root)"
     );
     let echo = servers::TcpEchoServer::start();
-    let nf = Netfence::spawn(&[
-        "--user".to_string(),
-        "nobody".to_string(),
-        "--map".to_string(),
-        format!("{PUBLIC_IP}:80=127.0.0.1:{}", echo.port()),
-    ]);
+    // Root's runtime directory (a TempDir is 0700), which nobody cannot write: netfence must
+    // leave it for the temporary directory, and landlock must allow the one it uses.
+    let root_runtime = TempDir::new("nf-xdg");
+    let nf = Netfence::builder()
+        .args(&[
+            "--user".to_string(),
+            "nobody".to_string(),
+            "--map".to_string(),
+            format!("{PUBLIC_IP}:80=127.0.0.1:{}", echo.port()),
+        ])
+        .env("XDG_RUNTIME_DIR", root_runtime.path().to_str().unwrap())
+        .spawn();
+    assert!(
+        nf.wait_for_log("XDG_RUNTIME_DIR is not writable by nobody", Duration::ZERO)
+            .is_some(),
+        "{}",
+        nf.log_text()
+    );
     let pid = nf.pid().unwrap();
     assert_eq!(status_field(pid, "Uid"), "65534 65534 65534 65534");
     assert_eq!(status_field(pid, "Gid"), "65534 65534 65534 65534");
