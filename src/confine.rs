@@ -6,7 +6,7 @@
 //! start-up (config, CA and secret files read; VMM socket and published ports bound; just before
 //! the first VMM is accepted) and, in this order:
 //!
-//! 1. `--user NAME` (started as root only): hands the VMM socket to NAME (see [`Identity`] for
+//! 1. `--user NAME` (started as root only): hands the VMM socket to NAME (`hand_over_socket` says
 //!    why), then initgroups/setresgid/setresuid to NAME, and checks that root cannot be had back.
 //! 2. landlock (`--landlock`): file access limited to what [`FileAccess`] lists: reading the
 //!    config, CA and secret files (their directories, so a file replaced by rename is still read
@@ -172,7 +172,7 @@ pub struct FileAccess {
 
 impl FileAccess {
     /// What `netfence run` needs: the config file, the CA, upstream CA and secret files it
-    /// names, the host's resolver config, the relay directory base, the VMM socket.
+    /// names, the host's resolver config, `/dev/null`, the VMM socket.
     /// `records` are the record files (pcap, audit) to be written.
     pub fn for_run(
         socket: &Path,
