@@ -2,6 +2,7 @@
 //! without a real guest in the way, for scripts/bench.sh.
 //!
 //!   cargo bench --bench frontend -- tcp --dir up|down [--secs S] [--idle N] [--pairs P]
+//!                                        [--pcap FILE]
 //!   cargo bench --bench frontend -- tcp-limit [--secs S]
 //!   cargo bench --bench frontend -- scale [--flows N]
 //!   cargo bench --bench frontend -- rr [--secs S]
@@ -16,6 +17,8 @@
 //!   HOST_TSO4; partial checksums when it offers CSUM); only the TCP header of each is written.
 //! - `tcp --dir down` reads a loopback source through netfence; of each frame it reads only the
 //!   headers, and ACKs once per batch (large frames accepted when GUEST_TSO4 is offered).
+//!   With `--pcap FILE` netfence records every frame (`run --pcap FILE`; the leg is named
+//!   `tcp-DIR-pcap`) and a second line says how many frames its writer dropped.
 //! - `tcp-limit`: the same frontend against dpdk-testpmd's vhost PMD in macswap mode, the raw
 //!   vhost-user copy limit of this machine (every frame copied out of and back into guest memory).
 //! - `scale`: N established idle flows through `--map` to a loopback listener that holds them;
@@ -85,6 +88,7 @@ fn main() {
             secs,
             opt("--idle", "0").parse().expect("--idle"),
             opt("--pairs", "1").parse().expect("--pairs"),
+            Some(opt("--pcap", "")).filter(|p| !p.is_empty()),
         ),
         "tcp-limit" => tcp_limit_leg(secs),
         "scale" => scale_leg(opt("--flows", "10000").parse().expect("--flows")),
@@ -906,11 +910,18 @@ struct Window {
     counts: Counts,
 }
 
-fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> {
-    let name = match (idle, pairs) {
-        (0, 1) => format!("tcp-{dir}"),
-        (0, p) => format!("tcp-{dir}-pairs{p}"),
-        (n, _) => format!("tcp-{dir}-idle{n}"),
+fn tcp_leg(
+    dir: &str,
+    secs: f64,
+    idle: usize,
+    pairs: u32,
+    pcap: Option<String>,
+) -> Result<(), String> {
+    let name = match (idle, pairs, &pcap) {
+        (0, 1, Some(_)) => format!("tcp-{dir}-pcap"),
+        (0, 1, None) => format!("tcp-{dir}"),
+        (0, p, _) => format!("tcp-{dir}-pairs{p}"),
+        (n, _, _) => format!("tcp-{dir}-idle{n}"),
     };
     let sunk = Arc::new(AtomicU64::new(0));
     let sink = sink_server(sunk.clone());
@@ -932,6 +943,9 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
         if !l.is_empty() {
             extra.extend(["--limit".to_string(), l.to_string()]);
         }
+    }
+    if let Some(file) = &pcap {
+        extra.extend(["--pcap".to_string(), file.clone()]);
     }
     let (nf, mut d, e) = netfence_guest_pairs(
         &extra,
@@ -1030,6 +1044,28 @@ fn tcp_leg(dir: &str, secs: f64, idle: usize, pairs: u32) -> Result<(), String> 
                         "flow {fl:?} frames {c:?} last {last:?}\n{}\n{}",
                         d.fe.debug_state(),
                         nf.log_text()
+                    );
+                }
+                if pcap.is_some() {
+                    // The frames the pcap writer could not take, from the link's closing line.
+                    drop(d);
+                    let line = nf
+                        .wait_for_log("link closed", Duration::from_secs(10))
+                        .unwrap_or_default();
+                    let dropped: u64 = line
+                        .split("pcap-queue-full=")
+                        .nth(1)
+                        .and_then(|v| {
+                            v.split(|ch: char| !ch.is_ascii_digit())
+                                .next()?
+                                .parse()
+                                .ok()
+                        })
+                        .unwrap_or(0);
+                    let frames = c.tx_frames + c.rx_frames;
+                    println!(
+                        "RESULT {name}-drops frames={frames} pcap_dropped={dropped} dropped_pct={:.1}",
+                        dropped as f64 * 100.0 / frames.max(1) as f64
                     );
                 }
                 return Ok(());

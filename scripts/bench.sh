@@ -16,7 +16,8 @@
 #   backend  backend-bound TCP from the synthetic vhost-user frontend (benches/frontend.rs)
 #            through --map to a loopback sink/source, each way: Gbit/s, netfence CPU-s/GB,
 #            frames and kicks per GB; 2 queue pairs; and the raw copy limit (the same frontend
-#            against dpdk-testpmd's vhost PMD in macswap mode).
+#            against dpdk-testpmd's vhost PMD in macswap mode); the same TCP with --pcap (every
+#            frame recorded; the default bounds keep at most 300 MB on disk) beside it without.
 #   udp      dpdk-testpmd virtio_user txonly (64 B and 1400 B frames) -> netfence -> loopback
 #            sink: pps and netfence CPU per frame; the DPDK<->DPDK limit (testpmd vhost PMD);
 #            the kernel's own cost of a sendmmsg loop of the same datagrams to the same sink.
@@ -271,6 +272,9 @@ if want backend; then
     frontend tcp --dir up --secs "$SECS"
     frontend tcp --dir down --secs "$SECS"
     frontend tcp --dir up --pairs 2 --secs "$SECS"
+    frontend tcp --dir up --pcap "$WORK/bench.pcap" --secs "$SECS"
+    frontend tcp --dir down --pcap "$WORK/bench.pcap" --secs "$SECS"
+    rm -f "$WORK"/bench.pcap*
     frontend tcp-limit --secs "$SECS"
 fi
 if want latency; then frontend rr --secs "$SECS"; fi
@@ -338,6 +342,13 @@ if want backend; then
     fi
     row "backend TCP 2 pairs" "g->h Gbit/s" "$two" "1 pair" "$(val tcp-up gbit)"
     row "backend TCP 2 pairs" "g->h CPU-s/GB" "$(val tcp-up-pairs2 nf_cpu_per_gb)" "1 pair" "$(val tcp-up nf_cpu_per_gb)"
+    for d in up down; do
+        label="g->h"
+        [ "$d" = down ] && label="h->g"
+        row "backend TCP --pcap" "$label Gbit/s" "$(val "tcp-$d-pcap" gbit)" "no pcap" "$(val "tcp-$d" gbit)"
+        row "backend TCP --pcap" "$label CPU-s/GB" "$(val "tcp-$d-pcap" nf_cpu_per_gb)" "no pcap" "$(val "tcp-$d" nf_cpu_per_gb)"
+        row "backend TCP --pcap" "$label frames not recorded %" "$(val "tcp-$d-pcap-drops" dropped_pct)" "" ""
+    done
 fi
 if want udp; then
     for s in 64 1400; do

@@ -12,6 +12,7 @@
 #   passt             the peer user-mode backend bench-guest.sh compares against
 #   cpio gzip xz-utils zstd   packing the initramfs, unpacking compressed kernel modules
 #   python3 openssl   the demo's host HTTP and HTTPS servers and the HTTPS server's certificates
+#   tcpdump           reads the --pcap files in tests/harness_records.rs (is what operators use)
 #   build-essential pkg-config   linking the Rust crate (cc) on a bare machine
 #   dpdk-dev          dpdk-testpmd, the independent vhost-user frontend of tests/frontend_dpdk.rs
 #                     (Debian 12 ships the binary in dpdk-dev; the `dpdk` package only has scripts)
@@ -29,7 +30,7 @@ set -euo pipefail
 PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static curl iperf3 socat passt
     cpio gzip xz-utils zstd python3 openssl procps iproute2 build-essential pkg-config
-    dpdk-dev librte-net-virtio23 systemd
+    dpdk-dev librte-net-virtio23 tcpdump systemd
 )
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -14,9 +14,11 @@
 //!    making and removing the per-VMM relay directory (`server::relay_dir_base`), removing the
 //!    VMM socket at exit, `/etc/resolv.conf` and `/dev/null`. Everything else (exec, every other
 //!    file, abstract unix sockets, signals to other processes) is refused. Landlock restricts
-//!    the calling thread and the threads it starts later (every VMM connection's device
-//!    threads); threads started before confinement (the log writer) are covered only on kernels
-//!    whose landlock can restrict all threads (ABI 8, Linux 7.0); the log line says which.
+//!    the calling thread and the threads it starts later (the reload thread, every VMM
+//!    connection's device threads); threads started before confinement (the log writer, the
+//!    record writers, the control and metrics listeners, which start as they bind) are covered
+//!    only on kernels whose landlock can restrict all threads (ABI 8, Linux 7.0); the log line
+//!    names them.
 //! 3. `PR_SET_NO_NEW_PRIVS`, always, and a seccomp filter (`--seccomp`, rust-vmm's
 //!    `seccompiler`) applied to every thread at once (TSYNC), inherited by threads started later:
 //!    an allow-list of the system calls netfence makes ([`allowed_syscalls`], grouped by who
@@ -663,12 +665,14 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
         libc::SYS_prctl,
         any_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64]),
     ));
-    // Signals: handlers that run (the reload's SIGHUP, std's stack-overflow handler) return
-    // through rt_sigreturn, an interrupted call restarts through restart_syscall; abort()
-    // signals itself, and only itself (tgkill to this process id).
+    // Signals: the reload thread waits for SIGHUP (sigwait: rt_sigtimedwait); handlers that
+    // run (std's stack-overflow handler) return through rt_sigreturn, an interrupted call
+    // restarts through restart_syscall; abort() signals itself, and only itself (tgkill to
+    // this process id).
     allow(
         &mut calls,
         &[
+            libc::SYS_rt_sigtimedwait,
             libc::SYS_rt_sigaction,
             libc::SYS_rt_sigreturn,
             libc::SYS_restart_syscall,

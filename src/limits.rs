@@ -94,6 +94,15 @@ pub struct Limits {
     /// Bytes of a Content-Length request body held whole to substitute secrets in it (only
     /// for secrets with `substitute_in` naming `body`); a longer one resets the connection.
     pub secret_body_bytes: usize,
+    /// `--pcap`: bytes of frames waiting for the pcap writer thread (the whole process): a
+    /// frame that finds the queue full is not recorded (counted as `pcap-queue-full`).
+    pub pcap_queue_bytes: usize,
+    /// `--audit`: bytes of lines waiting for the audit writer thread (the whole process); a
+    /// line that finds the queue full is dropped and counted.
+    pub audit_queue_bytes: usize,
+    /// `--audit`: denied decisions written per second per queue pair; the rest are counted in
+    /// one `decisions-suppressed` line.
+    pub audit_deny_rate: usize,
 }
 
 impl Default for Limits {
@@ -133,6 +142,9 @@ impl Default for Limits {
             decision_log_rate: 50,
             http_header_bytes: 64 * 1024,
             secret_body_bytes: 1024 * 1024,
+            pcap_queue_bytes: 16 * 1024 * 1024,
+            audit_queue_bytes: 1024 * 1024,
+            audit_deny_rate: 100,
         }
     }
 }
@@ -332,6 +344,21 @@ pub const LIMITS: &[LimitSpec] = &[
         "secret-body-bytes",
         secret_body_bytes,
         "request body held to substitute secrets in it; what values add to one body"
+    ),
+    bytes!(
+        "pcap-queue-bytes",
+        pcap_queue_bytes,
+        "frames waiting for the --pcap writer (process); more are not recorded"
+    ),
+    bytes!(
+        "audit-queue-bytes",
+        audit_queue_bytes,
+        "lines waiting for the --audit writer (process); more are dropped"
+    ),
+    count!(
+        "audit-deny-rate",
+        audit_deny_rate,
+        "denied decisions written to --audit per second per queue pair"
     ),
 ];
 

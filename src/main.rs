@@ -14,15 +14,12 @@ use tracing::{debug, error, info, warn};
 
 use netfence::config::addressing::{Addressing, LinkAddrs, LinkAddrs6};
 use netfence::config::cli::NetworkArgs;
-use netfence::config::NetworkConfig;
-use netfence::dns::DnsSettings;
-use netfence::flow::addrmap::AddressMap;
-use netfence::flow::FlowSettings;
+use netfence::control::hub::Hub;
+use netfence::control::reload::{flow_settings, Fixed, Reloader};
 use netfence::ingress::PublishedPorts;
 use netfence::limits::{self, Limits};
 use netfence::link::LinkSettings;
-use netfence::policy::{HostAddrs, LocalAddrs};
-use netfence::secrets::SecretSet;
+use netfence::observe::records::{RecordArgs, Records};
 use netfence::server::BindError;
 use netfence::tls::{InterceptionCa, TlsSettings, DEFAULT_CA_CN};
 
@@ -49,7 +46,7 @@ enum Command {
 netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help = run_after_help())]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny, 3 error).
     Check(netfence::explain::CheckArgs),
     /// Find rules that can never match, contradict a preset, or have empty port ranges (exit 1 if any).
@@ -68,6 +65,14 @@ netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help =
     /// (log an error and stop serving the VM).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Ask a running netfence (started with --control PATH): status, flows, reload, metrics.
+    #[command(after_help = "Examples:\n  \
+netfence ctl --control /run/netfence/vm42.ctl status\n  \
+netfence ctl --control /run/netfence/vm42.ctl flows --json\n  \
+netfence ctl --control /run/netfence/vm42.ctl reload\n\n\
+Exit status: 0 done, 1 netfence answered with an error (e.g. a reload it refused), 2 bad \
+arguments or no netfence at PATH.")]
+    Ctl(netfence::control::socket::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -151,10 +156,64 @@ struct RunArgs {
     /// `trust_host_cas = true` the host's trusted roots follow it). Replaced at every start.
     #[arg(long, value_name = "FILE")]
     ca_out: Option<PathBuf>,
+    /// Serve the control socket at PATH (created 0600): `netfence ctl --control PATH
+    /// status|flows|reload|metrics`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT (`/metrics`); a bare PORT listens on
+    /// 127.0.0.1. Anyone who can reach it sees the flow counts: keep it on loopback.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
+    metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    records: RecordArgs,
     #[command(flatten)]
     net: NetworkArgs,
     #[command(flatten)]
     confine: netfence::confine::ConfineArgs,
+}
+
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?} is not PORT or ADDR:PORT (e.g. 9464, 127.0.0.1:9464 or [::1]:9464)")
+    })
+}
+
+/// Blocks SIGHUP in this thread and every thread started after it, so that only the reload
+/// thread ([`reload_on_sighup`]) takes it. Called first thing in `run`'s process.
+fn block_sighup() {
+    // SAFETY: sigset_t is plain data filled by sigemptyset/sigaddset; pthread_sigmask only
+    // changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// A thread that reloads the config at each SIGHUP (blocked everywhere by [`block_sighup`]).
+fn reload_on_sighup(reloader: Arc<Reloader>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("netfence-sighup".to_string())
+        .spawn(move || loop {
+            // SAFETY: as in block_sighup; sigwait only reads the set and writes `sig`.
+            let sig = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGHUP);
+                let mut sig = 0;
+                libc::sigwait(&set, &mut sig);
+                sig
+            };
+            if sig == libc::SIGHUP {
+                info!("SIGHUP: reloading the config");
+                let _ = reloader.reload();
+            }
+        })?;
+    Ok(())
 }
 
 /// The examples and the table of `--limit` names for `run --help`.
@@ -164,7 +223,12 @@ fn run_after_help() -> String {
 netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once\n  \
-netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n\n\
+netfence run --socket /tmp/nf.sock --limit tcp-flows=1000 --limit udp-idle-secs=20\n  \
+netfence run --socket /tmp/nf.sock --config nf.toml --control /tmp/nf.ctl --metrics 9464\n\n\
+Reload: SIGHUP (or `netfence ctl --control PATH reload`) re-reads the config file; new flows \
+follow it at once, open flows it denies are reset, the rest keep flowing. A config that does \
+not validate is refused and the running one stays; ipv4_pool, ipv6_pool, ports, dns, tls and \
+trust_host_cas cannot change while netfence runs.\n\n\
 Limits (--limit NAME=VALUE; counts are per guest, times in seconds; with --queues N, tcp-flows,\n\
 udp-flows, icmp-flows and inbound-tcp hold for the whole guest, the other counts per queue pair):\n{}",
         limits::help_table()
@@ -428,6 +492,9 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+        block_sighup();
+    }
     let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_BUFFER_LINES)
@@ -442,11 +509,12 @@ fn main() -> ExitCode {
         Err(e) => return argument_error(&e),
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
         Command::Secrets(SecretsCommand::Env(a)) => exit_code(netfence::secrets::run_env(&a)),
+        Command::Ctl(a) => exit_code(netfence::control::socket::run_ctl(&a)),
         Command::Ca(CaArgs {
             command: CaCommand::Generate(a),
         }) => ca_generate(&a),
@@ -465,43 +533,6 @@ fn argument_error(e: &clap::Error) -> ExitCode {
     } else {
         exit_code(e.exit_code())
     }
-}
-
-/// The gateway DNS service's settings from the `dns` table (nameservers resolved now) and the
-/// link MTU (UDP answers must fit in one frame).
-fn dns_settings(
-    config: &NetworkConfig,
-    host: &HostAddrs,
-    link_mtu: u16,
-) -> Result<DnsSettings, String> {
-    let upstreams = match DnsSettings::resolve_upstreams(&config.dns.nameservers) {
-        Ok(u) => u,
-        // No nameserver configured anywhere: names can still be blocked and host aliases
-        // answered; everything else gets SERVFAIL.
-        Err(e) if config.dns.nameservers.is_empty() => {
-            warn!("{e}; the gateway DNS answers SERVFAIL to queries that need an upstream");
-            Vec::new()
-        }
-        Err(e) => return Err(e),
-    };
-    let mut dns = DnsSettings {
-        upstreams,
-        rebind_protection: config.rebind_protection(),
-        gateway_v4: host.ipv4.clone(),
-        gateway_v6: host.ipv6.clone(),
-        link_mtu,
-        ..DnsSettings::default()
-    };
-    if let Some(ms) = config.dns.query_timeout_ms {
-        dns.query_timeout = std::time::Duration::from_millis(ms);
-    }
-    if !config.dns.host_aliases.is_empty() {
-        dns.host_aliases = config.dns.host_aliases.clone();
-    }
-    if let Some(n) = config.dns.max_queries_in_flight {
-        dns.max_in_flight = n;
-    }
-    Ok(dns)
 }
 
 fn exit_code(code: i32) -> ExitCode {
@@ -561,36 +592,28 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let host = config
-        .gateway_addrs(args.slot)
-        .with_local(LocalAddrs::System);
-    let policy = match config.compile_policy(&host) {
-        Ok(p) => Arc::new(p),
+    // Created now: a path that cannot be written is an argument error, before any VMM comes.
+    // Dropped last, when the records queued so far are written.
+    let records = match Records::open(&args.records, &limits) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("netfence: {e}");
-            return ExitCode::from(e.exit_code() as u8);
-        }
-    };
-    let summary = netfence::explain::PolicySummary::new(&config, &policy);
-    if summary.domain_rules_blind() {
-        warn!("effective policy: {summary}");
-    } else {
-        info!("effective policy: {summary}");
-    }
-    let addrmap = Arc::new(AddressMap::new(config.map.clone(), host.addrs().collect()));
-    let dns = match dns_settings(&config, &host, args.mtu) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("netfence: dns.nameservers: {e}");
             return ExitCode::from(2);
         }
     };
-    let secrets = match SecretSet::load(&config) {
-        Ok(set) if set.is_empty() => None,
-        Ok(set) => Some(Arc::new(set)),
+    let fixed = Fixed {
+        net: args.net.clone(),
+        slot: args.slot,
+        mtu: args.mtu,
+        addressing,
+        limits,
+    };
+    // Validate everything before binding anything.
+    let mut flows = match flow_settings(&fixed, &config, tls_settings, None) {
+        Ok(f) => f,
         Err(e) => {
-            eprintln!("netfence: {e}");
-            return ExitCode::from(e.exit_code() as u8);
+            eprintln!("netfence: {}", e.message);
+            return ExitCode::from(e.exit_code);
         }
     };
     let published = if config.ports.is_empty() {
@@ -604,18 +627,8 @@ fn run(args: RunArgs) -> ExitCode {
             }
         }
     };
-    let flows = FlowSettings {
-        secrets,
-        published: published.clone(),
-        policy,
-        addrmap,
-        addressing,
-        mtu: args.mtu,
-        dns,
-        dns_intercept_all: config.dns.intercept_all.unwrap_or(true),
-        tls: tls_settings,
-        limits,
-    };
+    flows.published = published.clone();
+    let hub = Hub::new(flows.clone());
     let settings = LinkSettings {
         addressing,
         gateway_mac: GATEWAY_MAC,
@@ -624,6 +637,11 @@ fn run(args: RunArgs) -> ExitCode {
         lease_secs: args.lease_secs,
         flows,
         pairs: args.queues,
+        hub: Some(hub.clone()),
+        settings_generation: 0,
+        vm: 0,
+        pcap: records.pcap.clone(),
+        audit: records.audit.clone(),
     };
     raise_nofile_limit();
     let public = match netfence::server::bind_public(&args.socket) {
@@ -636,16 +654,45 @@ fn run(args: RunArgs) -> ExitCode {
             };
         }
     };
-    // Everything is read and bound: from here on netfence keeps only what serving needs.
+    // What landlock will let through once serving (see confine::FileAccess).
+    let record_files: Vec<PathBuf> = [&args.records.pcap, &args.records.audit]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     let files = netfence::confine::FileAccess::for_run(
         &args.socket,
         args.net.config.as_deref(),
         &config,
-        &[],
+        &record_files,
     );
+    let reloader = Arc::new(Reloader::new(fixed, hub.clone(), config));
+    if let Some(path) = &args.control {
+        if let Err(e) = netfence::control::socket::serve(path, hub.clone(), reloader.clone()) {
+            eprintln!("netfence: --control {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(addr) = args.metrics {
+        match netfence::control::metrics::serve(addr, hub.clone()) {
+            Ok(bound) => info!("metrics at http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("netfence: --metrics {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Everything is read and bound: from here on netfence keeps only what serving needs.
+    // Threads started from here on (the reload thread, the published ports' thread, every
+    // VMM's device) inherit the landlock rules; those started before get them only where the
+    // kernel restricts all threads (the `confined:` line names them).
     if let Err(e) = netfence::confine::confine(&args.confine, &confinement, &args.socket, &files) {
         eprintln!("netfence: {e}");
         let _ = std::fs::remove_file(&args.socket);
+        return ExitCode::from(1);
+    }
+    if let Err(e) = reload_on_sighup(reloader.clone()) {
+        eprintln!("netfence: cannot start the reload thread: {e}");
         return ExitCode::from(1);
     }
     if let Some(ports) = &published {
@@ -654,7 +701,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match netfence::server::serve(public, &args.socket, args.once, settings) {
+    let served = netfence::server::serve(public, &args.socket, args.once, settings);
+    records.finish();
+    match served {
         Ok(netfence::server::Served::Done) => ExitCode::SUCCESS,
         Ok(netfence::server::Served::Terminated) => {
             error!("exiting with status 3: a secret's block_and_terminate ended the VM's network");

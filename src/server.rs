@@ -81,8 +81,9 @@ impl std::fmt::Display for BindError {
 ///
 /// The socket is bound under umask 0177, so the kernel creates it 0600 and no moment exists
 /// where it is wider (a chmod after bind would leave one). umask is process-wide: this runs
-/// from `main` before any thread that creates files is started (only the log writer runs), and
-/// the old umask is restored right after.
+/// from `main` (the VMM socket, then the control socket) and the old umask is restored right
+/// after; the only threads that may create files meanwhile are the record writers (`--pcap`,
+/// `--audit`), whose files are 0600 anyway, which a umask of 0177 leaves as it is.
 pub fn bind_public(path: &Path) -> Result<UnixListener, BindError> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -231,6 +232,15 @@ pub enum Served {
 /// Serves one VMM connection; `Ok(true)` when the link ended it (`block_and_terminate`).
 fn serve_connection(vmm: UnixStream, settings: &LinkSettings) -> Result<bool, String> {
     let terminator = Terminator::new(vmm.try_clone().ok());
+    // The settings in force now (a reload may have changed them since start-up).
+    let mut settings = settings.clone();
+    if let Some(hub) = &settings.hub {
+        let (generation, flows) = hub.current_settings();
+        settings.flows = (*flows).clone();
+        settings.settings_generation = generation;
+        settings.vm = hub.vmm_connected();
+    }
+    let settings = &settings;
     let links = Link::for_pairs(settings, &terminator, settings.pairs)
         .map_err(|e| format!("cannot set up the link: {e}"))?;
     let device = DeviceSettings {

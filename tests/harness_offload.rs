@@ -21,18 +21,6 @@ use smoltcp::wire::{checksum, IpAddress, IpProtocol};
 /// Where the hand-made TSO connection goes (mapped to its own loopback sink).
 const TSO_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
-/// The offload feature bits a frontend may offer.
-const OFFLOAD_BITS: u64 = VIRTIO_NET_F_CSUM
-    | VIRTIO_NET_F_GUEST_CSUM
-    | VIRTIO_NET_F_GUEST_TSO4
-    | VIRTIO_NET_F_GUEST_TSO6
-    | VIRTIO_NET_F_GUEST_ECN
-    | VIRTIO_NET_F_GUEST_UFO
-    | VIRTIO_NET_F_HOST_TSO4
-    | VIRTIO_NET_F_HOST_TSO6
-    | VIRTIO_NET_F_HOST_ECN
-    | VIRTIO_NET_F_HOST_UFO;
-
 /// cloud-hypervisor's features with only `offloads` of the offload bits.
 fn features_with(offloads: u64) -> u64 {
     (ch_features() & !OFFLOAD_BITS) | offloads

@@ -77,6 +77,10 @@ fn the_unit_names_socket_config_and_reload_per_instance() {
         exec_start.contains("--config /etc/netfence/%i.toml"),
         "{exec_start}"
     );
+    assert!(
+        exec_start.contains("--control %t/netfence/%i/control.sock"),
+        "{exec_start}"
+    );
     for line in [
         "ExecReload=/bin/kill -HUP $MAINPID",
         "RuntimeDirectory=netfence/%i",

@@ -69,6 +69,9 @@ pub enum RxOutcome {
     NoRoom,
     /// The guest's buffers were unusable; the frame is gone (counted by the device).
     Dropped,
+    /// A large segment (GSO) bigger than the guest has ever offered room for at once: it
+    /// would wait for ever. The link cuts it into MTU-sized segments.
+    TooLarge,
 }
 
 /// The virtio-net header of one frame (virtio 1.x 5.1.6), in either direction, without
@@ -192,6 +195,15 @@ pub trait GuestRx {
     fn push(&mut self, header: &NetHeader, frame: &[u8]) -> RxOutcome;
 }
 
+/// Notifications on one queue pair, counted by the device for the operator (metrics): kicks
+/// from the guest on each queue, and calls (interrupts) netfence sent it.
+#[derive(Default, Debug)]
+pub struct VringCounts {
+    pub tx_kicks: std::sync::atomic::AtomicU64,
+    pub rx_kicks: std::sync::atomic::AtomicU64,
+    pub guest_calls: std::sync::atomic::AtomicU64,
+}
+
 /// The link behind a device: one queue pair's worker state (see `crate::link`).
 ///
 /// Every method runs on the vring worker thread with the device's lock held, and must return
@@ -217,6 +229,10 @@ pub trait LinkDriver: Send + 'static {
     fn set_offloads(&mut self, offloads: Offloads);
     /// The link's fd number `index` is ready.
     fn fd_ready(&mut self, index: usize);
+    /// Where the device counts this pair's notifications.
+    fn vring_counts(&self) -> std::sync::Arc<VringCounts> {
+        std::sync::Arc::default()
+    }
     /// Moves data until nothing more can move now; frames for the guest go to `rx`.
     fn service(&mut self, rx: &mut dyn GuestRx);
     /// The guest's rings restarted from zero (the guest rebooted or reset its driver): forget

@@ -50,16 +50,18 @@ impl<'a> RxPort<'a> {
         }
     }
 
-    /// Signals the guest about what this pass delivered (if it asked to be told).
-    pub fn finish(self) {
+    /// Signals the guest about what this pass delivered (if it asked to be told); returns
+    /// whether it did.
+    pub fn finish(self) -> bool {
         if self.delivered == 0 && self.dropped == 0 {
-            return;
+            return false;
         }
         if self.force_signal {
             let _ = self.vring.needs_notification();
             let _ = self.vring.signal_used_queue();
+            true
         } else {
-            virtqueue::signal_if_needed(self.vring);
+            virtqueue::signal_if_needed(self.vring)
         }
     }
 }
@@ -86,10 +88,10 @@ impl GuestRx for RxPort<'_> {
                 }
                 Err(RxError::NoBuffers) => {
                     // Too few buffers for this frame: announce what was filled (so the guest
-                    // can repost), ask for a kick, and wait for it. One retry covers buffers
-                    // that arrived while notifications were off.
+                    // can repost), ask for a kick when it adds buffers, and wait for it. One
+                    // retry covers buffers that arrived while we asked.
                     virtqueue::signal_if_needed(self.vring);
-                    if self.retried || !virtqueue::enable_notification(self.vring) {
+                    if self.retried || !virtqueue::await_more_buffers(self.vring, self.mem) {
                         return RxOutcome::NoRoom;
                     }
                     self.retried = true;
@@ -98,6 +100,7 @@ impl GuestRx for RxPort<'_> {
                     self.dropped += 1;
                     return RxOutcome::Dropped;
                 }
+                Err(RxError::TooLarge) => return RxOutcome::TooLarge,
             }
         }
     }

@@ -22,7 +22,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -49,8 +50,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::rx_port::RxPort;
 use super::virtqueue::{self, RxScratch};
 use super::{
-    first_link_event, rescan_event, DeviceSettings, GuestMemory, LinkDriver, Offloads, MAX_PAIRS,
-    MAX_QUEUE_SIZE, PAIR_DROPPED_AFTER, RX_QUEUE, TX_QUEUE,
+    first_link_event, rescan_event, DeviceSettings, GuestMemory, LinkDriver, Offloads, VringCounts,
+    MAX_PAIRS, MAX_QUEUE_SIZE, PAIR_DROPPED_AFTER, RX_QUEUE, TX_QUEUE,
 };
 use crate::observe::{Counters, LogGate};
 
@@ -78,6 +79,8 @@ struct DeviceState<L> {
     scratch: Box<[u8]>,
     rx_scratch: RxScratch,
     counters: DeviceCounters,
+    /// Notifications counted for the operator (shared with the link's reports).
+    vring_counts: Arc<VringCounts>,
     /// A ring was stopped (GET_VRING_BASE); see `check_restart`.
     stopped: bool,
     /// Whether the RX ring was usable at the last event, as told to the link.
@@ -124,6 +127,7 @@ impl<L: LinkDriver> NetBackend<L> {
             pairs.push(Pair {
                 link_fds: link.watched_fds(),
                 state: Mutex::new(DeviceState {
+                    vring_counts: link.vring_counts(),
                     link,
                     pair: index as u16,
                     rescan_event: rescan_event(count),
@@ -274,6 +278,12 @@ impl<L: LinkDriver> DeviceState<L> {
         self.check_restart(rx, tx);
         self.check_rx_state(rx);
         self.link.take_handoffs();
+        let counts = &self.vring_counts;
+        match event {
+            TX_QUEUE => counts.tx_kicks.fetch_add(1, Ordering::Relaxed),
+            RX_QUEUE => counts.rx_kicks.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         // A rescan (the memory map changed) looks at TX as a kick would.
         let event = if event == self.rescan_event {
             TX_QUEUE
@@ -311,7 +321,11 @@ impl<L: LinkDriver> DeviceState<L> {
         self.link.service(&mut port);
         self.counters.rx_frames += port.delivered;
         self.counters.drops.add("rx-bad-chain", port.dropped);
-        port.finish();
+        if port.finish() {
+            self.vring_counts
+                .guest_calls
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -131,6 +131,43 @@ pub fn enable_notification(vring: &VringRwLock) -> bool {
     check_ring(&state).is_ok() && matches!(state.enable_notification(), Ok(true))
 }
 
+/// Asks the guest for a kick when it makes more buffers available than it has now: the RX
+/// ring holds buffers, but too few for the frame at hand. `enable_notification` alone asks,
+/// with EVENT_IDX, for a kick once the guest passes `next_avail`, which it passed long ago: a
+/// Linux guest would then not kick again and the frame would wait for some unrelated event.
+/// So `avail_event` is set to the available index seen now. Returns whether the guest made
+/// more buffers available meanwhile (try again at once). A ring that is not usable is not
+/// written and reports `false`.
+pub fn await_more_buffers(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> bool {
+    use std::sync::atomic::{fence, Ordering};
+    let mut state = vring.get_mut();
+    if check_ring(&state).is_err() {
+        return false;
+    }
+    let queue = state.get_queue();
+    let Ok(seen) = queue.avail_idx(mem, Ordering::Acquire) else {
+        return false;
+    };
+    if state.enable_notification().is_err() {
+        return false;
+    }
+    let queue = state.get_queue();
+    if queue.event_idx_enabled() {
+        // avail_event follows the used ring's elements (virtio 1.x, 2.7.8).
+        let at = queue.used_ring() + 4 + 8 * u64::from(queue.size());
+        if mem
+            .store(u16::to_le(seen.0), GuestAddress(at), Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+    }
+    fence(Ordering::SeqCst);
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|now| now != seen)
+}
+
 /// Kicks the ring ourselves, as the guest would: the worker comes back to it after the other
 /// events that are ready. The kick eventfd is the VMM's; a write that could block (a full
 /// counter, or not an eventfd at all) is not attempted, and notifications are re-enabled
@@ -322,6 +359,9 @@ pub enum RxError {
     NoBuffers,
     /// The guest's buffers are unusable (bad addresses); the frame is dropped.
     BadChain,
+    /// A GSO frame larger than any room the guest has offered at once (see
+    /// [`RxScratch::largest_room`]): waiting for buffers would not help.
+    TooLarge,
 }
 
 /// Buffers [`push_rx`] reuses from frame to frame, so that writing a frame allocates nothing.
@@ -333,6 +373,13 @@ pub struct RxScratch {
     chains: Vec<(u16, usize)>,
     /// What goes to the used ring: head and bytes written.
     used: Vec<(u16, u32)>,
+    /// The most room the guest has offered at once since its ring started: bytes of one
+    /// buffer without mergeable buffers, of every available buffer with them (a lower bound:
+    /// a frame that fit stops the count). A large segment that does not fit now but would
+    /// have fit that room waits for the guest to repost; one larger is cut by the link. (A
+    /// guest that is merely slower than netfence would otherwise get its large segments cut
+    /// in software whenever its ring ran dry for a moment.)
+    largest_room: usize,
 }
 
 /// Walks an RX chain once, appending its device-writable segments to `segs` (after checking
@@ -389,7 +436,16 @@ pub fn push_rx(
     if check_ring(&state).is_err() {
         return Err(RxError::NoBuffers);
     }
-    let RxScratch { segs, chains, used } = scratch;
+    let RxScratch {
+        segs,
+        chains,
+        used,
+        largest_room,
+    } = scratch;
+    if state.get_queue().next_avail() == 0 {
+        // The ring (re)started, perhaps with other buffers: learn their room again.
+        *largest_room = 0;
+    }
     segs.clear();
     chains.clear();
     used.clear();
@@ -420,13 +476,17 @@ pub fn push_rx(
             break;
         }
     }
+    *largest_room = (*largest_room).max(capacity);
     if capacity < needed {
         for _ in 0..chains.len() {
             state.get_queue_mut().go_to_previous_position();
         }
-        // A large segment that a non-mergeable buffer cannot hold is no reason to drop it:
-        // the link cuts it to MTU-sized segments.
-        return Err(if chains.is_empty() || mergeable || header.is_gso() {
+        // A large segment that the guest's buffers cannot hold is no reason to drop it: if
+        // they never held that much at once, the link cuts it to MTU-sized segments; else it
+        // waits for the guest to repost.
+        return Err(if header.is_gso() && needed > *largest_room {
+            RxError::TooLarge
+        } else if chains.is_empty() || mergeable || header.is_gso() {
             RxError::NoBuffers
         } else {
             RxError::BadChain
@@ -499,9 +559,11 @@ fn publish_used(
 }
 
 /// Tells the guest about new used entries if it wants to know (EVENT_IDX aware). A ring that is
-/// not usable is left alone.
-pub fn signal_if_needed(vring: &VringRwLock) {
+/// not usable is left alone. Returns whether it signalled.
+pub fn signal_if_needed(vring: &VringRwLock) -> bool {
     if ring_usable(vring) && vring.needs_notification().unwrap_or(true) {
         let _ = vring.signal_used_queue();
+        return true;
     }
+    false
 }

@@ -13,7 +13,8 @@
 //! (protocol, destination, action) is written at once, repeats within the aggregation window are
 //! counted and summarised in one line, and at most `decision-log-rate` lines a second are
 //! written (the rest counted and reported). A guest flooding SYNs gets a few lines, not one per
-//! packet.
+//! packet. With `--audit`, every decision that reaches the log also goes to the audit file,
+//! before aggregation (see `observe::audit` for its own bound on denials).
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -24,6 +25,7 @@ use lru::LruCache;
 use tracing::info;
 
 use crate::dns::cache::CachedNames;
+use crate::observe::audit::{DecisionAudit, DecisionRecord};
 use crate::policy::{guest_loopback, Direction, FlowQuery, Policy, Protocol, GUEST_LOOPBACK};
 
 use super::FlowKey;
@@ -41,7 +43,7 @@ pub enum NameSource {
 }
 
 impl NameSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             NameSource::DnsCache => "dns-cache",
             NameSource::Sni => "sni",
@@ -78,7 +80,17 @@ pub struct DecisionLog {
     recent: LruCache<AggKey, (Instant, u64)>,
     /// Lines written in all (for tests and counters).
     pub lines: u64,
+    /// `--audit`: where every decision is written too.
+    audit: Option<DecisionAudit>,
+    /// Decisions by (allowed, reason), for the operator's metrics; at most
+    /// [`DECISION_REASONS`] reasons, the rest count as "other".
+    pub counts: std::collections::BTreeMap<(bool, String), u64>,
+    /// The reason of the last decision recorded (what a new flow was allowed by).
+    pub last_reason: String,
 }
+
+/// Distinct (action, reason) pairs counted (reasons may carry names a guest chose).
+pub const DECISION_REASONS: usize = 128;
 
 impl DecisionLog {
     pub fn new(lines_per_sec: usize) -> Self {
@@ -89,7 +101,15 @@ impl DecisionLog {
             rate_suppressed: 0,
             recent: LruCache::new(NonZeroUsize::new(AGGREGATION_KEYS).expect("nonzero")),
             lines: 0,
+            audit: None,
+            counts: std::collections::BTreeMap::new(),
+            last_reason: String::new(),
         }
+    }
+
+    /// Writes every decision to the audit too (`--audit`).
+    pub fn set_audit(&mut self, audit: Option<DecisionAudit>) {
+        self.audit = audit;
     }
 
     fn rate_allows(&mut self, now: Instant) -> bool {
@@ -110,6 +130,35 @@ impl DecisionLog {
 
     /// Logs `ev` now, or counts it toward a summary.
     pub fn record(&mut self, ev: &DecisionEvent, now: Instant) {
+        if let Some(audit) = &mut self.audit {
+            audit.decision(
+                &DecisionRecord {
+                    direction: ev.direction,
+                    protocol: ev.protocol,
+                    src: ev.src,
+                    dst: ev.dst,
+                    allowed: ev.allowed,
+                    reason: ev.reason,
+                    domains: ev.names,
+                    domain_source: (!ev.names.is_empty() || ev.source == NameSource::Sni)
+                        .then(|| ev.source.as_str()),
+                },
+                now,
+            );
+        }
+        self.last_reason.clear();
+        self.last_reason.push_str(ev.reason);
+        let counted = (ev.allowed, ev.reason.to_string());
+        if let Some(n) = self.counts.get_mut(&counted) {
+            *n += 1;
+        } else if self.counts.len() < DECISION_REASONS {
+            self.counts.insert(counted, 1);
+        } else {
+            *self
+                .counts
+                .entry((ev.allowed, "other".to_string()))
+                .or_default() += 1;
+        }
         let key = (
             ev.protocol,
             ev.dst,
@@ -173,6 +222,9 @@ impl DecisionLog {
 
     /// Writes the summaries of windows that ended, and the rate-limit report.
     pub fn flush(&mut self, now: Instant) {
+        if let Some(audit) = &mut self.audit {
+            audit.flush(now);
+        }
         let ended: Vec<AggKey> = self
             .recent
             .iter()
@@ -389,6 +441,61 @@ impl Decider {
         self.log.record(ev, now);
     }
 
+    /// Judges a flow that is already open against the policy in force (after a reload): as
+    /// [`Decider::decide`] would, but nothing is remembered, logged or counted. `Ok` carries
+    /// the rule that allows it, `Err` the one that denies it.
+    pub fn judge_open(
+        &self,
+        protocol: Protocol,
+        dst: SocketAddr,
+        names: &CachedNames,
+    ) -> Result<String, String> {
+        let query = FlowQuery {
+            direction: Direction::Egress,
+            protocol,
+            dst: dst.ip(),
+            dst_port: Some(dst.port()),
+            domains: &names.asked,
+        };
+        let decision = names.decide(&self.policy, &query);
+        if decision.allowed() && !guest_loopback(dst.ip()) {
+            Ok(decision.reason.to_string())
+        } else if decision.allowed() {
+            Err(GUEST_LOOPBACK.to_string())
+        } else {
+            Err(decision.reason.to_string())
+        }
+    }
+
+    /// Judges an open connection from host client `peer` through a published port to the
+    /// guest's `guest_port` against the ingress rules in force (after a reload).
+    pub fn judge_ingress_open(
+        &self,
+        protocol: Protocol,
+        peer: SocketAddr,
+        guest_port: u16,
+    ) -> Result<String, String> {
+        let decision = self.policy.decide(&FlowQuery {
+            direction: Direction::Ingress,
+            protocol,
+            dst: peer.ip(),
+            dst_port: Some(guest_port),
+            domains: &[],
+        });
+        if decision.allowed() {
+            Ok(decision.reason.to_string())
+        } else {
+            Err(decision.reason.to_string())
+        }
+    }
+
+    /// Judges from now on with `policy` (a reload); what was remembered under the old one is
+    /// forgotten.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        self.clear();
+    }
+
     /// Forgets every memory (the guest restarted).
     pub fn clear(&mut self) {
         self.denied.clear();
@@ -399,6 +506,23 @@ impl Decider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_counts_keep_a_bounded_number_of_reasons() {
+        let mut log = DecisionLog::new(1000);
+        let now = Instant::now();
+        let reasons: Vec<String> = (0..DECISION_REASONS * 2)
+            .map(|i| format!("SNI n{i}.example was not resolved"))
+            .collect();
+        for reason in &reasons {
+            let mut e = ev("203.0.113.7:443", false);
+            e.reason = reason;
+            log.record(&e, now);
+        }
+        assert!(log.counts.len() <= DECISION_REASONS + 1);
+        assert_eq!(log.counts.values().sum::<u64>(), reasons.len() as u64);
+        assert_eq!(log.last_reason, *reasons.last().unwrap());
+    }
 
     fn ev(dst: &str, allowed: bool) -> DecisionEvent<'static> {
         DecisionEvent {

@@ -28,6 +28,12 @@ pub struct EchoFlow {
     /// The host socket reported readable and has not yet said `WouldBlock`.
     pub readable: bool,
     pub last_active: Instant,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    pub started: Instant,
+    /// Echo data bytes sent to the host and relayed to the guest.
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
 }
 
 /// Opens a non-blocking ICMP (or ICMPv6, for an IPv6 target) datagram socket to `target`.

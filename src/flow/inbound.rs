@@ -420,10 +420,9 @@ impl Flows {
         let handle = stack.sockets.add(socket);
         let middle = self.scan_filter(peer);
         debug!(peer = %peer, guest = %guest, from = %dst, "published port: connecting to the guest");
-        self.table.tcp.insert(
-            key,
-            TcpFlow::inbound(token, guest, dst, host, handle, rings, middle, now),
-        );
+        let mut flow = TcpFlow::inbound(token, guest, dst, host, handle, rings, middle, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.tcp.insert(key, flow);
         self.awake.insert(key);
     }
 

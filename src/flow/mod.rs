@@ -28,6 +28,7 @@ pub mod decide;
 pub mod dns_gateway;
 pub mod icmp;
 pub mod inbound;
+pub mod operator;
 pub mod owners;
 pub mod table;
 pub mod tcp;
@@ -51,6 +52,7 @@ use crate::dns::cache::CachedNames;
 use crate::dns::{DnsService, DnsSettings};
 use crate::ingress::PublishedPorts;
 use crate::limits::Limits;
+use crate::observe::audit::{AuditLog, AuditTag, DecisionAudit};
 use crate::observe::{Counters, LogGate};
 use crate::policy::{canonical, Direction, FlowQuery, Policy, Protocol};
 use crate::secrets::{
@@ -242,6 +244,17 @@ impl Flows {
         self.dns.service.share_cache(names);
     }
 
+    /// With `--audit`: this link's decisions, flow ends and secret violations go to `log` as
+    /// those of VMM connection `link`, queue pair `pair`.
+    pub fn audit_as(&mut self, log: Option<Arc<AuditLog>>, link: u64, pair: u16) {
+        let tag = log.map(|log| AuditTag::new(log, link, pair));
+        let rate = self.settings.limits.audit_deny_rate;
+        self.decider
+            .log
+            .set_audit(tag.clone().map(|t| DecisionAudit::new(t, rate)));
+        self.table.audit = tag;
+    }
+
     /// With multiqueue: tells the other pairs this pair's flow counts as they are now.
     pub fn publish_counts(&self) {
         self.table.publish_counts();
@@ -330,8 +343,7 @@ impl Flows {
                     if head.rst {
                         self.close_tcp(&key, "guest reset while connecting", stack);
                     } else if head.syn && !head.ack {
-                        syn_frame.clear();
-                        syn_frame.extend_from_slice(frame);
+                        *syn_frame = frames::syn_headers(frame);
                         *syn = head;
                     }
                 }
@@ -515,6 +527,9 @@ impl Flows {
         match &err {
             StreamError::Violation(v) => {
                 self.counters.inc("secret-violation");
+                if let Some(audit) = &self.table.audit {
+                    audit.secret_violation(key.0, key.1, v);
+                }
                 match v.action {
                     ViolationAction::Block => {}
                     ViolationAction::BlockAndLog => {
@@ -595,10 +610,9 @@ impl Flows {
             self.clear_filter(dst, names)
         };
         let host = HostEnd::new(socket, target);
-        self.table.tcp.insert(
-            key,
-            TcpFlow::new(token, *head, host, syn.to_vec(), middle, now),
-        );
+        let mut flow = TcpFlow::new(token, *head, host, frames::syn_headers(syn), middle, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.tcp.insert(key, flow);
         self.awake.insert(key);
         Ok(())
     }
@@ -690,7 +704,7 @@ impl Flows {
                     info!(src = %flow.guest, dst = %flow.dst, host = %flow.host.target, error = %e, suppressed, "host connect failed");
                 }
                 self.counters.inc("tcp-host-connect-failed");
-                self.table.remove_tcp(&key);
+                self.table.remove_tcp_because(&key, "host connect failed");
                 self.refuse_tcp(&head, &syn, &e, stack);
             }
         }
@@ -919,8 +933,13 @@ impl Flows {
             return;
         };
         if allowed {
+            if stage.is_some() {
+                self.counters.inc("tls-intercepted");
+            }
             flow.middle = stage.map(Middle::Tls);
             flow.last_active = now;
+            flow.rule = reason.to_string();
+            flow.domain = names.first().cloned();
             if flow.middle.is_none() {
                 // Relayed as it is (not intercepted: bypassed, interception off, or
                 // allow_no_sni): whatever of it is in clear is scanned, as on any other port.
@@ -1025,7 +1044,7 @@ impl Flows {
 
     fn close_tcp(&mut self, key: &FlowKey, why: &str, stack: &mut GuestStack) {
         self.awake.remove(key);
-        if let Some(flow) = self.table.remove_tcp(key) {
+        if let Some(flow) = self.table.remove_tcp_because(key, why) {
             if let GuestEnd::Socket {
                 handle,
                 rings,
@@ -1057,7 +1076,10 @@ impl Flows {
     /// after what the stage left for it (a TLS alert) goes out (the socket lingers for that).
     fn abort_flow_now(&mut self, key: &FlowKey, stack: &mut GuestStack) {
         self.awake.remove(key);
-        let Some(mut flow) = self.table.remove_tcp(key) else {
+        let Some(mut flow) = self
+            .table
+            .remove_tcp_because(key, "its middle stage failed")
+        else {
             return;
         };
         flow.wake(stack);
@@ -1267,9 +1289,9 @@ impl Flows {
             self.counters.inc("udp-epoll-failed");
             return false;
         };
-        self.table
-            .udp
-            .insert(key, UdpFlow::new(token, src, dst, host, now));
+        let mut flow = UdpFlow::new(token, src, dst, host, now);
+        flow.rule.clone_from(&self.decider.log.last_reason);
+        self.table.udp.insert(key, flow);
         true
     }
 
@@ -1335,6 +1357,7 @@ impl Flows {
                     );
                     if stack.port.queue_frame(frame) {
                         flow.datagrams_to_guest += 1;
+                        flow.bytes_to_guest += data.len() as u64;
                     }
                 }
             }
@@ -1370,6 +1393,8 @@ impl Flows {
             .is_err()
         {
             self.counters.inc("icmp-send-failed");
+        } else {
+            flow.bytes_to_host += data.len() as u64;
         }
     }
 
@@ -1436,6 +1461,10 @@ impl Flows {
                 host,
                 readable: false,
                 last_active: now,
+                rule: self.decider.log.last_reason.clone(),
+                started: now,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
             },
         );
         true
@@ -1468,6 +1497,7 @@ impl Flows {
                     continue;
                 };
                 flow.last_active = Instant::now();
+                flow.bytes_to_guest += data.len() as u64;
                 let frame = frames::icmp_echo_reply(
                     &stack.macs,
                     flow.dst,
@@ -1634,7 +1664,7 @@ impl Flows {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            if let Some(f) = self.table.remove_udp(&key) {
+            if let Some(f) = self.table.remove_udp_because(&key, "idle") {
                 debug!(src = %f.guest, dst = %f.dst, "UDP session idle, closed");
             }
         }
@@ -1646,7 +1676,7 @@ impl Flows {
             .map(|(k, _)| *k)
             .collect();
         for key in idle_echo {
-            self.table.remove_echo(&key);
+            self.table.remove_echo_because(&key, "idle");
         }
         self.expire_inbound(now);
         let expired = self.dns.expire_tcp(now, limits.dns_tcp_idle, stack);
@@ -1662,7 +1692,7 @@ impl Flows {
         self.awake.clear();
         let keys: Vec<FlowKey> = self.table.tcp.keys().copied().collect();
         for key in keys {
-            if let Some(flow) = self.table.remove_tcp(&key) {
+            if let Some(flow) = self.table.remove_tcp_because(&key, "guest restarted") {
                 flow.host.reset_on_close();
                 if let GuestEnd::Socket { rings, .. } = flow.guest_end {
                     self.retired_rings.push(rings);

@@ -11,6 +11,9 @@
 //! a guest chooses the keys (its ports), but it cannot see the seed, and every map here is
 //! bounded by a limit, so even a guest that found colliding keys could only slow its own
 //! lookups within that bound, not grow anything.
+//!
+//! Every flow leaves through this table (`remove_*`, [`FlowTable::clear`], or the table's drop
+//! when the link closes), so with `--audit` the table writes each flow's `close` line.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -19,7 +22,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::icmp::{EchoFlow, EchoKey};
 use super::owners::{Counted, Owners, PairCounts};
@@ -27,6 +32,8 @@ use super::tcp::TcpFlow;
 use super::udp::UdpFlow;
 use super::FlowKey;
 use crate::limits::Limits;
+use crate::observe::audit::{AuditTag, CloseRecord};
+use crate::policy::{Direction, Protocol};
 
 /// A map of flows by key, with the table's hasher.
 pub type FlowMap<V, K = FlowKey> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -68,6 +75,20 @@ pub struct FlowTable {
     owners: Option<(Arc<Owners>, u16)>,
     /// With multiqueue: every pair's flow counts, for the per-VM budgets.
     counts: Option<Arc<PairCounts>>,
+    /// `--audit`: where flows that end are written.
+    pub audit: Option<AuditTag>,
+    /// Bytes (TCP) and datagrams (UDP) the flows that left this table carried, for the
+    /// operator's totals.
+    pub closed: ClosedTotals,
+}
+
+/// What flows that are gone carried.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct ClosedTotals {
+    pub tcp_bytes_to_host: u64,
+    pub tcp_bytes_to_guest: u64,
+    pub udp_datagrams_to_host: u64,
+    pub udp_datagrams_to_guest: u64,
 }
 
 impl FlowTable {
@@ -78,9 +99,11 @@ impl FlowTable {
             udp: flow_map(),
             echo: flow_map(),
             tokens: flow_map(),
+            closed: ClosedTotals::default(),
             next_token: 1,
             owners: None,
             counts: None,
+            audit: None,
         })
     }
 
@@ -284,30 +307,80 @@ impl FlowTable {
     }
 
     pub fn remove_tcp(&mut self, key: &FlowKey) -> Option<TcpFlow> {
+        self.remove_tcp_because(key, "closed")
+    }
+
+    /// Removes a TCP flow that ended for `why` (the audit's `close` line says it).
+    pub fn remove_tcp_because(&mut self, key: &FlowKey, why: &str) -> Option<TcpFlow> {
         let flow = self.tcp.remove(key)?;
+        self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+        self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Tcp(*key));
+        if let Some(audit) = &self.audit {
+            audit_tcp(audit, &flow, why, Instant::now());
+        }
         Some(flow)
     }
 
     pub fn remove_echo(&mut self, key: &EchoKey) -> Option<EchoFlow> {
+        self.remove_echo_because(key, "closed")
+    }
+
+    pub fn remove_echo_because(&mut self, key: &EchoKey, why: &str) -> Option<EchoFlow> {
         let flow = self.echo.remove(key)?;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Echo(*key));
+        if let Some(audit) = &self.audit {
+            audit_echo(audit, &flow, why, Instant::now());
+        }
         Some(flow)
     }
 
     pub fn remove_udp(&mut self, key: &FlowKey) -> Option<UdpFlow> {
+        self.remove_udp_because(key, "closed")
+    }
+
+    pub fn remove_udp_because(&mut self, key: &FlowKey, why: &str) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
+        self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+        self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Udp(*key));
+        if let Some(audit) = &self.audit {
+            audit_udp(audit, &flow, why, Instant::now());
+        }
         Some(flow)
+    }
+
+    /// With `--audit`: a `close` line for every flow still here, which ends for `why`.
+    fn audit_all(&self, why: &str) {
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let now = Instant::now();
+        for flow in self.tcp.values() {
+            audit_tcp(audit, flow, why, now);
+        }
+        for flow in self.udp.values() {
+            audit_udp(audit, flow, why, now);
+        }
+        for flow in self.echo.values() {
+            audit_echo(audit, flow, why, now);
+        }
     }
 
     /// Closes every flow (their sockets leave the epoll as they close).
     pub fn clear(&mut self) {
+        self.audit_all("guest restarted");
         for flow in self.tcp.values() {
             flow.host.reset_on_close();
+            self.closed.tcp_bytes_to_host += flow.bytes_to_host;
+            self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
+        }
+        for flow in self.udp.values() {
+            self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
+            self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         }
         self.tcp.clear();
         self.udp.clear();
@@ -319,4 +392,61 @@ impl FlowTable {
         // The published ports' listeners stay watched.
         self.tokens.retain(|_, f| matches!(f, FlowRef::Listener(_)));
     }
+}
+
+impl Drop for FlowTable {
+    /// The link closed (its VMM left): the flows still open end with it.
+    fn drop(&mut self) {
+        self.audit_all("link closed");
+    }
+}
+
+fn audit_tcp(audit: &AuditTag, flow: &TcpFlow, why: &str, now: Instant) {
+    // An inbound flow is the host client's (`src`) connection to the guest's port.
+    let (direction, src, dst) = if flow.inbound {
+        (Direction::Ingress, flow.host.target, flow.guest)
+    } else {
+        (Direction::Egress, flow.guest, flow.dst)
+    };
+    audit.flow_closed(&CloseRecord {
+        direction,
+        protocol: Protocol::Tcp,
+        src,
+        dst,
+        bytes_to_host: flow.bytes_to_host,
+        bytes_to_guest: flow.bytes_to_guest,
+        duration: now.duration_since(flow.started),
+        why,
+    });
+}
+
+fn audit_udp(audit: &AuditTag, flow: &UdpFlow, why: &str, now: Instant) {
+    audit.flow_closed(&CloseRecord {
+        direction: Direction::Egress,
+        protocol: Protocol::Udp,
+        src: flow.guest,
+        dst: flow.dst,
+        bytes_to_host: flow.bytes_to_host,
+        bytes_to_guest: flow.bytes_to_guest,
+        duration: now.duration_since(flow.started),
+        why,
+    });
+}
+
+fn audit_echo(audit: &AuditTag, flow: &EchoFlow, why: &str, now: Instant) {
+    // As the decision named it: the identifier as the source port.
+    audit.flow_closed(&CloseRecord {
+        direction: Direction::Egress,
+        protocol: if flow.dst.is_ipv4() {
+            Protocol::Icmpv4
+        } else {
+            Protocol::Icmpv6
+        },
+        src: SocketAddr::new(flow.guest, flow.ident),
+        dst: SocketAddr::new(flow.dst, 0),
+        bytes_to_host: flow.bytes_to_host,
+        bytes_to_guest: flow.bytes_to_guest,
+        duration: now.duration_since(flow.started),
+        why,
+    });
 }

@@ -55,10 +55,17 @@ pub struct UdpFlow {
     pub last_active: Instant,
     pub datagrams_to_host: u64,
     pub datagrams_to_guest: u64,
+    /// Payload bytes the guest sent on the session (batched for the host socket) and that were
+    /// queued for the guest.
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
     /// This flow's datagrams in the current batch, in the guest's order.
     pending: Vec<Span>,
     /// The kernel refused a GSO send on this socket: its datagrams go out one by one.
     gso_refused: bool,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    pub started: Instant,
 }
 
 /// Opens a non-blocking UDP socket connected to `target`.
@@ -93,8 +100,12 @@ impl UdpFlow {
             last_active: now,
             datagrams_to_host: 0,
             datagrams_to_guest: 0,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
             pending: Vec::new(),
             gso_refused: false,
+            rule: String::new(),
+            started: now,
         }
     }
 
@@ -194,6 +205,7 @@ impl UdpBatch {
             start: self.bytes.len(),
             len: payload.len(),
         });
+        flow.bytes_to_host += payload.len() as u64;
         self.bytes.extend_from_slice(payload);
         self.datagrams += 1;
     }

@@ -494,6 +494,11 @@ pub fn sealed_link_settings() -> LinkSettings {
         lease_secs: 3600,
         flows,
         pairs: 1,
+        hub: None,
+        settings_generation: 0,
+        vm: 0,
+        pcap: None,
+        audit: None,
     }
 }
 

@@ -14,6 +14,10 @@
 //!
 //! Nothing blocks and nothing loops unbounded: a side that cannot take more simply stops being
 //! read. Time-based work (smoltcp retransmissions, timeouts) runs from one timerfd ([`timer`]).
+//!
+//! With `--pcap`, every frame is recorded where it crosses the device: as the device hands it
+//! over ([`LinkDriver::guest_frame`]) and as it is written into the guest's RX buffers
+//! ([`Link::flush`]); see [`crate::observe::pcap`].
 
 pub mod classify;
 pub mod dhcp;
@@ -36,9 +40,12 @@ use smoltcp::wire::EthernetAddress;
 use tracing::{debug, info, warn};
 
 use crate::config::addressing::Addressing;
-use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome};
+use crate::control::hub::{Hub, LinkSnapshot, Mailbox};
+use crate::device::{GuestRx, LinkDriver, NetHeader, Offloads, RxOutcome, VringCounts};
 use crate::flow::table::FlowRef;
 use crate::flow::{FlowSettings, Flows};
+use crate::observe::audit::AuditLog;
+use crate::observe::pcap::PcapLog;
 use crate::observe::{Counters, LogGate};
 use crate::stack::frames::{self, Macs};
 use crate::stack::GuestStack;
@@ -63,8 +70,10 @@ const INTRODUCTION_REFRESH: Duration = Duration::from_secs(30);
 const FD_FLOWS: usize = 0;
 const FD_TIMER: usize = 1;
 const FD_DNS: usize = 2;
+/// The eventfd of the link's mailbox: the operator asks (a report) or sends (reloaded settings).
+const FD_CONTROL: usize = 3;
 /// With multiqueue: the eventfd of this pair's inbox of handed-off frames.
-const FD_INBOX: usize = 3;
+const FD_INBOX: usize = 4;
 
 /// Where a guest frame is served (multiqueue steering, see [`mq`]).
 enum Steer {
@@ -87,6 +96,15 @@ pub struct LinkSettings {
     pub flows: FlowSettings,
     /// Queue pairs of the device (`--queues`), one link and worker thread each.
     pub pairs: u16,
+    /// `--pcap`: where every frame between the guest and the link is recorded.
+    pub pcap: Option<Arc<PcapLog>>,
+    /// `--audit`: where decisions, flow ends and secret violations are written.
+    pub audit: Option<Arc<AuditLog>>,
+    /// The process's control hub (reports, reload), and which of its settings these are.
+    pub hub: Option<Arc<Hub>>,
+    pub settings_generation: u64,
+    /// The VMM connection's number (from 1), for reports.
+    pub vm: u64,
 }
 
 /// How a link ends its VMM's connection on its own: a secret's `block_and_terminate` takes
@@ -168,6 +186,17 @@ pub struct Link {
     arp_introduced: Option<Instant>,
     /// Whether this pair's RX queue can take frames (else new flows go to pair 0).
     rx_usable: bool,
+    /// `--pcap` (a copy of the settings' handle, read once per frame).
+    pcap: Option<Arc<PcapLog>>,
+    /// Where the operator's requests arrive (see `control::hub`).
+    mailbox: Arc<Mailbox>,
+    /// The device's notification counts for this pair.
+    vring: Arc<VringCounts>,
+    /// Frames and bytes each way across the virtqueues.
+    frames_from_guest: u64,
+    bytes_from_guest: u64,
+    frames_to_guest: u64,
+    bytes_to_guest: u64,
 }
 
 impl Link {
@@ -198,7 +227,19 @@ impl Link {
             timeout: limits.fragment_timeout,
             ..ReassemblyLimits::default()
         });
-        Ok(Link {
+        let pcap = settings.pcap.clone();
+        let vring = Arc::new(VringCounts::default());
+        let mailbox = Arc::new(Mailbox::new(vring.clone())?);
+        if let Some(hub) = &settings.hub {
+            hub.register(&mailbox);
+        }
+        let mut link = Link {
+            mailbox,
+            vring,
+            frames_from_guest: 0,
+            bytes_from_guest: 0,
+            frames_to_guest: 0,
+            bytes_to_guest: 0,
             fragments,
             flows: Flows::new(settings.flows.clone())?,
             stack,
@@ -222,7 +263,68 @@ impl Link {
             handoffs: VecDeque::new(),
             arp_introduced: None,
             rx_usable: false,
-        })
+            pcap,
+        };
+        // A reload between the time these settings were taken and the registration: catch up.
+        let newer = link
+            .settings
+            .hub
+            .as_ref()
+            .map(|hub| hub.current_settings())
+            .filter(|(generation, _)| *generation != link.settings.settings_generation);
+        if let Some((generation, flows)) = newer {
+            link.apply_settings(generation, &flows);
+        }
+        Ok(link)
+    }
+
+    /// Installs reloaded settings (see `flow::operator`); returns how many open flows they
+    /// denied.
+    fn apply_settings(&mut self, generation: u64, flows: &FlowSettings) -> u64 {
+        let mut flows = flows.clone();
+        if self.pair > 0 {
+            flows.published = None;
+        }
+        self.settings.flows = flows.clone();
+        self.settings.settings_generation = generation;
+        self.flows.apply_settings(flows, &mut self.stack)
+    }
+
+    /// Serves the operator's requests in the mailbox.
+    fn control_work(&mut self) {
+        let work = self.mailbox.take_work();
+        if let Some(update) = work.update {
+            let resets = self.apply_settings(update.generation, &update.flows);
+            self.mailbox.applied(update.generation, resets);
+        }
+        if work.snapshot {
+            let snapshot = self.report(true);
+            self.mailbox.answer(snapshot);
+        }
+    }
+
+    /// What this link reports to the operator.
+    fn report(&self, with_flows: bool) -> LinkSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut snap = LinkSnapshot {
+            vm: self.settings.vm,
+            pair: self.pair,
+            ..LinkSnapshot::default()
+        };
+        for (reason, n) in self.counters.iter() {
+            *snap.counters.entry(reason).or_default() += n;
+        }
+        let t = &mut snap.totals;
+        t.frames_from_guest = self.frames_from_guest;
+        t.bytes_from_guest = self.bytes_from_guest;
+        t.frames_to_guest = self.frames_to_guest;
+        t.bytes_to_guest = self.bytes_to_guest;
+        t.tx_kicks = self.vring.tx_kicks.load(Relaxed);
+        t.rx_kicks = self.vring.rx_kicks.load(Relaxed);
+        t.guest_calls = self.vring.guest_calls.load(Relaxed);
+        self.flows
+            .report(&self.stack, with_flows, &mut snap, Instant::now());
+        snap
     }
 
     /// The links of a VM with `pairs` queue pairs (one link, as [`Link::new`] makes it, for one
@@ -234,7 +336,9 @@ impl Link {
         pairs: u16,
     ) -> io::Result<Vec<Link>> {
         if pairs <= 1 {
-            return Ok(vec![Link::new(settings.clone(), terminator.clone())?]);
+            let mut link = Link::new(settings.clone(), terminator.clone())?;
+            link.flows.audit_as(settings.audit.clone(), settings.vm, 0);
+            return Ok(vec![link]);
         }
         let names = Arc::new(std::sync::RwLock::new(crate::dns::cache::NameCache::new(
             settings.flows.dns.cache_capacity,
@@ -245,6 +349,7 @@ impl Link {
             names.clone(),
         )?);
         let mut links = Vec::with_capacity(usize::from(pairs));
+        let (audit, number) = (settings.audit.clone(), settings.vm);
         for pair in 0..pairs {
             let mut settings = settings.clone();
             if pair > 0 {
@@ -254,6 +359,7 @@ impl Link {
             link.flows
                 .join_vm(vm.owners.clone(), vm.counts.clone(), pair, names.clone());
             link.pair = pair;
+            link.flows.audit_as(audit.clone(), number, pair);
             link.vm = Some(vm.clone());
             link.introduce_guest_v4();
             links.push(link);
@@ -627,11 +733,20 @@ impl Link {
         let mut delivered = 0;
         while let Some(frame) = self.stack.port.front() {
             match rx.push(&frame.header, frame.bytes()) {
-                RxOutcome::Delivered => delivered += 1,
+                RxOutcome::Delivered => {
+                    delivered += 1;
+                    if let Some(pcap) = &self.pcap {
+                        if !pcap.record(frame.bytes()) {
+                            self.counters.inc("pcap-queue-full");
+                        }
+                    }
+                    self.frames_to_guest += 1;
+                    self.bytes_to_guest += frame.bytes().len() as u64;
+                }
                 RxOutcome::Dropped => self.counters.inc("rx-dropped"),
-                RxOutcome::NoRoom if frame.header.is_gso() => {
-                    // The guest's buffers cannot take the large segment now (too few, or
-                    // not mergeable and too small): it goes as MTU-sized segments instead.
+                RxOutcome::TooLarge => {
+                    // The guest's buffers never held a segment this large (too few, or not
+                    // mergeable and too small): it goes as MTU-sized segments instead.
                     if let Some(frame) = self.stack.port.pop_front() {
                         let partial = self.offloads.rx_csum;
                         for piece in crate::stack::segment(frame, partial).into_iter().rev() {
@@ -702,10 +817,11 @@ impl Link {
 impl LinkDriver for Link {
     fn watched_fds(&self) -> Vec<RawFd> {
         let [flows, dns] = self.flows.fds();
-        let mut fds = vec![0; 3];
+        let mut fds = vec![0; 4];
         fds[FD_FLOWS] = flows;
         fds[FD_TIMER] = self.timer.as_raw_fd();
         fds[FD_DNS] = dns;
+        fds[FD_CONTROL] = self.mailbox.fd();
         if let Some(vm) = &self.vm {
             fds.push(vm.inboxes[usize::from(self.pair)].fd());
         }
@@ -713,7 +829,18 @@ impl LinkDriver for Link {
     }
 
     fn guest_frame(&mut self, header: &NetHeader, frame: &[u8]) {
+        if let Some(pcap) = &self.pcap {
+            if !pcap.record(frame) {
+                self.counters.inc("pcap-queue-full");
+            }
+        }
+        self.frames_from_guest += 1;
+        self.bytes_from_guest += frame.len() as u64;
         Link::receive_frame(self, header, frame, false);
+    }
+
+    fn vring_counts(&self) -> Arc<VringCounts> {
+        self.vring.clone()
     }
 
     fn take_handoffs(&mut self) {
@@ -754,6 +881,7 @@ impl LinkDriver for Link {
                 self.flows.dns_ready(&mut self.stack);
             }
             FD_DNS => self.flows.dns_ready(&mut self.stack),
+            FD_CONTROL => self.control_work(),
             FD_INBOX => {
                 if let Some(vm) = &self.vm {
                     vm.inboxes[usize::from(self.pair)].consume_wake();
@@ -784,8 +912,12 @@ impl LinkDriver for Link {
 }
 
 impl Drop for Link {
-    /// One line with everything counted on this link, when its VMM connection ends.
+    /// One line with everything counted on this link, when its VMM connection ends; the
+    /// counts join the hub's totals.
     fn drop(&mut self) {
+        if let Some(hub) = &self.settings.hub {
+            hub.retire(&self.report(false));
+        }
         let drops: Vec<String> = self
             .counters
             .iter()

@@ -5,6 +5,16 @@
 //! that sends a million bad frames gets a few lines and a count of the rest, never a line per
 //! packet. Decisions have their own aggregation (`flow::decide`). The writer itself never
 //! blocks the datapath (main.rs installs a non-blocking, lossy writer).
+//!
+//! Records for operators: [`pcap`] (`--pcap`: every frame between guest and netfence) and
+//! [`audit`] (`--audit`: decisions, flow ends and secret violations as JSON lines), written by
+//! a thread of their own through a bytes-bounded queue into files that rotate at a size bound
+//! ([`writer`]); [`records`] holds their options and starts them.
+
+pub mod audit;
+pub mod pcap;
+pub mod records;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -410,6 +410,25 @@ fn set_ip_total_len(ip: &mut [u8], hdr: usize, total: usize) {
     }
 }
 
+/// A guest's SYN without the data it may carry, as a flow holds it while its host side
+/// connects: smoltcp takes no data from a SYN (the guest sends it again once its SYN is
+/// acknowledged), and a SYN can carry up to 64 KiB (a TSO frame, or a frame past the MTU), so
+/// keeping it whole would let `tcp-connecting` SYNs hold 64 KiB each. A frame that is not
+/// TCP comes back whole.
+pub fn syn_headers(frame: &[u8]) -> Vec<u8> {
+    let trimmed = || {
+        let (ip_hdr, src, dst, ip_total) = tcp_ip_parts(frame)?;
+        let tcp = TcpPacket::new_checked(frame.get(ETH_HDR + ip_hdr..ETH_HDR + ip_total)?).ok()?;
+        let tcp_hdr = usize::from(tcp.header_len());
+        let mut out = frame[..ETH_HDR + ip_hdr + tcp_hdr].to_vec();
+        set_ip_total_len(&mut out[ETH_HDR..], ip_hdr, ip_hdr + tcp_hdr);
+        TcpPacket::new_unchecked(&mut out[ETH_HDR + ip_hdr..])
+            .fill_checksum(&IpAddress::from(src), &IpAddress::from(dst));
+        Some(out)
+    };
+    trimmed().unwrap_or_else(|| frame.to_vec())
+}
+
 /// Splits a guest TCP segment carrying data and FIN into the same segment without FIN and a
 /// bare FIN at the sequence number after the data. `None` if the frame is not such a segment.
 pub fn split_fin(frame: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {

@@ -524,12 +524,20 @@ impl GuestStack {
 
     /// Uses the offloads the VMM acked from now on: smoltcp's interface is built again with
     /// the device's new capabilities (its sockets stay; it learns the guest's MAC again).
+    /// Frames already queued for the guest are made to fit the new offloads ([`refit`]).
     pub fn set_offloads(&mut self, offloads: Offloads) {
         if offloads == self.port.offloads {
             return;
         }
         self.port.offloads = offloads;
         self.iface = build_interface(&mut self.port, &self.macs, &self.addresses);
+        let queued = std::mem::take(&mut self.port.to_guest);
+        for frame in queued {
+            self.port.to_guest.extend(refit(frame, offloads));
+        }
+        // Cut segments gained headers: the byte count follows what the queue now holds.
+        self.port.queued_bytes = self.port.to_guest.iter().map(|f| f.len).sum();
+        self.port.queued_bytes_peak = self.port.queued_bytes_peak.max(self.port.queued_bytes);
     }
 
     /// Forgets every socket and every queued frame: the guest's rings restarted (reboot).
@@ -624,6 +632,30 @@ fn build_interface(port: &mut GuestPort, macs: &Macs, addresses: &Addresses) -> 
     });
     iface.set_any_ip(true);
     iface
+}
+
+/// A frame queued for offloads the guest no longer acks (the VMM acked features again), made
+/// to fit `offloads`: a large segment it cannot take is cut ([`segment`]), a partial checksum
+/// it cannot take is completed. A frame that fits comes back as it is.
+pub fn refit(mut frame: OutFrame, offloads: Offloads) -> Vec<OutFrame> {
+    let header = frame.header;
+    let gso_acked = match header.gso_type {
+        NetHeader::GSO_NONE => true,
+        NetHeader::GSO_TCPV4 => offloads.rx_tso4,
+        NetHeader::GSO_TCPV6 => offloads.rx_tso6,
+        _ => false,
+    };
+    if !gso_acked {
+        return segment(frame, offloads.rx_csum);
+    }
+    if header.needs_csum() && !offloads.rx_csum {
+        if let Some(tcp) = TcpSpot::find(frame.bytes()) {
+            TcpPacket::new_unchecked(&mut frame.buf[tcp.start..tcp.end])
+                .fill_checksum(&tcp.src, &tcp.dst);
+        }
+        frame.header = NetHeader::NONE;
+    }
+    vec![frame]
 }
 
 /// Cuts a GSO frame to the guest into segments of its `gso_size`, as the guest's NIC would have

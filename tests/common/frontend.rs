@@ -58,18 +58,21 @@ pub const NET_HDR_LEN: usize = 12;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
+/// The offload feature bits a frontend may offer (checksums, TSO, ECN, UFO, both ways).
+pub const OFFLOAD_BITS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_GUEST_UFO
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN
+    | VIRTIO_NET_F_HOST_UFO;
+
 /// What cloud-hypervisor's vhost-user-net device offers the backend (offloads on, the default).
 pub fn ch_features() -> u64 {
-    VIRTIO_NET_F_CSUM
-        | VIRTIO_NET_F_GUEST_CSUM
-        | VIRTIO_NET_F_GUEST_TSO4
-        | VIRTIO_NET_F_GUEST_TSO6
-        | VIRTIO_NET_F_GUEST_ECN
-        | VIRTIO_NET_F_GUEST_UFO
-        | VIRTIO_NET_F_HOST_TSO4
-        | VIRTIO_NET_F_HOST_TSO6
-        | VIRTIO_NET_F_HOST_ECN
-        | VIRTIO_NET_F_HOST_UFO
+    OFFLOAD_BITS
         | VIRTIO_NET_F_MRG_RXBUF
         | VIRTIO_NET_F_CTRL_VQ
         | VIRTIO_NET_F_GUEST_ANNOUNCE
@@ -1008,6 +1011,38 @@ impl Frontend {
     }
 
     // ---- waiting ---------------------------------------------------------------------------------
+
+    /// Blocks until netfence publishes another RX used element (whether or not earlier ones
+    /// were taken), or `deadline` passes; returns whether it did.
+    pub fn wait_rx_progress(&mut self, deadline: Instant) -> bool {
+        loop {
+            let seen = self.rx.enable_calls_after_published();
+            if self.rx.used_idx() != seen {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let timeout_ms = (deadline - now)
+                .as_micros()
+                .div_ceil(1000)
+                .min(i32::MAX as u128);
+            let mut fd = libc::pollfd {
+                fd: self.rx.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut fd, 1, timeout_ms as i32) };
+            if r > 0 {
+                self.rx.drain_call();
+            }
+            if self.rx.used_idx() != seen {
+                return true;
+            }
+        }
+    }
 
     /// Enables calls on both queues and blocks in poll(2) on their call eventfds until one fires
     /// or `deadline` passes (None = forever). Returns true if there may be work (a call fired or

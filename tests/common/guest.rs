@@ -625,7 +625,17 @@ impl Guest {
 
     /// Starts a connection without waiting (for raw observation of the handshake).
     pub fn tcp_start(&mut self, dst: impl Into<IpAddr>, port: u16) -> SocketHandle {
-        let h = self.tcp_socket(TCP_BUF, TCP_BUF);
+        self.tcp_start_sized(dst, port, TCP_BUF)
+    }
+
+    /// [`Guest::tcp_start`] with a receive buffer (and so a window) of `rx` bytes.
+    pub fn tcp_start_sized(
+        &mut self,
+        dst: impl Into<IpAddr>,
+        port: u16,
+        rx: usize,
+    ) -> SocketHandle {
+        let h = self.tcp_socket(rx, TCP_BUF);
         let local = self.next_port();
         let cx = self.iface.context();
         self.sockets
@@ -646,8 +656,19 @@ impl Guest {
         port: u16,
         timeout: Duration,
     ) -> Result<SocketHandle, ConnectError> {
+        self.tcp_connect_sized(dst, port, TCP_BUF, timeout)
+    }
+
+    /// [`Guest::tcp_connect`] with a receive buffer (and so a window) of `rx` bytes.
+    pub fn tcp_connect_sized(
+        &mut self,
+        dst: impl Into<IpAddr>,
+        port: u16,
+        rx: usize,
+        timeout: Duration,
+    ) -> Result<SocketHandle, ConnectError> {
         let start = Instant::now();
-        let h = self.tcp_start(dst, port);
+        let h = self.tcp_start_sized(dst, port, rx);
         let r = self.poll_until(start + timeout, |g| match g.tcp(h).state() {
             tcp::State::Established => Some(Ok(())),
             tcp::State::Closed => Some(Err(())),

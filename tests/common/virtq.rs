@@ -382,6 +382,19 @@ impl SplitQueue {
         self.used_pending() != 0
     }
 
+    /// Asks for a call when the device publishes a used element past those published now,
+    /// read or not; returns the used index it waits past.
+    pub fn enable_calls_after_published(&mut self) -> u16 {
+        let seen = self.used_idx();
+        if self.event_idx {
+            self.set_used_event(seen);
+        } else {
+            self.set_avail_flags(0);
+        }
+        fence(Ordering::SeqCst);
+        seen
+    }
+
     /// Asks the device not to call (a hint only).
     pub fn disable_calls(&mut self) {
         if !self.event_idx {

@@ -130,6 +130,12 @@ pub struct TcpFlow {
     pub guest_seq: GuestSeq,
     /// `last_active` when the buffers' memory was last given back (nothing moved since).
     pub released_at: Option<Instant>,
+    /// When the buffers' memory was last given back (or the flow started).
+    pub last_release: Instant,
+    /// The rule (or reason) that allowed the flow, for the operator (`ctl flows`).
+    pub rule: String,
+    /// The name the flow was allowed for, when its ClientHello named one.
+    pub domain: Option<String>,
 }
 
 /// Why an inbound flow ended when the guest refused the connection.
@@ -367,6 +373,9 @@ impl TcpFlow {
             guest_connected: false,
             guest_seq: GuestSeq::default(),
             released_at: None,
+            last_release: now,
+            rule: String::new(),
+            domain: None,
         }
     }
 
@@ -406,6 +415,9 @@ impl TcpFlow {
             guest_connected: false,
             guest_seq: GuestSeq::default(),
             released_at: None,
+            last_release: now,
+            rule: String::new(),
+            domain: None,
         }
     }
 
@@ -414,12 +426,17 @@ impl TcpFlow {
         matches!(self.guest_end, GuestEnd::Held { .. })
     }
 
-    /// At rest (no byte moved for [`REST`] since the last release): gives back the memory of
-    /// the guest end's buffers if both are empty and nothing waits out of order, and frees
-    /// the middle stage's empty staging buffers. Returns whether the rings were released.
+    /// At rest (no byte moved for [`REST`]), or [`REST`] after the last release while bytes
+    /// still trickle: gives back the memory of the guest end's buffers if both are empty and
+    /// nothing waits out of order, and frees the middle stage's empty staging buffers.
+    /// Returns whether the rings were released. (Were only a silent flow released, a guest
+    /// could fill the rings of every flow once and then keep each committed with a byte now
+    /// and then: tcp-flows times both buffers, far past tcp-link-buffer-bytes. An empty ring
+    /// starts again at its first byte, so a trickle commits a page or two.)
     pub fn rest(&mut self, stack: &GuestStack, now: Instant) -> bool {
-        if self.released_at == Some(self.last_active) || now.duration_since(self.last_active) < REST
-        {
+        let quiet = now.duration_since(self.last_active) >= REST;
+        let due = now.duration_since(self.last_release) >= REST;
+        if self.released_at == Some(self.last_active) || !(quiet || due) {
             return false;
         }
         let Some(sock) = self.socket(stack) else {
@@ -436,6 +453,7 @@ impl TcpFlow {
             middle.shrink();
         }
         self.released_at = Some(self.last_active);
+        self.last_release = now;
         rings.is_mapped()
     }
 

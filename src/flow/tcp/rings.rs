@@ -9,9 +9,11 @@
 //! up to its two buffers, and no more: the rings grow on demand at page granularity.
 //!
 //! A flow at rest with both rings empty gives the pages back ([`RingMemory::release`],
-//! `MADV_DONTNEED`), so a flow that once streamed costs kilobytes again once it rests. What a
-//! link may hold in its rings at once is still bounded by `tcp-link-buffer-bytes` (bytes held),
-//! and what is resident by the flows that carried data since they last rested.
+//! `MADV_DONTNEED`), so a flow that once streamed costs kilobytes again once it rests; so does
+//! a flow whose rings are found empty 2 s after its last release although a byte still moves
+//! now and then (`TcpFlow::rest`). What a link may hold in its rings at once is still bounded
+//! by `tcp-link-buffer-bytes` (bytes held), and what is resident by what the flows carried in
+//! the last seconds.
 //!
 //! Should the mapping fail (address space or map count exhausted), the rings are plain heap
 //! buffers as they always were: nothing is refused for it.
