@@ -294,3 +294,43 @@ fn socket_group_gives_the_socket_to_a_group() {
     assert_eq!(meta.mode() & 0o777, 0o660);
     let _g = guest_up(&nf);
 }
+
+#[test]
+fn under_landlock_a_config_replaced_by_rename_is_reloaded_at_sighup() {
+    // Configuration management writes a new file and renames it over the old one: a new inode,
+    // which a landlock rule on the file itself would not cover; the rule is on its directory.
+    // SIGHUP is taken by the reload thread, started after confinement: under landlock on any
+    // kernel that has it.
+    let scratch = TempDir::new("nf-reload");
+    let config = scratch.path().join("vm.toml");
+    std::fs::write(&config, "policy = \"public-only\"\n").unwrap();
+    let nf = Netfence::spawn(&["--config", config.to_str().unwrap()]);
+    assert!(confined_line(&nf).contains("landlock=enforced"));
+    let pid = nf.pid().unwrap() as libc::pid_t;
+    let replace = |text: &str| {
+        let next = scratch.path().join(".vm.toml.new");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &config).unwrap();
+    };
+    let reload = |expect: &str| {
+        let mark = nf.log_mark();
+        // SAFETY: kill with a valid signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+        nf.wait_for_line(mark, SHORT, |l| {
+            l.contains("config reloaded") || l.contains("reload refused")
+        })
+        .filter(|l| l.contains(expect))
+        .unwrap_or_else(|| panic!("no `{expect}` after SIGHUP\n{}", nf.log_text()))
+    };
+    replace("policy = \"allow-all\"\n");
+    reload("config reloaded");
+    // The reload read the new file: a bad one is refused for its content, not by landlock.
+    replace("policy = \"bogus\"\n");
+    let line = reload("reload refused");
+    assert!(line.contains("bogus"), "{line}");
+    // And landlock is what it reads under: a config outside the rules cannot be read.
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &config).unwrap();
+    let line = reload("reload refused");
+    assert!(line.contains("Permission denied"), "{line}");
+}
