@@ -18,6 +18,8 @@
 #                     (Debian 12 ships the binary in dpdk-dev; the `dpdk` package only has scripts)
 #   librte-net-virtio23   the net_virtio_user driver testpmd loads as a plugin at run time
 #                         (dpdk-dev pulls it in today, through libdpdk-dev; named so it stays)
+#   systemd           systemd-analyze, which checks packaging/netfence@.service (tests/packaging.rs);
+#                     nothing here runs systemd as init
 #
 # Then scripts/hugepages.sh reserves the hugepages and mounts the hugetlbfs dpdk-testpmd needs
 # (every run: a reservation does not survive a reboot).
@@ -28,7 +30,7 @@ set -euo pipefail
 PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static curl iperf3 socat passt
     cpio gzip xz-utils zstd python3 openssl procps iproute2 build-essential pkg-config
-    dpdk-dev librte-net-virtio23 tcpdump
+    dpdk-dev librte-net-virtio23 tcpdump systemd
 )
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -9,10 +9,12 @@
 //! check/lint/config subcommands, `dns` the gateway resolver, `tls` the ClientHello scanner,
 //! `secrets` placeholder substitution in HTTP requests and violation detection, `limits` every
 //! bound on guest-driven state, `observe` counters and log gates, `control` the operator's side
-//! (control socket, live reload, metrics). `fuzzing` holds the fuzz target
-//! bodies, shared by `fuzz/` and the regression tests.
+//! (control socket, live reload, metrics), `confine` the seccomp filter, landlock rules and user
+//! change that follow start-up. `fuzzing` holds the fuzz target bodies, shared by `fuzz/` and
+//! the regression tests.
 
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod device;
 pub mod dns;

@@ -46,7 +46,7 @@ enum Command {
 netfence run --socket /tmp/netfence.sock\n  \
 netfence run --socket /tmp/nf.sock --map 203.0.113.7:80=127.0.0.1:8080\n  \
 netfence run --socket /tmp/nf.sock --policy allow-all --once", after_long_help = run_after_help())]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Decide one flow against a policy and say which rule or default decided it (exit 0 allow, 1 deny, 3 error).
     Check(netfence::explain::CheckArgs),
     /// Find rules that can never match, contradict a preset, or have empty port ranges (exit 1 if any).
@@ -168,6 +168,8 @@ struct RunArgs {
     records: RecordArgs,
     #[command(flatten)]
     net: NetworkArgs,
+    #[command(flatten)]
+    confine: netfence::confine::ConfineArgs,
 }
 
 fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -507,7 +509,7 @@ fn main() -> ExitCode {
         Err(e) => return argument_error(&e),
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Check(a) => exit_code(netfence::explain::run_check(&a)),
         Command::Lint(a) => exit_code(netfence::explain::run_lint(&a)),
         Command::Config(a) => exit_code(netfence::explain::run_config(&a)),
@@ -538,6 +540,13 @@ fn exit_code(code: i32) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let confinement = match args.confine.prepare() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("netfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = match args.net.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -645,11 +654,19 @@ fn run(args: RunArgs) -> ExitCode {
             };
         }
     };
+    // What landlock will let through once serving (see confine::FileAccess).
+    let record_files: Vec<PathBuf> = [&args.records.pcap, &args.records.audit]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let files = netfence::confine::FileAccess::for_run(
+        &args.socket,
+        args.net.config.as_deref(),
+        &config,
+        &record_files,
+    );
     let reloader = Arc::new(Reloader::new(fixed, hub.clone(), config));
-    if let Err(e) = reload_on_sighup(reloader.clone()) {
-        eprintln!("netfence: cannot start the reload thread: {e}");
-        return ExitCode::from(1);
-    }
     if let Some(path) = &args.control {
         if let Err(e) = netfence::control::socket::serve(path, hub.clone(), reloader.clone()) {
             eprintln!("netfence: --control {}: {e}", path.display());
@@ -664,6 +681,19 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    // Everything is read and bound: from here on netfence keeps only what serving needs.
+    // Threads started from here on (the reload thread, the published ports' thread, every
+    // VMM's device) inherit the landlock rules; those started before get them only where the
+    // kernel restricts all threads (the `confined:` line names them).
+    if let Err(e) = netfence::confine::confine(&args.confine, &confinement, &args.socket, &files) {
+        eprintln!("netfence: {e}");
+        let _ = std::fs::remove_file(&args.socket);
+        return ExitCode::from(1);
+    }
+    if let Err(e) = reload_on_sighup(reloader.clone()) {
+        eprintln!("netfence: cannot start the reload thread: {e}");
+        return ExitCode::from(1);
     }
     if let Some(ports) = &published {
         if let Err(e) = ports.start_refuser() {

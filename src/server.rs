@@ -147,15 +147,21 @@ fn probe_connect(path: &Path) -> io::Result<()> {
     socket.connect(&socket2::SockAddr::unix(path)?)
 }
 
+/// Where the private relay directories are made: `XDG_RUNTIME_DIR` when it is a directory,
+/// else the temporary directory. `confine` lets landlock allow making them there.
+pub fn relay_dir_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
 /// A private directory for the backend side of the relay, removed on drop.
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
     fn new() -> io::Result<Self> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = relay_dir_base();
         for attempt in 0..100u32 {
             let dir = base.join(format!("netfence-{}-{attempt}", std::process::id()));
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
