@@ -15,8 +15,8 @@
 //!    VMM socket at exit, `/etc/resolv.conf` and `/dev/null`. Everything else (exec, every other
 //!    file, abstract unix sockets, signals to other processes) is refused. Landlock restricts
 //!    the calling thread and the threads it starts later (the reload thread, every VMM
-//!    connection's device threads); threads started before confinement (the log writer, the
-//!    record writers, the control and metrics listeners, which start as they bind) are covered
+//!    connection's device threads, the control and metrics listeners, which bind before and
+//!    start after); threads started before confinement (the log writer, the record writers) are covered
 //!    only on kernels whose landlock can restrict all threads (ABI 8, Linux 7.0); the log line
 //!    names them.
 //! 3. `PR_SET_NO_NEW_PRIVS`, always, and a seccomp filter (`--seccomp`, rust-vmm's
@@ -820,7 +820,8 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
             libc::SYS_epoll_wait,
         ],
     );
-    // Identity, read only: the control socket compares its peers' uid with its own.
+    // Identity, read only: the control socket compares its peers' uid (SO_PEERCRED) with its
+    // own.
     allow(
         &mut calls,
         &[

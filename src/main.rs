@@ -667,21 +667,28 @@ fn run(args: RunArgs) -> ExitCode {
         &record_files,
     );
     let reloader = Arc::new(Reloader::new(fixed, hub.clone(), config));
-    if let Some(path) = &args.control {
-        if let Err(e) = netfence::control::socket::serve(path, hub.clone(), reloader.clone()) {
+    let control = match args.control.as_deref().map(netfence::control::socket::bind) {
+        None => None,
+        Some(Ok(listener)) => Some(listener),
+        Some(Err(e)) => {
+            let path = args.control.as_deref().unwrap_or(std::path::Path::new(""));
             eprintln!("netfence: --control {}: {e}", path.display());
+            let _ = std::fs::remove_file(&args.socket);
             return ExitCode::from(2);
         }
-    }
-    if let Some(addr) = args.metrics {
-        match netfence::control::metrics::serve(addr, hub.clone()) {
-            Ok(bound) => info!("metrics at http://{bound}/metrics"),
-            Err(e) => {
-                eprintln!("netfence: --metrics {addr}: {e}");
-                return ExitCode::from(2);
-            }
+    };
+    let metrics = match args.metrics.map(netfence::control::metrics::bind) {
+        None => None,
+        Some(Ok(listener)) => Some(listener),
+        Some(Err(e)) => {
+            eprintln!(
+                "netfence: --metrics {}: {e}",
+                args.metrics.unwrap_or(([0; 4], 0).into())
+            );
+            let _ = std::fs::remove_file(&args.socket);
+            return ExitCode::from(2);
         }
-    }
+    };
     // Everything is read and bound: from here on netfence keeps only what serving needs.
     // Threads started from here on (the reload thread, the published ports' thread, every
     // VMM's device) inherit the landlock rules; those started before get them only where the
@@ -694,6 +701,21 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = reload_on_sighup(reloader.clone()) {
         eprintln!("netfence: cannot start the reload thread: {e}");
         return ExitCode::from(1);
+    }
+    if let Some(listener) = control {
+        if let Err(e) = netfence::control::socket::start(listener, hub.clone(), reloader.clone()) {
+            eprintln!("netfence: --control: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if let Some(listener) = metrics {
+        match netfence::control::metrics::start(listener, hub.clone()) {
+            Ok(bound) => info!("metrics at http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("netfence: --metrics: cannot start its thread: {e}");
+                return ExitCode::from(1);
+            }
+        }
     }
     if let Some(ports) = &published {
         if let Err(e) = ports.start_refuser() {

@@ -144,6 +144,9 @@ fn ctl_lists_flows_and_status() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.starts_with("KIND"), "{text}");
     assert!(text.contains(&format!("{GUEST_IP}:{port}")), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&op.control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the control socket is for netfence's user only");
     let status = ctl_json(&op.control, "status");
     assert_eq!(status["vmm_connections"], 1);
     assert_eq!(status["open"]["tcp"], 1, "{status}");

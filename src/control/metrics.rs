@@ -220,10 +220,14 @@ pub fn encode(g: &Gathered) -> String {
     text
 }
 
-/// Binds the metrics listener at `addr` and serves it on a thread of its own; returns the
-/// bound address.
-pub fn serve(addr: SocketAddr, hub: Arc<Hub>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Binds the metrics listener at `addr`. Serving starts with [`start`], after confinement,
+/// so that its thread is confined too.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+}
+
+/// Serves the bound metrics listener on a thread of its own; returns its address.
+pub fn start(listener: TcpListener, hub: Arc<Hub>) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("netfence-metrics".to_string())

@@ -28,15 +28,50 @@ const MAX_REQUEST: u64 = 256;
 /// The largest answer `ctl` reads (a flows list of every link is well below).
 const MAX_ANSWER: u64 = 64 << 20;
 
-/// Binds the control socket at `path` and serves it on a thread of its own.
-pub fn serve(path: &Path, hub: Arc<Hub>, reloader: Arc<Reloader>) -> Result<(), String> {
-    let listener = crate::server::bind_public(path).map_err(|e| e.to_string())?;
+/// Binds the control socket at `path` (0600; a stale socket is replaced, a live one refused).
+/// Serving starts with [`start`], after confinement, so that its thread is confined too.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    crate::server::bind_public(path).map_err(|e| e.to_string())
+}
+
+/// Serves the bound control socket on a thread of its own.
+pub fn start(listener: UnixListener, hub: Arc<Hub>, reloader: Arc<Reloader>) -> Result<(), String> {
+    let shown = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_default();
     std::thread::Builder::new()
         .name("netfence-control".to_string())
         .spawn(move || accept_loop(listener, hub, reloader))
         .map_err(|e| format!("cannot start its thread: {e}"))?;
-    info!(path = %path.display(), "control socket ready (netfence ctl --control PATH)");
+    info!(path = %shown, "control socket ready (netfence ctl --control PATH)");
     Ok(())
+}
+
+/// The user id of the process at the other end of `stream` (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 fn accept_loop(listener: UnixListener, hub: Arc<Hub>, reloader: Arc<Reloader>) {
@@ -62,6 +97,17 @@ fn accept_loop(listener: UnixListener, hub: Arc<Hub>, reloader: Arc<Reloader>) {
 }
 
 fn answer(stream: UnixStream, hub: &Hub, reloader: &Reloader) -> std::io::Result<()> {
+    // The socket is 0600 already; a peer of another user (root aside) got a descriptor some
+    // other way and is not served.
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let peer = peer_uid(&stream)?;
+    if peer != me && peer != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("control client of uid {peer} refused (netfence runs as uid {me})"),
+        ));
+    }
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let line = read_command(&stream)?;
     let reply = match line.trim() {
