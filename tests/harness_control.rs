@@ -119,11 +119,30 @@ fn echo(g: &mut Guest, h: smoltcp::iface::SocketHandle, data: &[u8]) {
 #[test]
 fn ctl_lists_flows_and_status() {
     let server = TcpEchoServer::start();
-    let op = operated(&allow_ports(&[80]), &[(80, server.port())]);
+    let udp_server = UdpEchoServer::start();
+    let policy = format!(
+        "[policy]\ndefault_egress = \"deny\"\nrules = [\n\
+         {{ action = \"allow\", destination = \"{PUBLIC_IP}\", protocols = [\"tcp\"], ports = [80] }},\n\
+         {{ action = \"allow\", destination = \"{PUBLIC_IP}\", protocols = [\"udp\"], ports = [90] }},\n]\n"
+    );
+    let op = operated(&policy, &[(80, server.port()), (90, udp_server.port())]);
     let mut g = guest_up(&op.nf);
     let h = g.tcp_connect(PUBLIC_IP, 80, SHORT).expect("connect");
     echo(&mut g, h, &pattern(5000, 3));
+    let u = g.udp_bind(40090);
+    g.udp_send(u, PUBLIC_IP, 90, b"datagram");
+    let (back, _) = g.udp_recv(u, deadline(SHORT)).expect("UDP echo");
+    assert_eq!(back, b"datagram");
     let flows = ctl_json(&op.control, "flows");
+    let list = flows["flows"].as_array().expect("a flows list");
+    let udp = list
+        .iter()
+        .find(|f| f["kind"] == "udp")
+        .unwrap_or_else(|| panic!("the UDP flow is not listed: {flows}"));
+    assert_eq!(udp["src"], format!("{GUEST_IP}:40090"));
+    assert_eq!(udp["dst"], format!("{PUBLIC_IP}:90"));
+    assert_eq!(udp["bytes_to_host"], 8);
+    assert_eq!(udp["bytes_to_guest"], 8);
     let list = flows["flows"].as_array().expect("a flows list");
     let port = g.tcp(h).local_endpoint().unwrap().port;
     let ours = list
@@ -146,7 +165,11 @@ fn ctl_lists_flows_and_status() {
     assert!(text.contains(&format!("{GUEST_IP}:{port}")), "{text}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&op.control).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "the control socket is for netfence's user only");
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the control socket is for netfence's user only"
+    );
     let status = ctl_json(&op.control, "status");
     assert_eq!(status["vmm_connections"], 1);
     assert_eq!(status["open"]["tcp"], 1, "{status}");

@@ -207,9 +207,15 @@ impl Mailbox {
         want
     }
 
-    fn wait_snapshot(&self, want: u64, until: Instant) -> Option<LinkSnapshot> {
+    /// Waits until `done` holds of the mailbox's state (the link answered) or `until`;
+    /// returns the state then, or `None` on time out.
+    fn wait_until(
+        &self,
+        until: Instant,
+        done: impl Fn(&MailboxState) -> bool,
+    ) -> Option<std::sync::MutexGuard<'_, MailboxState>> {
         let mut st = self.lock();
-        while st.answered < want {
+        while !done(&st) {
             let now = Instant::now();
             if now >= until {
                 return None;
@@ -220,7 +226,13 @@ impl Mailbox {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        st.answer.take()
+        Some(st)
+    }
+
+    fn wait_snapshot(&self, want: u64, until: Instant) -> Option<LinkSnapshot> {
+        self.wait_until(until, |st| st.answered >= want)?
+            .answer
+            .take()
     }
 
     fn post_update(&self, update: Arc<SettingsUpdate>) {
@@ -229,19 +241,8 @@ impl Mailbox {
     }
 
     fn wait_applied(&self, generation: u64, until: Instant) -> Option<u64> {
-        let mut st = self.lock();
-        while st.applied < generation {
-            let now = Instant::now();
-            if now >= until {
-                return None;
-            }
-            st = self
-                .answered
-                .wait_timeout(st, until - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        Some(st.applied_resets)
+        self.wait_until(until, |st| st.applied >= generation)
+            .map(|st| st.applied_resets)
     }
 }
 

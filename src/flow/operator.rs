@@ -136,46 +136,45 @@ impl Flows {
         if !with_flows {
             return;
         }
-        for (key, flow) in &self.table.udp {
-            if listed >= LISTED_FLOWS {
-                break;
-            }
-            listed += 1;
-            snap.flows.push(FlowInfo {
-                vm: snap.vm,
-                pair: snap.pair,
-                kind: "udp",
-                direction: "egress",
-                src: key.0.to_string(),
-                dst: key.1.to_string(),
-                state: format!(
+        let udp = self.table.udp.iter().map(|(key, flow)| {
+            (
+                "udp",
+                key.0.to_string(),
+                key.1.to_string(),
+                format!(
                     "{} datagrams out, {} in",
                     flow.datagrams_to_host, flow.datagrams_to_guest
                 ),
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-                age_secs: now.duration_since(flow.started).as_secs_f64(),
-                rule: flow.rule.clone(),
-                domain: None,
-            });
-        }
-        for flow in self.table.echo.values() {
-            if listed >= LISTED_FLOWS {
-                break;
-            }
-            listed += 1;
+                (flow.bytes_to_host, flow.bytes_to_guest, flow.started),
+                &flow.rule,
+            )
+        });
+        let echo = self.table.echo.values().map(|flow| {
+            (
+                "icmp",
+                flow.guest.to_string(),
+                flow.dst.to_string(),
+                format!("echo id {}", flow.ident),
+                (flow.bytes_to_host, flow.bytes_to_guest, flow.started),
+                &flow.rule,
+            )
+        });
+        let room = LISTED_FLOWS.saturating_sub(listed);
+        for (kind, src, dst, state, (to_host, to_guest, started), rule) in
+            udp.chain(echo).take(room)
+        {
             snap.flows.push(FlowInfo {
                 vm: snap.vm,
                 pair: snap.pair,
-                kind: "icmp",
+                kind,
                 direction: "egress",
-                src: flow.guest.to_string(),
-                dst: flow.dst.to_string(),
-                state: format!("echo id {}", flow.ident),
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-                age_secs: now.duration_since(flow.started).as_secs_f64(),
-                rule: flow.rule.clone(),
+                src,
+                dst,
+                state,
+                bytes_to_host: to_host,
+                bytes_to_guest: to_guest,
+                age_secs: now.duration_since(started).as_secs_f64(),
+                rule: rule.clone(),
                 domain: None,
             });
         }
