@@ -134,6 +134,27 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Times netfence's threads went to sleep (voluntary context switches, all threads): each is
+/// a wake-up later, the cost that dominates a short connection.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+        })
+        .sum()
+}
+
 // ---- checksums and frames ---------------------------------------------------------------------
 
 fn sum16(data: &[u8]) -> u32 {
@@ -1581,6 +1602,8 @@ fn rr_leg(secs: f64) -> Result<(), String> {
     // Connections per second: handshake, then FIN both ways, one after another.
     let end = Instant::now() + Duration::from_secs_f64(secs / 2.0);
     let t0 = Instant::now();
+    let cps_cpu0 = cpu_secs(pid);
+    let cps_sleeps0 = sleeps(pid);
     let mut conns = 0u64;
     let mut port = 42000u16;
     while Instant::now() < end {
@@ -1635,13 +1658,18 @@ fn rr_leg(secs: f64) -> Result<(), String> {
         conns += 1;
         port = port.wrapping_add(1).max(42000);
     }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cps_cpu = cpu_secs(pid) - cps_cpu0;
+    let cps_sleeps = sleeps(pid) - cps_sleeps0;
     println!(
-        "RESULT rr round_trips={} p50_us={:.0} p99_us={:.0} nf_cpu_us_per_rt={:.1} conns_per_s={:.0}",
+        "RESULT rr round_trips={} p50_us={:.0} p99_us={:.0} nf_cpu_us_per_rt={:.1} conns_per_s={:.0} nf_cpu_us_per_conn={:.1} nf_sleeps_per_conn={:.2}",
         rtts.len(),
         pct(0.5),
         pct(0.99),
         rr_cpu * 1e6 / rtts.len().max(1) as f64,
-        conns as f64 / t0.elapsed().as_secs_f64()
+        conns as f64 / elapsed,
+        cps_cpu * 1e6 / conns.max(1) as f64,
+        cps_sleeps as f64 / conns.max(1) as f64
     );
     Ok(())
 }
