@@ -484,6 +484,16 @@ impl Flows {
         }
         if let Err(e) = self.dial(&head, frame, gated, &names.asked, now) {
             self.refuse_tcp(&head, frame, &e, stack);
+            return;
+        }
+        // A connect to this host's own addresses (loopback, the usual --map target) has
+        // normally completed by the time connect() returns: answer the guest's SYN now rather
+        // than one epoll round later. Otherwise the socket's first writable edge says when.
+        if let Some(flow) = self.table.tcp.get_mut(&key) {
+            if flow.host.connected_now() {
+                flow.host.writable = true;
+                self.host_dialed(key, Ok(()), stack);
+            }
         }
     }
 
@@ -656,6 +666,19 @@ impl Flows {
         if flow.wake(stack) {
             self.awake.insert(key);
         }
+        if flow.is_dialing() && set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            let result = flow.host.connect_result();
+            self.host_dialed(key, result, stack);
+        }
+    }
+
+    /// The host connect of a dialing flow ended with `result`: on success the guest end takes
+    /// the held SYN (and answers it), on failure the guest's connect is refused.
+    fn host_dialed(&mut self, key: FlowKey, result: io::Result<()>, stack: &mut GuestStack) {
+        let Some(flow) = self.table.tcp.get_mut(&key) else {
+            return;
+        };
         let GuestEnd::Held {
             syn_frame,
             syn: head,
@@ -663,11 +686,8 @@ impl Flows {
         else {
             return;
         };
-        if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
-            return;
-        }
         let (syn, head) = (std::mem::take(syn_frame), *head);
-        match flow.host.connect_result() {
+        match result {
             Ok(()) => {
                 let (socket, rings) =
                     tcp::listening_guest_end(flow.dst, self.settings.limits.tcp_buffer_bytes);

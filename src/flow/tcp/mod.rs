@@ -3,7 +3,9 @@
 //!
 //! Theory of operation. The guest's SYN is held while netfence connects the host end
 //! ([`host_end`], non-blocking); the connect counts against `tcp-connecting` and times out after
-//! `connect-timeout-secs`. Only when the host side is connected does the guest end (a smoltcp
+//! `connect-timeout-secs`. (A connect to one of the host's own addresses, loopback above all,
+//! has usually completed when `connect()` returns: the SYN is then answered at once, not one
+//! epoll round later.) Only when the host side is connected does the guest end (a smoltcp
 //! socket listening on the guest's destination) receive the held SYN, so the guest's handshake
 //! completes exactly when the far end accepted; a refusal becomes an RST (or an ICMP
 //! unreachable) to the guest instead. A guest that then never completes its handshake loses the
