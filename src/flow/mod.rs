@@ -81,9 +81,13 @@ use self::udp::{UdpBatch, UdpFlow, UdpReceiver};
 /// (guest source, guest-visible destination)
 pub type FlowKey = (SocketAddr, SocketAddr);
 
-/// How long the smoltcp socket of a gracefully closed flow outlives it: longer than smoltcp's
-/// ACK delay (10 ms), so the ACK of the guest's last segment and FIN still goes out.
+/// How long the smoltcp socket of a gracefully closed flow outlives it: well past the ACK
+/// delay ([`tcp::GUEST_ACK_DELAY`]), so the ACK of the guest's last segment and FIN still goes
+/// out, and a FIN the guest sends again is answered.
 const SOCKET_LINGER: Duration = Duration::from_millis(50);
+/// A closed flow that carried more than this gives back its rings' pages as its socket starts
+/// lingering (a short one has touched a page or two: not worth the call).
+const LINGER_RELEASE_BYTES: u64 = 16 * 1024;
 /// The least a TCP flow may hold each way, however many flows share the link's budget.
 const MIN_TCP_SHARE: usize = 16 * 1024;
 /// Datagrams read from one host socket per pump before the others get their turn.
@@ -1077,7 +1081,12 @@ impl Flows {
             } else if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
                 let state = stack.sockets.get::<stcp::Socket>(handle).state();
                 if state == stcp::State::TimeWait {
-                    // smoltcp may still owe the guest the (delayed) ACK of its FIN.
+                    // smoltcp may still owe the guest the (delayed) ACK of its FIN. Every byte
+                    // went through: the rings are dead, and a flow that carried more than a few
+                    // pages gives them back now rather than when the socket goes.
+                    if flow.bytes_to_host + flow.bytes_to_guest > LINGER_RELEASE_BYTES {
+                        rings.release();
+                    }
                     self.lingering.push((*key, handle, Instant::now(), rings));
                 } else {
                     stack.sockets.remove(handle);
@@ -1592,15 +1601,12 @@ impl Flows {
         self.pump_echo(stack);
     }
 
-    /// The next time something here needs attention without an event.
+    /// The next time something here needs attention without an event. Lingering sockets have
+    /// no deadline of their own: they go at the first pump after [`SOCKET_LINGER`] (any event,
+    /// at the latest the once-a-second housekeeping tick), which spares a wake-up per closed
+    /// connection; smoltcp's own timers (a delayed ACK) are armed through the stack.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let linger = self
-            .lingering
-            .iter()
-            .map(|(_, _, since, _)| *since + SOCKET_LINGER)
-            .min();
         [
-            linger,
             self.dns.service.next_deadline(),
             self.inbound_deadline(Instant::now()),
         ]
