@@ -24,7 +24,9 @@
 //! - `scale`: N established idle flows through `--map` to a loopback listener that holds them;
 //!   netfence's RSS before and after.
 //! - `rr`: TCP request/response round trips (1 byte each way) through netfence to a loopback
-//!   echo server, and connections per second (handshake + FIN both ways): backend-only latency.
+//!   echo server, and connections per second (handshake + FIN both ways, to a server that
+//!   closes when the guest does) with netfence's CPU and sleeps per connection: backend-only
+//!   latency.
 //! - `udp`: dpdk-testpmd virtio_user txonly -> netfence -> loopback sink (pps, netfence CPU per
 //!   frame); the same testpmd against testpmd's vhost PMD (the DPDK<->DPDK limit); and a
 //!   sendmmsg loop of the same datagrams to the same sink (the kernel's own cost per datagram).
@@ -56,6 +58,7 @@ const SINK_PORT: u16 = 5001;
 const SOURCE_PORT: u16 = 5002;
 const HOLD_PORT: u16 = 5003;
 const ECHO_PORT: u16 = 5004;
+const CLOSE_PORT: u16 = 5005;
 const MSS: usize = 1460;
 /// Our window scale: 65535 << 7 = 8 MiB of receive window.
 const OUR_WSCALE: u8 = 7;
@@ -720,6 +723,25 @@ fn echo_server() -> u16 {
             }
         }
     })
+}
+
+/// Reads each connection to its end, then closes it: one connection after another, on one
+/// thread (the connections-per-second loop opens them one after another). A thread per
+/// connection would make its start-up most of what a connection costs.
+fn close_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback listener");
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for mut s in l.incoming().flatten() {
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    port
 }
 
 // ---- TCP through netfence ---------------------------------------------------------------------
@@ -1531,7 +1553,8 @@ fn scale_leg(flows: usize) -> Result<(), String> {
 
 fn rr_leg(secs: f64) -> Result<(), String> {
     let echo = echo_server();
-    let (nf, mut d, e) = netfence_guest(&[], &[(ECHO_PORT, echo)])?;
+    let close = close_server();
+    let (nf, mut d, e) = netfence_guest(&[], &[(ECHO_PORT, echo), (CLOSE_PORT, close)])?;
     let pid = nf.pid().ok_or("netfence has no pid")?;
     let mut fl = open_flows(
         &mut d,
@@ -1611,7 +1634,7 @@ fn rr_leg(secs: f64) -> Result<(), String> {
             &mut d,
             &e,
             &[port],
-            ECHO_PORT,
+            CLOSE_PORT,
             1,
             Instant::now() + Duration::from_secs(5),
         )?[0];
