@@ -176,8 +176,9 @@ guest_script() {
     echo "echo BENCH-MARK iperf-done"
     if [ "$lat" = 1 ]; then
         echo "socat TCP:$host:$RR_PORT EXEC:cat"
-        # -b 1: socat writes the two bytes in two writes.
-        echo "i=0; while [ \$i -lt $WW_N ]; do printf ab | socat -b 1 -t 1 - TCP:$host:$WW_PORT >/dev/null; i=\$((i+1)); done"
+        # -b 1: socat writes the two bytes in two writes. Its input stays open a while: at the
+        # input's end socat shuts the socket down, which pushes the held byte out at once.
+        echo "i=0; while [ \$i -lt $WW_N ]; do (printf ab; sleep 0.1) | socat -b 1 -t 0.05 - TCP:$host:$WW_PORT >/dev/null; i=\$((i+1)); done"
         echo "i=0; while [ \$i -lt $CONNS ]; do socat -u TCP:$host:$CPS_PORT - >/dev/null; i=\$((i+1)); done"
         echo "echo BENCH-MARK lat-done"
     fi
