@@ -24,7 +24,9 @@
 //! - `scale`: N established idle flows through `--map` to a loopback listener that holds them;
 //!   netfence's RSS before and after.
 //! - `rr`: TCP request/response round trips (1 byte each way) through netfence to a loopback
-//!   echo server, and connections per second (handshake + FIN both ways): backend-only latency.
+//!   echo server, and connections per second (handshake + FIN both ways, to a server that
+//!   closes when the guest does) with netfence's CPU and sleeps per connection: backend-only
+//!   latency.
 //! - `udp`: dpdk-testpmd virtio_user txonly -> netfence -> loopback sink (pps, netfence CPU per
 //!   frame); the same testpmd against testpmd's vhost PMD (the DPDK<->DPDK limit); and a
 //!   sendmmsg loop of the same datagrams to the same sink (the kernel's own cost per datagram).
@@ -56,6 +58,7 @@ const SINK_PORT: u16 = 5001;
 const SOURCE_PORT: u16 = 5002;
 const HOLD_PORT: u16 = 5003;
 const ECHO_PORT: u16 = 5004;
+const CLOSE_PORT: u16 = 5005;
 const MSS: usize = 1460;
 /// Our window scale: 65535 << 7 = 8 MiB of receive window.
 const OUR_WSCALE: u8 = 7;
@@ -132,6 +135,27 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// Times netfence's threads went to sleep (voluntary context switches, all threads): each is
+/// a wake-up later, the cost that dominates a short connection.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+        })
+        .sum()
 }
 
 // ---- checksums and frames ---------------------------------------------------------------------
@@ -699,6 +723,25 @@ fn echo_server() -> u16 {
             }
         }
     })
+}
+
+/// Reads each connection to its end, then closes it: one connection after another, on one
+/// thread (the connections-per-second loop opens them one after another). A thread per
+/// connection would make its start-up most of what a connection costs.
+fn close_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback listener");
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for mut s in l.incoming().flatten() {
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    port
 }
 
 // ---- TCP through netfence ---------------------------------------------------------------------
@@ -1510,7 +1553,8 @@ fn scale_leg(flows: usize) -> Result<(), String> {
 
 fn rr_leg(secs: f64) -> Result<(), String> {
     let echo = echo_server();
-    let (nf, mut d, e) = netfence_guest(&[], &[(ECHO_PORT, echo)])?;
+    let close = close_server();
+    let (nf, mut d, e) = netfence_guest(&[], &[(ECHO_PORT, echo), (CLOSE_PORT, close)])?;
     let pid = nf.pid().ok_or("netfence has no pid")?;
     let mut fl = open_flows(
         &mut d,
@@ -1581,6 +1625,8 @@ fn rr_leg(secs: f64) -> Result<(), String> {
     // Connections per second: handshake, then FIN both ways, one after another.
     let end = Instant::now() + Duration::from_secs_f64(secs / 2.0);
     let t0 = Instant::now();
+    let cps_cpu0 = cpu_secs(pid);
+    let cps_sleeps0 = sleeps(pid);
     let mut conns = 0u64;
     let mut port = 42000u16;
     while Instant::now() < end {
@@ -1588,7 +1634,7 @@ fn rr_leg(secs: f64) -> Result<(), String> {
             &mut d,
             &e,
             &[port],
-            ECHO_PORT,
+            CLOSE_PORT,
             1,
             Instant::now() + Duration::from_secs(5),
         )?[0];
@@ -1635,13 +1681,18 @@ fn rr_leg(secs: f64) -> Result<(), String> {
         conns += 1;
         port = port.wrapping_add(1).max(42000);
     }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cps_cpu = cpu_secs(pid) - cps_cpu0;
+    let cps_sleeps = sleeps(pid) - cps_sleeps0;
     println!(
-        "RESULT rr round_trips={} p50_us={:.0} p99_us={:.0} nf_cpu_us_per_rt={:.1} conns_per_s={:.0}",
+        "RESULT rr round_trips={} p50_us={:.0} p99_us={:.0} nf_cpu_us_per_rt={:.1} conns_per_s={:.0} nf_cpu_us_per_conn={:.1} nf_sleeps_per_conn={:.2}",
         rtts.len(),
         pct(0.5),
         pct(0.99),
         rr_cpu * 1e6 / rtts.len().max(1) as f64,
-        conns as f64 / t0.elapsed().as_secs_f64()
+        conns as f64 / elapsed,
+        cps_cpu * 1e6 / conns.max(1) as f64,
+        cps_sleeps as f64 / conns.max(1) as f64
     );
     Ok(())
 }

@@ -10,9 +10,12 @@
 #            receiver) and backend CPU-s per GB (10^9 bytes); for slirp the backend is QEMU
 #            itself, so its CPU includes the guest's vCPU.
 #   latency  in the MTU-1500 netfence and passt boots: TCP request/response (64 B each way, the
-#            host drives, the guest echoes with socat) p50/p99, and connections/s (the guest
-#            opens N connections one after another to a host server); plus the backend-only
-#            figure from the bench frontend (1-byte round trips, FIN-closed connections/s).
+#            host drives, the guest echoes with socat) p50/p99; write-write (the guest writes
+#            two bytes in two writes: Nagle's algorithm holds the second until the first is
+#            ACKed, so the gap between them at the host is how long the backend held that ACK);
+#            and connections/s (the guest opens N connections one after another to a host
+#            server); plus the backend-only figure from the bench frontend (1-byte round trips,
+#            FIN-closed connections/s, netfence CPU and sleeps per connection).
 #   backend  backend-bound TCP from the synthetic vhost-user frontend (benches/frontend.rs)
 #            through --map to a loopback sink/source, each way: Gbit/s, netfence CPU-s/GB,
 #            frames and kicks per GB; 2 queue pairs; and the raw copy limit (the same frontend
@@ -97,18 +100,38 @@ CONNS=200
 [ "$QUICK" = 1 ] && CONNS=50
 RR_N=2000
 [ "$QUICK" = 1 ] && RR_N=500
+WW_PORT="$(free_port)"
+WW_N=20
+[ "$QUICK" = 1 ] && WW_N=10
 
 # The host side of the latency runs: on RR_PORT it sends 64 bytes, waits for them back (the
-# guest echoes), RR_N times, and records each round trip; on CPS_PORT it answers and closes
-# each connection and records when the first and the last arrived. Results go to $1.
+# guest echoes), RR_N times, and records each round trip; on WW_PORT it reads two bytes from
+# each of WW_N connections and records the time between them, then answers and closes; on
+# CPS_PORT it answers and closes each connection and records when the first and the last
+# arrived. Results go to $1.
 latency_server() {
-    python3 - "$1" "$RR_PORT" "$CPS_PORT" "$RR_N" "$CONNS" >"$1.latency.log" 2>&1 <<'EOF' &
+    python3 - "$1" "$RR_PORT" "$CPS_PORT" "$RR_N" "$CONNS" "$WW_PORT" "$WW_N" >"$1.latency.log" 2>&1 <<'EOF' &
 import socket, sys, threading, time
 out, rrp, cpsp, n, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+wwp, wwn = int(sys.argv[6]), int(sys.argv[7])
 def listener(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port)); s.listen(128); return s
-rr, cps = listener(rrp), listener(cpsp)
+rr, cps, ww = listener(rrp), listener(cpsp), listener(wwp)
+def do_ww():
+    gaps = []
+    for _ in range(wwn):
+        c, _ = ww.accept(); got, t = b"", []
+        while len(got) < 2:
+            d = c.recv(2 - len(got))
+            if not d: break
+            got += d; t.append(time.monotonic())
+        # Both bytes in one read: the second came before the server read the first (0).
+        if len(got) == 2: gaps.append((t[-1] - t[0]) * 1e6)
+        c.sendall(b"ok\n"); c.close()
+    gaps.sort()
+    with open(out + ".ww", "w") as f:
+        if gaps: f.write("%d %.0f\n" % (len(gaps), gaps[len(gaps) // 2]))
 def do_rr():
     c, _ = rr.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg, t = b"x" * 64, []
@@ -130,6 +153,7 @@ def do_cps():
     with open(out + ".cps", "w") as f:
         f.write("%d %.1f\n" % (len(times), (len(times) - 1) / max(times[-1] - times[0], 1e-6)))
 threading.Thread(target=do_rr, daemon=True).start()
+threading.Thread(target=do_ww, daemon=True).start()
 do_cps()
 EOF
     echo $!
@@ -152,6 +176,9 @@ guest_script() {
     echo "echo BENCH-MARK iperf-done"
     if [ "$lat" = 1 ]; then
         echo "socat TCP:$host:$RR_PORT EXEC:cat"
+        # -b 1: socat writes the two bytes in two writes. Its input stays open a while: at the
+        # input's end socat shuts the socket down, which pushes the held byte out at once.
+        echo "i=0; while [ \$i -lt $WW_N ]; do (printf ab; sleep 0.1) | socat -b 1 -t 0.05 - TCP:$host:$WW_PORT >/dev/null; i=\$((i+1)); done"
         echo "i=0; while [ \$i -lt $CONNS ]; do socat -u TCP:$host:$CPS_PORT - >/dev/null; i=\$((i+1)); done"
         echo "echo BENCH-MARK lat-done"
     fi
@@ -207,7 +234,8 @@ guest_leg() {
     case "$kind" in
         netfence)
             local maps=(--map "203.0.113.9:$IPERF_PORT=127.0.0.1:$IPERF_PORT"
-                --map "203.0.113.9:$RR_PORT=127.0.0.1:$RR_PORT" --map "203.0.113.9:$CPS_PORT=127.0.0.1:$CPS_PORT")
+                --map "203.0.113.9:$RR_PORT=127.0.0.1:$RR_PORT" --map "203.0.113.9:$CPS_PORT=127.0.0.1:$CPS_PORT"
+                --map "203.0.113.9:$WW_PORT=127.0.0.1:$WW_PORT")
             local mtuarg=()
             [ "$mtu" != 1500 ] && mtuarg=(--mtu "$mtu")
             start_netfence "$name" "${maps[@]}" "${mtuarg[@]}" || { FAILED+=("$name"); return 0; }
@@ -313,14 +341,18 @@ if want latency; then
     for k in nf1500 passt1500; do
         read -r _ p50 p99 <<<"$(cat "$WORK/$k.rr" 2>/dev/null || echo "n/a n/a n/a")"
         read -r _ cps <<<"$(cat "$WORK/$k.cps" 2>/dev/null || echo "n/a n/a")"
-        eval "${k}_p50=\${p50:-n/a} ${k}_p99=\${p99:-n/a} ${k}_cps=\${cps:-n/a}"
+        read -r _ ww <<<"$(cat "$WORK/$k.ww" 2>/dev/null || echo "n/a n/a")"
+        eval "${k}_p50=\${p50:-n/a} ${k}_p99=\${p99:-n/a} ${k}_cps=\${cps:-n/a} ${k}_ww=\${ww:-n/a}"
     done
     row "latency (guest)" "rr p50 us" "$nf1500_p50" passt "$passt1500_p50"
     row "latency (guest)" "rr p99 us" "$nf1500_p99" passt "$passt1500_p99"
+    row "latency (guest)" "write-write gap p50 us" "$nf1500_ww" passt "$passt1500_ww"
     row "latency (guest)" "conn/s (guest socat)" "$nf1500_cps" passt "$passt1500_cps"
     row "latency (backend)" "rr p50 us" "$(val rr p50_us)" "" ""
     row "latency (backend)" "rr p99 us" "$(val rr p99_us)" "" ""
     row "latency (backend)" "conn/s" "$(val rr conns_per_s)" "" ""
+    row "latency (backend)" "CPU us/conn" "$(val rr nf_cpu_us_per_conn)" "" ""
+    row "latency (backend)" "sleeps/conn" "$(val rr nf_sleeps_per_conn)" "" ""
 fi
 if want backend; then
     lim="$(val tcp-limit gbit)"

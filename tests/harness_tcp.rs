@@ -596,3 +596,147 @@ fn a_handshake_the_guest_resets_ends_its_flow() {
         other => panic!("the reset flow's host connection stayed open: {other:?}"),
     }
 }
+
+/// A guest that writes twice before it reads waits for the ACK of its first small write
+/// (Nagle's algorithm holds the second until then). netfence's guest end holds an ACK at most
+/// about a millisecond (`GUEST_ACK_DELAY`), not smoltcp's default 10 ms: a lone one-byte
+/// segment, which the host never answers, is acknowledged well before 10 ms. (The best of a few
+/// tries is compared, so a loaded machine does not fail it; with a 10 ms delay even the best
+/// waits 10 ms.)
+#[test]
+fn a_lone_small_segment_is_acknowledged_within_a_few_milliseconds() {
+    use common::frames::{self, Flags};
+    use std::net::TcpListener;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nf = Netfence::spawn(&[
+        "--map".to_string(),
+        format!(
+            "{PUBLIC_IP}:88=127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        ),
+    ]);
+    let mut g = guest_up(&nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    let fe = &mut g.dev.fe;
+    let (sport, iss) = (41088, 3_000_000u32);
+    let ours = |f: &[u8]| frames::parse_tcp(f).filter(|t| t.dport == sport && t.sport == 88);
+    fe.send_frame(&frames::tcp_syn_frame(
+        me, gw, GUEST_IP, PUBLIC_IP, sport, 88, iss,
+    ));
+    let sa = fe
+        .recv_matching(deadline(SHORT), |f| {
+            ours(f).is_some_and(|t| t.flags.syn && t.flags.ack)
+        })
+        .and_then(|f| ours(&f))
+        .expect("no SYN-ACK");
+    let (_host, _) = listener.accept().unwrap();
+    let rcv = sa.seq.wrapping_add(1);
+    let seg = |seq: u32, flags: Flags, payload: &[u8]| {
+        let t = frames::tcp_segment(
+            GUEST_IP, PUBLIC_IP, sport, 88, seq, rcv, flags, 65535, payload,
+        );
+        frames::eth(
+            gw,
+            me,
+            0x0800,
+            &frames::ipv4_packet(GUEST_IP, PUBLIC_IP, 6, 1, &t),
+        )
+    };
+    let mut seq = iss.wrapping_add(1);
+    fe.send_frame(&seg(seq, Flags::ACK, &[]));
+    let push = Flags {
+        ack: true,
+        psh: true,
+        ..Default::default()
+    };
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let sent = Instant::now();
+        fe.send_frame(&seg(seq, push, b"x"));
+        seq = seq.wrapping_add(1);
+        let want = seq;
+        fe.recv_matching(deadline(SHORT), |f| {
+            ours(f).is_some_and(|t| t.flags.ack && t.ack == want)
+        })
+        .unwrap_or_else(|| panic!("the byte was never acknowledged\n{}", nf.log_text()));
+        waits.push(sent.elapsed());
+    }
+    let best = waits.iter().min().copied().unwrap();
+    assert!(
+        best < Duration::from_millis(8),
+        "a lone small segment waited at least {best:?} for its ACK (all waits: {waits:?}): a \
+         guest under Nagle's algorithm would stall that long per exchange"
+    );
+}
+
+/// The guest's SYN is answered only when the host side has connected. A loopback connect
+/// usually completes within `connect()`, and netfence answers the SYN at once then; this one
+/// cannot (the listener's accept queue is full, so the kernel drops the host-side SYN and
+/// retries it a second later): netfence holds the guest's SYN, sends no SYN-ACK while the host
+/// side waits, and completes the guest's handshake when its socket reports the connect done.
+#[test]
+fn a_host_connect_that_completes_late_completes_the_handshake_then() {
+    use common::frames::{self, Flags};
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on our own socket, to shrink its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        queued.push(s);
+        assert!(queued.len() < 16, "the accept queue does not fill");
+    }
+    let nf = Netfence::spawn(&["--map".to_string(), format!("{PUBLIC_IP}:89={addr}")]);
+    let mut g = guest_up(&nf);
+    let gw = g.arp_raw(GATEWAY, SHORT).expect("ARP").sender_mac;
+    let me = g.mac;
+    let fe = &mut g.dev.fe;
+    let (sport, iss) = (41089, 5_000_000u32);
+    let ours = |f: &[u8]| frames::parse_tcp(f).filter(|t| t.dport == sport && t.sport == 89);
+    fe.send_frame(&frames::tcp_syn_frame(
+        me, gw, GUEST_IP, PUBLIC_IP, sport, 89, iss,
+    ));
+    let early = fe.recv_matching(deadline(Duration::from_millis(300)), |f| ours(f).is_some());
+    assert!(
+        early.is_none(),
+        "netfence answered the SYN while its host connect could not have completed: {:?}",
+        early.as_deref().and_then(&ours)
+    );
+    // Make room: the kernel's retry of the host-side SYN now gets through.
+    for _ in 0..queued.len() {
+        let _ = listener.accept().unwrap();
+    }
+    drop(queued);
+    let sa = fe
+        .recv_matching(deadline(SHORT), |f| ours(f).is_some())
+        .and_then(|f| ours(&f))
+        .unwrap_or_else(|| panic!("no answer to the held SYN\n{}", nf.log_text()));
+    assert!(
+        sa.flags.syn && sa.flags.ack,
+        "the held SYN was answered with {sa:?}"
+    );
+    let (mut host, _) = listener.accept().unwrap();
+    let rcv = sa.seq.wrapping_add(1);
+    let seq = iss.wrapping_add(1);
+    let flags = Flags {
+        ack: true,
+        psh: true,
+        ..Default::default()
+    };
+    let t = frames::tcp_segment(
+        GUEST_IP, PUBLIC_IP, sport, 89, seq, rcv, flags, 65535, b"late",
+    );
+    fe.send_frame(&frames::eth(
+        gw,
+        me,
+        0x0800,
+        &frames::ipv4_packet(GUEST_IP, PUBLIC_IP, 6, 1, &t),
+    ));
+    host.set_read_timeout(Some(SHORT)).unwrap();
+    let mut got = [0u8; 4];
+    host.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("the guest's bytes did not arrive: {e}\n{}", nf.log_text()));
+    assert_eq!(&got, b"late");
+}

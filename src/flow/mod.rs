@@ -81,9 +81,13 @@ use self::udp::{UdpBatch, UdpFlow, UdpReceiver};
 /// (guest source, guest-visible destination)
 pub type FlowKey = (SocketAddr, SocketAddr);
 
-/// How long the smoltcp socket of a gracefully closed flow outlives it: longer than smoltcp's
-/// ACK delay (10 ms), so the ACK of the guest's last segment and FIN still goes out.
+/// How long the smoltcp socket of a gracefully closed flow outlives it: well past the ACK
+/// delay ([`tcp::GUEST_ACK_DELAY`]), so the ACK of the guest's last segment and FIN still goes
+/// out, and a FIN the guest sends again is answered.
 const SOCKET_LINGER: Duration = Duration::from_millis(50);
+/// A closed flow that carried more than this gives back its rings' pages as its socket starts
+/// lingering (a short one has touched a page or two: not worth the call).
+const LINGER_RELEASE_BYTES: u64 = 16 * 1024;
 /// The least a TCP flow may hold each way, however many flows share the link's budget.
 const MIN_TCP_SHARE: usize = 16 * 1024;
 /// Datagrams read from one host socket per pump before the others get their turn.
@@ -484,6 +488,16 @@ impl Flows {
         }
         if let Err(e) = self.dial(&head, frame, gated, &names.asked, now) {
             self.refuse_tcp(&head, frame, &e, stack);
+            return;
+        }
+        // A connect to this host's own addresses (loopback, the usual --map target) has
+        // normally completed by the time connect() returns: answer the guest's SYN now rather
+        // than one epoll round later. Otherwise the socket's first writable edge says when.
+        if let Some(flow) = self.table.tcp.get_mut(&key) {
+            if flow.host.connected_now() {
+                flow.host.writable = true;
+                self.host_dialed(key, Ok(()), stack);
+            }
         }
     }
 
@@ -656,6 +670,19 @@ impl Flows {
         if flow.wake(stack) {
             self.awake.insert(key);
         }
+        if flow.is_dialing() && set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            let result = flow.host.connect_result();
+            self.host_dialed(key, result, stack);
+        }
+    }
+
+    /// The host connect of a dialing flow ended with `result`: on success the guest end takes
+    /// the held SYN (and answers it), on failure the guest's connect is refused.
+    fn host_dialed(&mut self, key: FlowKey, result: io::Result<()>, stack: &mut GuestStack) {
+        let Some(flow) = self.table.tcp.get_mut(&key) else {
+            return;
+        };
         let GuestEnd::Held {
             syn_frame,
             syn: head,
@@ -663,11 +690,8 @@ impl Flows {
         else {
             return;
         };
-        if !set.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
-            return;
-        }
         let (syn, head) = (std::mem::take(syn_frame), *head);
-        match flow.host.connect_result() {
+        match result {
             Ok(()) => {
                 let (socket, rings) =
                     tcp::listening_guest_end(flow.dst, self.settings.limits.tcp_buffer_bytes);
@@ -1057,7 +1081,12 @@ impl Flows {
             } else if let GuestEnd::Socket { handle, rings, .. } = flow.guest_end {
                 let state = stack.sockets.get::<stcp::Socket>(handle).state();
                 if state == stcp::State::TimeWait {
-                    // smoltcp may still owe the guest the (delayed) ACK of its FIN.
+                    // smoltcp may still owe the guest the (delayed) ACK of its FIN. Every byte
+                    // went through: the rings are dead, and a flow that carried more than a few
+                    // pages gives them back now rather than when the socket goes.
+                    if flow.bytes_to_host + flow.bytes_to_guest > LINGER_RELEASE_BYTES {
+                        rings.release();
+                    }
                     self.lingering.push((*key, handle, Instant::now(), rings));
                 } else {
                     stack.sockets.remove(handle);
@@ -1572,15 +1601,12 @@ impl Flows {
         self.pump_echo(stack);
     }
 
-    /// The next time something here needs attention without an event.
+    /// The next time something here needs attention without an event. Lingering sockets have
+    /// no deadline of their own: they go at the first pump after [`SOCKET_LINGER`] (any event,
+    /// at the latest the once-a-second housekeeping tick), which spares a wake-up per closed
+    /// connection; smoltcp's own timers (a delayed ACK) are armed through the stack.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let linger = self
-            .lingering
-            .iter()
-            .map(|(_, _, since, _)| *since + SOCKET_LINGER)
-            .min();
         [
-            linger,
             self.dns.service.next_deadline(),
             self.inbound_deadline(Instant::now()),
         ]

@@ -21,20 +21,18 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub fn connect(target: SocketAddr) -> Result<Socket, OpenError> {
     let socket = Socket::new(
         Domain::for_address(target),
-        Type::STREAM.cloexec(),
+        Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )
     .map_err(OpenError::Socket)?;
-    let setup = socket
-        .set_nonblocking(true)
-        .and_then(|_| socket.set_tcp_nodelay(true))
-        .and_then(|_| {
-            socket.set_tcp_keepalive(
-                &TcpKeepalive::new()
-                    .with_time(KEEPALIVE_IDLE)
-                    .with_interval(KEEPALIVE_INTERVAL),
-            )
-        });
+    // Non-blocking from the start (SOCK_NONBLOCK): no fcntl round trips.
+    let setup = socket.set_tcp_nodelay(true).and_then(|_| {
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL),
+        )
+    });
     setup.map_err(OpenError::Socket)?;
     match socket.connect(&SockAddr::from(target)) {
         Ok(()) => Ok(socket),
@@ -75,6 +73,13 @@ impl HostEnd {
         }
         // A connected socket has a peer; an unconnected one fails here with ENOTCONN.
         self.socket.peer_addr().map(|_| ())
+    }
+
+    /// Whether the connect has already completed (right after `connect`: a connect to one of
+    /// this host's own addresses completes within the call). One `getpeername`; `false` while
+    /// it is in progress or when it failed (the writable edge then tells).
+    pub fn connected_now(&self) -> bool {
+        self.socket.peer_addr().is_ok()
     }
 
     /// Half-closes toward the host (the guest sent FIN and all its bytes are out).

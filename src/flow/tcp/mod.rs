@@ -3,7 +3,9 @@
 //!
 //! Theory of operation. The guest's SYN is held while netfence connects the host end
 //! ([`host_end`], non-blocking); the connect counts against `tcp-connecting` and times out after
-//! `connect-timeout-secs`. Only when the host side is connected does the guest end (a smoltcp
+//! `connect-timeout-secs`. (A connect to one of the host's own addresses, loopback above all,
+//! has usually completed when `connect()` returns: the SYN is then answered at once, not one
+//! epoll round later.) Only when the host side is connected does the guest end (a smoltcp
 //! socket listening on the guest's destination) receive the held SYN, so the guest's handshake
 //! completes exactly when the far end accepted; a refusal becomes an RST (or an ICMP
 //! unreachable) to the guest instead. A guest that then never completes its handshake loses the
@@ -60,8 +62,8 @@ pub enum GuestEnd {
 
 /// How long a flow moves no byte before its buffers' memory is given back (if they are empty).
 pub const REST: std::time::Duration = std::time::Duration::from_secs(2);
-/// How long a flow moves no byte before its socket is parked (longer than smoltcp's 10 ms ACK
-/// delay, so that its last ACK is normally out).
+/// How long a flow moves no byte before its socket is parked (well past [`GUEST_ACK_DELAY`],
+/// so that its last ACK is normally out).
 pub const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where the guest's byte stream stands, from the segments it sent: whether smoltcp's receive
@@ -254,15 +256,24 @@ impl From<Violation> for PumpResult {
     }
 }
 
+/// How long a guest end holds the ACK of the guest's data, hoping to send it with data of its
+/// own (smoltcp's default is 10 ms). Every second full-sized segment is still ACKed at once, so
+/// a bulk upload sends as many ACKs as with 10 ms; but a guest that writes twice before it
+/// reads (Nagle's algorithm holds the second small write until the first is ACKed) waits this
+/// long per exchange: 10 ms would make every such exchange 10 ms slower. 1 ms is also the
+/// timer's granularity (`link::timer`), and a host that answers within it still carries the
+/// ACK on its answer.
+pub const GUEST_ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(1);
+
 /// A guest end's smoltcp socket with `buffer_bytes` of buffer each way (`tcp-buffer-bytes`),
-/// committed as it is used ([`rings`]), and the memory behind it.
-///
-/// smoltcp's delayed ACK stays on (10 ms; every second full segment is ACKed at once): it
-/// halves the frames sent while the guest uploads. A closed flow's socket lingers a little so
-/// that its last delayed ACK still goes out (see the flow engine's `close_tcp`).
+/// committed as it is used ([`rings`]), and the memory behind it. Nagle is off (the guest's
+/// stack decides how it segments; we forward as soon as the host gives bytes) and the ACK
+/// delay is [`GUEST_ACK_DELAY`]. A closed flow's socket lingers a little so that its last
+/// ACK still goes out (see the flow engine's `close_tcp`).
 pub fn guest_socket(buffer_bytes: usize) -> (tcp::Socket<'static>, RingMemory) {
     let (mut socket, rings) = RingMemory::socket(buffer_bytes);
     socket.set_nagle_enabled(false);
+    socket.set_ack_delay(Some(GUEST_ACK_DELAY));
     (socket, rings)
 }
 
