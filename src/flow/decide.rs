@@ -322,23 +322,13 @@ impl Decider {
             self.memo_hits += 1;
             return false;
         }
-        let query = FlowQuery {
-            direction: Direction::Egress,
-            protocol,
-            dst: dst.ip(),
-            dst_port: Some(dst.port()),
-            domains: &names.asked,
-        };
-        let decision = names.decide(&self.policy, &query);
-        let (allowed, reason, remember) = if decision.allowed() && guest_loopback(dst.ip()) {
-            (false, GUEST_LOOPBACK.to_string(), true)
-        } else if decision.allowed() {
-            match capacity() {
-                Ok(()) => (true, decision.reason.to_string(), false),
+        // A policy denial is remembered; a capacity denial is not (room may come back).
+        let (allowed, reason, remember) = match self.judge_open(protocol, dst, names) {
+            Ok(rule) => match capacity() {
+                Ok(()) => (true, rule, false),
                 Err(why) => (false, why, false),
-            }
-        } else {
-            (false, decision.reason.to_string(), true)
+            },
+            Err(reason) => (false, reason, true),
         };
         self.log.record(
             &DecisionEvent {
