@@ -77,18 +77,15 @@ pub struct FlowTable {
     counts: Option<Arc<PairCounts>>,
     /// `--audit`: where flows that end are written.
     pub audit: Option<AuditTag>,
-    /// Bytes (TCP) and datagrams (UDP) the flows that left this table carried, for the
-    /// operator's totals.
+    /// TCP payload bytes the flows that left this table carried, for the operator's totals.
     pub closed: ClosedTotals,
 }
 
-/// What flows that are gone carried.
+/// What TCP flows that are gone carried (`netfence_flow_bytes_total`).
 #[derive(Default, Debug, Clone, Copy)]
 pub struct ClosedTotals {
     pub tcp_bytes_to_host: u64,
     pub tcp_bytes_to_guest: u64,
-    pub udp_datagrams_to_host: u64,
-    pub udp_datagrams_to_guest: u64,
 }
 
 impl FlowTable {
@@ -343,8 +340,6 @@ impl FlowTable {
 
     pub fn remove_udp_because(&mut self, key: &FlowKey, why: &str) -> Option<UdpFlow> {
         let flow = self.udp.remove(key)?;
-        self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
-        self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         self.tokens.remove(&flow.token);
         self.released(FlowRef::Udp(*key));
         if let Some(audit) = &self.audit {
@@ -377,10 +372,6 @@ impl FlowTable {
             flow.host.reset_on_close();
             self.closed.tcp_bytes_to_host += flow.bytes_to_host;
             self.closed.tcp_bytes_to_guest += flow.bytes_to_guest;
-        }
-        for flow in self.udp.values() {
-            self.closed.udp_datagrams_to_host += flow.datagrams_to_host;
-            self.closed.udp_datagrams_to_guest += flow.datagrams_to_guest;
         }
         self.tcp.clear();
         self.udp.clear();
