@@ -174,6 +174,25 @@ fn ctl_lists_flows_and_status() {
     assert_eq!(status["vmm_connections"], 1);
     assert_eq!(status["open"]["tcp"], 1, "{status}");
     assert!(status["totals"]["frames_from_guest"].as_u64().unwrap() > 0);
+    // Where the rings stand, as the frontend itself sees them: every TX chain taken and
+    // returned, no more RX buffers than the guest offered.
+    let (tx_avail, tx_size) = (g.dev.fe.tx.avail_idx_raw(), g.dev.fe.tx.size);
+    let link = &status["links"][0];
+    let tx = &link["rings"]["tx"];
+    assert_eq!(tx["size"], tx_size, "{link}");
+    assert_eq!(tx["avail"], tx_avail, "{link}");
+    assert_eq!(tx["taken"], tx_avail, "{link}");
+    assert_eq!(tx["used"], tx_avail, "{link}");
+    let rx = &link["rings"]["rx"];
+    assert_eq!(rx["avail"], g.dev.fe.rx.avail_idx_raw(), "{link}");
+    assert!(rx["used"].as_u64() <= rx["avail"].as_u64(), "{link}");
+    let text = String::from_utf8_lossy(&ctl(&op.control, &["status"]).stdout).to_string();
+    assert!(
+        text.contains(&format!(
+            "tx ring: size {tx_size}, guest offered {tx_avail}, netfence took {tx_avail} and returned {tx_avail}"
+        )),
+        "{text}"
+    );
     // A command netfence does not know is refused with exit 1... and clap refuses it first.
     let bad = ctl(&op.control, &["bogus"]);
     assert_eq!(bad.status.code(), Some(2));

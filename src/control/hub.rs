@@ -61,6 +61,8 @@ pub struct LinkTotals {
     pub flow_bytes_to_host: u64,
     pub flow_bytes_to_guest: u64,
     pub tx_kicks: u64,
+    /// Times another event than a kick found TX chains waiting.
+    pub tx_found_waiting: u64,
     pub rx_kicks: u64,
     pub guest_calls: u64,
 }
@@ -82,6 +84,8 @@ pub struct LinkSnapshot {
     pub dns: BTreeMap<&'static str, u64>,
     pub totals: LinkTotals,
     pub flows: Vec<FlowInfo>,
+    /// The RX and TX rings as the device last read them (see [`VringCounts`]).
+    pub rings: [Option<crate::device::RingPositions>; 2],
 }
 
 impl LinkSnapshot {
@@ -112,6 +116,7 @@ impl LinkSnapshot {
         t.flow_bytes_to_host += o.flow_bytes_to_host;
         t.flow_bytes_to_guest += o.flow_bytes_to_guest;
         t.tx_kicks += o.tx_kicks;
+        t.tx_found_waiting += o.tx_found_waiting;
         t.rx_kicks += o.rx_kicks;
         t.guest_calls += o.guest_calls;
     }
@@ -203,6 +208,7 @@ impl Mailbox {
         st.wanted += 1;
         let want = st.wanted;
         drop(st);
+        self.vring.report_rings.store(true, Ordering::Release);
         self.poke();
         want
     }

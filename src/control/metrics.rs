@@ -206,9 +206,10 @@ pub fn encode(g: &Gathered) -> String {
     counter_family(
         &mut r,
         "vring_notifications",
-        "Virtqueue notifications: kicks from the guest, calls to it",
+        "Virtqueue notifications: kicks from the guest, calls to it, and TX chains found waiting when something else woke the worker",
         [
             (labels(&[("kind", "tx_kick")]), t.tx_kicks),
+            (labels(&[("kind", "tx_found_waiting")]), t.tx_found_waiting),
             (labels(&[("kind", "rx_kick")]), t.rx_kicks),
             (labels(&[("kind", "guest_call")]), t.guest_calls),
         ],

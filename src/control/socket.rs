@@ -179,6 +179,7 @@ fn status_json(g: &Gathered) -> Value {
             json!({
                 "vm": l.vm, "pair": l.pair, "open": l.open, "tcp_states": l.tcp_states,
                 "totals": l.totals,
+                "rings": { "rx": l.rings[0], "tx": l.rings[1] },
             })
         })
         .collect();
@@ -309,6 +310,11 @@ fn print_status(r: &Value) {
             link["totals"]["frames_from_guest"],
             link["totals"]["frames_to_guest"]
         );
+        for name in ["rx", "tx"] {
+            if let Some(line) = ring_line(&link["rings"][name]) {
+                println!("    {name} ring: {line}");
+            }
+        }
     }
     if r["silent_links"].as_u64().unwrap_or(0) > 0 {
         println!("  {} links did not answer in time", r["silent_links"]);
@@ -320,6 +326,32 @@ fn print_status(r: &Value) {
     );
     println!("counters: {}", compact(&r["counters"]));
     println!("dns: {}", compact(&r["dns"]));
+}
+
+/// One ring's positions as a line: what the guest offered, what netfence took and returned,
+/// and who waits for whom.
+fn ring_line(r: &Value) -> Option<String> {
+    let n = |k: &str| r[k].as_u64();
+    let (avail, taken, used) = (n("avail")?, n("taken")?, n("used")?);
+    let mut line = format!(
+        "size {}, guest offered {avail}, netfence took {taken} and returned {used}",
+        r["size"]
+    );
+    match (n("used_event"), n("avail_event")) {
+        (Some(ue), Some(ae)) => line += &format!("; call wanted past {ue}, kick asked past {ae}"),
+        _ => {
+            if r["guest_no_interrupt"].as_bool() == Some(true) {
+                line += "; guest wants no calls";
+            }
+            if r["device_no_notify"].as_bool() == Some(true) {
+                line += "; netfence wants no kicks";
+            }
+        }
+    }
+    if r["enabled"].as_bool() != Some(true) || r["ready"].as_bool() != Some(true) {
+        line += " (not enabled or not started)";
+    }
+    Some(line)
 }
 
 /// `{"a":1,"b":2}` as `a=1 b=2`.

@@ -196,12 +196,45 @@ pub trait GuestRx {
 }
 
 /// Notifications on one queue pair, counted by the device for the operator (metrics): kicks
-/// from the guest on each queue, and calls (interrupts) netfence sent it.
+/// from the guest on each queue, and calls (interrupts) netfence sent it. And, when a report
+/// asks (`report_rings`), where both rings stand: the device reads them on its next event,
+/// before the link answers, so `ctl status` shows a wedged ring as it is.
 #[derive(Default, Debug)]
 pub struct VringCounts {
     pub tx_kicks: std::sync::atomic::AtomicU64,
     pub rx_kicks: std::sync::atomic::AtomicU64,
     pub guest_calls: std::sync::atomic::AtomicU64,
+    /// Times another event than a kick found TX chains waiting and took them (see
+    /// `vhu_net::DeviceState::handle_event`): their kick may still have been on its way, or it
+    /// was lost.
+    pub tx_found_waiting: std::sync::atomic::AtomicU64,
+    /// Set by a report request; the device clears it when it has filled `rings`.
+    pub report_rings: std::sync::atomic::AtomicBool,
+    /// The RX and TX rings' positions when last asked (`None`: not set up).
+    pub rings: std::sync::Mutex<[Option<RingPositions>; 2]>,
+}
+
+/// Where one virtqueue stands: the guest's indices and ours. A TX ring whose `avail` is ahead
+/// of `taken` waits for netfence; one whose `used` the guest has not seen (its `used_event`
+/// behind `used` with no call sent) waits for an interrupt.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RingPositions {
+    pub size: u16,
+    pub enabled: bool,
+    pub ready: bool,
+    /// The guest's available index (chains it has offered).
+    pub avail: u16,
+    /// How far netfence has taken chains.
+    pub taken: u16,
+    /// netfence's used index (chains returned).
+    pub used: u16,
+    /// With EVENT_IDX: the used index past which the guest wants a call.
+    pub used_event: Option<u16>,
+    /// With EVENT_IDX: the available index past which netfence asked for a kick.
+    pub avail_event: Option<u16>,
+    /// Without EVENT_IDX: the guest's "no interrupt" and netfence's "no notify" flags.
+    pub guest_no_interrupt: bool,
+    pub device_no_notify: bool,
 }
 
 /// The link behind a device: one queue pair's worker state (see `crate::link`).

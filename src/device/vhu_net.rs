@@ -270,6 +270,27 @@ impl<L: LinkDriver> DeviceState<L> {
         }
     }
 
+    /// Takes the frames the guest made available on TX and hands them to the link.
+    fn drain_tx(&mut self, tx: &VringRwLock, mem: &vm_memory::GuestMemoryMmap<()>) {
+        let hdr_len = self.hdr_len;
+        let link = &mut self.link;
+        let stats = virtqueue::drain_tx(tx, mem, hdr_len, &mut self.scratch, |header, frame| {
+            link.guest_frame(header, frame)
+        });
+        self.counters.tx_frames += stats.frames;
+        if stats.bad_chains > 0 {
+            self.counters.drops.add("tx-bad-chain", stats.bad_chains);
+            if let Some(suppressed) = self.bad_chain_log.admit(Instant::now()) {
+                warn!(
+                    count = stats.bad_chains,
+                    total = self.counters.drops.get("tx-bad-chain"),
+                    suppressed,
+                    "dropped bad TX descriptor chains"
+                );
+            }
+        }
+    }
+
     fn handle_event(&mut self, event: u16, rx: &VringRwLock, tx: &VringRwLock) {
         let Some(mem) = self.mem.clone() else {
             return;
@@ -279,6 +300,13 @@ impl<L: LinkDriver> DeviceState<L> {
         self.check_rx_state(rx);
         self.link.take_handoffs();
         let counts = &self.vring_counts;
+        if counts.report_rings.swap(false, Ordering::AcqRel) {
+            let positions = [
+                virtqueue::ring_positions(rx, &mem),
+                virtqueue::ring_positions(tx, &mem),
+            ];
+            *counts.rings.lock().unwrap_or_else(|p| p.into_inner()) = positions;
+        }
         match event {
             TX_QUEUE => counts.tx_kicks.fetch_add(1, Ordering::Relaxed),
             RX_QUEUE => counts.rx_kicks.fetch_add(1, Ordering::Relaxed),
@@ -291,31 +319,23 @@ impl<L: LinkDriver> DeviceState<L> {
             event
         };
         match event {
-            TX_QUEUE => {
-                let hdr_len = self.hdr_len;
-                let link = &mut self.link;
-                let stats =
-                    virtqueue::drain_tx(tx, &mem, hdr_len, &mut self.scratch, |header, frame| {
-                        link.guest_frame(header, frame)
-                    });
-                self.counters.tx_frames += stats.frames;
-                if stats.bad_chains > 0 {
-                    self.counters.drops.add("tx-bad-chain", stats.bad_chains);
-                    if let Some(suppressed) = self.bad_chain_log.admit(Instant::now()) {
-                        warn!(
-                            count = stats.bad_chains,
-                            total = self.counters.drops.get("tx-bad-chain"),
-                            suppressed,
-                            "dropped bad TX descriptor chains"
-                        );
-                    }
-                }
-            }
+            TX_QUEUE => self.drain_tx(tx, &mem),
             RX_QUEUE => {}
             id if id >= self.first_link_event => {
                 self.link.fd_ready(usize::from(id - self.first_link_event))
             }
             _ => {}
+        }
+        // The guest may have made TX chains available without a kick reaching us: under
+        // QEMU's TCG with one vCPU the guest's memory barriers are left out, and with them the
+        // handshake that tells it to kick (EVENT_IDX's avail_event), so now and then it misses
+        // our request and waits for ever with a full ring. Whatever woke the worker (a host
+        // socket, the at-most-a-second timer, the guest's RX), chains waiting are taken now.
+        if event != TX_QUEUE && virtqueue::has_available(tx, &mem) {
+            self.vring_counts
+                .tx_found_waiting
+                .fetch_add(1, Ordering::Relaxed);
+            self.drain_tx(tx, &mem);
         }
         let mut port = RxPort::new(rx, &mem, self.hdr_len, self.mergeable, &mut self.rx_scratch);
         self.link.service(&mut port);

@@ -25,7 +25,7 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::NetHeader;
+use super::{NetHeader, RingPositions};
 
 /// Largest Ethernet frame we accept from or give to the guest: a 64 KiB TCP segment (TSO), or
 /// a frame at the largest MTU.
@@ -197,6 +197,58 @@ fn kick_again(vring: &VringRwLock) {
         );
         let _ = enable_notification(vring);
     }
+}
+
+/// Whether a usable ring holds chains netfence has not taken (one read of the guest's index).
+pub fn has_available(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> bool {
+    use std::sync::atomic::Ordering::Acquire;
+    let state = vring.get_ref();
+    check_ring(&state).is_ok()
+        && state
+            .get_queue()
+            .avail_idx(mem, Acquire)
+            .is_ok_and(|idx| idx.0 != state.get_queue().next_avail())
+}
+
+/// Where `vring` stands (see [`RingPositions`]), read from guest memory; `None` while the ring
+/// has no addresses or they are not in guest memory.
+pub fn ring_positions(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> Option<RingPositions> {
+    use std::sync::atomic::Ordering::Acquire;
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    let size = queue.size();
+    let (avail_ring, used_ring) = (queue.avail_ring(), queue.used_ring());
+    if avail_ring == 0 || used_ring == 0 {
+        return None;
+    }
+    let load = |at: u64| {
+        mem.load::<u16>(GuestAddress(at), Acquire)
+            .ok()
+            .map(u16::from_le)
+    };
+    let event_idx = queue.event_idx_enabled();
+    let avail_flags = load(avail_ring)?;
+    let used_flags = load(used_ring)?;
+    Some(RingPositions {
+        size,
+        enabled: state.is_enabled(),
+        ready: queue.ready(),
+        avail: load(avail_ring + 2)?,
+        taken: queue.next_avail(),
+        used: queue.next_used(),
+        used_event: if event_idx {
+            load(avail_ring + 4 + 2 * u64::from(size))
+        } else {
+            None
+        },
+        avail_event: if event_idx {
+            load(used_ring + 4 + 8 * u64::from(size))
+        } else {
+            None
+        },
+        guest_no_interrupt: avail_flags & 1 != 0,
+        device_no_notify: used_flags & 1 != 0,
+    })
 }
 
 /// Length of the virtio-net header in front of every frame.
