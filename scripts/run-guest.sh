@@ -102,6 +102,14 @@ if [ "${#B64}" -gt 1700 ]; then
     exit 2
 fi
 
+# maxcpus of at least 2, even for one vCPU: QEMU's TCG believes a lone vCPU has guest memory to
+# itself and then leaves out the guest's memory barriers (and makes its locked instructions
+# plain ones). A vhost-user backend reads that memory from another thread, and the virtio
+# notification handshake needs those barriers: without them the guest now and then misses
+# that netfence asked for a kick, and its TX queue waits for ever (seen about once in 30
+# iperf3 runs). With maxcpus=2, TCG emits them.
+MAXCPUS=$(( SMP > 2 ? SMP : 2 ))
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/netfence-guest.XXXXXX")"
 PASST_PID=""
 QEMU_PID=""
@@ -177,7 +185,7 @@ START=$(date +%s.%N)
 # where the end marker is looked for afterwards.
 set +e
 timeout --kill-after=5 "$TIMEOUT" "$QEMU" \
-    -accel tcg -machine pc -cpu "${QEMU_CPU:-qemu64}" -smp "$SMP" -m "$MEM" \
+    -accel tcg -machine pc -cpu "${QEMU_CPU:-qemu64}" -smp "$SMP,maxcpus=$MAXCPUS" -m "$MEM" \
     -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" -numa node,memdev=mem \
     -nodefaults -no-user-config -display none -monitor none \
     -chardev "stdio,id=con,signal=off,logfile=$WORK/console.log" -serial chardev:con \
