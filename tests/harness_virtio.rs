@@ -345,3 +345,62 @@ fn tx_chains_published_without_a_kick_are_taken() {
         "the metrics do not count the chain found waiting: {unkicked:?}\n{text}"
     );
 }
+
+/// The same lost handshake the other way: a guest asks for a call (used_event) just as
+/// netfence returns the entries it waits for, and its request arrives too late to be seen.
+/// Later entries never pass the index it asked for, so without a late call its RX would sleep
+/// for good. netfence looks for such requests whenever it wakes (at the latest on its timer)
+/// and calls.
+#[test]
+fn a_call_asked_for_too_late_is_still_sent() {
+    let control = TempDir::new("latecall");
+    let ctl = control.path().join("nf.ctl");
+    let nf = Netfence::spawn(&["--control".to_string(), ctl.display().to_string()]);
+    let mut g = guest_up(&nf);
+    let ip = g.ip().expect("a DHCP lease");
+    let request = frames::arp_request(g.mac, ip, GATEWAY);
+    let fe = &mut g.dev.fe;
+    // No call wanted for a long while, then a frame for netfence to answer into RX.
+    let before = fe.rx.used_idx();
+    fe.rx.set_used_event(before.wrapping_add(0x4000));
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    fe.send_frame(&request);
+    // Nothing tells us the answer is there (that is the point): watch the used index.
+    let until = deadline(SHORT);
+    while fe.rx.used_idx() == before && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_ne!(fe.rx.used_idx(), before, "netfence never answered the ARP request");
+    fe.rx.drain_call();
+    // Now the guest's request arrives, late: a call once the used index passes `before`,
+    // which it already has.
+    fe.rx.set_used_event(before);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let mut fd = libc::pollfd {
+        fd: fe.call_fds()[0],
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut fd, 1, 3000) };
+    assert_eq!(
+        ready,
+        1,
+        "no call came for entries the guest asked to hear about: {}",
+        fe.debug_state()
+    );
+    let metrics = std::process::Command::new(env!("CARGO_BIN_EXE_netfence"))
+        .args(["ctl", "--control"])
+        .arg(&ctl)
+        .arg("metrics")
+        .output()
+        .expect("netfence ctl metrics");
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.lines().any(|l| l
+            .strip_prefix("netfence_vring_notifications_total{kind=\"late_call\"} ")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n >= 1)),
+        "the late call is not counted:\n{text}"
+    );
+}

@@ -63,6 +63,8 @@ pub struct LinkTotals {
     pub tx_kicks: u64,
     /// Times another event than a kick found TX chains waiting.
     pub tx_found_waiting: u64,
+    /// Calls sent late (the guest's request for one arrived after its entries were used).
+    pub late_calls: u64,
     pub rx_kicks: u64,
     pub guest_calls: u64,
 }
@@ -117,6 +119,7 @@ impl LinkSnapshot {
         t.flow_bytes_to_guest += o.flow_bytes_to_guest;
         t.tx_kicks += o.tx_kicks;
         t.tx_found_waiting += o.tx_found_waiting;
+        t.late_calls += o.late_calls;
         t.rx_kicks += o.rx_kicks;
         t.guest_calls += o.guest_calls;
     }

@@ -208,6 +208,9 @@ pub struct VringCounts {
     /// `vhu_net::DeviceState::handle_event`): their kick may still have been on its way, or it
     /// was lost.
     pub tx_found_waiting: std::sync::atomic::AtomicU64,
+    /// Calls sent late: the guest asked for one at an index already passed (see
+    /// `vhu_net::DeviceState::handle_event`).
+    pub late_calls: std::sync::atomic::AtomicU64,
     /// Set by a report request; the device clears it when it has filled `rings`.
     pub report_rings: std::sync::atomic::AtomicBool,
     /// The RX and TX rings' positions when last asked (`None`: not set up).

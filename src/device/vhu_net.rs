@@ -64,6 +64,10 @@ pub struct DeviceCounters {
     pub drops: Counters,
 }
 
+/// How often a worker looks for calls the guest asked for too late to be seen (see
+/// `DeviceState::handle_event`); its timer wakes it at least once a second.
+const LATE_CALL_CHECK: Duration = Duration::from_millis(50);
+
 /// Everything a pair's worker and the control thread share, behind one lock.
 struct DeviceState<L> {
     link: L,
@@ -89,6 +93,11 @@ struct DeviceState<L> {
     rx_disabled_since: Option<Instant>,
     pair_dropped: bool,
     bad_chain_log: LogGate,
+    /// The RX and TX used index when the guest was last called (`None`: not yet, or the ring
+    /// started over).
+    called_at: [Option<u16>; 2],
+    /// When calls owed were last looked for (see `handle_event`).
+    owed_checked: Instant,
 }
 
 /// The `VhostUserBackend` of one VMM connection, over one link `L` per queue pair.
@@ -143,6 +152,8 @@ impl<L: LinkDriver> NetBackend<L> {
                     rx_disabled_since: None,
                     pair_dropped: false,
                     bad_chain_log: LogGate::new(5, Duration::from_secs(10)),
+                    called_at: [None; 2],
+                    owed_checked: Instant::now(),
                 }),
                 exit,
                 rescan: EventFd::new(EFD_NONBLOCK)?,
@@ -234,6 +245,7 @@ impl<L: LinkDriver> DeviceState<L> {
             return;
         }
         self.stopped = false;
+        self.called_at = [None; 2];
         if from_zero {
             info!(
                 pair = self.pair,
@@ -278,6 +290,9 @@ impl<L: LinkDriver> DeviceState<L> {
             link.guest_frame(header, frame)
         });
         self.counters.tx_frames += stats.frames;
+        if stats.called {
+            self.called_at[1] = Some(virtqueue::next_used(tx));
+        }
         if stats.bad_chains > 0 {
             self.counters.drops.add("tx-bad-chain", stats.bad_chains);
             if let Some(suppressed) = self.bad_chain_log.admit(Instant::now()) {
@@ -342,9 +357,33 @@ impl<L: LinkDriver> DeviceState<L> {
         self.counters.rx_frames += port.delivered;
         self.counters.drops.add("rx-bad-chain", port.dropped);
         if port.finish() {
+            self.called_at[0] = Some(virtqueue::next_used(rx));
             self.vring_counts
                 .guest_calls
                 .fetch_add(1, Ordering::Relaxed);
+        }
+        // The same lost handshake the other way: a guest that asks for a call (used_event)
+        // just as netfence returns the entries it waits for may have its request arrive too
+        // late to be seen, and sleep on a ring with entries it was never told about (its RX
+        // then stops for good: later entries never pass the index it asked for). So whatever
+        // woke the worker, a call the guest asked for at an index already passed is sent now.
+        // (At most every LATE_CALL_CHECK: a guest busy polling its ring may ask at an index
+        // just passed and see the entries itself; the extra call is harmless, but needless.)
+        let now = Instant::now();
+        if event != TX_QUEUE
+            && event != RX_QUEUE
+            && now.duration_since(self.owed_checked) >= LATE_CALL_CHECK
+        {
+            self.owed_checked = now;
+            for (i, vring) in [rx, tx].into_iter().enumerate() {
+                let called_at =
+                    *self.called_at[i].get_or_insert_with(|| virtqueue::next_used(vring));
+                if let Some(used) = virtqueue::call_owed(vring, &mem, called_at) {
+                    let _ = vring.signal_used_queue();
+                    self.called_at[i] = Some(used);
+                    self.vring_counts.late_calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 }

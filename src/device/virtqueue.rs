@@ -210,6 +210,29 @@ pub fn has_available(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> bool {
             .is_ok_and(|idx| idx.0 != state.get_queue().next_avail())
 }
 
+/// With EVENT_IDX, whether the guest asks for a call (its `used_event`) at an index netfence
+/// has already passed since it last called at `called_at` (its used index then): a request
+/// that reached us too late to be seen when the entries were used. Returns the used index
+/// now when it does (call, and remember it), `None` otherwise.
+pub fn call_owed(vring: &VringRwLock, mem: &GuestMemoryMmap<()>, called_at: u16) -> Option<u16> {
+    use std::sync::atomic::Ordering::Acquire;
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if check_ring(&state).is_err() || !queue.event_idx_enabled() {
+        return None;
+    }
+    let at = GuestAddress(queue.avail_ring() + 4 + 2 * u64::from(queue.size()));
+    let used_event = u16::from_le(mem.load::<u16>(at, Acquire).ok()?);
+    let used = queue.next_used();
+    // The guest wants a call once the used index passes used_event: it did, after called_at.
+    (used_event.wrapping_sub(called_at) < used.wrapping_sub(called_at)).then_some(used)
+}
+
+/// The used index of a ring (where netfence returns its next chain).
+pub fn next_used(vring: &VringRwLock) -> u16 {
+    vring.get_ref().get_queue().next_used()
+}
+
 /// Where `vring` stands (see [`RingPositions`]), read from guest memory; `None` while the ring
 /// has no addresses or they are not in guest memory.
 pub fn ring_positions(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> Option<RingPositions> {
@@ -281,6 +304,8 @@ pub struct TxStats {
     pub chains: usize,
     /// The call stopped at [`TX_CHAINS_PER_CALL`] and kicked the ring to come back.
     pub capped: bool,
+    /// The guest was called (used chains it asked to hear about).
+    pub called: bool,
 }
 
 /// Bytes of scratch a TX drain needs: the largest header and the largest frame.
@@ -399,7 +424,7 @@ pub fn drain_tx(
         kick_again(vring);
     }
     if used_any {
-        signal_if_needed(vring);
+        stats.called = signal_if_needed(vring);
     }
     stats
 }

@@ -321,6 +321,7 @@ impl Link {
         t.bytes_to_guest = self.bytes_to_guest;
         t.tx_kicks = self.vring.tx_kicks.load(Relaxed);
         t.tx_found_waiting = self.vring.tx_found_waiting.load(Relaxed);
+        t.late_calls = self.vring.late_calls.load(Relaxed);
         t.rx_kicks = self.vring.rx_kicks.load(Relaxed);
         t.guest_calls = self.vring.guest_calls.load(Relaxed);
         snap.rings = *self.vring.rings.lock().unwrap_or_else(|p| p.into_inner());
