@@ -370,7 +370,11 @@ fn a_call_asked_for_too_late_is_still_sent() {
     while fe.rx.used_idx() == before && std::time::Instant::now() < until {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    assert_ne!(fe.rx.used_idx(), before, "netfence never answered the ARP request");
+    assert_ne!(
+        fe.rx.used_idx(),
+        before,
+        "netfence never answered the ARP request"
+    );
     fe.rx.drain_call();
     // Now the guest's request arrives, late: a call once the used index passes `before`,
     // which it already has.

@@ -385,6 +385,12 @@ impl Flows {
                     } else {
                         None
                     };
+                    let ack_delay =
+                        (head.payload_len >= tcp::SMALL_SEGMENT).then_some(tcp::GUEST_ACK_DELAY);
+                    stack
+                        .sockets
+                        .get_mut::<stcp::Socket>(handle)
+                        .set_ack_delay(ack_delay);
                     match split {
                         Some((data, fin)) => {
                             stack.receive(&data);
