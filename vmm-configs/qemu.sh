@@ -23,6 +23,10 @@
 #   vectors=0
 #       only needed under TCG (no KVM): Debian's QEMU 7.2 segfaults starting a vhost-user
 #       virtio-net-pci with MSI-X without KVM. With -accel kvm, drop it.
+#   -smp N,maxcpus=2 (at least 2)
+#       only matters under TCG: with maxcpus=1 TCG leaves out the guest's memory barriers, and
+#       the virtio notification handshake with a vhost-user backend then loses a kick or a
+#       call now and then (netfence recovers within a second, but the guest stalls that long).
 #   -nodefaults (or -nic none)
 #       so QEMU adds no default NIC with its own user-mode network next to netfence's.
 set -euo pipefail
@@ -39,17 +43,19 @@ QUEUES="${QUEUES:-1}"                 # queue pairs: netfence run --queues QUEUE
 # (needed where /dev/kvm exists but cannot boot a stock kernel, as on this project's CI machines).
 if [ -w /dev/kvm ] && [ "${ACCEL:-auto}" != tcg ]; then
     ACCEL_ARGS=(-accel kvm -cpu host)
+    SMP="$QUEUES"
     NIC="virtio-net-pci,netdev=n0,mac=$MAC"
     [ "$QUEUES" -gt 1 ] && NIC="$NIC,mq=on,vectors=$((2 * QUEUES + 2))"
 else
     ACCEL_ARGS=(-accel tcg -cpu qemu64)
+    SMP="$QUEUES,maxcpus=$((QUEUES > 2 ? QUEUES : 2))"
     NIC="virtio-net-pci,netdev=n0,mac=$MAC,vectors=0"
     [ "$QUEUES" -gt 1 ] && NIC="$NIC,mq=on"
 fi
 NETDEV="vhost-user,id=n0,chardev=c0"
 [ "$QUEUES" -gt 1 ] && NETDEV="$NETDEV,queues=$QUEUES"
 
-exec qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m "$MEM" -smp "$QUEUES" \
+exec qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m "$MEM" -smp "$SMP" \
     -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" -numa node,memdev=mem \
     -nodefaults -nographic -serial mon:stdio \
     -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE" \
