@@ -328,21 +328,10 @@ fn tx_chains_published_without_a_kick_are_taken() {
         fe.debug_state(),
         nf.log_text()
     );
-    let metrics = std::process::Command::new(env!("CARGO_BIN_EXE_netfence"))
-        .args(["ctl", "--control"])
-        .arg(&ctl)
-        .arg("metrics")
-        .output()
-        .expect("netfence ctl metrics");
-    let text = String::from_utf8_lossy(&metrics.stdout);
-    let unkicked = text
-        .lines()
-        .find(|l| l.starts_with("netfence_vring_notifications_total{kind=\"tx_found_waiting\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
+    let (found, text) = vring_notifications(&ctl, "tx_found_waiting");
     assert!(
-        unkicked.is_some_and(|n| n >= 1),
-        "the metrics do not count the chain found waiting: {unkicked:?}\n{text}"
+        found.is_some_and(|n| n >= 1),
+        "the metrics do not count the chain found waiting: {found:?}\n{text}"
     );
 }
 
@@ -393,18 +382,26 @@ fn a_call_asked_for_too_late_is_still_sent() {
         "no call came for entries the guest asked to hear about: {}",
         fe.debug_state()
     );
-    let metrics = std::process::Command::new(env!("CARGO_BIN_EXE_netfence"))
+    let (late, text) = vring_notifications(&ctl, "late_call");
+    assert!(
+        late.is_some_and(|n| n >= 1),
+        "the late call is not counted: {late:?}\n{text}"
+    );
+}
+
+/// `netfence_vring_notifications_total{kind=KIND}` from `ctl metrics`, and the metrics text.
+fn vring_notifications(control: &std::path::Path, kind: &str) -> (Option<u64>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_netfence"))
         .args(["ctl", "--control"])
-        .arg(&ctl)
+        .arg(control)
         .arg("metrics")
         .output()
         .expect("netfence ctl metrics");
-    let text = String::from_utf8_lossy(&metrics.stdout);
-    assert!(
-        text.lines().any(|l| l
-            .strip_prefix("netfence_vring_notifications_total{kind=\"late_call\"} ")
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n >= 1)),
-        "the late call is not counted:\n{text}"
-    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let prefix = format!("netfence_vring_notifications_total{{kind=\"{kind}\"}} ");
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok());
+    (value, text)
 }
