@@ -229,8 +229,20 @@ guest_leg() {
     local name="$1" kind="$2" mtu="$3" lat="$4"
     shift 4
     local timeout=$(( (SECS + 8) * 2 * $# + 120 + lat * 120 ))
-    local lat_pid=""
+    local lat_pid="" iperf_pid=""
     echo "== guest leg $name"
+    # A fresh iperf3 server per leg: iperf3 3.12's server sometimes fails a test's end ("select
+    # failed: Bad file descriptor", after a -R test whose client resets the data connection)
+    # and then reports 0 bytes for the next test it serves.
+    if [ "$kind" != slirp ]; then
+        iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >>"$WORK/iperf3-server.log" 2>&1 &
+        iperf_pid=$!
+        PIDS+=("$iperf_pid")
+        for _ in $(seq 1 50); do
+            [ -n "$(ss -Hltn "sport = :$IPERF_PORT" 2>/dev/null)" ] && break
+            sleep 0.1
+        done
+    fi
     case "$kind" in
         netfence)
             local maps=(--map "203.0.113.9:$IPERF_PORT=127.0.0.1:$IPERF_PORT"
@@ -271,15 +283,13 @@ EOF
         sleep 0.5
         kill "$lat_pid" 2>/dev/null || true
     fi
+    if [ -n "$iperf_pid" ]; then
+        kill "$iperf_pid" 2>/dev/null || true
+        wait "$iperf_pid" 2>/dev/null || true
+    fi
 }
 
 if want guest || want latency; then
-    iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &
-    PIDS+=($!)
-    for _ in $(seq 1 50); do
-        [ -n "$(ss -Hltn "sport = :$IPERF_PORT" 2>/dev/null)" ] && break
-        sleep 0.1
-    done
     STREAMS=(1 4)
     [ "$QUICK" = 1 ] && STREAMS=(1)
     want guest || STREAMS=()
