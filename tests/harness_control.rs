@@ -239,6 +239,11 @@ fn metrics_counters_move() {
         "kind=\"tx_kick\"",
     );
     assert!(kicks.is_some_and(|k| k > 0), "{after}");
+    // Calls both ways: the frontend asks for them (EVENT_IDX) when it waits on either queue.
+    for kind in ["kind=\"rx_call\"", "kind=\"tx_call\""] {
+        let calls = sample(&after, "netfence_vring_notifications_total", kind);
+        assert!(calls.is_some_and(|c| c > 0), "{kind}: {after}");
+    }
     assert!(
         sample(&after, "netfence_dns_queries_total", "outcome=\"queries\"").is_some(),
         "{after}"

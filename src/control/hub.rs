@@ -66,7 +66,8 @@ pub struct LinkTotals {
     /// Calls sent late (the guest's request for one arrived after its entries were used).
     pub late_calls: u64,
     pub rx_kicks: u64,
-    pub guest_calls: u64,
+    pub rx_calls: u64,
+    pub tx_calls: u64,
 }
 
 /// What one link reports.
@@ -121,7 +122,8 @@ impl LinkSnapshot {
         t.tx_found_waiting += o.tx_found_waiting;
         t.late_calls += o.late_calls;
         t.rx_kicks += o.rx_kicks;
-        t.guest_calls += o.guest_calls;
+        t.rx_calls += o.rx_calls;
+        t.tx_calls += o.tx_calls;
     }
 }
 

@@ -206,13 +206,14 @@ pub fn encode(g: &Gathered) -> String {
     counter_family(
         &mut r,
         "vring_notifications",
-        "Virtqueue notifications: kicks from the guest, calls to it, TX chains found waiting when something else woke the worker, and calls sent late (asked for at an index already passed)",
+        "Virtqueue notifications: kicks from the guest, calls to it (per queue), TX chains found waiting when something else woke the worker, and calls sent late (asked for at an index already passed)",
         [
             (labels(&[("kind", "tx_kick")]), t.tx_kicks),
             (labels(&[("kind", "tx_found_waiting")]), t.tx_found_waiting),
             (labels(&[("kind", "late_call")]), t.late_calls),
             (labels(&[("kind", "rx_kick")]), t.rx_kicks),
-            (labels(&[("kind", "guest_call")]), t.guest_calls),
+            (labels(&[("kind", "rx_call")]), t.rx_calls),
+            (labels(&[("kind", "tx_call")]), t.tx_calls),
         ],
     );
     let mut text = String::new();

@@ -203,7 +203,8 @@ pub trait GuestRx {
 pub struct VringCounts {
     pub tx_kicks: std::sync::atomic::AtomicU64,
     pub rx_kicks: std::sync::atomic::AtomicU64,
-    pub guest_calls: std::sync::atomic::AtomicU64,
+    pub rx_calls: std::sync::atomic::AtomicU64,
+    pub tx_calls: std::sync::atomic::AtomicU64,
     /// Times another event than a kick found TX chains waiting and took them (see
     /// `vhu_net::DeviceState::handle_event`): their kick may still have been on its way, or it
     /// was lost.

@@ -292,6 +292,7 @@ impl<L: LinkDriver> DeviceState<L> {
         self.counters.tx_frames += stats.frames;
         if stats.called {
             self.called_at[1] = Some(virtqueue::next_used(tx));
+            self.vring_counts.tx_calls.fetch_add(1, Ordering::Relaxed);
         }
         if stats.bad_chains > 0 {
             self.counters.drops.add("tx-bad-chain", stats.bad_chains);
@@ -358,9 +359,7 @@ impl<L: LinkDriver> DeviceState<L> {
         self.counters.drops.add("rx-bad-chain", port.dropped);
         if port.finish() {
             self.called_at[0] = Some(virtqueue::next_used(rx));
-            self.vring_counts
-                .guest_calls
-                .fetch_add(1, Ordering::Relaxed);
+            self.vring_counts.rx_calls.fetch_add(1, Ordering::Relaxed);
         }
         // The same lost handshake the other way: a guest that asks for a call (used_event)
         // just as netfence returns the entries it waits for may have its request arrive too

@@ -323,7 +323,8 @@ impl Link {
         t.tx_found_waiting = self.vring.tx_found_waiting.load(Relaxed);
         t.late_calls = self.vring.late_calls.load(Relaxed);
         t.rx_kicks = self.vring.rx_kicks.load(Relaxed);
-        t.guest_calls = self.vring.guest_calls.load(Relaxed);
+        t.rx_calls = self.vring.rx_calls.load(Relaxed);
+        t.tx_calls = self.vring.tx_calls.load(Relaxed);
         snap.rings = *self.vring.rings.lock().unwrap_or_else(|p| p.into_inner());
         self.flows
             .report(&self.stack, with_flows, &mut snap, Instant::now());
