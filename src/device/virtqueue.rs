@@ -153,10 +153,11 @@ pub fn await_more_buffers(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> boo
     }
     let queue = state.get_queue();
     if queue.event_idx_enabled() {
-        // avail_event follows the used ring's elements (virtio 1.x, 2.7.8).
-        let at = queue.used_ring() + 4 + 8 * u64::from(queue.size());
+        let Some(at) = avail_event_addr(queue) else {
+            return false;
+        };
         if mem
-            .store(u16::to_le(seen.0), GuestAddress(at), Ordering::Relaxed)
+            .store(u16::to_le(seen.0), at, Ordering::Relaxed)
             .is_err()
         {
             return false;
@@ -210,6 +211,23 @@ pub fn has_available(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> bool {
             .is_ok_and(|idx| idx.0 != state.get_queue().next_avail())
 }
 
+/// Where the guest's `used_event` lies: after the available ring's entries (virtio 1.x,
+/// 2.7.6). `None` when the address would overflow (a VMM can put a ring anywhere).
+fn used_event_addr(queue: &virtio_queue::Queue) -> Option<GuestAddress> {
+    queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .map(GuestAddress)
+}
+
+/// Where netfence's `avail_event` lies: after the used ring's elements (virtio 1.x, 2.7.8).
+fn avail_event_addr(queue: &virtio_queue::Queue) -> Option<GuestAddress> {
+    queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .map(GuestAddress)
+}
+
 /// With EVENT_IDX, whether the guest asks for a call (its `used_event`) at an index netfence
 /// has already passed since it last called at `called_at` (its used index then): a request
 /// that reached us too late to be seen when the entries were used. Returns the used index
@@ -221,8 +239,7 @@ pub fn call_owed(vring: &VringRwLock, mem: &GuestMemoryMmap<()>, called_at: u16)
     if check_ring(&state).is_err() || !queue.event_idx_enabled() {
         return None;
     }
-    let at = GuestAddress(queue.avail_ring() + 4 + 2 * u64::from(queue.size()));
-    let used_event = u16::from_le(mem.load::<u16>(at, Acquire).ok()?);
+    let used_event = u16::from_le(mem.load::<u16>(used_event_addr(queue)?, Acquire).ok()?);
     let used = queue.next_used();
     // The guest wants a call once the used index passes used_event: it did, after called_at.
     (used_event.wrapping_sub(called_at) < used.wrapping_sub(called_at)).then_some(used)
@@ -244,28 +261,24 @@ pub fn ring_positions(vring: &VringRwLock, mem: &GuestMemoryMmap<()>) -> Option<
     if avail_ring == 0 || used_ring == 0 {
         return None;
     }
-    let load = |at: u64| {
-        mem.load::<u16>(GuestAddress(at), Acquire)
-            .ok()
-            .map(u16::from_le)
-    };
+    let load = |at: Option<GuestAddress>| mem.load::<u16>(at?, Acquire).ok().map(u16::from_le);
     let event_idx = queue.event_idx_enabled();
-    let avail_flags = load(avail_ring)?;
-    let used_flags = load(used_ring)?;
+    let avail_flags = load(Some(GuestAddress(avail_ring)))?;
+    let used_flags = load(Some(GuestAddress(used_ring)))?;
     Some(RingPositions {
         size,
         enabled: state.is_enabled(),
         ready: queue.ready(),
-        avail: load(avail_ring + 2)?,
+        avail: load(avail_ring.checked_add(2).map(GuestAddress))?,
         taken: queue.next_avail(),
         used: queue.next_used(),
         used_event: if event_idx {
-            load(avail_ring + 4 + 2 * u64::from(size))
+            load(used_event_addr(queue))
         } else {
             None
         },
         avail_event: if event_idx {
-            load(used_ring + 4 + 8 * u64::from(size))
+            load(avail_event_addr(queue))
         } else {
             None
         },
@@ -623,7 +636,13 @@ fn publish_used(
     let ring = queue.used_ring();
     for (i, &(head, len)) in earlier.iter().enumerate() {
         let pos = u64::from(start.wrapping_add(i as u16) % size);
-        let addr = GuestAddress(ring + 4 + 8 * pos);
+        // A used ring at the top of the address space (the VMM chose it) is refused, not
+        // wrapped.
+        let addr = ring
+            .checked_add(4 + 8 * pos)
+            .filter(|a| a.checked_add(8).is_some())
+            .map(GuestAddress)
+            .ok_or(RxError::BadChain)?;
         mem.write_obj(u32::from(head).to_le(), addr)
             .and_then(|_| mem.write_obj(len.to_le(), GuestAddress(addr.0 + 4)))
             .map_err(|_| RxError::BadChain)?;
