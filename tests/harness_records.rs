@@ -875,3 +875,65 @@ fn audit_follows_a_reload() {
         "the kept flow's close line: {text}"
     );
 }
+
+/// A client's session through a published UDP port ends in the audit too (as TCP flows do),
+/// with the bytes each way: here when the link closes.
+#[test]
+fn audit_closes_published_udp_sessions() {
+    let dir = TempDir::new("nf-audit-udp");
+    let audit = dir.path().join("audit.jsonl");
+    let hp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nf = Netfence::spawn(&[
+        "--once".to_string(),
+        "--audit".to_string(),
+        audit.display().to_string(),
+        "-p".to_string(),
+        format!("{hp}:5353/udp"),
+    ]);
+    let mut g = guest_up(&nf);
+    let sock = g.udp_bind(5353);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(SHORT)).unwrap();
+    client.send_to(b"alpha", ("127.0.0.1", hp)).unwrap();
+    let (data, from) = g
+        .udp_recv(sock, deadline(SHORT))
+        .unwrap_or_else(|| panic!("no datagram\n{}", nf.log_text()));
+    assert_eq!(data, b"alpha");
+    g.udp_send(sock, GATEWAY, from.port, b"echo alpha");
+    // The answer leaves through netfence's worker: serve the guest until it has.
+    let got = g.poll_until(deadline(SHORT), |_| {
+        let mut buf = [0u8; 64];
+        client.set_nonblocking(true).unwrap();
+        client
+            .recv_from(&mut buf)
+            .ok()
+            .map(|(n, _)| buf[..n].to_vec())
+    });
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"echo alpha"[..]),
+        "{}",
+        nf.log_text()
+    );
+    let client_addr = client.local_addr().unwrap();
+    let (_nf, _counts) = finish(nf, g);
+
+    let lines = audit_lines(&audit);
+    let text = show(&lines);
+    let closes: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "close" && l["protocol"] == "udp")
+        .collect();
+    assert_eq!(closes.len(), 1, "{text}");
+    let c = closes[0];
+    assert_eq!(c["direction"], "ingress", "{c}");
+    assert_eq!(c["src"], client_addr.to_string(), "{c}");
+    assert_eq!(c["dst"], format!("{GUEST_IP}:5353"), "{c}");
+    assert_eq!(c["bytes_to_guest"], 5, "{c}");
+    assert_eq!(c["bytes_to_host"], 10, "{c}");
+    assert_eq!(c["why"], "link closed", "{c}");
+}

@@ -38,8 +38,9 @@ use super::tcp::host_end::HostEnd;
 use super::tcp::{guest_socket, ClearFilter, ClearStage, Middle, TcpFlow};
 use super::Flows;
 use crate::ingress::{self, Claim, Listening, PublishedPorts};
+use crate::observe::audit::{AuditTag, CloseRecord};
 use crate::observe::LogGate;
-use crate::policy::Protocol;
+use crate::policy::{Direction, Protocol};
 use crate::secrets::PlaceholderScanner;
 use crate::stack::frames;
 use crate::stack::GuestStack;
@@ -71,6 +72,10 @@ struct UdpSession {
     /// The gateway's address and port they come from.
     gateway: SocketAddr,
     last_active: Instant,
+    started: Instant,
+    /// Payload bytes carried to the guest (the client's) and to the host (the guest's answers).
+    bytes_to_guest: u64,
+    bytes_to_host: u64,
 }
 
 /// The published ports as one link serves them.
@@ -88,6 +93,8 @@ pub struct Inbound {
     guest_v6: Option<Ipv6Addr>,
     /// Lines about accept failures.
     warnings: LogGate,
+    /// `--audit`: where UDP sessions that end are written (TCP flows go through the table).
+    pub audit: Option<AuditTag>,
 }
 
 impl Inbound {
@@ -114,6 +121,7 @@ impl Inbound {
             guest_v4: false,
             guest_v6: None,
             warnings: LogGate::new(5, Duration::from_secs(10)),
+            audit: None,
         })
     }
 
@@ -124,10 +132,52 @@ impl Inbound {
 
     /// Forgets the guest's addresses and the UDP sessions (the guest restarted).
     pub fn reset(&mut self) {
-        self.udp.clear();
+        self.end_all_sessions("guest restarted");
         self.udp_by_gateway_port.clear();
         self.guest_v4 = false;
         self.guest_v6 = None;
+    }
+}
+
+impl Inbound {
+    /// Ends the UDP session of `client` on published port `index` (its `close` line with
+    /// `--audit`).
+    fn end_session(&mut self, key: (usize, SocketAddr), why: &str, now: Instant) {
+        if let Some(s) = self.udp.remove(&key) {
+            self.udp_by_gateway_port.remove(&s.gateway.port());
+            self.audit_session(key.1, &s, why, now);
+        }
+    }
+
+    /// Ends every UDP session (their `close` lines with `--audit`).
+    fn end_all_sessions(&mut self, why: &str) {
+        let now = Instant::now();
+        for ((_, client), s) in std::mem::take(&mut self.udp) {
+            self.audit_session(client, &s, why, now);
+        }
+        self.udp_by_gateway_port.clear();
+    }
+
+    fn audit_session(&self, client: SocketAddr, s: &UdpSession, why: &str, now: Instant) {
+        if let Some(audit) = &self.audit {
+            audit.flow_closed(&CloseRecord {
+                direction: Direction::Ingress,
+                protocol: Protocol::Udp,
+                src: client,
+                dst: s.guest,
+                bytes_to_host: s.bytes_to_host,
+                bytes_to_guest: s.bytes_to_guest,
+                duration: now.duration_since(s.started),
+                why,
+            });
+        }
+    }
+}
+
+impl Drop for Inbound {
+    /// The link closed: the sessions still open end with it.
+    fn drop(&mut self) {
+        self.end_all_sessions("link closed");
     }
 }
 
@@ -464,6 +514,7 @@ impl Flows {
             return;
         }
         session.last_active = now;
+        session.bytes_to_guest += data.len() as u64;
         let frame = frames::udp_to_guest(
             &stack.macs,
             session.gateway,
@@ -528,6 +579,9 @@ impl Flows {
                 guest,
                 gateway: SocketAddr::new(gateway_ip, port),
                 last_active: now,
+                started: now,
+                bytes_to_guest: 0,
+                bytes_to_host: 0,
             },
         );
         inbound.udp_by_gateway_port.insert(port, (index, peer));
@@ -560,6 +614,9 @@ impl Flows {
             Some(Listening::Udp(socket)) => socket.send_to(payload, peer).is_ok(),
             _ => false,
         };
+        if sent {
+            session.bytes_to_host += payload.len() as u64;
+        }
         if !sent {
             // The client's socket buffer is full or it went away: UDP may drop.
             self.counters.inc("inbound-udp-send-failed");
@@ -580,10 +637,8 @@ impl Flows {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            if let Some(s) = inbound.udp.remove(&key) {
-                inbound.udp_by_gateway_port.remove(&s.gateway.port());
-                debug!(peer = %key.1, guest = %s.guest, "published UDP session idle, closed");
-            }
+            debug!(peer = %key.1, "published UDP session idle, closed");
+            inbound.end_session(key, "idle", now);
         }
     }
 

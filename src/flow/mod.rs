@@ -256,6 +256,9 @@ impl Flows {
         self.decider
             .log
             .set_audit(tag.clone().map(|t| DecisionAudit::new(t, rate)));
+        if let Some(inbound) = self.inbound.as_mut() {
+            inbound.audit = tag.clone();
+        }
         self.table.audit = tag;
     }
 
