@@ -368,12 +368,9 @@ impl<L: LinkDriver> DeviceState<L> {
         // woke the worker, a call the guest asked for at an index already passed is sent now.
         // (At most every LATE_CALL_CHECK: a guest busy polling its ring may ask at an index
         // just passed and see the entries itself; the extra call is harmless, but needless.)
-        let now = Instant::now();
-        if event != TX_QUEUE
-            && event != RX_QUEUE
-            && now.duration_since(self.owed_checked) >= LATE_CALL_CHECK
+        if event != TX_QUEUE && event != RX_QUEUE && self.owed_checked.elapsed() >= LATE_CALL_CHECK
         {
-            self.owed_checked = now;
+            self.owed_checked = Instant::now();
             for (i, vring) in [rx, tx].into_iter().enumerate() {
                 let called_at =
                     *self.called_at[i].get_or_insert_with(|| virtqueue::next_used(vring));

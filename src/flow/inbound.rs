@@ -133,13 +133,10 @@ impl Inbound {
     /// Forgets the guest's addresses and the UDP sessions (the guest restarted).
     pub fn reset(&mut self) {
         self.end_all_sessions("guest restarted");
-        self.udp_by_gateway_port.clear();
         self.guest_v4 = false;
         self.guest_v6 = None;
     }
-}
 
-impl Inbound {
     /// Ends the UDP session of `client` on published port `index` (its `close` line with
     /// `--audit`).
     fn end_session(&mut self, key: (usize, SocketAddr), why: &str, now: Instant) {
@@ -616,8 +613,7 @@ impl Flows {
         };
         if sent {
             session.bytes_to_host += payload.len() as u64;
-        }
-        if !sent {
+        } else {
             // The client's socket buffer is full or it went away: UDP may drop.
             self.counters.inc("inbound-udp-send-failed");
         }
